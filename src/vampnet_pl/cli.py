@@ -1,0 +1,156 @@
+"""The ``vampnet-pl`` command. Flags pick what to run; settings are Hydra overrides (``key=value``).
+
+    vampnet-pl demo                                   # the offline main job
+    vampnet-pl prep all catalog=DIR out_dir=DIR       # scan + encode + finalize
+    vampnet-pl prep encode --task-index 3 --num-tasks 8 out_dir=DIR ...   # one share (SLURM array task)
+    vampnet-pl prep verify out_dir=DIR
+    vampnet-pl codec synthetic artifacts/synthetic_dac.pth
+    vampnet-pl catalog synthetic DIR --files 24 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger("vampnet_pl")
+
+
+class UsageError(Exception):
+    """A wrong configuration or invocation: reported in one line, exit status 2."""
+
+
+def compose(config_name: str, overrides: list[str]):
+    """Compose ``conf/<config_name>.yaml`` with overrides, validated against its schema."""
+    import hydra
+    from hydra.errors import HydraException
+
+    from vampnet_pl.config import conf_dir
+
+    try:
+        with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = hydra.compose(config_name, overrides=overrides)
+        return OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UsageError(f"bad configuration for {config_name}: {err}") from None
+
+
+def slurm_array_task() -> tuple[int, int] | None:
+    """(task index, task count) of a SLURM array task, counted from 0, or None."""
+    if "SLURM_ARRAY_TASK_ID" not in os.environ:
+        return None
+    first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+
+
+def _cmd_prep(args: argparse.Namespace) -> int:
+    from vampnet_pl.prep import index as prep_index
+    from vampnet_pl.prep import manifest, run
+
+    if args.stage == "verify":
+        if len(args.overrides) != 1 or not args.overrides[0].startswith("out_dir="):
+            raise UsageError("usage: vampnet-pl prep verify out_dir=DIR")
+        problems = prep_index.verify(args.overrides[0].split("=", 1)[1])
+        for problem in problems:
+            print(f"PROBLEM {problem}")
+        print("verify: OK" if not problems else f"verify: {len(problems)} problem(s)")
+        return 0 if not problems else 1
+    cfg = compose("prep", args.overrides)
+    if args.stage == "scan":
+        run.save_config(cfg)
+        entries, failures = manifest.scan_catalog(cfg)
+        print(f"scan: {len(entries)} files in manifest, {len(failures)} failures")
+    elif args.stage == "encode":
+        task = (args.task_index, args.num_tasks) if args.task_index is not None else slurm_array_task() or (0, 1)
+        run.encode_local(cfg, *task)
+    elif args.stage == "finalize":
+        run.print_summary(prep_index.finalize(cfg, run.load_codec(cfg)))
+    else:
+        run.run_all(cfg)
+    return 0
+
+
+def _cmd_codec(args: argparse.Namespace) -> int:
+    from vampnet_pl.codec import Codec, SyntheticCodecSpec, make_synthetic_codec
+
+    path = make_synthetic_codec(args.path, SyntheticCodecSpec(n_codebooks=args.n_codebooks, seed=args.seed))
+    codec = Codec.load(str(path), device="cpu")
+    print(f"wrote {path}: {codec.n_codebooks} codebooks, hop {codec.hop_length}, fingerprint {codec.fingerprint[:16]}")
+    return 0
+
+
+def _cmd_catalog(args: argparse.Namespace) -> int:
+    from vampnet_pl.synth import write_catalog
+
+    files = write_catalog(args.out_dir, n_files=args.files, seconds=args.seconds, seed=args.seed)
+    print(f"{len(files)} files in {args.out_dir}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vampnet_pl.demo import run_demo
+
+    run_demo(args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vampnet-pl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prep = commands.add_parser("prep", help="audio catalog -> DAC codes -> WebDataset shards")
+    prep.add_argument("stage", choices=["scan", "encode", "finalize", "verify", "all"])
+    prep.add_argument("--task-index", type=int, default=None, help="this task's share (default: SLURM array task, else 0)")
+    prep.add_argument("--num-tasks", type=int, default=1)
+    prep.add_argument("overrides", nargs="*", help="Hydra overrides for conf/prep.yaml")
+    prep.set_defaults(func=_cmd_prep)
+
+    codec = commands.add_parser("codec", help="build a small seeded random DAC checkpoint (offline stand-in)")
+    codec.add_argument("kind", choices=["synthetic"])
+    codec.add_argument("path", type=Path)
+    codec.add_argument("--n-codebooks", type=int, default=14)
+    codec.add_argument("--seed", type=int, default=0)
+    codec.set_defaults(func=_cmd_codec)
+
+    catalog = commands.add_parser("catalog", help="write a deterministic synthetic music catalog")
+    catalog.add_argument("kind", choices=["synthetic"])
+    catalog.add_argument("out_dir", type=Path)
+    catalog.add_argument("--files", type=int, default=24)
+    catalog.add_argument("--seconds", type=float, default=20.0)
+    catalog.add_argument("--seed", type=int, default=0)
+    catalog.set_defaults(func=_cmd_catalog)
+
+    demo = commands.add_parser("demo", help="the offline main job, end to end")
+    demo.add_argument("overrides", nargs="*", help="Hydra overrides for conf/demo.yaml")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "task_index", None) is not None and not 0 <= args.task_index < args.num_tasks:
+        print(f"error: --task-index {args.task_index} is outside 0..{args.num_tasks - 1}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (UsageError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from vampnet_pl.prep.index import NothingUsable
+
+        if isinstance(err, NothingUsable):
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

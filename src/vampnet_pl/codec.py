@@ -1,0 +1,244 @@
+"""The Descript Audio Codec (DAC) behind every token: load, encode, decode, fingerprint.
+
+A codec is loaded from a pretrained name (``44khz``/``24khz``/``16khz``, downloaded by
+``dac.utils.download``) or from a checkpoint path (``DAC.load``). Offline, a small seeded,
+randomly initialised DAC is built once with :func:`make_synthetic_codec` and then loaded
+from its path exactly like a real checkpoint.
+
+Codes are ``uint16`` tensors shaped ``[..., n_codebooks, frames]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from vampnet_pl.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+# DAC builds its layers with the deprecated torch.nn.utils.weight_norm; the warning is not ours to fix.
+warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
+
+PRETRAINED_MODEL_TYPES = ("44khz", "24khz", "16khz")
+
+
+@dataclass
+class SyntheticCodecSpec:
+    """Architecture of a small random DAC for tests and the offline demo."""
+
+    n_codebooks: int = 14
+    codebook_size: int = 1024
+    codebook_dim: int = 8
+    sample_rate: int = 44100
+    encoder_dim: int = 8
+    encoder_rates: list[int] = field(default_factory=lambda: [2, 4, 8, 8])
+    decoder_dim: int = 32
+    decoder_rates: list[int] = field(default_factory=lambda: [8, 8, 4, 2])
+    seed: int = 0
+
+
+def make_synthetic_codec(path: str | Path, spec: SyntheticCodecSpec | None = None) -> Path:
+    """Build a seeded random DAC and save it (atomically) as a regular DAC checkpoint."""
+    import dac
+
+    spec = spec or SyntheticCodecSpec()
+    kwargs = {k: v for k, v in asdict(spec).items() if k != "seed"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = dac.DAC(**kwargs)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        model.save(str(tmp), package=False)
+    return path
+
+
+def _load_dac(source: str):
+    import dac
+
+    if source in PRETRAINED_MODEL_TYPES:
+        source = str(dac.utils.download(model_type=source))
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"codec checkpoint not found: {source!r} (give a DAC .pth path or one of {PRETRAINED_MODEL_TYPES})"
+        )
+    return dac.DAC.load(str(path))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _apply_in_chunks(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    units: int,
+    in_per_unit: int,
+    out_per_unit: int,
+    chunk_units: int,
+    context_units: int,
+) -> torch.Tensor:
+    """Run a convolutional ``fn`` over the last axis of ``x`` in overlapping chunks.
+
+    ``x`` holds ``units * in_per_unit`` steps; ``fn`` maps ``n * in_per_unit`` steps to
+    ``n * out_per_unit``. Each chunk sees ``context_units`` extra on both sides (where the
+    signal has them), which are cut from its output, so memory is bounded by the chunk size.
+    """
+    if units <= chunk_units:
+        return fn(x)
+    outputs = []
+    for start in range(0, units, chunk_units):
+        stop = min(start + chunk_units, units)
+        lo, hi = max(0, start - context_units), min(units, stop + context_units)
+        y = fn(x[..., lo * in_per_unit : hi * in_per_unit])
+        outputs.append(y[..., (start - lo) * out_per_unit : (stop - lo) * out_per_unit])
+    return torch.cat(outputs, dim=-1)
+
+
+class Codec:
+    """A loaded DAC with the facts the rest of the framework needs about it."""
+
+    def __init__(self, model, source: str, device: str = "auto", chunk_seconds: float = 30.0, context_frames: int = 32):
+        self.source = source
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.chunk_seconds = chunk_seconds
+        self.context_frames = context_frames
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def load(cls, source: str, device: str = "auto", chunk_seconds: float = 30.0, context_frames: int = 32) -> "Codec":
+        return cls(_load_dac(source), source, device, chunk_seconds, context_frames)
+
+    # -- facts --------------------------------------------------------------------------------
+    @property
+    def sample_rate(self) -> int:
+        return int(self.model.sample_rate)
+
+    @property
+    def hop_length(self) -> int:
+        return int(self.model.hop_length)
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    @property
+    def n_codebooks(self) -> int:
+        return int(self.model.n_codebooks)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.model.codebook_size)
+
+    @property
+    def config(self) -> dict:
+        """Constructor arguments of the DAC (what a checkpoint's metadata records)."""
+        return {
+            "sample_rate": self.sample_rate,
+            "hop_length": self.hop_length,
+            "n_codebooks": self.n_codebooks,
+            "codebook_size": self.codebook_size,
+            "codebook_dim": int(self.model.codebook_dim),
+            "latent_dim": int(self.model.latent_dim),
+            "encoder_rates": list(self.model.encoder_rates),
+            "decoder_rates": list(self.model.decoder_rates),
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the codec config and every weight: codes from another codec won't match."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def frames_for(self, seconds: float) -> int:
+        return int(round(seconds * self.frame_rate))
+
+    @torch.no_grad()
+    def codebook_tables(self) -> torch.Tensor:
+        """Each quantizer's codebook projected to the latent space: ``[n_codebooks, codebook_size, latent_dim]``."""
+        tables = []
+        for quantizer in self.model.quantizer.quantizers:
+            table = quantizer.codebook.weight  # [codebook_size, codebook_dim]
+            projected = quantizer.out_proj(table.t().unsqueeze(0)).squeeze(0).t()
+            tables.append(projected)
+        return torch.stack(tables).float().cpu()
+
+    # -- encode / decode ----------------------------------------------------------------------
+    def _resampler(self, orig_rate: int):
+        import torchaudio
+
+        cache = self.__dict__.setdefault("_resamplers", {})
+        if orig_rate not in cache:
+            cache[orig_rate] = torchaudio.transforms.Resample(orig_rate, self.sample_rate).to(self.device)
+        return cache[orig_rate]
+
+    def resample(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        waveform = torch.as_tensor(waveform, dtype=torch.float32).to(self.device)
+        if sample_rate == self.sample_rate:
+            return waveform
+        return self._resampler(int(sample_rate))(waveform)
+
+    @torch.no_grad()
+    def encode(self, waveform: torch.Tensor | np.ndarray, sample_rate: int) -> torch.Tensor:
+        """Mono waveforms ``[..., samples]`` at ``sample_rate`` -> uint16 codes ``[..., n_codebooks, frames]``.
+
+        The signal is resampled to the codec rate, right-padded to whole frames, and
+        encoded in chunks of ``chunk_seconds`` with ``context_frames`` of context.
+        """
+        audio = self.resample(waveform, sample_rate)
+        lead_shape, n = audio.shape[:-1], audio.shape[-1]
+        if n == 0:
+            raise ValueError("cannot encode an empty waveform")
+        frames = math.ceil(n / self.hop_length)
+        audio = torch.nn.functional.pad(audio.reshape(-1, 1, n), (0, frames * self.hop_length - n))
+
+        def encode_chunk(chunk: torch.Tensor) -> torch.Tensor:
+            _, codes, *_ = self.model.encode(chunk)
+            return codes
+
+        codes = _apply_in_chunks(
+            encode_chunk, audio, frames, self.hop_length, 1, self.frames_for(self.chunk_seconds), self.context_frames
+        )
+        return codes.to(torch.int32).cpu().to(torch.uint16).reshape(*lead_shape, self.n_codebooks, frames)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Codes ``[..., n_codebooks, frames]`` -> waveforms ``[..., samples]`` at the codec rate."""
+        codes = torch.as_tensor(np.asarray(codes, dtype=np.int64) if isinstance(codes, np.ndarray) else codes)
+        codes = codes.to(self.device, torch.long)
+        lead_shape, (k, frames) = codes.shape[:-2], codes.shape[-2:]
+        if k > self.n_codebooks:
+            raise ValueError(f"codes have {k} codebooks, the codec has {self.n_codebooks}")
+
+        def decode_chunk(chunk: torch.Tensor) -> torch.Tensor:
+            latent, _, _ = self.model.quantizer.from_codes(chunk)
+            return self.model.decode(latent)
+
+        audio = _apply_in_chunks(
+            decode_chunk,
+            codes.reshape(-1, k, frames),
+            frames,
+            1,
+            self.hop_length,
+            self.frames_for(self.chunk_seconds),
+            self.context_frames,
+        )
+        return audio.reshape(*lead_shape, -1).float().cpu()

@@ -1,0 +1,296 @@
+"""Stage 2 of data prep: audio files -> DAC codes -> WebDataset shards, one work unit at a time.
+
+The manifest is cut into deterministic units of ``files_per_unit`` files. Task ``i`` of ``N``
+(a local worker process, a GPU, or a SLURM array task) owns the units ``u`` with
+``u % N == i`` and needs no coordination. A unit's shards are written into a private temp
+folder, renamed into ``shards/<split>/`` and only then marked done by an atomically written
+``units/unit-XXXXX.json``; a re-run skips done units and redoes any other from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from vampnet_pl.audio_io import AudioReadError, iter_blocks, probe
+from vampnet_pl.codec import Codec
+from vampnet_pl.config import ChannelMode, PrepConfig
+from vampnet_pl.prep.manifest import Failure, ManifestEntry, file_sha256, load_manifest
+from vampnet_pl.utils.atomic import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+class FileRejected(Exception):
+    """A readable file that is not usable (too short, silent, non-finite samples)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    entries: tuple[ManifestEntry, ...]
+
+    @property
+    def name(self) -> str:
+        return f"unit-{self.index:05d}"
+
+    @property
+    def content_hashes(self) -> list[str]:
+        return [e.sha256 for e in self.entries]
+
+
+def plan_units(entries: list[ManifestEntry], files_per_unit: int) -> list[Unit]:
+    ordered = sorted(entries, key=lambda e: e.path)
+    return [
+        Unit(i, tuple(ordered[start : start + files_per_unit]))
+        for i, start in enumerate(range(0, len(ordered), files_per_unit))
+    ]
+
+
+def units_for_task(units: list[Unit], task_index: int, num_tasks: int) -> list[Unit]:
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+    return [u for u in units if u.index % num_tasks == task_index]
+
+
+def unit_marker_path(out_dir: Path, unit: Unit) -> Path:
+    return out_dir / "units" / f"{unit.name}.json"
+
+
+def unit_is_done(out_dir: Path, unit: Unit) -> bool:
+    import json
+
+    marker = unit_marker_path(out_dir, unit)
+    if not marker.is_file():
+        return False
+    record = json.loads(marker.read_text())
+    return record.get("content_hashes") == unit.content_hashes and all(
+        (out_dir / shard["path"]).is_file() for shard in record["shards"]
+    )
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage, for the closing summary and the prep benchmark."""
+
+    decode: float = 0.0
+    resample: float = 0.0
+    codec: float = 0.0
+    write: float = 0.0
+
+    def add(self, other: "StageTimes") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def _dbfs(wave: np.ndarray) -> float:
+    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+    return 20 * math.log10(rms) if rms > 0 else -math.inf
+
+
+def _normalize_loudness(wave: torch.Tensor, sample_rate: int, target_lufs: float) -> torch.Tensor:
+    import torchaudio
+
+    if wave.shape[-1] < int(0.4 * sample_rate):  # BS.1770 needs one 400 ms block
+        return wave
+    loudness = float(torchaudio.functional.loudness(wave.unsqueeze(0), sample_rate))
+    if not math.isfinite(loudness):
+        return wave
+    gain = 10 ** ((target_lufs - loudness) / 20)
+    peak = float(wave.abs().max())
+    if peak * gain > 1.0:  # never clip: limit the gain to the peak
+        gain = 1.0 / peak
+    return wave * gain
+
+
+@dataclass
+class EncodedSample:
+    key: str
+    codes: np.ndarray  # uint16 [n_codebooks, frames]
+    meta: dict
+
+
+@dataclass
+class FileResult:
+    samples: list[EncodedSample] = field(default_factory=list)
+    audio_seconds: float = 0.0
+    times: StageTimes = field(default_factory=StageTimes)
+
+
+def encode_file(entry: ManifestEntry, catalog: Path, cfg: PrepConfig, codec: Codec) -> FileResult:
+    """Every usable segment of one file as encoded samples; raises on a file that must be skipped.
+
+    Nothing is returned until the whole file succeeded, so a file never lands half in a shard.
+    """
+    path = catalog / entry.path
+    result = FileResult()
+    clock = time.perf_counter()
+    info = probe(path)
+    if info.duration < cfg.min_seconds:
+        raise FileRejected(f"too short: {info.duration:.4f} s < min_seconds={cfg.min_seconds}")
+    block_frames = max(1, int(cfg.segment_seconds * info.sample_rate))
+    silent_segments = 0
+    for start, block in iter_blocks(path, block_frames, info):
+        now = time.perf_counter()
+        result.times.decode += now - clock
+        offset = start / info.sample_rate
+        if not np.isfinite(block).all():
+            raise FileRejected(f"non-finite samples (NaN/Inf) in the segment at {offset:.2f} s")
+        seconds = block.shape[1] / info.sample_rate
+        result.audio_seconds += seconds
+        if seconds < cfg.min_seconds:  # a short tail
+            clock = time.perf_counter()
+            continue
+        waves = [block.mean(axis=0)] if cfg.channels == ChannelMode.mono else list(block)
+        for channel, wave in enumerate(waves):
+            if _dbfs(wave) < cfg.silence_db:
+                silent_segments += 1
+                continue
+            t0 = time.perf_counter()
+            resampled = codec.resample(torch.from_numpy(np.ascontiguousarray(wave)), info.sample_rate)
+            if cfg.loudness_lufs is not None:
+                resampled = _normalize_loudness(resampled, codec.sample_rate, cfg.loudness_lufs)
+            t1 = time.perf_counter()
+            codes = codec.encode(resampled, codec.sample_rate).numpy()
+            t2 = time.perf_counter()
+            result.times.resample += t1 - t0
+            result.times.codec += t2 - t1
+            channel_tag = "mix" if cfg.channels == ChannelMode.mono else channel
+            key = f"{entry.sha256[:16]}_{int(round(offset * 1000)):09d}" + ("" if channel_tag == "mix" else f"_ch{channel}")
+            meta = {
+                "source": entry.path,
+                "content_sha256": entry.sha256,
+                "offset_seconds": offset,
+                "duration_seconds": seconds,
+                "channel": channel_tag,
+                "source_sample_rate": info.sample_rate,
+                "frames": int(codes.shape[-1]),
+                "n_codebooks": int(codes.shape[0]),
+                "codec_fingerprint": codec.fingerprint,
+                "split": entry.split,
+            }
+            result.samples.append(EncodedSample(key, codes, meta))
+        clock = time.perf_counter()
+    if not result.samples:
+        if silent_segments:
+            raise FileRejected(f"silent: every segment below silence_db={cfg.silence_db} dBFS")
+        raise FileRejected("no segment of at least min_seconds")
+    return result
+
+
+class _SplitShardWriter:
+    """webdataset ShardWriter for one split of one unit, recording per-shard counts."""
+
+    def __init__(self, folder: Path, prefix: str, cfg: PrepConfig):
+        self.writer = wds.ShardWriter(
+            str(folder / f"{prefix}-%03d.tar"),
+            maxcount=cfg.shard_max_samples,
+            maxsize=cfg.shard_max_bytes,
+            verbose=0,
+            mtime=0,  # reproducible shard bytes
+        )
+        self.stats: dict[str, dict] = {}
+
+    def write(self, sample: EncodedSample) -> None:
+        self.writer.write({"__key__": sample.key, "codes.npy": sample.codes, "json": sample.meta})
+        stats = self.stats.setdefault(self.writer.fname, {"samples": 0, "frames": 0, "seconds": 0.0, "max_frames": 0})
+        stats["samples"] += 1
+        stats["frames"] += sample.meta["frames"]
+        stats["seconds"] += sample.meta["duration_seconds"]
+        stats["max_frames"] = max(stats["max_frames"], sample.meta["frames"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def encode_unit(unit: Unit, cfg: PrepConfig, codec: Codec, progress: tqdm | None = None) -> dict:
+    """Encode one unit into its shards and write its done-marker; returns the marker record."""
+    out_dir, catalog = Path(cfg.out_dir), Path(cfg.catalog)
+    work = out_dir / "tmp" / f"{unit.name}.{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for stale in out_dir.glob(f"shards/*/{unit.name}-*.tar"):  # from an interrupted earlier attempt
+        stale.unlink()
+    writers: dict[str, _SplitShardWriter] = {}
+    failures: list[dict] = []
+    times, audio_seconds, started = StageTimes(), 0.0, time.perf_counter()
+    for entry in unit.entries:
+        try:
+            result = encode_file(entry, catalog, cfg, codec)
+        except (AudioReadError, FileRejected) as err:
+            failures.append(Failure(entry.path, "encode", str(err)).__dict__)
+            log.warning("skipping %s: %s", entry.path, err)
+        except OSError as err:
+            failures.append(Failure(entry.path, "encode", f"cannot read file: {err}").__dict__)
+            log.warning("skipping %s: %s", entry.path, err)
+        else:
+            t0 = time.perf_counter()
+            if entry.split not in writers:
+                (work / entry.split).mkdir()
+                writers[entry.split] = _SplitShardWriter(work / entry.split, unit.name, cfg)
+            for sample in result.samples:
+                writers[entry.split].write(sample)
+            result.times.write += time.perf_counter() - t0
+            times.add(result.times)
+            audio_seconds += result.audio_seconds
+        if progress is not None:
+            progress.update(1)
+    t0 = time.perf_counter()
+    shards = []
+    for split, writer in sorted(writers.items()):
+        writer.close()
+        final_dir = out_dir / "shards" / split
+        final_dir.mkdir(parents=True, exist_ok=True)
+        for tmp_name, stats in sorted(writer.stats.items()):
+            tmp = Path(tmp_name)
+            final = final_dir / tmp.name
+            record = {"path": str(final.relative_to(out_dir)), "split": split, "bytes": tmp.stat().st_size}
+            record.update(stats, sha256=file_sha256(tmp))
+            os.replace(tmp, final)
+            shards.append(record)
+    times.write += time.perf_counter() - t0
+    marker = {
+        "unit": unit.index,
+        "content_hashes": unit.content_hashes,
+        "shards": shards,
+        "failures": failures,
+        "audio_seconds": audio_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "times": times.__dict__,
+    }
+    write_json_atomic(unit_marker_path(out_dir, unit), marker)
+    shutil.rmtree(work, ignore_errors=True)
+    return marker
+
+
+def run_encode_task(cfg: PrepConfig, task_index: int, num_tasks: int, device: str | None = None) -> list[dict]:
+    """Encode every unfinished unit owned by task ``task_index`` of ``num_tasks``."""
+    out_dir = Path(cfg.out_dir)
+    units = units_for_task(plan_units(load_manifest(out_dir), cfg.files_per_unit), task_index, num_tasks)
+    todo = [u for u in units if not unit_is_done(out_dir, u)]
+    log.info("task %d/%d: %d units, %d already done", task_index, num_tasks, len(units), len(units) - len(todo))
+    if not todo:
+        return []
+    codec = Codec.load(cfg.codec.source, device or cfg.codec.device, cfg.codec.chunk_seconds, cfg.codec.context_frames)
+    markers = []
+    with tqdm(
+        total=sum(len(u.entries) for u in todo),
+        desc=f"encode task {task_index}",
+        unit="file",
+        position=task_index % 8,
+        dynamic_ncols=True,
+    ) as progress:
+        for unit in todo:
+            markers.append(encode_unit(unit, cfg, codec, progress))
+    return markers

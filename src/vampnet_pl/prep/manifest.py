@@ -1,0 +1,157 @@
+"""Stage 1 of data prep: scan a catalog folder into a manifest (one JSON line per usable file).
+
+Each entry records path, duration, sample rate, channels and a content hash. The split is a
+pure function of the content hash, so adding files never moves existing ones between splits
+and identical audio never straddles two splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from tqdm import tqdm
+
+from vampnet_pl.audio_io import AudioReadError, probe
+from vampnet_pl.config import PrepConfig, SplitConfig
+from vampnet_pl.utils.atomic import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    path: str  # relative to the catalog root
+    duration: float
+    sample_rate: int
+    channels: int
+    size_bytes: int
+    mtime_ns: int
+    sha256: str
+    split: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: str
+    stage: str
+    reason: str
+
+
+def assign_split(content_hash: str, split: SplitConfig) -> str:
+    """Deterministic train/val/test from a content hash (stable as the catalog grows)."""
+    draw = int(hashlib.sha256(f"{split.salt}:{content_hash}".encode()).hexdigest()[:12], 16) / 16**12
+    if draw < split.test_fraction:
+        return "test"
+    if draw < split.test_fraction + split.val_fraction:
+        return "val"
+    return "train"
+
+
+def find_audio_files(catalog: Path, extensions: Iterable[str]) -> list[Path]:
+    """All files under ``catalog`` with an audio extension, sorted, following folders recursively."""
+    wanted = {"." + ext.lower().lstrip(".") for ext in extensions}
+    found = []
+    for root, dirs, files in os.walk(catalog, followlinks=False):
+        dirs.sort()
+        names = files + [d for d in dirs if Path(d).suffix.lower() in wanted]  # a folder named x.wav is reported
+        found.extend(Path(root) / name for name in names if Path(name).suffix.lower() in wanted)
+    return sorted(found)
+
+
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _scan_one(args: tuple[Path, Path, SplitConfig, dict | None]) -> ManifestEntry | Failure:
+    path, catalog, split, previous = args
+    rel = str(path.relative_to(catalog))
+    try:
+        info = probe(path)
+        if info.frames <= 0 or info.sample_rate <= 0:
+            raise AudioReadError("no samples in file")
+        stat = path.stat()
+        if previous and previous["size_bytes"] == stat.st_size and previous["mtime_ns"] == stat.st_mtime_ns:
+            content_hash = previous["sha256"]
+        else:
+            content_hash = file_sha256(path)
+    except AudioReadError as err:
+        return Failure(rel, "scan", str(err))
+    except OSError as err:
+        return Failure(rel, "scan", f"cannot read file: {err.strerror or err}")
+    return ManifestEntry(
+        path=rel,
+        duration=info.duration,
+        sample_rate=info.sample_rate,
+        channels=info.channels,
+        size_bytes=stat.st_size,
+        mtime_ns=stat.st_mtime_ns,
+        sha256=content_hash,
+        split=assign_split(content_hash, split),
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: Iterable) -> None:
+    write_text_atomic(path, "".join(json.dumps(asdict(r) if not isinstance(r, dict) else r) + "\n" for r in rows))
+
+
+def manifest_path(out_dir: Path) -> Path:
+    return out_dir / "manifest.jsonl"
+
+
+def scan_failures_path(out_dir: Path) -> Path:
+    return out_dir / "scan_failures.jsonl"
+
+
+def load_manifest(out_dir: Path) -> list[ManifestEntry]:
+    path = manifest_path(out_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest at {path}: run the scan stage first")
+    return [ManifestEntry(**row) for row in read_jsonl(path)]
+
+
+def scan_catalog(cfg: PrepConfig) -> tuple[list[ManifestEntry], list[Failure]]:
+    """Probe and hash every audio file of the catalog; write ``manifest.jsonl`` atomically.
+
+    Hashes of files whose size and mtime are unchanged since the last manifest are reused.
+    """
+    catalog, out_dir = Path(cfg.catalog), Path(cfg.out_dir)
+    if not catalog.is_dir():
+        raise FileNotFoundError(f"catalog folder not found: {catalog}")
+    files = find_audio_files(catalog, cfg.extensions)
+    if not files:
+        raise ValueError(f"no audio files under {catalog} (extensions: {', '.join(cfg.extensions)})")
+    previous = {row["path"]: row for row in read_jsonl(manifest_path(out_dir))}
+    jobs = [(path, catalog, cfg.split, previous.get(str(path.relative_to(catalog)))) for path in files]
+    progress = dict(total=len(jobs), desc="scan", unit="file", dynamic_ncols=True)
+    if cfg.scan_workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(cfg.scan_workers) as pool:
+            results = list(tqdm(pool.imap(_scan_one, jobs, chunksize=4), **progress))
+    else:
+        results = [_scan_one(job) for job in tqdm(jobs, **progress)]
+    entries = [r for r in results if isinstance(r, ManifestEntry)]
+    failures = [r for r in results if isinstance(r, Failure)]
+    for failure in failures:
+        log.warning("skipping %s: %s", failure.path, failure.reason)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(manifest_path(out_dir), entries)
+    write_jsonl(scan_failures_path(out_dir), failures)
+    return entries, failures

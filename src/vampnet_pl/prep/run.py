@@ -1,0 +1,106 @@
+"""Data prep orchestration: scan -> encode (local worker processes / GPUs) -> finalize -> summary."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from vampnet_pl.codec import Codec
+from vampnet_pl.config import PrepConfig
+from vampnet_pl.prep.encode import run_encode_task
+from vampnet_pl.prep.index import finalize
+from vampnet_pl.prep.manifest import scan_catalog
+from vampnet_pl.utils.atomic import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def _worker_device(cfg: PrepConfig, worker: int) -> str:
+    if cfg.codec.device == "auto" and torch.cuda.is_available():
+        return f"cuda:{worker % torch.cuda.device_count()}"
+    return cfg.codec.device
+
+
+def _encode_worker(cfg_yaml: str, task_index: int, num_tasks: int, device: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrepConfig), OmegaConf.create(cfg_yaml)))
+    run_encode_task(cfg, task_index, num_tasks, device)
+
+
+def encode_local(cfg: PrepConfig, task_index: int = 0, num_tasks: int = 1) -> None:
+    """Encode this task's share with ``cfg.workers`` local processes (one per GPU when there are GPUs).
+
+    Worker ``w`` of task ``i`` becomes sub-task ``i * workers + w`` of ``num_tasks * workers``.
+    """
+    workers = max(1, cfg.workers)
+    if workers == 1:
+        run_encode_task(cfg, task_index, num_tasks)
+        return
+    cfg_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=_encode_worker,
+            args=(cfg_yaml, task_index * workers + w, num_tasks * workers, _worker_device(cfg, w), threads),
+        )
+        for w in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [p.exitcode for p in processes if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} encode worker(s) failed (exit codes {failed}); re-run to resume")
+
+
+def save_config(cfg: PrepConfig) -> None:
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "prep_config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def load_codec(cfg: PrepConfig) -> Codec:
+    return Codec.load(cfg.codec.source, cfg.codec.device, cfg.codec.chunk_seconds, cfg.codec.context_frames)
+
+
+def run_all(cfg: PrepConfig) -> dict:
+    """The whole pipeline on one machine; resumable at every stage."""
+    save_config(cfg)
+    scan_catalog(cfg)
+    started = time.perf_counter()
+    encode_local(cfg)
+    wall = time.perf_counter() - started
+    index = finalize(cfg, load_codec(cfg))
+    print_summary(index, wall)
+    return index
+
+
+def print_summary(index: dict, encode_wall_seconds: float | None = None) -> None:
+    totals = index["totals"]
+    table = Table(title="data prep summary", show_header=False)
+    table.add_row("files encoded", str(totals["files"]))
+    table.add_row("failures (failures.jsonl)", str(totals["failures"]))
+    table.add_row("hours of audio", f"{totals['hours']:.3f}")
+    for split, info in index["splits"].items():
+        table.add_row(f"  {split}", f"{info['samples']} samples, {len(info['shards'])} shards, {info['hours']:.3f} h")
+    table.add_row("shards", str(totals["shards"]))
+    if totals["encode_seconds"] > 0:
+        table.add_row("throughput per worker", f"{totals['audio_seconds_read'] / totals['encode_seconds']:.1f} audio-s/s")
+    if encode_wall_seconds:
+        table.add_row("throughput (wall)", f"{totals['audio_seconds_read'] / encode_wall_seconds:.1f} audio-s/s")
+    stages = totals.get("stage_seconds") or {}
+    if sum(stages.values()) > 0:
+        outside = 1 - stages["codec"] / sum(stages.values())
+        table.add_row("time outside the codec", f"{100 * outside:.1f}%")
+    table.add_row("codec fingerprint", index["codec"]["fingerprint"][:16])
+    Console().print(table)

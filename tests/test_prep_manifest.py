@@ -1,0 +1,100 @@
+"""Scanning a catalog: recursive discovery, manifest contents, stable hash-based splits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from vampnet_pl.config import SplitConfig
+from vampnet_pl.prep.manifest import assign_split, find_audio_files, load_manifest, scan_catalog
+
+from conftest import prep_config, write_tone
+
+
+def test_split_is_a_pure_function_of_the_content_hash():
+    split = SplitConfig(val_fraction=0.1, test_fraction=0.1)
+    hashes = [f"{i:064x}" for i in range(4000)]
+    first = [assign_split(h, split) for h in hashes]
+    assert first == [assign_split(h, split) for h in hashes]
+    shares = {name: first.count(name) / len(first) for name in ("train", "val", "test")}
+    assert shares["val"] == pytest.approx(0.1, abs=0.02) and shares["test"] == pytest.approx(0.1, abs=0.02)
+    assert {assign_split(h, SplitConfig(val_fraction=0.1, test_fraction=0.1, salt="other")) for h in hashes[:50]} <= {
+        "train",
+        "val",
+        "test",
+    }
+
+
+def test_scan_finds_audio_recursively_and_records_facts(tmp_path, codec_path):
+    catalog = tmp_path / "catalog"
+    write_tone(catalog / "a.wav", 1.5, 22050)
+    write_tone(catalog / "deep" / "er" / "b.flac", 2.0, 48000, channels=2)
+    write_tone(catalog / "C.WAV", 1.2, 44100)
+    (catalog / "notes.txt").write_text("not audio, not scanned")
+    assert [p.name for p in find_audio_files(catalog, ["wav", "flac"])] == ["C.WAV", "a.wav", "b.flac"]
+    cfg = prep_config(catalog, tmp_path / "out", codec_path)
+    entries, failures = scan_catalog(cfg)
+    assert not failures
+    by_path = {e.path: e for e in entries}
+    assert set(by_path) == {"a.wav", "C.WAV", "deep/er/b.flac"}
+    b = by_path["deep/er/b.flac"]
+    assert (b.sample_rate, b.channels) == (48000, 2) and b.duration == pytest.approx(2.0)
+    assert len(b.sha256) == 64 and b.split in ("train", "val", "test")
+    assert [e.path for e in load_manifest(tmp_path / "out")] == [e.path for e in entries]
+
+
+def test_adding_files_never_moves_existing_files_between_splits(tmp_path, codec_path):
+    catalog = tmp_path / "catalog"
+    for i in range(12):
+        write_tone(catalog / f"t{i}.wav", 1.1, 16000, freq=100 + 37 * i)
+    cfg = prep_config(catalog, tmp_path / "out", codec_path, split=SplitConfig(val_fraction=0.3, test_fraction=0.3))
+    before = {e.path: e.split for e in scan_catalog(cfg)[0]}
+    for i in range(12, 30):
+        write_tone(catalog / f"t{i}.wav", 1.1, 16000, freq=100 + 37 * i)
+    after = {e.path: e.split for e in scan_catalog(cfg)[0]}
+    assert len(after) == 30 and {p: after[p] for p in before} == before
+    assert len(set(after.values())) == 3
+
+
+def test_identical_audio_lands_in_one_split(tmp_path, codec_path):
+    catalog = tmp_path / "catalog"
+    write_tone(catalog / "x.wav", 1.5)
+    shutil.copy(catalog / "x.wav", catalog / "copy_of_x.wav")
+    entries, _ = scan_catalog(prep_config(catalog, tmp_path / "out", codec_path))
+    assert len({e.split for e in entries}) == 1 and len({e.sha256 for e in entries}) == 1
+
+
+def test_rescan_reuses_hashes_of_unchanged_files(tmp_path, codec_path, monkeypatch):
+    import vampnet_pl.prep.manifest as manifest
+
+    catalog = tmp_path / "catalog"
+    write_tone(catalog / "a.wav", 1.5)
+    write_tone(catalog / "b.wav", 1.5, freq=330)
+    cfg = prep_config(catalog, tmp_path / "out", codec_path)
+    scan_catalog(cfg)
+    hashed = []
+    real = manifest.file_sha256
+    monkeypatch.setattr(manifest, "file_sha256", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    write_tone(catalog / "b.wav", 2.5, freq=330)  # changed
+    entries, _ = scan_catalog(cfg)
+    assert hashed == ["b.wav"] and len(entries) == 2
+
+
+def test_a_catalog_without_audio_is_an_error(tmp_path, codec_path):
+    (tmp_path / "catalog").mkdir()
+    (tmp_path / "catalog" / "readme.txt").write_text("hi")
+    with pytest.raises(ValueError, match="no audio files"):
+        scan_catalog(prep_config(tmp_path / "catalog", tmp_path / "out", codec_path))
+
+
+def test_parallel_scan_gives_the_same_manifest(tmp_path, codec_path):
+    catalog = tmp_path / "catalog"
+    for i in range(6):
+        write_tone(catalog / f"t{i}.wav", 1.1, 16000, freq=200 + 50 * i)
+    (catalog / "bad.wav").write_text("nope")
+    serial, serial_failures = scan_catalog(prep_config(catalog, tmp_path / "o1", codec_path, scan_workers=1))
+    parallel, parallel_failures = scan_catalog(prep_config(catalog, tmp_path / "o2", codec_path, scan_workers=2))
+    strip = lambda es: [json.dumps({k: v for k, v in e.__dict__.items() if k != "mtime_ns"}) for e in es]
+    assert strip(serial) == strip(parallel) and serial_failures == parallel_failures
