@@ -5,18 +5,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast clean-venv
+.PHONY: demo test test-fast system-deps clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/vampnet-pl demo $(ARGS)
 
-test: $(STAMP)
+system-deps:
+	bash scripts/system_deps.sh
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(ARGS)
 
 test-fast: $(STAMP)

@@ -134,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]  # Hydra overrides given after the flags
     if getattr(args, "task_index", None) is not None and not 0 <= args.task_index < args.num_tasks:
         print(f"error: --task-index {args.task_index} is outside 0..{args.num_tasks - 1}", file=sys.stderr)
         return 2

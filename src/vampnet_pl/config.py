@@ -90,9 +90,19 @@ class DataConfig:
     seed: int = 0
 
 
+@dataclass
+class DemoConfig:
+    work_dir: str = "demo_out"
+    catalog_files: int = 24
+    catalog_seconds: float = 20.0
+    seed: int = 0
+    prep: PrepConfig = field(default_factory=PrepConfig)
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="prep_schema", node=PrepConfig)
+    store.store(name="demo_schema", node=DemoConfig)
     store.store(group="codec", name="codec_schema", node=CodecConfig)
     store.store(group="data", name="data_schema", node=DataConfig)
 

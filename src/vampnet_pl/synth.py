@@ -294,6 +294,8 @@ def _render_notes(
     sounding = ~np.isnan(midi[0])
     starts = sounding & (onset | ~np.r_[False, sounding[:-1]])
     start_slots = np.flatnonzero(starts)
+    if start_slots.size == 0:  # all rests
+        return np.zeros((midi.shape[0], n))
     breaks = np.flatnonzero(np.r_[starts[1:] | ~sounding[1:], True]) + 1
     end_slots = breaks[np.searchsorted(breaks, start_slots, side="right")]
     start_at = np.round(start_slots * slot_len)

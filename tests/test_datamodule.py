@@ -1,0 +1,204 @@
+"""The streaming DataModule: windows, rank/worker splits, equal batches per rank, bad data."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from vampnet_pl.data.datamodule import (
+    CodecMismatch,
+    CodesDataModule,
+    TrainWindowStream,
+    expand_urls,
+    rank_share,
+    read_fixed_windows,
+)
+from vampnet_pl.data.windows import fixed_window_starts, random_window_starts, window_frames
+from vampnet_pl.prep.index import load_index
+
+
+def write_shard(path: Path, lengths: list[int], n_codebooks: int = 4, fingerprint: str = "f" * 64, seed: int = 0) -> Path:
+    """A hand-made shard of random codes (the prep pipeline is tested elsewhere)."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as writer:
+        for i, frames in enumerate(lengths):
+            codes = rng.integers(0, 1024, size=(n_codebooks, frames), dtype=np.uint16)
+            writer.write({"__key__": f"s{seed}_{i:04d}", "codes.npy": codes,
+                          "json": {"codec_fingerprint": fingerprint, "frames": frames}})
+    return path
+
+
+def stream(urls, **kwargs) -> TrainWindowStream:
+    defaults = dict(window_frames=20, n_codebooks=4, batch_size=4, batches_per_worker=10, fingerprint="f" * 64,
+                    shuffle_buffer=16)
+    return TrainWindowStream([str(u) for u in urls], **{**defaults, **kwargs})
+
+
+def test_window_helpers():
+    assert window_frames(10.0, 44100, 512) == 861
+    with pytest.raises(ValueError):
+        window_frames(0.001, 44100, 512)
+    import random
+
+    rng = random.Random(0)
+    assert random_window_starts(10, 20, 4, rng) == []
+    starts = random_window_starts(100, 20, 4, rng)
+    assert len(starts) == 4 and all(0 <= s <= 80 for s in starts)
+    assert len(random_window_starts(30, 20, 4, rng)) == 1
+    assert fixed_window_starts(100, 20, 3) == [0, 20, 40]
+
+
+def test_brace_patterns_expand():
+    assert expand_urls("a-{000..002}.tar") == ["a-000.tar", "a-001.tar", "a-002.tar"]
+    assert expand_urls(["x.tar", "y-{1..2}.tar"]) == ["x.tar", "y-1.tar", "y-2.tar"]
+    assert expand_urls("pipe:cat a.tar::b.tar") == ["pipe:cat a.tar", "b.tar"]
+
+
+def test_batches_have_the_configured_shape_from_real_prepared_shards(prepared, codec):
+    dm = CodesDataModule(dataset_dir=str(prepared), n_codebooks=4, window_seconds=2.0, batch_size=3,
+                         num_workers=0, batches_per_epoch=7, expected_fingerprint=codec.fingerprint)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 7
+    frames = window_frames(2.0, 44100, 512)
+    for batch in batches:
+        assert batch["codes"].shape == (3, 4, frames) and batch["codes"].dtype == torch.long
+        assert 0 <= int(batch["codes"].min()) and int(batch["codes"].max()) < 1024
+    val = list(dm.val_dataloader())
+    assert val and all(b["codes"].shape[1:] == (4, frames) for b in val)
+
+
+def test_several_windows_from_long_samples_and_none_from_short(tmp_path):
+    shard = write_shard(tmp_path / "a.tar", [200, 10])  # 10 frames < window of 20: never used
+    windows = list(stream([shard], batch_size=1, batches_per_worker=20, max_windows_per_sample=4)._windows(
+        ((np.zeros((4, n), np.uint16), {}) for n in (200, 10)), __import__("random").Random(0)))
+    assert len(windows) == 4 and all(w.shape == (4, 20) for w in windows)
+
+
+def test_same_seed_same_stream_and_epochs_differ(tmp_path):
+    shards = [write_shard(tmp_path / f"{i}.tar", [100] * 5, seed=i) for i in range(3)]
+    first = [b["codes"] for b in stream(shards)]
+    again = [b["codes"] for b in stream(shards)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    same_object = stream(shards)
+    epoch0, epoch1 = [b["codes"] for b in same_object], [b["codes"] for b in same_object]
+    assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1))
+    other_seed = [b["codes"] for b in stream(shards, seed=1)]
+    assert not all(torch.equal(a, b) for a, b in zip(first, other_seed))
+
+
+def test_ranks_and_workers_read_disjoint_shards(tmp_path):
+    urls = [str(tmp_path / f"{i}.tar") for i in range(8)]
+    seen = []
+    for rank in range(2):
+        for worker in range(2):
+            seen.append(set(stream(urls, rank=rank, world_size=2).shards_for(worker, 2)))
+    assert set().union(*seen) == set(urls) and sum(map(len, seen)) == 8
+    with pytest.raises(ValueError, match="3 train shards for 2 ranks x 2 workers"):
+        stream(urls[:3], rank=0, world_size=2).shards_for(0, 2)
+
+
+def test_every_rank_gets_the_same_number_of_batches_with_uneven_shards(tmp_path):
+    small = write_shard(tmp_path / "small.tar", [40])  # one sample
+    big = write_shard(tmp_path / "big.tar", [400] * 30, seed=1)
+    counts = [sum(1 for _ in stream([small, big], rank=r, world_size=2, batches_per_worker=25)) for r in range(2)]
+    assert counts == [25, 25]
+
+
+def _ddp_rank(rank: int, world_size: int, urls: list[str], port: int, results):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size, timeout=timedelta(seconds=60))
+    loader = torch.utils.data.DataLoader(stream(urls, rank=rank, world_size=world_size, batches_per_worker=6),
+                                         batch_size=None, num_workers=2)
+    steps = 0
+    for batch in loader:  # a collective per batch, as DDP does: a rank that ran dry would hang the other
+        total = torch.tensor([float(batch["codes"].shape[0])])
+        torch.distributed.all_reduce(total)
+        steps += 1
+    results[rank] = steps
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_real_ranks_with_uneven_shards_never_hang(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    shards = [write_shard(tmp_path / f"{i}.tar", [40] if i % 2 else [400] * 20, seed=i) for i in range(4)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_rank, args=(2, [str(s) for s in shards], port, results), nprocs=2, join=True)
+    assert dict(results) == {0: 12, 1: 12}
+
+
+def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path):
+    good = write_shard(tmp_path / "good.tar", [100] * 3)
+    bad = tmp_path / "bad.tar"
+    with wds.TarWriter(str(bad)) as writer:
+        writer.write({"__key__": "junk", "codes.npy": b"not numpy", "json": b"{}"})
+        writer.write({"__key__": "floats", "codes.npy": np.zeros((4, 100), np.float32), "json": {"codec_fingerprint": "f" * 64}})
+        writer.write({"__key__": "ok", "codes.npy": np.zeros((4, 100), np.uint16), "json": {"codec_fingerprint": "f" * 64}})
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(write_shard(tmp_path / "whole.tar", [100] * 5).read_bytes()[:2500])
+    windows, skips = read_fixed_windows([str(bad), str(truncated), str(good)], 20, 4, "f" * 64, 1, 100)
+    assert skips.counts["undecodable sample"] == 1 and skips.counts["bad codes array"] == 1
+    assert skips.total >= 3  # and the truncated shard
+    assert len(windows) >= 4  # 'ok' + the three good samples survive
+    s = stream([bad, truncated, good], batches_per_worker=5)
+    assert sum(1 for _ in s) == 5 and s.skips.total > 0
+
+
+def test_shards_of_another_codec_are_refused(tmp_path, prepared):
+    foreign = write_shard(tmp_path / "foreign.tar", [100] * 3, fingerprint="0" * 64)
+    with pytest.raises(CodecMismatch, match="encoded by codec 0000"):
+        list(stream([foreign]))
+    with pytest.raises(CodecMismatch, match="the model expects"):
+        CodesDataModule(dataset_dir=str(prepared), expected_fingerprint="1" * 64, num_workers=0)
+    with pytest.raises(CodecMismatch, match="shards have 14 codebooks, the model reads 20"):
+        CodesDataModule(dataset_dir=str(prepared), n_codebooks=20, num_workers=0)
+    with pytest.raises(CodecMismatch, match="model reads 6"):
+        list(stream([write_shard(tmp_path / "few.tar", [100], n_codebooks=4)], n_codebooks=6))
+
+
+def test_a_window_longer_than_every_sample_is_a_clear_error(prepared):
+    longest = load_index(prepared)["splits"]["train"]["max_frames"]
+    dm = CodesDataModule(dataset_dir=str(prepared), window_seconds=(longest + 10) * 512 / 44100, num_workers=0)
+    with pytest.raises(ValueError, match="longer than every train sample"):
+        dm.train_dataloader()
+
+
+def test_validation_windows_are_fixed_and_equal_per_rank(prepared):
+    dm = CodesDataModule(dataset_dir=str(prepared), n_codebooks=4, window_seconds=1.0, num_workers=0, val_batch_size=2)
+    first = [b["codes"] for b in dm.val_dataloader()]
+    second = [b["codes"] for b in CodesDataModule(dataset_dir=str(prepared), n_codebooks=4, window_seconds=1.0,
+                                                  num_workers=0, val_batch_size=2).val_dataloader()]
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) and len(first) == len(second)
+    items = list(range(11))
+    shares = [rank_share(items, r, 3) for r in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3] and not set(shares[0]) & set(shares[1])
+
+
+def test_pipe_urls_stream_through_a_command(tmp_path):
+    shard = write_shard(tmp_path / "a.tar", [100] * 4)
+    batches = list(stream([f"pipe:cat {shard}"], batches_per_worker=3))
+    assert len(batches) == 3
+
+
+def test_without_an_index_the_codec_facts_must_be_given(tmp_path):
+    with pytest.raises(ValueError, match="set n_codebooks, hop_length, sample_rate"):
+        CodesDataModule(train_urls=str(tmp_path / "a.tar"))
+    dm = CodesDataModule(train_urls=str(write_shard(tmp_path / "a.tar", [900] * 2)), n_codebooks=4, hop_length=512,
+                         sample_rate=44100, window_seconds=5.0, batch_size=2, batches_per_epoch=3, num_workers=0)
+    assert [b["codes"].shape for b in dm.train_dataloader()] == [(2, 4, 431)] * 3

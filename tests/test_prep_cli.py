@@ -1,0 +1,82 @@
+"""The prep command line: Hydra overrides, clear errors and exit codes, verify."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from vampnet_pl.cli import compose, main, slurm_array_task, UsageError
+
+from conftest import write_tone
+
+
+def test_compose_validates_against_the_schema(tmp_path):
+    cfg = compose("prep", [f"catalog={tmp_path}", f"out_dir={tmp_path}/o", "codec.source=x.pth", "channels=each"])
+    assert cfg.channels.value == "each" and cfg.codec.source == "x.pth" and cfg.segment_seconds == 60.0
+    with pytest.raises(UsageError, match="segmnt_seconds"):
+        compose("prep", ["segmnt_seconds=3"])
+    with pytest.raises(UsageError, match="min_seconds"):
+        compose("prep", ["min_seconds=long"])
+    with pytest.raises(UsageError, match="channels"):
+        compose("prep", ["channels=stereo"])
+
+
+def test_slurm_array_environment_gives_the_task(monkeypatch):
+    assert slurm_array_task() is None
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert slurm_array_task() == (1, 3)
+
+
+def test_exit_codes(tmp_path, codec_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    common = [f"codec.source={codec_path}", "codec.device=cpu", "scan_workers=1"]
+    assert main(["prep", "all", f"catalog={empty}", f"out_dir={tmp_path}/o1", *common]) == 2
+    assert "no audio files" in capsys.readouterr().err
+    assert main(["prep", "all", f"catalog={tmp_path}/missing", f"out_dir={tmp_path}/o1", *common]) == 2
+    assert "catalog folder not found" in capsys.readouterr().err
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.wav").write_text("junk")
+    assert main(["prep", "all", f"catalog={junk}", f"out_dir={tmp_path}/o2", *common]) == 3
+    assert "no usable audio" in capsys.readouterr().err
+    assert main(["prep", "all", f"catalog={junk}", "out_dir=x", "typo_key=1"]) == 2
+    assert main(["prep", "encode", "--task-index", "2", "--num-tasks", "2", "out_dir=x"]) == 2
+
+
+def test_verify_catches_a_damaged_or_missing_shard(prepared, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    assert main(["prep", "verify", f"out_dir={copy}"]) == 0
+    shard = sorted(copy.glob("shards/train/*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    sorted(copy.glob("shards/train/*.tar"))[1].unlink()
+    from vampnet_pl.prep.index import verify
+
+    problems = verify(copy)
+    assert any("checksum mismatch" in p for p in problems) and any("missing" in p for p in problems)
+    assert main(["prep", "verify", f"out_dir={copy}"]) == 1
+
+
+def test_the_console_script_runs_a_small_prep_end_to_end(tmp_path, codec_path):
+    catalog = tmp_path / "c"
+    write_tone(catalog / "a.flac", 2.5)
+    write_tone(catalog / "b.wav", 2.5, freq=330)
+    done = subprocess.run(
+        [sys.executable, "-m", "vampnet_pl.cli", "prep", "all", f"catalog={catalog}", f"out_dir={tmp_path / 'o'}",
+         f"codec.source={codec_path}", "codec.device=cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "data prep summary" in done.stdout and "throughput" in done.stdout and "hours of audio" in done.stdout
+    assert (tmp_path / "o" / "index.json").is_file() and (tmp_path / "o" / "failures.jsonl").is_file()
+    assert not list((tmp_path / "o").rglob("*.tmp"))

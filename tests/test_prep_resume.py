@@ -1,0 +1,106 @@
+"""Parallel, resumable prep: deterministic units per task, atomic shards, redo only what is unfinished."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vampnet_pl.prep.encode import plan_units, run_encode_task, units_for_task
+from vampnet_pl.prep.index import finalize, load_index, verify
+from vampnet_pl.prep.manifest import load_manifest, scan_catalog
+from vampnet_pl.prep.run import encode_local, load_codec, run_all
+
+from conftest import prep_config
+
+
+def _shard_table(out: Path) -> dict:
+    index = load_index(out)
+    return {s["path"]: (s["sha256"], s["samples"]) for split in index["splits"].values() for s in split["shards"]}
+
+
+def test_units_are_deterministic_and_tasks_partition_them(synthetic_catalog, tmp_path, codec_path):
+    cfg = prep_config(synthetic_catalog, tmp_path / "o", codec_path, files_per_unit=3)
+    entries, _ = scan_catalog(cfg)
+    units = plan_units(entries, 3)
+    assert [u.entries for u in units] == [u.entries for u in plan_units(list(reversed(entries)), 3)]
+    shares = [units_for_task(units, i, 3) for i in range(3)]
+    assert sorted(u.index for share in shares for u in share) == [u.index for u in units]
+    with pytest.raises(ValueError, match="outside"):
+        units_for_task(units, 3, 3)
+
+
+def test_two_tasks_produce_the_same_shards_as_one(synthetic_catalog, tmp_path, codec_path, prepared):
+    cfg = prep_config(synthetic_catalog, tmp_path / "tasks", codec_path)
+    scan_catalog(cfg)
+    run_encode_task(cfg, 1, 2)  # tasks in any order, with no coordination
+    assert any(not (tmp_path / "tasks" / "units" / f"unit-{i:05d}.json").exists() for i in range(4))
+    with pytest.raises(RuntimeError, match="not done"):
+        finalize(cfg, load_codec(cfg))
+    run_encode_task(cfg, 0, 2)
+    finalize(cfg, load_codec(cfg))
+    assert _shard_table(tmp_path / "tasks") == _shard_table(prepared)
+    assert verify(tmp_path / "tasks") == []
+
+
+@pytest.mark.slow
+def test_local_worker_processes_share_the_work(synthetic_catalog, tmp_path, codec_path, prepared):
+    cfg = prep_config(synthetic_catalog, tmp_path / "workers", codec_path, workers=2)
+    scan_catalog(cfg)
+    encode_local(cfg)
+    finalize(cfg, load_codec(cfg))
+    ours, reference = _shard_table(tmp_path / "workers"), _shard_table(prepared)
+    assert ours.keys() == reference.keys()
+    assert [v[1] for v in ours.values()] == [v[1] for v in reference.values()]
+
+
+def test_rerun_skips_done_units_and_redoes_interrupted_ones(synthetic_catalog, tmp_path, codec_path):
+    out = tmp_path / "o"
+    cfg = prep_config(synthetic_catalog, out, codec_path)
+    run_all(cfg)
+    before = {p: p.stat().st_mtime_ns for p in out.glob("shards/*/*.tar")}
+    # Simulate a kill inside unit 1: marker gone, a half-written temp shard and a stray final shard left.
+    (out / "units" / "unit-00001.json").unlink()
+    stray = next(iter(out.glob("shards/*/unit-00001-*.tar")))
+    stray.write_bytes(b"half a tar")
+    (out / "tmp" / "unit-00001.999").mkdir(parents=True)
+    (out / "tmp" / "unit-00001.999" / "unit-00001-000.tar").write_bytes(b"partial")
+    run_all(cfg)
+    after = {p: p.stat().st_mtime_ns for p in out.glob("shards/*/*.tar")}
+    assert after.keys() == before.keys()
+    changed = {p.name for p in after if after[p] != before[p]}
+    assert changed and all(name.startswith("unit-00001-") for name in changed)
+    assert verify(out) == []
+
+
+def test_kill_during_encode_then_resume(synthetic_catalog, tmp_path, codec_path, prepared):
+    """A real SIGKILL mid-run leaves no half shard in place; the re-run finishes the set."""
+    out = tmp_path / "killed"
+    overrides = [f"catalog={synthetic_catalog}", f"out_dir={out}", f"codec.source={codec_path}", "codec.device=cpu",
+                 "files_per_unit=2", "shard_max_samples=4", "segment_seconds=8.0", "split.val_fraction=0.25",
+                 "split.test_fraction=0.0", "scan_workers=1"]
+    cli = [sys.executable, "-m", "vampnet_pl.cli", "prep"]
+    subprocess.run([*cli, "scan", *overrides], check=True, capture_output=True)
+    proc = subprocess.Popen([*cli, "encode", *overrides], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("units/*.json")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in out.glob("units/*.json"))
+    assert 1 <= len(done_before) < 4, "the kill should land mid-run"
+    for shard in out.glob("shards/*/*.tar"):  # every shard in place is complete (tar index readable)
+        import tarfile
+
+        with tarfile.open(shard) as tar:
+            assert tar.getnames()
+    subprocess.run([*cli, "encode", *overrides], check=True, capture_output=True)
+    subprocess.run([*cli, "finalize", *overrides], check=True, capture_output=True)
+    assert _shard_table(out) == _shard_table(prepared)
+    assert subprocess.run([*cli, "verify", f"out_dir={out}"], capture_output=True).returncode == 0
