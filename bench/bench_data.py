@@ -1,6 +1,6 @@
 """Data pipeline benchmarks: prep throughput, loader throughput, and shards vs on-the-fly encoding.
 
-    .venv/bin/python bench/bench_data.py --files 8 --seconds 60
+    .venv/bin/python bench/bench_data.py --files 8 --seconds 60  (catalog at 48 kHz: resampled to 44.1 kHz)
 
 1. Prep: a synthetic catalog through scan + encode + finalize with the small codec; audio-seconds
    per second and the share of time spent outside the codec (decode, resample, write).
@@ -74,7 +74,7 @@ def main() -> None:
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="vampnet_bench_"))
     catalog = work / "catalog"
-    write_catalog(catalog, n_files=args.files, seconds=args.seconds, seed=0, formats=("flac",))
+    write_catalog(catalog, n_files=args.files, seconds=args.seconds, seed=0, sample_rate=48000, formats=("flac",))
     codec_path = make_synthetic_codec(work / "synthetic_dac.pth")
     cfg = PrepConfig(catalog=str(catalog), out_dir=str(work / "shards"), codec=CodecConfig(source=str(codec_path), device="cpu"),
                      workers=args.workers, files_per_unit=1)

@@ -93,6 +93,16 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vampnet_pl.export import export_checkpoint
+    from vampnet_pl.model import load_exported
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    model = load_exported(out)
+    print(f"wrote {out}: {model.num_parameters():,} parameters, codec {model.cfg.codec_fingerprint[:16]}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vampnet_pl.demo import run_demo
 
@@ -125,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     catalog.add_argument("--seconds", type=float, default=20.0)
     catalog.add_argument("--seed", type=int, default=0)
     catalog.set_defaults(func=_cmd_catalog)
+
+    export = commands.add_parser("export", help="training checkpoint (file or sharded folder) -> one portable model file")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("out", type=Path)
+    export.set_defaults(func=_cmd_export)
 
     demo = commands.add_parser("demo", help="the offline main job, end to end")
     demo.add_argument("overrides", nargs="*", help="Hydra overrides for conf/demo.yaml")

@@ -16,6 +16,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from vampnet_pl.masking.config import MaskingConfig
+from vampnet_pl.model import VampNetConfig
+from vampnet_pl.training.optim import OptimConfig
+
 
 def conf_dir() -> Path:
     """The ``conf/`` folder: ``$VAMPNET_PL_CONF``, else the one beside ``src/`` in this checkout."""
@@ -99,10 +103,72 @@ class DemoConfig:
     prep: PrepConfig = field(default_factory=PrepConfig)
 
 
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"  # bf16-mixed on GPUs that have it
+    max_steps: int = 1000
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    limit_val_batches: Any = 1.0
+    num_sanity_val_steps: int = 0
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_train_steps: int = 500
+    save_top_k: int = 2
+    monitor: str = "val/loss"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["qkv", "out", "ffn_in", "ffn_out"])
+
+
+@dataclass
+class TrainConfig:
+    experiment: str = "vampnet"
+    runs_dir: str = "runs"
+    # All ranks agree on it; a requeued SLURM job (same job id) finds its checkpoints here.
+    run_name: str = "${experiment}-${oc.env:SLURM_JOB_ID,local}"
+    run_dir: str = "${runs_dir}/${run_name}"
+    resume: bool = True  # continue from ${run_dir}/checkpoints/last.ckpt when it exists
+    seed: int = 0
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: VampNetConfig = field(default_factory=VampNetConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    strategy: Any = None  # a _target_ node from conf/strategy/
+    logger: Any = None  # a _target_ node from conf/logger/
+    callbacks: Any = None  # _target_ nodes from conf/callbacks/
+    label_smoothing: float = 0.1
+    compile: bool = False
+    activation_checkpointing: bool = False
+    init_from: Optional[str] = None  # an exported model to fine-tune
+    lora: Optional[LoraConfig] = None  # with init_from: train LoRA adapters only
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="prep_schema", node=PrepConfig)
     store.store(name="demo_schema", node=DemoConfig)
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(group="model", name="model_schema", node=VampNetConfig)
+    store.store(group="masking", name="masking_schema", node=MaskingConfig)
+    store.store(group="optim", name="optim_schema", node=OptimConfig)
+    store.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     store.store(group="codec", name="codec_schema", node=CodecConfig)
     store.store(group="data", name="data_schema", node=DataConfig)
 

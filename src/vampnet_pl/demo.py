@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 
+from vampnet_pl.audio_io import read_audio
 from vampnet_pl.cli import compose
 from vampnet_pl.codec import Codec, SyntheticCodecSpec, make_synthetic_codec
 from vampnet_pl.prep.index import verify
@@ -42,7 +44,9 @@ def run_demo(overrides: list[str]) -> dict:
         raise RuntimeError(f"the demo's shard set failed verification: {problems[:3]}")
     codec = Codec.load(str(codec_path), cfg.prep.codec.device)
     codes, meta = first_sample(dataset_dir, index)
-    picture = plot_codes_and_audio(codes, codec.decode(codes), codec.sample_rate, codec.frame_rate,
+    audio, rate = read_audio(Path(cfg.prep.catalog) / meta["source"])
+    source = codec.resample(torch.from_numpy(audio.mean(0)), rate).cpu()
+    picture = plot_codes_and_audio(codes, source, codec.decode(codes), codec.sample_rate, codec.frame_rate,
                                    meta["source"], work / "shards_overview.png")
     print(f"\nshards:   {dataset_dir}  (index.json, verify OK, {index['totals']['shards']} shards)")
     print(f"failures: {dataset_dir / 'failures.jsonl'}")

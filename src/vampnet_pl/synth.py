@@ -178,8 +178,8 @@ def _drum_stems(rng, spec: SongSpec, n_bars: int, eighth: float, n: int, sr: int
     hat_vel = hat_velocity[slot]
     return [
         (_place(_kick(sr), onsets, kick_vel, n), 0.0, 1.0),
-        (_place(_snare(rng, sr), onsets, snare_vel, n), 0.0, 0.6),
-        (_place(_hat(rng, sr), onsets, hat_vel, n), 0.3, 0.22),
+        (_place(_snare(rng, sr), onsets, snare_vel, n), 0.0, 0.5),
+        (_place(_hat(rng, sr), onsets, hat_vel, n), 0.3, 0.15),
     ]
 
 
@@ -191,19 +191,21 @@ def _kick(sr: int) -> np.ndarray:
 
 
 def _snare(rng, sr: int) -> np.ndarray:
-    """Band-passed noise (1-7 kHz) plus a short 190 Hz body."""
+    """Band-passed noise (1-7 kHz) plus a short 190 Hz body, peaking at 1."""
     t = np.arange(int(0.25 * sr)) / sr
     noise = rng.standard_normal(t.size)
     band = _lowpass(noise, 7000, sr) - _lowpass(noise, 1000, sr)
     body = 0.5 * np.sin(2 * np.pi * 190 * t) * np.exp(-t / 0.04)
-    return (2.5 * band * np.exp(-t / 0.06) + body) * _fade_out(t.size, sr)
+    snare = (band * np.exp(-t / 0.06) + body) * _fade_out(t.size, sr)
+    return snare / np.abs(snare).max()
 
 
 def _hat(rng, sr: int) -> np.ndarray:
-    """A short burst of high-passed (above ~7 kHz) noise."""
+    """A short burst of high-passed (above ~7 kHz) noise, peaking at 1."""
     t = np.arange(int(0.06 * sr)) / sr
     noise = rng.standard_normal(t.size)
-    return (noise - _lowpass(noise, 7000, sr)) * np.exp(-t / 0.012) * _fade_out(t.size, sr)
+    hat = (noise - _lowpass(noise, 7000, sr)) * np.exp(-t / 0.012) * _fade_out(t.size, sr)
+    return hat / np.abs(hat).max()
 
 
 def _bass(rng, spec: SongSpec, degrees: np.ndarray, eighth: float, n: int, sr: int) -> np.ndarray:

@@ -19,17 +19,25 @@ def log_mel(audio: torch.Tensor, sample_rate: int, n_mels: int = 80) -> np.ndarr
     return torch.log10(mel.clamp_min(1e-5)).numpy()
 
 
-def plot_codes_and_audio(codes: np.ndarray, audio: torch.Tensor, sample_rate: int, frame_rate: float, title: str, path: Path) -> Path:
-    """Token map (codebook x frame), per-codebook token usage, and the decoded audio's mel spectrogram."""
-    fig, axes = plt.subplots(3, 1, figsize=(11, 9), constrained_layout=True)
+def _mel_panel(ax, audio: torch.Tensor, sample_rate: int, title: str) -> None:
+    extent = (0, audio.shape[-1] / sample_rate, 0, 80)
+    ax.imshow(log_mel(audio, sample_rate), aspect="auto", origin="lower", cmap="magma", extent=extent)
+    ax.set(title=title, xlabel="seconds", ylabel="mel bin")
+
+
+def plot_codes_and_audio(
+    codes: np.ndarray, source: torch.Tensor, decoded: torch.Tensor, sample_rate: int, frame_rate: float, title: str, path: Path
+) -> Path:
+    """Source spectrogram, token map (codebook x frame), token usage, and the decoded audio's spectrogram."""
+    fig, axes = plt.subplots(4, 1, figsize=(11, 12), constrained_layout=True)
+    _mel_panel(axes[0], source, sample_rate, f"{title}: source audio, log-mel spectrogram")
     seconds = codes.shape[1] / frame_rate
-    axes[0].imshow(codes, aspect="auto", interpolation="nearest", cmap="viridis", extent=(0, seconds, codes.shape[0] - 0.5, -0.5))
-    axes[0].set(title=f"{title}: DAC tokens", xlabel="seconds", ylabel="codebook")
+    axes[1].imshow(codes, aspect="auto", interpolation="nearest", cmap="viridis", extent=(0, seconds, codes.shape[0] - 0.5, -0.5))
+    axes[1].set(title="DAC tokens", xlabel="seconds", ylabel="codebook")
     used = [len(np.unique(row)) for row in codes]
-    axes[1].bar(range(len(used)), used, color="tab:blue")
-    axes[1].set(title="distinct tokens per codebook in this sample", xlabel="codebook", ylabel="distinct tokens")
-    axes[2].imshow(log_mel(audio, sample_rate), aspect="auto", origin="lower", cmap="magma", extent=(0, audio.shape[-1] / sample_rate, 0, 80))
-    axes[2].set(title="decoded audio: log-mel spectrogram", xlabel="seconds", ylabel="mel bin")
+    axes[2].bar(range(len(used)), used, color="tab:blue")
+    axes[2].set(title="distinct tokens per codebook in this sample", xlabel="codebook", ylabel="distinct tokens")
+    _mel_panel(axes[3], decoded, sample_rate, "the tokens decoded by the codec (a random, untrained DAC decodes to noise)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

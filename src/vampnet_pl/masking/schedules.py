@@ -1,0 +1,69 @@
+"""Mask-ratio schedules gamma(r) and samplers of r, in registries so ablations can add their own.
+
+A schedule maps r in [0, 1] to the fraction of tokens masked; training draws r per example
+from a sampler; decoding walks r from 0 to 1 over its passes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+Schedule = Callable[[torch.Tensor], torch.Tensor]
+SCHEDULES: dict[str, Schedule] = {}
+
+
+def register_schedule(name: str) -> Callable[[Schedule], Schedule]:
+    def add(fn: Schedule) -> Schedule:
+        SCHEDULES[name] = fn
+        return fn
+
+    return add
+
+
+@register_schedule("cosine")  # VampNet / MaskGIT
+def cosine(r: torch.Tensor) -> torch.Tensor:
+    return torch.cos(r * math.pi / 2)
+
+
+@register_schedule("linear")
+def linear(r: torch.Tensor) -> torch.Tensor:
+    return 1 - r
+
+
+@register_schedule("square")
+def square(r: torch.Tensor) -> torch.Tensor:
+    return 1 - r**2
+
+
+@register_schedule("cubic")
+def cubic(r: torch.Tensor) -> torch.Tensor:
+    return 1 - r**3
+
+
+@register_schedule("sqrt")
+def square_root(r: torch.Tensor) -> torch.Tensor:
+    return 1 - r.clamp_min(0).sqrt()
+
+
+def get_schedule(name: str) -> Schedule:
+    if name not in SCHEDULES:
+        raise KeyError(f"unknown mask schedule {name!r}; known: {sorted(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
+class RatioSampler:
+    """Draws r in [0, 1) per example: ``uniform`` or low-discrepancy ``sobol`` (scrambled)."""
+
+    def __init__(self, kind: str = "uniform", seed: int = 0):
+        if kind not in ("uniform", "sobol"):
+            raise ValueError(f"unknown r sampler {kind!r}; use 'uniform' or 'sobol'")
+        self.kind = kind
+        self.sobol = torch.quasirandom.SobolEngine(1, scramble=True, seed=seed) if kind == "sobol" else None
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        if self.sobol is not None:
+            return self.sobol.draw(batch_size).squeeze(1).float().to(device)
+        return torch.rand(batch_size, generator=generator, device=generator.device if generator else None).to(device)

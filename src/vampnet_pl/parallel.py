@@ -1,0 +1,77 @@
+"""Parallelism in one place: Lightning strategies and what they do to the model.
+
+Strategies (``conf/strategy/``): ``ddp``; ``fsdp`` (Lightning FSDPStrategy, GPU only: a
+transformer block is the wrap unit, activation checkpointing, sharded checkpoints); ``fsdp2``
+(ModelParallelStrategy + ``fully_shard`` per block, runs on CPU too); ``deepspeed_zero2`` and
+``deepspeed_zero3`` (GPU only, optional CPU offload). The model file knows none of this.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+from vampnet_pl.model import TransformerBlock
+
+log = logging.getLogger(__name__)
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a dead rank fails the job instead of hanging it forever
+
+
+def ddp_strategy(find_unused_parameters: bool = False, timeout_minutes: float = 30.0):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(find_unused_parameters=find_unused_parameters, timeout=timedelta(minutes=timeout_minutes))
+
+
+def fsdp_strategy(activation_checkpointing: bool = True, sharded_checkpoints: bool = True, cpu_offload: bool = False,
+                  sharding_strategy: str = "FULL_SHARD", timeout_minutes: float = 30.0):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return FSDPStrategy(
+        auto_wrap_policy={TransformerBlock},
+        activation_checkpointing_policy={TransformerBlock} if activation_checkpointing else None,
+        state_dict_type="sharded" if sharded_checkpoints else "full",
+        cpu_offload=cpu_offload,
+        sharding_strategy=sharding_strategy,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+
+
+def fsdp2_strategy(timeout_minutes: float = 30.0):
+    """A (nodes x devices-per-node) mesh: parameters are sharded within a node, replicated across nodes (HSDP)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(timeout=timedelta(minutes=timeout_minutes))
+
+
+def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False):
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return DeepSpeedStrategy(stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters)
+
+
+def parallelize(model: nn.Module, device_mesh=None, compile: bool = False, activation_checkpointing: bool = False) -> None:
+    """Apply activation checkpointing, FSDP2 sharding (when a device mesh is given) and compile, in place."""
+    blocks = model.blocks if hasattr(model, "blocks") else model.get_base_model().blocks
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(blocks):
+            if not hasattr(block, "_checkpoint_wrapped_module"):
+                blocks[i] = checkpoint_wrapper(block)
+    if device_mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = device_mesh  # 2-D: replicate over dim 0 (nodes), shard over dim 1 (devices in a node)
+        if mesh.size(0) == 1:
+            mesh = mesh["tensor_parallel"]  # one node: plain FSDP over its devices
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    if compile:
+        for i, block in enumerate(blocks):
+            blocks[i] = torch.compile(block)

@@ -1,0 +1,74 @@
+"""Training app: ``python -m vampnet_pl.train [hydra overrides]`` (also ``vampnet-pl-train``).
+
+    python -m vampnet_pl.train data.dataset_dir=demo_out/shards model=c2f_small trainer=gpu strategy=fsdp
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from vampnet_pl.codec import Codec
+from vampnet_pl.config import TrainConfig, conf_dir
+from vampnet_pl.training.module import MaskedTokenModule
+
+log = logging.getLogger(__name__)
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    """``checkpoints/last.ckpt`` (a file, or a folder for sharded strategies) when a run left one."""
+    path = Path(run_dir) / "checkpoints" / "last.ckpt"
+    return path if path.exists() else None
+
+
+def build(cfg: DictConfig):
+    """Everything a run needs, from a composed config: (module, datamodule, trainer, resume checkpoint)."""
+    schema: TrainConfig = OmegaConf.to_object(cfg)
+    L.seed_everything(schema.seed, workers=True)
+    codec = Codec.load(schema.codec.source, device="cpu")
+    if schema.model.n_codebooks > codec.n_codebooks:
+        raise ValueError(f"model reads {schema.model.n_codebooks} codebooks, the codec has {codec.n_codebooks}")
+    model_cfg = dataclasses.replace(
+        schema.model, codebook_size=codec.codebook_size, latent_dim=int(codec.model.latent_dim),
+        codec_fingerprint=codec.fingerprint,
+    )
+    datamodule = hydra.utils.instantiate(cfg.data, n_codebooks=model_cfg.n_codebooks, expected_fingerprint=codec.fingerprint)
+    module = MaskedTokenModule(
+        model_cfg, schema.masking, schema.optim, label_smoothing=schema.label_smoothing, compile=schema.compile,
+        activation_checkpointing=schema.activation_checkpointing, init_from=schema.init_from,
+        lora=dataclasses.asdict(schema.lora) if schema.lora else None,
+        codebook_tables=codec.codebook_tables()[: model_cfg.n_codebooks],
+    )
+    callbacks = [hydra.utils.instantiate(node) for node in (cfg.callbacks or {}).values()]
+    trainer = L.Trainer(
+        **dataclasses.asdict(schema.trainer),
+        strategy=hydra.utils.instantiate(cfg.strategy) if cfg.strategy else "auto",
+        logger=hydra.utils.instantiate(cfg.logger) if cfg.logger else False,
+        callbacks=callbacks,
+        default_root_dir=schema.run_dir,
+        use_distributed_sampler=False,  # the DataModule splits by rank itself
+    )
+    resume_from = last_checkpoint(schema.run_dir) if schema.resume else None
+    return module, datamodule, trainer, resume_from
+
+
+def run(cfg: DictConfig) -> L.Trainer:
+    module, datamodule, trainer, resume_from = build(cfg)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    return trainer
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

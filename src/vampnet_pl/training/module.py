@@ -1,0 +1,191 @@
+"""The LightningModule for both stages (coarse and c2f): masking, loss, metrics, optimiser.
+
+Cross-entropy on masked tokens only (label smoothing), metrics as torchmetrics objects that
+Lightning syncs across ranks. Parallelism is not here: ``configure_model`` hands the model
+to :func:`vampnet_pl.parallel.parallelize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
+from vampnet_pl.model import VampNet, VampNetConfig, load_exported
+from vampnet_pl.training.optim import OptimConfig, build_optimizer
+
+RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0)
+
+
+def _as(cls, value):
+    return value if isinstance(value, cls) or value is None else cls(**value)
+
+
+class MaskedTokenModule(L.LightningModule):
+    def __init__(
+        self,
+        model: VampNetConfig | dict,
+        masking: MaskingConfig | dict | None = None,
+        optim: OptimConfig | dict | None = None,
+        label_smoothing: float = 0.1,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+        init_from: str | None = None,
+        lora: dict | None = None,
+        codebook_tables: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        model_cfg = _as(VampNetConfig, model)
+        self.masking_cfg = _as(MaskingConfig, masking) or MaskingConfig()
+        self.optim_cfg = _as(OptimConfig, optim) or OptimConfig()
+        self.save_hyperparameters(
+            {"model": model_cfg.to_dict(), "masking": asdict(self.masking_cfg), "optim": asdict(self.optim_cfg),
+             "label_smoothing": label_smoothing, "compile": compile, "activation_checkpointing": activation_checkpointing,
+             "init_from": init_from, "lora": lora}
+        )
+        self.model = VampNet(model_cfg, codebook_tables)
+        if init_from:
+            self._init_from(init_from)
+        if lora:
+            self._apply_lora(lora)
+        self.masker = TrainingMasker(self.masking_cfg, model_cfg.n_conditioning_codebooks)
+        self._metrics_built = False
+        self._build_metrics()
+
+    # -- construction ---------------------------------------------------------------------------
+    @property
+    def cfg(self) -> VampNetConfig:
+        return VampNetConfig(**self.hparams.model)
+
+    def _init_from(self, path: str) -> None:
+        source = load_exported(path)
+        if source.cfg.codec_fingerprint != self.cfg.codec_fingerprint:
+            raise ValueError(f"{path} was trained on codec {source.cfg.codec_fingerprint[:16]}, this run uses "
+                             f"{self.cfg.codec_fingerprint[:16]}")
+        self.model.load_state_dict(source.state_dict())
+
+    def _apply_lora(self, lora: dict) -> None:
+        import peft
+
+        config = peft.LoraConfig(
+            r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
+            target_modules=list(lora.get("target_modules", ["qkv", "out", "ffn_in", "ffn_out"])),
+        )
+        self.model = peft.inject_adapter_in_model(config, self.model)
+        for name, param in self.model.named_parameters():
+            param.requires_grad = "lora_" in name
+
+    def _build_metrics(self) -> None:
+        names = ["loss", "perplexity", "top1_masked", "top25_masked", "top1_unmasked", "top25_unmasked"]
+        cfg = self.cfg
+        names += [f"top1_masked/codebook_{k}" for k in range(cfg.n_conditioning_codebooks, cfg.n_codebooks)]
+        names += [f"top1_masked/ratio_le_{b:.2f}" for b in RATIO_BUCKETS]
+        self.metrics = torch.nn.ModuleDict(
+            {stage: torch.nn.ModuleDict({n.replace("/", "__").replace(".", "_"): MeanMetric() for n in names})
+             for stage in ("train_metrics", "val_metrics")}
+        )
+
+    def configure_model(self) -> None:
+        from vampnet_pl.parallel import parallelize
+
+        parallelize(self.model, getattr(self, "device_mesh", None), compile=self.hparams.compile,
+                    activation_checkpointing=self.hparams.activation_checkpointing)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def forward(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(codes, mask)
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        codes = batch["codes"]
+        cfg = self.cfg
+        mask, ratios = self.masker(codes)
+        logits = self.model(codes, mask).float()  # [B, P, T, V]
+        target = codes[:, cfg.n_conditioning_codebooks :]
+        masked = mask[:, cfg.n_conditioning_codebooks :]
+        selected_logits, selected_target = logits[masked], target[masked]
+        loss = F.cross_entropy(selected_logits, selected_target, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{stage} loss is {loss.item()} at global step {self.global_step}: lower optim.lr, check the data, "
+                "or try trainer.precision=32"
+            )
+        with torch.no_grad():
+            self._update_metrics(stage, loss, logits, target, masked, ratios)
+        return loss
+
+    @torch.no_grad()
+    def _update_metrics(self, stage, loss, logits, target, masked, ratios) -> None:
+        metrics = self.metrics[f"{stage}_metrics"]
+        cfg = self.cfg
+        top25 = logits.topk(min(25, logits.shape[-1]), dim=-1).indices
+        hit1 = top25[..., 0] == target
+        hit25 = (top25 == target[..., None]).any(-1)
+        plain = F.cross_entropy(logits[masked], target[masked])
+        values = {"loss": loss, "perplexity": plain.exp(), "top1_masked": hit1[masked], "top25_masked": hit25[masked],
+                  "top1_unmasked": hit1[~masked], "top25_unmasked": hit25[~masked]}
+        for k in range(cfg.n_predicted_codebooks):
+            values[f"top1_masked/codebook_{k + cfg.n_conditioning_codebooks}"] = hit1[:, k][masked[:, k]]
+        lower = 0.0
+        for upper in RATIO_BUCKETS:
+            in_bucket = ((ratios > lower) | (lower == 0)) & (ratios <= upper)
+            values[f"top1_masked/ratio_le_{upper:.2f}"] = hit1[in_bucket][masked[in_bucket]]
+            lower = upper
+        for name, value in values.items():
+            key = name.replace("/", "__").replace(".", "_")
+            value = value.float().flatten()
+            if value.numel():
+                metrics[key].update(value)
+                self.log(f"{stage}/{name}", metrics[key], on_step=stage == "train", on_epoch=True,
+                         prog_bar=name in ("loss", "top1_masked"), batch_size=target.shape[0])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=False)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            total = torch.nn.utils.get_total_norm(grads, 2.0)
+            total = total.full_tensor() if hasattr(total, "full_tensor") else total  # FSDP2: a DTensor
+            self.log("train/grad_norm", total, on_step=True, on_epoch=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 100_000
+        optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, total, self.cfg.d_model)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- export -------------------------------------------------------------------------------
+    def plain_model(self) -> VampNet:
+        """The model without LoRA adapters (merged in) and without compile/FSDP wrappers, on CPU."""
+        model = VampNet(self.cfg)
+        state = {k.replace("_orig_mod.", ""): v for k, v in self.model.state_dict().items()}
+        if self.hparams.lora:
+            state = merge_lora_state(state, self.hparams.lora)
+        model.load_state_dict(state)
+        return model
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], lora: dict) -> dict[str, torch.Tensor]:
+    """Fold ``W + (alpha / r) B A`` into each adapted weight and drop the adapter tensors."""
+    scale = lora.get("alpha", 16) / lora.get("r", 8)
+    merged = {}
+    for key, value in state.items():
+        if "lora_" in key:
+            continue
+        if key.endswith(".base_layer.weight"):
+            prefix = key[: -len(".base_layer.weight")]
+            a = state[f"{prefix}.lora_A.default.weight"]
+            b = state[f"{prefix}.lora_B.default.weight"]
+            merged[f"{prefix}.weight"] = value + scale * (b @ a)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,60 @@
+"""AdamW with sensible parameter groups, and learning-rate schedules as LambdaLR multipliers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    scheduler: str = "warmup_cosine"  # warmup_cosine | noam | constant
+    warmup_steps: int = 100
+    total_steps: int = 0  # 0: the trainer's max_steps
+    min_lr_ratio: float = 0.1
+    noam_d_model: int = 0  # 0: the model width
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices of linear layers only: not on norms, embeddings, MASK vectors or biases."""
+    decay, no_decay = [], []
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or id(param) in embedding_params or "mask_embedding" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_multiplier(cfg: OptimConfig, total_steps: int, d_model: int):
+    """step -> multiplier of the base learning rate."""
+    warmup = max(1, cfg.warmup_steps)
+    if cfg.scheduler == "constant":
+        return lambda step: min(1.0, (step + 1) / warmup)
+    if cfg.scheduler == "warmup_cosine":
+        def warmup_cosine(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return warmup_cosine
+    if cfg.scheduler == "noam":  # "Attention is all you need", as VampNet trains: base lr is the factor
+        width = cfg.noam_d_model or d_model
+        return lambda step: width**-0.5 * min((step + 1) ** -0.5, (step + 1) * warmup**-1.5)
+    raise ValueError(f"unknown scheduler {cfg.scheduler!r}; use warmup_cosine, noam or constant")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, d_model: int):
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, cfg.total_steps or total_steps, d_model))
+    return optimizer, scheduler
