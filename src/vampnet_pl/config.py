@@ -169,6 +169,7 @@ def register_schemas() -> None:
     store.store(group="masking", name="masking_schema", node=MaskingConfig)
     store.store(group="optim", name="optim_schema", node=OptimConfig)
     store.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    store.store(group="lora", name="lora_schema", node=LoraConfig)
     store.store(group="codec", name="codec_schema", node=CodecConfig)
     store.store(group="data", name="data_schema", node=DataConfig)
 

@@ -37,7 +37,10 @@ def build(cfg: DictConfig):
         schema.model, codebook_size=codec.codebook_size, latent_dim=int(codec.model.latent_dim),
         codec_fingerprint=codec.fingerprint,
     )
-    datamodule = hydra.utils.instantiate(cfg.data, n_codebooks=model_cfg.n_codebooks, expected_fingerprint=codec.fingerprint)
+    try:
+        datamodule = hydra.utils.instantiate(cfg.data, n_codebooks=model_cfg.n_codebooks, expected_fingerprint=codec.fingerprint)
+    except hydra.errors.InstantiationException as err:  # show the data's own error, not Hydra's wrapper
+        raise (err.__cause__ or err) from None
     module = MaskedTokenModule(
         model_cfg, schema.masking, schema.optim, label_smoothing=schema.label_smoothing, compile=schema.compile,
         activation_checkpointing=schema.activation_checkpointing, init_from=schema.init_from,

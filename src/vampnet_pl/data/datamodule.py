@@ -116,7 +116,8 @@ class TrainWindowStream(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        start_epoch: int = 0,
+        start_batch: int = 0,
+        loader_workers: int = 0,
     ):
         self.urls = list(urls)
         self.window_frames = window_frames
@@ -128,9 +129,14 @@ class TrainWindowStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.rank, self.world_size = rank, world_size
-        self.start_epoch = start_epoch
+        self.start_batch = start_batch  # batches this rank consumed before (a resumed run continues after them)
         self.iterations = 0  # epochs started by this copy (one copy per persistent worker)
+        self.loader_workers = loader_workers
         self.skips = SkipCounter()
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank: Lightning needs it to resume mid-epoch correctly."""
+        return self.batches_per_worker * max(1, self.loader_workers)
 
     def shards_for(self, worker: int, num_workers: int) -> list[str]:
         """This rank's and worker's own shards: the explicit node, then worker, split."""
@@ -149,9 +155,14 @@ class TrainWindowStream(IterableDataset):
                 yield np.ascontiguousarray(codes[:, start : start + self.window_frames])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # A generator: an epoch counts only once batches are drawn (a bare iter() by a framework check does not).
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch = self.start_epoch + self.iterations
+        per_epoch = self.batches_per_worker * num_workers
+        epoch = self.start_batch // per_epoch + self.iterations
+        # Resuming mid-epoch: skip what this worker already served (the DataLoader deals batches round-robin).
+        done = self.start_batch % per_epoch if self.iterations == 0 else 0
+        skip = max(0, -(-(done - worker) // num_workers))
         self.iterations += 1
         rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
         shards = self.shards_for(worker, num_workers)
@@ -162,7 +173,7 @@ class TrainWindowStream(IterableDataset):
             self._windows(decoded, rng)
         )
         batches = wds.batched(self.batch_size, collation_fn=collate_windows, partial=False)(windows)
-        return islice(batches, self.batches_per_worker)
+        yield from islice(batches, skip, self.batches_per_worker)
 
 
 def read_fixed_windows(
@@ -277,6 +288,7 @@ class CodesDataModule(L.LightningDataModule):
         rank, world_size = self._rank()
         workers = max(1, self.hparams.num_workers)
         trainer = getattr(self, "trainer", None)
+        consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
         return TrainWindowStream(
             self.train_urls,
             self.window_frames,
@@ -289,7 +301,8 @@ class CodesDataModule(L.LightningDataModule):
             seed=self.hparams.seed,
             rank=rank,
             world_size=world_size,
-            start_epoch=trainer.current_epoch if trainer is not None else 0,
+            start_batch=consumed,
+            loader_workers=self.hparams.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -300,8 +313,9 @@ class CodesDataModule(L.LightningDataModule):
             dataset,
             batch_size=None,
             num_workers=workers,
-            persistent_workers=workers > 0,
+            persistent_workers=workers > 0,  # each worker keeps its epoch count
             pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator(),  # leaves the global RNG alone (exact resume)
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -321,4 +335,4 @@ class CodesDataModule(L.LightningDataModule):
         share = rank_share(self.val_windows, rank, world_size)
         if not share:
             raise ValueError(f"{len(self.val_windows)} validation windows cannot be shared by {world_size} ranks")
-        return DataLoader(FixedBatches(share, self.hparams.val_batch_size), batch_size=None)
+        return DataLoader(FixedBatches(share, self.hparams.val_batch_size), batch_size=None, generator=torch.Generator())

@@ -29,8 +29,11 @@ class TrainingMasker:
         self.schedule = get_schedule(cfg.schedule)
         self.sampler = RatioSampler(cfg.sampler, cfg.seed)
 
-    def __call__(self, codes: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.sampler(codes.shape[0], generator, codes.device)
+    def __call__(
+        self, codes: torch.Tensor, generator: torch.Generator | None = None, r: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if r is None:
+            r = self.sampler(codes.shape[0], generator, codes.device)
         ratios = self.schedule(r).clamp(0, 1)
         build = TRAINING_MASKS[self.cfg.kind]
         if self.cfg.kind == "span":

@@ -100,10 +100,15 @@ class MaskedTokenModule(L.LightningModule):
     def forward(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(codes, mask)
 
-    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+    def _step(self, batch: dict, stage: str, batch_idx: int = 0) -> torch.Tensor:
         codes = batch["codes"]
         cfg = self.cfg
-        mask, ratios = self.masker(codes)
+        if stage == "train":
+            mask, ratios = self.masker(codes)
+        else:  # deterministic: evenly spread ratios, a fixed generator, no draw on the global RNG
+            generator = torch.Generator(codes.device).manual_seed(self.masking_cfg.seed + batch_idx)
+            r = (torch.arange(codes.shape[0], device=codes.device) + 0.5) / codes.shape[0]
+            mask, ratios = self.masker(codes, generator, r)
         logits = self.model(codes, mask).float()  # [B, P, T, V]
         target = codes[:, cfg.n_conditioning_codebooks :]
         masked = mask[:, cfg.n_conditioning_codebooks :]
@@ -139,7 +144,7 @@ class MaskedTokenModule(L.LightningModule):
             key = name.replace("/", "__").replace(".", "_")
             value = value.float().flatten()
             if value.numel():
-                metrics[key].update(value)
+                metrics[key](value)  # forward: updates the epoch state and gives the step value
                 self.log(f"{stage}/{name}", metrics[key], on_step=stage == "train", on_epoch=True,
                          prog_bar=name in ("loss", "top1_masked"), batch_size=target.shape[0])
 
@@ -149,7 +154,7 @@ class MaskedTokenModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
+        return self._step(batch, "val", batch_idx)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

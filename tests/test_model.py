@@ -1,0 +1,93 @@
+"""The transformer: one class for coarse and c2f, bidirectional, masked inputs, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vampnet_pl.config import conf_dir
+from vampnet_pl.model import VampNet, VampNetConfig, load_exported, save_exported
+
+
+def tiny(**overrides) -> VampNet:
+    cfg = VampNetConfig(**{**dict(n_codebooks=6, n_conditioning_codebooks=2, codebook_size=32, latent_dim=8, d_model=32,
+                                  n_layers=2, n_heads=4, dropout=0.0, codec_fingerprint="abc"), **overrides})
+    torch.manual_seed(0)
+    return VampNet(cfg, torch.randn(cfg.n_codebooks, cfg.codebook_size, cfg.latent_dim)).eval()
+
+
+@pytest.mark.parametrize("position", ["relative", "rotary"])
+def test_logits_cover_the_predicted_codebooks(position):
+    model = tiny(position=position)
+    codes = torch.randint(0, 32, (3, 6, 40))
+    logits = model(codes, torch.rand(3, 6, 40) < 0.5)
+    assert logits.shape == (3, 4, 40, 32)
+    coarse = tiny(n_conditioning_codebooks=0, n_codebooks=4)
+    assert coarse(codes[:, :4], torch.ones(3, 4, 40, dtype=torch.bool)).shape == (3, 4, 40, 32)
+
+
+@pytest.mark.parametrize("position", ["relative", "rotary"])
+def test_attention_is_bidirectional(position):
+    model = tiny(position=position)
+    codes = torch.randint(0, 32, (1, 6, 30))
+    mask = torch.zeros(1, 6, 30, dtype=torch.bool)
+    before = model(codes, mask)
+    codes[..., -1] = (codes[..., -1] + 1) % 32  # change the last frame only
+    after = model(codes, mask)
+    assert not torch.allclose(before[..., 0, :], after[..., 0, :])  # the first frame sees the future
+
+
+def test_masked_tokens_hide_their_content():
+    model = tiny()
+    codes = torch.randint(0, 32, (1, 6, 20))
+    mask = torch.zeros(1, 6, 20, dtype=torch.bool)
+    mask[:, 3, 5] = True
+    before = model(codes, mask)
+    codes[:, 3, 5] = (codes[:, 3, 5] + 7) % 32
+    assert torch.allclose(before, model(codes, mask), atol=1e-6)
+
+
+def test_codebook_tables_are_frozen_buffers_in_the_state_dict():
+    model = tiny()
+    assert "embedding.codebook_tables" in model.state_dict()
+    assert all("codebook_tables" not in name for name, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="do not fit"):
+        VampNet(model.cfg, torch.zeros(2, 2, 2))
+
+
+def test_no_biases_anywhere():
+    assert all(not name.endswith(".bias") for name, _ in tiny().named_parameters())
+
+
+def test_export_round_trip_loads_with_weights_only(tmp_path):
+    model = tiny()
+    save_exported(tmp_path / "m.pt", model)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert payload["codec_fingerprint"] == "abc"
+    loaded = load_exported(tmp_path / "m.pt").eval()
+    codes = torch.randint(0, 32, (2, 6, 16))
+    mask = torch.rand(2, 6, 16) < 0.5
+    assert torch.equal(model(codes, mask), loaded(codes, mask))
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="divisible"):
+        VampNetConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="n_conditioning_codebooks"):
+        VampNetConfig(n_codebooks=4, n_conditioning_codebooks=4)
+    with pytest.raises(ValueError, match="position"):
+        VampNetConfig(position="absolute")
+
+
+@pytest.mark.parametrize("name, layers, width, heads, predicted", [
+    ("coarse_paper", 20, 1280, 20, 4), ("c2f_paper", 16, 1280, 20, 10),
+    ("coarse_small", 8, 512, 8, 4), ("c2f_tiny", 2, 64, 4, 10)])
+def test_size_presets(name, layers, width, heads, predicted):
+    raw = OmegaConf.load(conf_dir() / "model" / f"{name}.yaml")
+    cfg = VampNetConfig(**{k: v for k, v in raw.items() if k != "defaults"}, codebook_size=1024, latent_dim=8)
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_predicted_codebooks) == (layers, width, heads, predicted)
+    if name == "coarse_paper":
+        with torch.device("meta"):
+            model = VampNet(cfg)
+        assert 350e6 < model.num_parameters() < 450e6  # VampNet's coarse model is ~0.4 B parameters

@@ -1,0 +1,175 @@
+"""Training: it learns, it is reproducible, it resumes exactly, it exports, it fails clearly."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+
+from vampnet_pl.config import conf_dir
+from vampnet_pl.data.datamodule import CodecMismatch
+from vampnet_pl.export import export_checkpoint, model_from_checkpoint
+from vampnet_pl.model import load_exported
+from vampnet_pl.train import run
+
+
+def overrides(prepared, codec_path, runs_dir, *extra) -> list[str]:
+    return [f"data.dataset_dir={prepared}", f"codec.source={codec_path}", "codec.device=cpu", f"runs_dir={runs_dir}",
+            "experiment=demo_coarse", "data.num_workers=0", "data.window_seconds=1.0", "data.batch_size=8",
+            "data.val_max_windows=16", "trainer.enable_progress_bar=false", "logger=csv", "trainer.log_every_n_steps=1",
+            *extra]
+
+
+def compose(args: list[str]):
+    with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return hydra.compose("train", overrides=args, return_hydra_config=False)
+
+
+def train(args: list[str]):
+    return run(compose(args))
+
+
+def logged(run_dir: Path, key: str) -> list[float]:
+    rows = csv.DictReader(open(run_dir / "csv" / "metrics.csv"))
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.mark.slow
+def test_tiny_coarse_model_learns_well_above_chance(prepared, codec_path, tmp_path):
+    trainer = train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=120", "data.batches_per_epoch=60",
+                              "data.window_seconds=2.0", "data.batch_size=16", "checkpoint.every_n_train_steps=1000"))
+    accuracy = float(trainer.callback_metrics["val/top1_masked"])
+    chance = 1 / 1024
+    assert accuracy > 30 * chance, accuracy
+    losses = logged(tmp_path / "demo_coarse-local", "train/loss_step")
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 1.0  # the loss falls
+
+
+def test_same_seed_gives_the_same_first_losses(prepared, codec_path, tmp_path):
+    first = [*overrides(prepared, codec_path, tmp_path / "a", "trainer.max_steps=3", "data.batches_per_epoch=3")]
+    second = [*overrides(prepared, codec_path, tmp_path / "b", "trainer.max_steps=3", "data.batches_per_epoch=3")]
+    train(first)
+    train(second)
+    a, b = logged(tmp_path / "a" / "demo_coarse-local", "train/loss_step"), logged(tmp_path / "b" / "demo_coarse-local", "train/loss_step")
+    assert len(a) == 3 and a == b
+    third = overrides(prepared, codec_path, tmp_path / "c", "trainer.max_steps=3", "data.batches_per_epoch=3", "seed=1")
+    train(third)
+    assert logged(tmp_path / "c" / "demo_coarse-local", "train/loss_step") != a
+
+
+def test_resume_continues_exactly_where_it_stopped(prepared, codec_path, tmp_path):
+    common = ["data.batches_per_epoch=3", "checkpoint.every_n_train_steps=3"]
+    train(overrides(prepared, codec_path, tmp_path / "straight", "trainer.max_steps=6", *common))
+    train(overrides(prepared, codec_path, tmp_path / "stopped", "trainer.max_steps=3", *common))
+    train(overrides(prepared, codec_path, tmp_path / "stopped", "trainer.max_steps=6", *common))  # resume=true
+    straight = model_from_checkpoint(tmp_path / "straight" / "demo_coarse-local" / "checkpoints" / "last.ckpt")
+    resumed = model_from_checkpoint(tmp_path / "stopped" / "demo_coarse-local" / "checkpoints" / "last.ckpt")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    checkpoint = torch.load(tmp_path / "stopped" / "demo_coarse-local" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 6
+
+
+def test_export_makes_one_portable_file(prepared, codec_path, codec, tmp_path):
+    train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=2", "data.batches_per_epoch=2"))
+    out = export_checkpoint(tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt", tmp_path / "coarse.pt")
+    model = load_exported(out)
+    assert model.cfg.codec_fingerprint == codec.fingerprint and model.cfg.n_codebooks == 4
+    assert torch.equal(model.embedding.codebook_tables, codec.codebook_tables()[:4])
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(prepared, codec_path, tmp_path, monkeypatch):
+    trainer = train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=2", "data.batches_per_epoch=2"))
+    last = tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        trainer.save_checkpoint(last)
+    assert last.read_bytes() == before
+    assert not [p for p in last.parent.iterdir() if p.name != "last.ckpt" and not p.name.startswith("step")]
+
+
+def test_fine_tune_with_lora_trains_adapters_only_and_exports_merged(prepared, codec_path, tmp_path):
+    train(overrides(prepared, codec_path, tmp_path / "base", "trainer.max_steps=2", "data.batches_per_epoch=2"))
+    base = export_checkpoint(tmp_path / "base" / "demo_coarse-local" / "checkpoints" / "last.ckpt", tmp_path / "base.pt")
+    trainer = train(overrides(prepared, codec_path, tmp_path / "lora", "trainer.max_steps=3", "data.batches_per_epoch=3",
+                              f"init_from={base}", "lora=default", "lora.r=4", "optim.lr=0.05", "optim.warmup_steps=1"))
+    module = trainer.lightning_module
+    trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    tuned = export_checkpoint(tmp_path / "lora" / "demo_coarse-local" / "checkpoints" / "last.ckpt", tmp_path / "tuned.pt")
+    before, after = load_exported(base).state_dict(), load_exported(tuned).state_dict()
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.endswith(("qkv.weight", "out.weight", "ffn_in.weight", "ffn_out.weight")) for k in changed)
+
+
+def test_bad_configs_and_data_fail_clearly(prepared, codec_path, tmp_path):
+    from vampnet_pl.codec import SyntheticCodecSpec, make_synthetic_codec
+
+    other = make_synthetic_codec(tmp_path / "other.pth", SyntheticCodecSpec(seed=5))
+    with pytest.raises(CodecMismatch, match="the model expects"):
+        train(overrides(prepared, other, tmp_path, "trainer.max_steps=1"))
+    with pytest.raises(ValueError, match="train shards for 1 ranks x 64 workers"):
+        train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=1", "data.num_workers=64"))
+    with pytest.raises(ValueError, match="longer than every train sample"):
+        train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=1", "data.window_seconds=60"))
+    with pytest.raises(Exception, match="max_stepz"):
+        compose(overrides(prepared, codec_path, tmp_path, "trainer.max_stepz=1"))
+    with pytest.raises(Exception, match="n_layers"):
+        compose(overrides(prepared, codec_path, tmp_path, "model.n_layers=many"))
+
+
+def test_nan_loss_stops_with_the_step(prepared, codec_path, tmp_path):
+    from vampnet_pl.training.module import MaskedTokenModule
+
+    module = MaskedTokenModule({"n_codebooks": 4, "codebook_size": 1024, "latent_dim": 8})
+    module.model.head.weight.data.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="at global step 0"):
+        module._step({"codes": torch.randint(0, 1024, (2, 4, 30))}, "train")
+
+
+def _cli_train(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "vampnet_pl.train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_cpu_processes_train_save_resume_and_export(strategy, prepared, codec_path, tmp_path):
+    args = overrides(prepared, codec_path, tmp_path, "trainer.devices=2", f"strategy={strategy}",
+                     "data.batches_per_epoch=2", "checkpoint.every_n_train_steps=2", "data.val_max_windows=8")
+    _cli_train([*args, "trainer.max_steps=2"])
+    run_dir = tmp_path / "demo_coarse-local"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_dir() == (strategy == "fsdp2")  # sharded checkpoints are folders
+    resumed = _cli_train([*args, "trainer.max_steps=4"])
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+    assert max(logged(run_dir, "step")) == 3
+    model = load_exported(export_checkpoint(last, tmp_path / "model.pt"))
+    assert model.cfg.n_codebooks == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_gpu_strategies_train_and_export(strategy, prepared, codec_path, tmp_path):
+    args = overrides(prepared, codec_path, tmp_path, "trainer=gpu", "trainer.devices=1", f"strategy={strategy}",
+                     "data.batches_per_epoch=2", "checkpoint.every_n_train_steps=2", "trainer.max_steps=2")
+    _cli_train(args)
+    model = load_exported(export_checkpoint(tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt", tmp_path / "m.pt"))
+    assert model.cfg.n_codebooks == 4
