@@ -140,7 +140,9 @@ def test_nan_loss_stops_with_the_step(prepared, codec_path, tmp_path):
 
 
 def _cli_train(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher_vars = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}  # in-process runs of this session set them
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     done = subprocess.run([sys.executable, "-m", "vampnet_pl.train", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -159,7 +161,9 @@ def test_two_cpu_processes_train_save_resume_and_export(strategy, prepared, code
     assert last.is_dir() == (strategy == "fsdp2")  # sharded checkpoints are folders
     resumed = _cli_train([*args, "trainer.max_steps=4"])
     assert "Restored all states" in resumed.stdout + resumed.stderr
-    assert max(logged(run_dir, "step")) == 3
+    from vampnet_pl.export import read_checkpoint
+
+    assert read_checkpoint(last)["global_step"] == 4
     model = load_exported(export_checkpoint(last, tmp_path / "model.pt"))
     assert model.cfg.n_codebooks == 4
 
