@@ -43,8 +43,8 @@ def module_and_loader(size: str, batch: int, frames: int, steps: int, n_codebook
 def check_strategies() -> None:
     strategies = {
         "fsdp": parallel.fsdp_strategy(),
-        "deepspeed_zero2": parallel.deepspeed_strategy(stage=2),
-        "deepspeed_zero3": parallel.deepspeed_strategy(stage=3),
+        "deepspeed_zero2": parallel.deepspeed_strategy(stage=2, batch_size=4),
+        "deepspeed_zero3": parallel.deepspeed_strategy(stage=3, batch_size=4),
     }
     for name, strategy in strategies.items():
         with tempfile.TemporaryDirectory() as tmp:

@@ -48,10 +48,13 @@ def fsdp2_strategy(timeout_minutes: float = 30.0):
     return ModelParallelStrategy(timeout=timedelta(minutes=timeout_minutes))
 
 
-def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False):
+def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False,
+                       batch_size: int = 1):
+    """``batch_size`` only feeds DeepSpeed's own throughput log (the pipeline batches, the loader does not)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    return DeepSpeedStrategy(stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters)
+    return DeepSpeedStrategy(stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
+                             logging_batch_size_per_gpu=batch_size)
 
 
 def parallelize(model: nn.Module, device_mesh=None, compile: bool = False, activation_checkpointing: bool = False) -> None:
