@@ -31,10 +31,11 @@ from vampnet_pl.training.module import MaskedTokenModule  # noqa: E402
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
 
 
-def module_and_loader(size: str, batch: int, frames: int, steps: int, n_codebooks: int = 4):
+def module_and_loader(size: str, batch: int, frames: int, steps: int, n_codebooks: int = 4, position: str = "relative",
+                      compile: bool = False):
     torch.manual_seed(0)
-    cfg = dict(n_codebooks=n_codebooks, codebook_size=1024, latent_dim=1024, dropout=0.0, **SIZES[size])
-    module = MaskedTokenModule(cfg, optim={"lr": 3e-4, "warmup_steps": 10},
+    cfg = dict(n_codebooks=n_codebooks, codebook_size=1024, latent_dim=1024, dropout=0.0, position=position, **SIZES[size])
+    module = MaskedTokenModule(cfg, optim={"lr": 3e-4, "warmup_steps": 10}, compile=compile,
                                codebook_tables=torch.randn(n_codebooks, 1024, 1024))
     data = [{"codes": torch.randint(0, 1024, (batch, n_codebooks, frames))} for _ in range(steps)]
     return module, torch.utils.data.DataLoader(data, batch_size=None)
@@ -76,8 +77,9 @@ class StepTimer(L.Callback):
         self.seconds = time.perf_counter() - self.started
 
 
-def throughput(size: str, batch: int, frames: int, steps: int, warmup: int) -> None:
-    module, loader = module_and_loader(size, batch, frames, steps + warmup)
+def throughput(size: str, batch: int, frames: int, steps: int, warmup: int, position: str, compile: bool) -> None:
+    module, loader = module_and_loader(size, batch, frames, steps + warmup, position=position, compile=compile)
+    torch.set_float32_matmul_precision("high")
     timer = StepTimer(warmup)
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps + warmup, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -89,7 +91,7 @@ def throughput(size: str, batch: int, frames: int, steps: int, warmup: int) -> N
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     mfu = f"{100 * flops / (peak * 1e12):.1f}%" if peak else "n/a"
     memory = torch.cuda.max_memory_allocated() / 2**30
-    print(f"| {size} | {module.model.num_parameters() / 1e6:.0f} M | {batch} x {frames} | {tokens_per_s:,.0f} | "
+    print(f"| {size}, {position}{', compiled' if compile else ''} | {module.model.num_parameters() / 1e6:.0f} M | {batch} x {frames} | {tokens_per_s:,.0f} | "
           f"{flops / 1e12:.0f} | {mfu} | {memory:.1f} |", flush=True)
     torch.cuda.reset_peak_memory_stats()
 
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=861)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--positions", nargs="+", default=["relative"], help="relative and/or rotary")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     if args.check_strategies:
@@ -110,7 +114,8 @@ def main() -> None:
     if args.throughput:
         print("\n| size | parameters | batch x frames | tokens/s | model TFLOP/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
         for size in args.throughput:
-            throughput(size, args.batch, args.frames, args.steps, args.warmup)
+            for position in args.positions:
+                throughput(size, args.batch, args.frames, args.steps, args.warmup, position, args.compile)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ class TrainConfig:
     logger: Any = None  # a _target_ node from conf/logger/
     callbacks: Any = None  # _target_ nodes from conf/callbacks/
     label_smoothing: float = 0.1
+    train_metrics_every_n_steps: int = 10  # accuracy/perplexity metrics on every n-th train step (loss: every step)
     compile: bool = False
     activation_checkpointing: bool = False
     init_from: Optional[str] = None  # an exported model to fine-tune

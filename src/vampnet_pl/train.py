@@ -45,6 +45,7 @@ def build(cfg: DictConfig):
         model_cfg, schema.masking, schema.optim, label_smoothing=schema.label_smoothing, compile=schema.compile,
         activation_checkpointing=schema.activation_checkpointing, init_from=schema.init_from,
         lora=dataclasses.asdict(schema.lora) if schema.lora else None,
+        train_metrics_every_n_steps=schema.train_metrics_every_n_steps,
         codebook_tables=codec.codebook_tables()[: model_cfg.n_codebooks],
     )
     callbacks = [hydra.utils.instantiate(node) for node in (cfg.callbacks or {}).values()]

@@ -37,6 +37,7 @@ class MaskedTokenModule(L.LightningModule):
         activation_checkpointing: bool = False,
         init_from: str | None = None,
         lora: dict | None = None,
+        train_metrics_every_n_steps: int = 10,
         codebook_tables: torch.Tensor | None = None,
     ):
         super().__init__()
@@ -46,7 +47,7 @@ class MaskedTokenModule(L.LightningModule):
         self.save_hyperparameters(
             {"model": model_cfg.to_dict(), "masking": asdict(self.masking_cfg), "optim": asdict(self.optim_cfg),
              "label_smoothing": label_smoothing, "compile": compile, "activation_checkpointing": activation_checkpointing,
-             "init_from": init_from, "lora": lora}
+             "init_from": init_from, "lora": lora, "train_metrics_every_n_steps": train_metrics_every_n_steps}
         )
         self.model = VampNet(model_cfg, codebook_tables)
         if init_from:
@@ -119,8 +120,11 @@ class MaskedTokenModule(L.LightningModule):
                 f"{stage} loss is {loss.item()} at global step {self.global_step}: lower optim.lr, check the data, "
                 "or try trainer.precision=32"
             )
-        with torch.no_grad():
+        every = max(1, self.hparams.train_metrics_every_n_steps)
+        if stage != "train" or self.global_step % every == 0:  # top-k metrics are costly: sample train steps
             self._update_metrics(stage, loss, logits, target, masked, ratios)
+        else:
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=codes.shape[0])
         return loss
 
     @torch.no_grad()
