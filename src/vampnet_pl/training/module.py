@@ -121,29 +121,29 @@ class MaskedTokenModule(L.LightningModule):
                 "or try trainer.precision=32"
             )
         every = max(1, self.hparams.train_metrics_every_n_steps)
-        if stage != "train" or self.global_step % every == 0:  # top-k metrics are costly: sample train steps
-            self._update_metrics(stage, loss, logits, target, masked, ratios)
-        else:
-            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=codes.shape[0])
+        accuracy = stage != "train" or self.global_step % every == 0  # top-k metrics are costly: sample train steps
+        self._update_metrics(stage, loss, logits, target, masked, ratios, accuracy)
         return loss
 
     @torch.no_grad()
-    def _update_metrics(self, stage, loss, logits, target, masked, ratios) -> None:
+    def _update_metrics(self, stage, loss, logits, target, masked, ratios, accuracy: bool = True) -> None:
         metrics = self.metrics[f"{stage}_metrics"]
         cfg = self.cfg
-        top25 = logits.topk(min(25, logits.shape[-1]), dim=-1).indices
-        hit1 = top25[..., 0] == target
-        hit25 = (top25 == target[..., None]).any(-1)
         plain = F.cross_entropy(logits[masked], target[masked])
-        values = {"loss": loss, "perplexity": plain.exp(), "top1_masked": hit1[masked], "top25_masked": hit25[masked],
-                  "top1_unmasked": hit1[~masked], "top25_unmasked": hit25[~masked]}
-        for k in range(cfg.n_predicted_codebooks):
-            values[f"top1_masked/codebook_{k + cfg.n_conditioning_codebooks}"] = hit1[:, k][masked[:, k]]
-        lower = 0.0
-        for upper in RATIO_BUCKETS:
-            in_bucket = ((ratios > lower) | (lower == 0)) & (ratios <= upper)
-            values[f"top1_masked/ratio_le_{upper:.2f}"] = hit1[in_bucket][masked[in_bucket]]
-            lower = upper
+        values = {"loss": loss, "perplexity": plain.exp()}
+        if accuracy:
+            top25 = logits.topk(min(25, logits.shape[-1]), dim=-1).indices
+            hit1 = top25[..., 0] == target
+            hit25 = (top25 == target[..., None]).any(-1)
+            values.update({"top1_masked": hit1[masked], "top25_masked": hit25[masked], "top1_unmasked": hit1[~masked],
+                           "top25_unmasked": hit25[~masked]})
+            for k in range(cfg.n_predicted_codebooks):
+                values[f"top1_masked/codebook_{k + cfg.n_conditioning_codebooks}"] = hit1[:, k][masked[:, k]]
+            lower = 0.0
+            for upper in RATIO_BUCKETS:
+                in_bucket = ((ratios > lower) | (lower == 0)) & (ratios <= upper)
+                values[f"top1_masked/ratio_le_{upper:.2f}"] = hit1[in_bucket][masked[in_bucket]]
+                lower = upper
         for name, value in values.items():
             key = name.replace("/", "__").replace(".", "_")
             value = value.float().flatten()
