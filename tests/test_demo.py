@@ -9,8 +9,16 @@ from vampnet_pl.cli import main
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", f"work_dir={tmp_path}", "catalog_files=4", "catalog_seconds=6", "prep.workers=1"]) == 0
+    assert main(["demo", f"work_dir={tmp_path}", "catalog_files=6", "catalog_seconds=6", "prep.workers=1",
+                 "prep.split.val_fraction=0.3", "train_steps=6",
+                 "train_overrides=['data.batches_per_epoch=3','data.window_seconds=1.0','data.num_workers=0','trainer.log_every_n_steps=1']"]) == 0
     out = capsys.readouterr().out
     assert "verify OK" in out and "data prep summary" in out
     assert (tmp_path / "shards" / "index.json").is_file()
     assert (tmp_path / "shards_overview.png").stat().st_size > 10_000
+    assert (tmp_path / "training_loss.png").stat().st_size > 10_000
+    from vampnet_pl.model import load_exported
+
+    assert load_exported(tmp_path / "models" / "coarse.pt").cfg.n_conditioning_codebooks == 0
+    assert load_exported(tmp_path / "models" / "c2f.pt").cfg.n_conditioning_codebooks == 4
+    assert "coarse: loss" in out and "c2f: loss" in out

@@ -26,8 +26,11 @@ class UsageError(Exception):
     """A wrong configuration or invocation: reported in one line, exit status 2."""
 
 
-def compose(config_name: str, overrides: list[str]):
-    """Compose ``conf/<config_name>.yaml`` with overrides, validated against its schema."""
+def compose(config_name: str, overrides: list[str], typed: bool = True):
+    """Compose ``conf/<config_name>.yaml`` with overrides, validated against its schema.
+
+    ``typed``: return the schema's dataclass instance; otherwise the (validated) DictConfig.
+    """
     import hydra
     from hydra.errors import HydraException
 
@@ -36,7 +39,7 @@ def compose(config_name: str, overrides: list[str]):
     try:
         with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = hydra.compose(config_name, overrides=overrides)
-        return OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(cfg) if typed else cfg
     except (HydraException, OmegaConfBaseException) as err:
         raise UsageError(f"bad configuration for {config_name}: {err}") from None
 

@@ -101,6 +101,8 @@ class DemoConfig:
     catalog_seconds: float = 20.0
     seed: int = 0
     prep: PrepConfig = field(default_factory=PrepConfig)
+    train_steps: int = 200  # for each of the coarse and c2f models
+    train_overrides: list[str] = field(default_factory=list)  # extra overrides for conf/train.yaml
 
 
 @dataclass

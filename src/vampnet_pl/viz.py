@@ -42,3 +42,17 @@ def plot_codes_and_audio(
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_losses(curves: dict[str, tuple[list[int], list[float]]], path: Path) -> Path:
+    """Training loss against step, one line per model."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    for name, (steps, losses) in curves.items():
+        ax.plot(steps, losses, label=name, alpha=0.85)
+    ax.set(title="training loss (cross-entropy on masked tokens)", xlabel="step", ylabel="loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
