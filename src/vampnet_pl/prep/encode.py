@@ -217,8 +217,9 @@ class _SplitShardWriter:
 def encode_unit(unit: Unit, cfg: PrepConfig, codec: Codec, progress: tqdm | None = None) -> dict:
     """Encode one unit into its shards and write its done-marker; returns the marker record."""
     out_dir, catalog = Path(cfg.out_dir), Path(cfg.catalog)
+    for stale in (out_dir / "tmp").glob(f"{unit.name}.*"):  # left by a killed attempt (one task owns a unit)
+        shutil.rmtree(stale, ignore_errors=True)
     work = out_dir / "tmp" / f"{unit.name}.{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     for stale in out_dir.glob(f"shards/*/{unit.name}-*.tar"):  # from an interrupted earlier attempt
         stale.unlink()

@@ -80,6 +80,10 @@ def run_all(cfg: PrepConfig) -> dict:
     started = time.perf_counter()
     encode_local(cfg)
     wall = time.perf_counter() - started
+    try:
+        (Path(cfg.out_dir) / "tmp").rmdir()  # per-unit work folders are gone once their units are done
+    except OSError:
+        pass
     index = finalize(cfg, load_codec(cfg))
     print_summary(index, wall)
     return index
