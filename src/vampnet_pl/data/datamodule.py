@@ -2,8 +2,9 @@
 
 Train: the shard list is split explicitly by rank, then by dataloader worker; each worker
 resamples its own shards forever, cuts random windows, shuffles and batches inside the
-pipeline, and stops after a fixed number of batches, so every rank sees the same number of
-batches whatever the shard sizes (DDP never waits on a rank that ran dry).
+pipeline, and stops after a fixed number of batches (webdataset's ``with_epoch``, done with
+``islice`` here so that a resumed run can start mid-epoch), so every rank sees the same number
+of batches whatever the shard sizes (DDP never waits on a rank that ran dry).
 
 Validation: fixed windows from the start of each sample, read in a fixed order, dealt
 round-robin to ranks and cut to an equal count per rank.
