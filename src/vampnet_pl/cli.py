@@ -106,6 +106,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vamp(args: argparse.Namespace) -> int:
+    from vampnet_pl.audio_io import AudioReadError
+    from vampnet_pl.generate import GenerationConfig
+    from vampnet_pl.sampling import SamplingConfig
+    from vampnet_pl.vamp import load_pipeline, vamp_file
+
+    cfg = GenerationConfig(coarse=SamplingConfig(passes=args.coarse_passes, temperature=args.temperature, top_k=args.top_k,
+                                                 top_p=args.top_p, typical_p=args.typical_p),
+                           c2f=SamplingConfig(passes=args.c2f_passes, mask_temperature=1.0),
+                           window_seconds=args.window_seconds)
+    pipeline = load_pipeline(args.coarse, args.c2f, args.codec, args.device, cfg)
+    try:
+        written = vamp_file(pipeline, args.input, args.out_dir, args.prompt, args.variations, args.loop, args.seed)
+    except AudioReadError as err:
+        raise UsageError(f"cannot read {args.input}: {err}") from None
+    for path in written:
+        print(path)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vampnet_pl.demo import run_demo
 
@@ -143,6 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", type=Path)
     export.add_argument("out", type=Path)
     export.set_defaults(func=_cmd_export)
+
+    vamp = commands.add_parser("vamp", help="variations of an audio file with exported coarse + c2f models")
+    vamp.add_argument("input", type=Path)
+    vamp.add_argument("--coarse", type=Path, required=True, help="exported coarse model (.pt)")
+    vamp.add_argument("--c2f", type=Path, default=None, help="exported coarse-to-fine model (.pt)")
+    vamp.add_argument("--codec", required=True, help="the models' DAC: a checkpoint path or 44khz/24khz/16khz")
+    vamp.add_argument("--prompt", action="append", default=[], help="periodic:P[:W], prefix:S, suffix:S, inpaint:S1:S2, "
+                      "compression:N:P, random:R, beat[:W], onset[:W] (repeat to combine)")
+    vamp.add_argument("--variations", type=int, default=1)
+    vamp.add_argument("--loop", type=int, default=0, help="write one file: the input, then N vamps of it")
+    vamp.add_argument("--out-dir", type=Path, default=Path("vamps"))
+    vamp.add_argument("--coarse-passes", type=int, default=24)
+    vamp.add_argument("--c2f-passes", type=int, default=12)
+    vamp.add_argument("--temperature", type=float, default=1.0)
+    vamp.add_argument("--top-k", type=int, default=None)
+    vamp.add_argument("--top-p", type=float, default=None)
+    vamp.add_argument("--typical-p", type=float, default=None)
+    vamp.add_argument("--window-seconds", type=float, default=10.0)
+    vamp.add_argument("--seed", type=int, default=0)
+    vamp.add_argument("--device", default="auto")
+    vamp.set_defaults(func=_cmd_vamp)
 
     demo = commands.add_parser("demo", help="the offline main job, end to end")
     demo.add_argument("overrides", nargs="*", help="Hydra overrides for conf/demo.yaml")

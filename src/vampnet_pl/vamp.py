@@ -1,0 +1,106 @@
+"""The ``vamp`` command: variations of a user's audio file.
+
+    vampnet-pl vamp input.wav --coarse coarse.pt --c2f c2f.pt --codec codec.pth --prompt periodic:16 --variations 4
+
+Prompt presets (``--prompt``, repeatable: the kept tokens of all of them are kept):
+``periodic:P[:W]`` keep W frames every P; ``prefix:S`` / ``suffix:S`` keep the first / last S
+seconds; ``inpaint:S1:S2`` keep both; ``compression:N:P`` keep N codebooks every P frames;
+``random:R`` mask a fraction R; ``beat[:W]`` / ``onset[:W]`` keep W frames at each beat / onset.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from vampnet_pl.audio_io import read_audio
+from vampnet_pl.codec import Codec
+from vampnet_pl.generate import GenerationConfig, VampPipeline
+from vampnet_pl.masking import prompts
+from vampnet_pl.model import load_exported
+from vampnet_pl.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+SILENCE_DBFS = -60.0
+
+
+def build_prompt(spec: str, shape: tuple[int, int, int], audio: np.ndarray, codec: Codec,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """One prompt preset (see the module docstring) as a mask ``[B, K, T]`` (True = generate)."""
+    name, *args = spec.split(":")
+    try:
+        values = [float(a) for a in args]
+    except ValueError:
+        raise ValueError(f"bad prompt {spec!r}: arguments must be numbers") from None
+    frames = lambda seconds: prompts.seconds_to_frames(seconds, codec.frame_rate)  # noqa: E731
+    builders = {
+        "periodic": lambda: prompts.periodic(shape, int(values[0]), int(values[1]) if len(values) > 1 else 1),
+        "prefix": lambda: prompts.inpaint(shape, prefix_frames=frames(values[0])),
+        "suffix": lambda: prompts.inpaint(shape, suffix_frames=frames(values[0])),
+        "inpaint": lambda: prompts.inpaint(shape, frames(values[0]), frames(values[1])),
+        "compression": lambda: prompts.compression(shape, int(values[0]), int(values[1])),
+        "random": lambda: prompts.random_prompt(shape, values[0], generator),
+        "beat": lambda: prompts.beat_prompt(shape, audio, codec.sample_rate, codec.hop_length, int(values[0]) if values else 1),
+        "onset": lambda: prompts.onset_prompt(shape, audio, codec.sample_rate, codec.hop_length, int(values[0]) if values else 1),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown prompt {name!r}; use one of {sorted(builders)}")
+    try:
+        return builders[name]()
+    except IndexError:
+        raise ValueError(f"prompt {spec!r} needs more arguments (see vampnet-pl vamp --help)") from None
+
+
+def load_pipeline(coarse: Path, c2f: Path | None, codec_source: str, device: str = "auto",
+                  cfg: GenerationConfig | None = None) -> VampPipeline:
+    for path in (coarse, c2f):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"model not found: {path} (export one with `vampnet-pl export`)")
+    codec = Codec.load(codec_source, device)
+    return VampPipeline(load_exported(coarse), load_exported(c2f) if c2f else None, codec, cfg)
+
+
+def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_specs: list[str], variations: int = 1,
+              loops: int = 0, seed: int = 0) -> list[Path]:
+    """Write ``variations`` WAV files (or, with ``loops`` > 0, one file of the input followed by ``loops`` vamps)."""
+    codec = pipeline.codec
+    audio, rate = read_audio(input_path)
+    mono = torch.from_numpy(audio.mean(0))
+    rms = float(mono.square().mean().sqrt())
+    if rms == 0 or 20 * math.log10(rms) < SILENCE_DBFS:
+        raise ValueError(f"{input_path} is silent (below {SILENCE_DBFS} dBFS): nothing to vamp on")
+    resampled = codec.resample(mono, rate).cpu()
+    codes = codec.encode(resampled, codec.sample_rate).long()  # [K, T]
+    if codes.shape[0] < pipeline.n_codebooks:
+        raise ValueError(f"the codec makes {codes.shape[0]} codebooks, the models need {pipeline.n_codebooks}")
+    count = max(variations, loops, 1)
+    batch = codes[None].repeat(count, 1, 1)
+    shape = (count, pipeline.coarse.cfg.n_codebooks, codes.shape[-1])
+    generator = torch.Generator().manual_seed(seed)
+    masks = [build_prompt(spec, shape, resampled.numpy(), codec, generator) for spec in prompt_specs or ["periodic:16"]]
+    mask = prompts.keep_union(*masks)
+    pipeline.cfg.coarse.seed = seed
+    pipeline.cfg.c2f.seed = seed
+    generated = pipeline.generate(batch, mask)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    waves = pipeline.to_audio(generated).numpy()  # [count, samples]
+    stem = Path(input_path).stem
+    if loops:
+        joined = np.concatenate([codec.decode(codes[: pipeline.n_codebooks]).numpy(), *waves])
+        return [_write(out_dir / f"{stem}_loop_x{loops}.wav", joined, codec.sample_rate)]
+    return [_write(out_dir / f"{stem}_vamp_{i:02d}.wav", wave, codec.sample_rate) for i, wave in enumerate(waves)]
+
+
+def _write(path: Path, wave: np.ndarray, sample_rate: int) -> Path:
+    peak = float(np.abs(wave).max())
+    if peak > 1.0:
+        wave = wave / peak
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), wave.astype(np.float32), sample_rate, format="WAV")
+    return path

@@ -1,0 +1,106 @@
+"""Generation pipeline and the vamp command (mechanics, with small untrained models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from vampnet_pl.cli import main
+from vampnet_pl.generate import CodecMismatch, GenerationConfig, VampPipeline, sample_windowed
+from vampnet_pl.model import VampNet, VampNetConfig, save_exported
+from vampnet_pl.sampling import SamplingConfig
+
+from conftest import write_tone
+
+
+def small_model(codec, n_codebooks, n_conditioning, fingerprint=None):
+    cfg = VampNetConfig(n_codebooks=n_codebooks, n_conditioning_codebooks=n_conditioning, codebook_size=codec.codebook_size,
+                        latent_dim=int(codec.model.latent_dim), d_model=32, n_layers=1, n_heads=4, dropout=0.0,
+                        codec_fingerprint=fingerprint or codec.fingerprint)
+    torch.manual_seed(n_codebooks)
+    return VampNet(cfg, codec.codebook_tables()[:n_codebooks])
+
+
+@pytest.fixture(scope="module")
+def models(codec, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    save_exported(folder / "coarse.pt", small_model(codec, 4, 0))
+    save_exported(folder / "c2f.pt", small_model(codec, 14, 4))
+    return folder / "coarse.pt", folder / "c2f.pt"
+
+
+class WindowSpy:
+    def __init__(self, vocab=8):
+        self.vocab, self.seen = vocab, []
+
+    def __call__(self, codes, mask):
+        self.seen.append((codes.shape[-1], mask.clone()))
+        return torch.zeros(codes.shape[0], codes.shape[1], codes.shape[-1], self.vocab)
+
+
+def test_windowed_sampling_fills_everything_once_with_overlapping_context():
+    codes = torch.full((1, 2, 50), 7)
+    mask = torch.ones(1, 2, 50, dtype=torch.bool)
+    mask[..., :3] = False
+    spy = WindowSpy()
+    out = sample_windowed(spy, codes, mask, SamplingConfig(passes=2, seed=0), window=20, overlap=5)
+    assert torch.equal(out[..., :3], codes[..., :3]) and int(out[..., 3:].max()) < 8
+    assert all(frames <= 20 for frames, _ in spy.seen)
+    later_first_passes = [m for frames, m in spy.seen[2::2]]  # first pass of each later window
+    assert later_first_passes and all(not m[..., :5].any() for m in later_first_passes)  # context is kept
+
+
+def test_pipeline_keeps_the_prompt_and_fills_every_codebook(codec, models):
+    from vampnet_pl.model import load_exported
+
+    pipeline = VampPipeline(load_exported(models[0]), load_exported(models[1]), codec,
+                            GenerationConfig(coarse=SamplingConfig(passes=3, seed=0), c2f=SamplingConfig(passes=2, seed=0),
+                                             window_seconds=0.5, overlap_seconds=0.1))
+    codes = codec.encode(torch.randn(44100) * 0.2, 44100).long()[None]
+    from vampnet_pl.masking.prompts import periodic
+
+    mask = periodic((1, 4, codes.shape[-1]), 8)
+    out = pipeline.generate(codes, mask)
+    assert out.shape == (1, 14, codes.shape[-1])
+    assert torch.equal(out[:, :4][~mask], codes[:, :4][~mask])
+    assert pipeline.to_audio(out).shape[-1] == codes.shape[-1] * codec.hop_length
+
+
+def test_models_of_another_codec_are_refused(codec):
+    with pytest.raises(CodecMismatch, match="coarse model was trained on codec"):
+        VampPipeline(small_model(codec, 4, 0, fingerprint="0" * 64), None, codec)
+
+
+def test_vamp_command_writes_variations_and_loops(tmp_path, codec_path, models):
+    song = write_tone(tmp_path / "song.wav", 1.5, 22050, channels=2)
+    common = ["--coarse", str(models[0]), "--c2f", str(models[1]), "--codec", str(codec_path), "--device", "cpu",
+              "--coarse-passes", "2", "--c2f-passes", "2", "--out-dir", str(tmp_path / "out")]
+    assert main(["vamp", str(song), "--prompt", "periodic:8", "--prompt", "prefix:0.2", "--variations", "2", *common]) == 0
+    files = sorted((tmp_path / "out").glob("song_vamp_*.wav"))
+    assert len(files) == 2
+    info = sf.info(str(files[0]))
+    assert info.samplerate == 44100 and info.duration == pytest.approx(1.5, abs=0.05)
+    assert main(["vamp", str(song), "--prompt", "compression:2:4", "--loop", "2", *common]) == 0
+    looped = sf.info(str(tmp_path / "out" / "song_loop_x2.wav"))
+    assert looped.duration == pytest.approx(4.5, abs=0.1)
+
+
+def test_vamp_command_errors_are_clear(tmp_path, codec_path, models, capsys):
+    common = ["--coarse", str(models[0]), "--codec", str(codec_path), "--device", "cpu", "--coarse-passes", "1",
+              "--out-dir", str(tmp_path / "out")]
+    silent = tmp_path / "silent.wav"
+    sf.write(str(silent), np.zeros(22050, np.float32), 22050)
+    assert main(["vamp", str(silent), *common]) == 2
+    assert "silent" in capsys.readouterr().err
+    (tmp_path / "junk.wav").write_text("not audio")
+    assert main(["vamp", str(tmp_path / "junk.wav"), *common]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    song = write_tone(tmp_path / "song.wav", 1.0)
+    assert main(["vamp", str(song), "--coarse", str(tmp_path / "missing.pt"), "--codec", str(codec_path)]) == 2
+    assert "model not found" in capsys.readouterr().err
+    assert main(["vamp", str(song), "--prompt", "sideways:3", *common]) == 2
+    assert "unknown prompt" in capsys.readouterr().err
+    assert main(["vamp", str(song), "--prompt", "periodic", *common]) == 2
+    assert "needs more arguments" in capsys.readouterr().err
