@@ -32,6 +32,7 @@ EXPECTED = {
     "lightning.pytorch.loggers.WandbLogger": "WandbLogger",
     "lightning.pytorch.callbacks.ModelCheckpoint": "ModelCheckpoint",
     "vampnet_pl.training.callbacks.RNGStateCallback": "RNGStateCallback",
+    "vampnet_pl.training.eval_callback.PromptEvalCallback": "PromptEvalCallback",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -177,3 +178,20 @@ def test_gpu_strategies_train_and_export(strategy, prepared, codec_path, tmp_pat
     _cli_train(args)
     model = load_exported(export_checkpoint(tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt", tmp_path / "m.pt"))
     assert model.cfg.n_codebooks == 4
+
+
+def test_prompt_evaluation_during_training_logs_mel_and_fad(prepared, codec_path, tmp_path):
+    trainer = train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=2", "data.batches_per_epoch=2",
+                              "callbacks=with_eval", "callbacks.prompt_eval.every_n_steps=2",
+                              "callbacks.prompt_eval.n_windows=2", "callbacks.prompt_eval.passes=2",
+                              "callbacks.prompt_eval.prompts=[periodic:8,prefix:0.3,beat]"))
+    callback = next(c for c in trainer.callbacks if type(c).__name__ == "PromptEvalCallback")
+    scores = callback.last_scores
+    names = {key.split("/")[1] for key in scores}
+    assert names == {"ceiling_codec", "baseline_noisy_0.5", "periodic:8", "prefix:0.3", "beat"}
+    assert all(math.isfinite(v) for v in scores.values())
+    assert scores["eval/ceiling_codec/mel_distance"] < scores["eval/baseline_noisy_0.5/mel_distance"]
+    values = logged(tmp_path / "demo_coarse-local", "eval/periodic:8/fad")
+    assert values and values[-1] == pytest.approx(scores["eval/periodic:8/fad"])
+    again = callback.evaluate(trainer, trainer.lightning_module)
+    assert again == scores  # deterministic given the seed

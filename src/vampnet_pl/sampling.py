@@ -81,9 +81,7 @@ def sample(
     mask[:, :n_conditioning] = False
     batch = codes.shape[0]
     initial = mask[:, n_conditioning:].flatten(1).sum(1)  # [B] masked count per example
-    for step in range(cfg.passes):
-        if not mask.any():
-            break
+    for step in range(cfg.passes):  # always every pass: sharded models need the same calls on every rank
         progress = (step + 1) / cfg.passes
         logits = model(codes, mask).float()  # [B, P, T, V]
         filtered = filter_logits(logits / max(cfg.temperature, 1e-5), cfg.top_k, cfg.top_p, cfg.typical_p)

@@ -195,15 +195,15 @@ def read_fixed_windows(
 class FixedBatches(IterableDataset):
     """A rank's equal share of fixed validation windows, batched."""
 
-    def __init__(self, windows: list[np.ndarray], batch_size: int):
-        self.windows, self.batch_size = windows, batch_size
+    def __init__(self, windows: list[np.ndarray], batch_size: int, n_codebooks: int | None = None):
+        self.windows, self.batch_size, self.n_codebooks = windows, batch_size, n_codebooks
 
     def __len__(self) -> int:
         return math.ceil(len(self.windows) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(self.windows), self.batch_size):
-            yield collate_windows(self.windows[start : start + self.batch_size])
+            yield collate_windows([w[: self.n_codebooks] for w in self.windows[start : start + self.batch_size]])
 
 
 def rank_share(items: list, rank: int, world_size: int) -> list:
@@ -324,10 +324,11 @@ class CodesDataModule(L.LightningDataModule):
             if not self.val_urls:
                 raise ValueError("no validation shards")
             self._check_window_fits("val")
-            self.val_windows, skips = read_fixed_windows(
+            depth = self.index["codec"]["config"]["n_codebooks"] if self.index else self.n_codebooks
+            self.val_windows, skips = read_fixed_windows(  # all codebooks: evaluation decodes the full signal
                 self.val_urls,
                 self.window_frames,
-                self.n_codebooks,
+                depth,
                 self.fingerprint,
                 self.hparams.val_windows_per_sample,
                 self.hparams.val_max_windows,
@@ -336,4 +337,5 @@ class CodesDataModule(L.LightningDataModule):
         share = rank_share(self.val_windows, rank, world_size)
         if not share:
             raise ValueError(f"{len(self.val_windows)} validation windows cannot be shared by {world_size} ranks")
-        return DataLoader(FixedBatches(share, self.hparams.val_batch_size), batch_size=None, generator=torch.Generator())
+        batches = FixedBatches(share, self.hparams.val_batch_size, self.n_codebooks)
+        return DataLoader(batches, batch_size=None, generator=torch.Generator())
