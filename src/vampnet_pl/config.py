@@ -163,11 +163,34 @@ class TrainConfig:
     lora: Optional[LoraConfig] = None  # with init_from: train LoRA adapters only
 
 
+@dataclass
+class EvalConfig:
+    coarse: str = MISSING  # exported coarse model
+    c2f: Optional[str] = None  # exported c2f model (without it, the coarse model's depth is evaluated)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    dataset_dir: str = MISSING
+    split: str = "test"  # test | val | train
+    window_seconds: float = 10.0
+    n_windows: int = 32
+    batch_size: int = 8
+    prompts: list[str] = field(default_factory=lambda: ["periodic:8", "periodic:16", "periodic:32", "prefix:1.0",
+                                                        "suffix:1.0", "inpaint:1.0:1.0", "beat", "compression:1:8",
+                                                        "random:0.5", "random:0.8"])
+    coarse_passes: int = 24
+    c2f_passes: int = 12
+    passes_sweep: list[int] = field(default_factory=lambda: [1, 4, 12, 24, 36, 64])
+    sweep_prompt: str = "periodic:16"
+    noisy_ratio: float = 0.5
+    out_dir: str = "eval_out"
+    seed: int = 0
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="prep_schema", node=PrepConfig)
     store.store(name="demo_schema", node=DemoConfig)
     store.store(name="train_schema", node=TrainConfig)
+    store.store(name="eval_schema", node=EvalConfig)
     store.store(group="model", name="model_schema", node=VampNetConfig)
     store.store(group="masking", name="masking_schema", node=MaskingConfig)
     store.store(group="optim", name="optim_schema", node=OptimConfig)

@@ -63,7 +63,8 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     root1 = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
     middle = root1 @ sigma2 @ root1
     trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
-    return (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_root
+    distance = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_root
+    return distance.clamp_min(0)  # rounding can leave -1e-8 for identical sets
 
 
 class LogMelPatchEmbedding(nn.Module):

@@ -20,8 +20,7 @@ import torch
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.data.datamodule import rank_share
-from vampnet_pl.masking import prompts
-from vampnet_pl.metrics import FrechetAudioDistance, LogMelPatchEmbedding, MelDistance
+from vampnet_pl.evaluation import noisy_tokens, score
 from vampnet_pl.sampling import SamplingConfig, sample
 
 log = logging.getLogger(__name__)
@@ -61,13 +60,12 @@ class PromptEvalCallback(L.Callback):
         codes = full[:, : cfg.n_codebooks]
         reference = codec.decode(full)
         sr = codec.sample_rate
-        embed = LogMelPatchEmbedding(sr).to(reference.device)
-        candidates: dict[str, torch.Tensor] = {"ceiling_codec": codes}
         generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.randint(0, cfg.codebook_size, codes.shape, generator=generator).to(codes.device)
-        noisy = prompts.random_prompt(codes.shape, self.noisy_ratio, generator).to(codes.device)
-        noisy[:, : cfg.n_conditioning_codebooks] = False
-        candidates[f"baseline_noisy_{self.noisy_ratio}"] = torch.where(noisy, noise, codes)
+        candidates: dict[str, torch.Tensor] = {
+            "ceiling_codec": codes,
+            f"baseline_noisy_{self.noisy_ratio}": noisy_tokens(codes, self.noisy_ratio, cfg.codebook_size,
+                                                               cfg.n_conditioning_codebooks, generator),
+        }
         was_training = model.training
         model.eval()
         scores: dict[str, float] = {}
@@ -82,13 +80,7 @@ class PromptEvalCallback(L.Callback):
                     tokens = sample(model, codes, mask, SamplingConfig(passes=self.passes, seed=self.seed),
                                     cfg.n_conditioning_codebooks)
                 audio = codec.decode(tokens)
-                mel = MelDistance(sr).to(reference.device)
-                fad = FrechetAudioDistance(embed, embed.dim).to(reference.device)
-                mel.update(audio, reference)
-                fad.update(reference, real=True)
-                fad.update(audio, real=False)
-                scores[f"eval/{name}/mel_distance"] = float(mel.compute())
-                scores[f"eval/{name}/fad"] = float(fad.compute())
+                scores.update({f"eval/{name}/{k}": v for k, v in score(audio, reference, sr).items()})
                 if self.log_audio and trainer.is_global_zero:
                     self._log_media(trainer, name, audio[0], sr)
         finally:
