@@ -1,4 +1,4 @@
-"""The offline main job: synthetic catalog -> DAC codes -> shards -> train coarse + c2f -> export.
+"""The offline main job: synthetic catalog -> DAC codes -> shards -> train coarse + c2f -> eval -> a vamp.
 
 Everything is made here (the catalog by :mod:`vampnet_pl.synth`, a seeded random DAC), so
 it runs on a fresh machine with no download.
@@ -56,11 +56,45 @@ def run_demo(overrides: list[str]) -> dict:
         curves[stage] = (steps, losses)
         print(f"{stage}: loss {losses[0]:.3f} at step {steps[0]} -> {losses[-1]:.3f} at step {steps[-1]}; model {exported}")
     loss_plot = plot_losses(curves, work / "training_loss.png")
+    eval_paths = evaluate_demo_models(cfg, models, codec_path)
+    vamps = vamp_demo_clip(cfg, models, codec_path)
     print(f"\nshards:   {dataset_dir}  (index.json, verify OK, {index['totals']['shards']} shards)")
     print(f"failures: {dataset_dir / 'failures.jsonl'}")
     print(f"pictures: {picture}, {loss_plot}")
     print(f"models:   {models['coarse']}, {models['c2f']}  (TensorBoard logs: {work / 'runs'})")
+    print(f"metrics:  {eval_paths[0]}  (plots: {eval_paths[1]}, {eval_paths[2]})")
+    print(f"audio:    {', '.join(str(p) for p in vamps)}")
     return index
+
+
+def evaluate_demo_models(cfg, models: dict[str, Path], codec_path: Path) -> list[Path]:
+    from vampnet_pl.eval import run as run_eval
+
+    overrides = [f"coarse={models['coarse']}", f"c2f={models['c2f']}", f"codec.source={codec_path}",
+                 f"dataset_dir={cfg.prep.out_dir}", "window_seconds=2.0", "n_windows=8", "batch_size=8",
+                 "prompts=[periodic:8,periodic:16,prefix:0.5,compression:1:8,random:0.8]", "passes_sweep=[1,4,12,36]",
+                 f"out_dir={Path(cfg.work_dir) / 'eval'}", f"seed={cfg.seed}"]
+    return run_eval(compose("eval", overrides, typed=False))
+
+
+def vamp_demo_clip(cfg, models: dict[str, Path], codec_path: Path) -> list[Path]:
+    """A periodic-prompt variation of the first 6 s of a catalog song."""
+    import soundfile as sf
+
+    from vampnet_pl.generate import GenerationConfig
+    from vampnet_pl.sampling import SamplingConfig
+    from vampnet_pl.vamp import load_pipeline, vamp_file
+
+    work = Path(cfg.work_dir)
+    source = sorted(Path(cfg.prep.catalog).rglob("*.flac"))[0]
+    audio, rate = read_audio(source)
+    clip = work / "vamps" / "demo_clip.wav"
+    clip.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(clip), audio[:, : 6 * rate].T, rate)
+    generation = GenerationConfig(coarse=SamplingConfig(passes=24), c2f=SamplingConfig(passes=12, mask_temperature=1.0),
+                                  window_seconds=2.0, overlap_seconds=0.5)
+    pipeline = load_pipeline(models["coarse"], models["c2f"], str(codec_path), cfg.prep.codec.device, generation)
+    return vamp_file(pipeline, clip, clip.parent, ["periodic:8"], variations=2, seed=cfg.seed)
 
 
 def train_demo_model(cfg, stage: str, codec_path: Path) -> tuple[Path, Path]:
