@@ -69,3 +69,20 @@ def test_fad_needs_two_embeddings_per_side():
     fad.update_embeddings(torch.zeros(1, 2), real=True)
     with pytest.raises(ValueError, match="at least 2 real"):
         fad.compute()
+
+
+def test_fad_backends_by_name_and_clear_errors_offline(monkeypatch):
+    from vampnet_pl.metrics import fad_embedding
+
+    assert isinstance(fad_embedding("logmel", 16000), LogMelPatchEmbedding)
+    with pytest.raises(ValueError, match="unknown FAD backend"):
+        fad_embedding("openl3", 16000)
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load", offline)
+    with pytest.raises(RuntimeError, match="VGGish is not available"):
+        fad_embedding("vggish", 16000)
+    with pytest.raises(RuntimeError, match="CLAP is not available"):
+        fad_embedding("clap", 16000)

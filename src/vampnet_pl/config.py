@@ -181,6 +181,8 @@ class EvalConfig:
     passes_sweep: list[int] = field(default_factory=lambda: [1, 4, 12, 24, 36, 64])
     sweep_prompt: str = "periodic:16"
     noisy_ratio: float = 0.5
+    fad_backend: str = "logmel"  # logmel (offline, not a learned model) | vggish | clap; compare scores within one
+    fad_weights: Optional[str] = None  # local VGGish hub checkout / CLAP checkpoint
     out_dir: str = "eval_out"
     seed: int = 0
 

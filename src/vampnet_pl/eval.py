@@ -27,6 +27,7 @@ from vampnet_pl.data.datamodule import read_fixed_windows  # noqa: E402
 from vampnet_pl.data.windows import window_frames  # noqa: E402
 from vampnet_pl.evaluation import noisy_tokens, score  # noqa: E402
 from vampnet_pl.generate import GenerationConfig  # noqa: E402
+from vampnet_pl.metrics import fad_embedding  # noqa: E402
 from vampnet_pl.prep.index import load_index  # noqa: E402
 from vampnet_pl.sampling import SamplingConfig  # noqa: E402
 from vampnet_pl.utils.atomic import write_text_atomic  # noqa: E402
@@ -59,11 +60,12 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     reference = torch.cat([codec.decode(b) for b in full.split(cfg.batch_size)])
     n_coarse = pipeline.coarse.cfg.n_codebooks
     generator = torch.Generator().manual_seed(cfg.seed)
+    embed = fad_embedding(cfg.fad_backend, codec.sample_rate, cfg.fad_weights).to(reference.device)
     rows = []
 
     def add(name: str, passes: int | None, tokens_fn) -> None:
         audio = torch.cat([codec.decode(tokens_fn(batch)) for batch in full.split(cfg.batch_size)])
-        rows.append({"prompt": name, "coarse_passes": passes or "", **score(audio, reference, codec.sample_rate)})
+        rows.append({"prompt": name, "coarse_passes": passes or "", **score(audio, reference, codec.sample_rate, embed)})
 
     def generated(spec: str):
         def run(batch: torch.Tensor) -> torch.Tensor:

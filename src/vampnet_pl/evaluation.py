@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vampnet_pl.masking import prompts
-from vampnet_pl.metrics import FrechetAudioDistance, LogMelPatchEmbedding, MelDistance
+from vampnet_pl.metrics import FrechetAudioDistance, MelDistance
 
 
 def noisy_tokens(codes: torch.Tensor, ratio: float, codebook_size: int, n_conditioning: int,
@@ -17,9 +17,8 @@ def noisy_tokens(codes: torch.Tensor, ratio: float, codebook_size: int, n_condit
     return torch.where(replace, noise, codes)
 
 
-def score(audio: torch.Tensor, reference: torch.Tensor, sample_rate: int) -> dict[str, float]:
-    """Mel distance and FAD (offline log-mel embedding) of ``audio`` against ``reference`` (``[N, samples]``)."""
-    embed = LogMelPatchEmbedding(sample_rate).to(reference.device)
+def score(audio: torch.Tensor, reference: torch.Tensor, sample_rate: int, embed: torch.nn.Module) -> dict[str, float]:
+    """Mel distance, and FAD with the ``embed`` backend, of ``audio`` against ``reference`` (``[N, samples]``)."""
     mel = MelDistance(sample_rate).to(reference.device)
     fad = FrechetAudioDistance(embed, embed.dim).to(reference.device)
     mel.update(audio, reference)

@@ -94,14 +94,60 @@ class LogMelPatchEmbedding(nn.Module):
         return stats.permute(0, 2, 1).reshape(-1, self.dim)
 
 
-def vggish_embedding(weights: str | None = None) -> nn.Module:
-    """VGGish (the paper's FAD embedding) from torch hub, or a local hub checkout given as ``weights``."""
-    try:
-        if weights:
-            return torch.hub.load(weights, "vggish", source="local")
-        return torch.hub.load("harritaylor/torchvggish", "vggish")
-    except Exception as err:  # offline, or no such checkout
-        raise RuntimeError(f"VGGish is not available ({err}); use the offline 'logmel' backend or give a local checkout") from None
+class VGGishEmbedding(nn.Module):
+    """VGGish, the paper's FAD embedding (128-d per 0.96 s), from torch hub or a local hub checkout."""
+
+    dim = 128
+
+    def __init__(self, sample_rate: int, weights: str | None = None):
+        super().__init__()
+        try:
+            self.model = (torch.hub.load(weights, "vggish", source="local") if weights
+                          else torch.hub.load("harritaylor/torchvggish", "vggish"))
+        except Exception as err:  # offline, or no such checkout
+            raise RuntimeError(f"VGGish is not available ({type(err).__name__}: {err}); use fad_backend=logmel offline, "
+                               "or give a local torchvggish checkout as fad_weights") from None
+        self.model.eval()
+        self.sample_rate = sample_rate
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.model.forward(a.cpu().numpy(), self.sample_rate).reshape(-1, self.dim) for a in audio])
+
+
+class CLAPEmbedding(nn.Module):
+    """LAION-CLAP audio embeddings (512-d per clip), when the ``laion_clap`` package and its weights are there."""
+
+    dim = 512
+
+    def __init__(self, sample_rate: int, weights: str | None = None):
+        super().__init__()
+        try:
+            import laion_clap
+
+            self.model = laion_clap.CLAP_Module(enable_fusion=False)
+            self.model.load_ckpt(weights) if weights else self.model.load_ckpt()
+        except Exception as err:
+            raise RuntimeError(f"CLAP is not available ({type(err).__name__}: {err}); pip install laion_clap and "
+                               "give its checkpoint as fad_weights, or use fad_backend=logmel") from None
+        self.sample_rate = sample_rate
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        import torchaudio
+
+        audio_48k = torchaudio.functional.resample(audio.float().cpu(), self.sample_rate, 48000)
+        return self.model.get_audio_embedding_from_data(x=audio_48k, use_tensor=True)
+
+
+EMBEDDINGS = {"logmel": LogMelPatchEmbedding, "vggish": VGGishEmbedding, "clap": CLAPEmbedding}
+
+
+def fad_embedding(name: str, sample_rate: int, weights: str | None = None) -> nn.Module:
+    """An FAD embedding backend by name: ``logmel`` (offline default), ``vggish``, ``clap``."""
+    if name not in EMBEDDINGS:
+        raise ValueError(f"unknown FAD backend {name!r}; use one of {sorted(EMBEDDINGS)}")
+    if name == "logmel":
+        return LogMelPatchEmbedding(sample_rate)
+    return EMBEDDINGS[name](sample_rate, weights)
 
 
 class FrechetAudioDistance(Metric):

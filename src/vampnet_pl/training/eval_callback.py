@@ -21,6 +21,7 @@ import torch
 from vampnet_pl.codec import Codec
 from vampnet_pl.data.datamodule import rank_share
 from vampnet_pl.evaluation import noisy_tokens, score
+from vampnet_pl.metrics import fad_embedding
 from vampnet_pl.sampling import SamplingConfig, sample
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,14 @@ log = logging.getLogger(__name__)
 class PromptEvalCallback(L.Callback):
     def __init__(self, codec_source: str, prompts: list[str] = ("periodic:8", "periodic:16", "prefix:0.5", "random:0.8"),
                  every_n_steps: int = 1000, n_windows: int = 8, passes: int = 12, noisy_ratio: float = 0.5,
-                 time_budget_seconds: float = 300.0, seed: int = 0, log_audio: bool = True):
+                 time_budget_seconds: float = 300.0, seed: int = 0, log_audio: bool = True, fad_backend: str = "logmel",
+                 fad_weights: str | None = None):
         self.codec_source, self.prompts = codec_source, list(prompts)
         self.every_n_steps, self.n_windows, self.passes = every_n_steps, n_windows, passes
         self.noisy_ratio, self.time_budget, self.seed, self.log_audio = noisy_ratio, time_budget_seconds, seed, log_audio
+        self.fad_backend, self.fad_weights = fad_backend, fad_weights
         self.codec: Codec | None = None
+        self.embed: torch.nn.Module | None = None
         self.last_scores: dict[str, float] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
@@ -55,6 +59,7 @@ class PromptEvalCallback(L.Callback):
         started = time.perf_counter()
         if self.codec is None:
             self.codec = Codec.load(self.codec_source, device=str(pl_module.device))
+            self.embed = fad_embedding(self.fad_backend, self.codec.sample_rate, self.fad_weights).to(pl_module.device)
         codec, model, cfg = self.codec, pl_module.model, pl_module.cfg
         full = self._windows(trainer).to(pl_module.device)  # [N, all codebooks, T]
         codes = full[:, : cfg.n_codebooks]
@@ -80,7 +85,7 @@ class PromptEvalCallback(L.Callback):
                     tokens = sample(model, codes, mask, SamplingConfig(passes=self.passes, seed=self.seed),
                                     cfg.n_conditioning_codebooks)
                 audio = codec.decode(tokens)
-                scores.update({f"eval/{name}/{k}": v for k, v in score(audio, reference, sr).items()})
+                scores.update({f"eval/{name}/{k}": v for k, v in score(audio, reference, sr, self.embed).items()})
                 if self.log_audio and trainer.is_global_zero:
                     self._log_media(trainer, name, audio[0], sr)
         finally:
