@@ -195,3 +195,23 @@ def test_prompt_evaluation_during_training_logs_mel_and_fad(prepared, codec_path
     assert values and values[-1] == pytest.approx(scores["eval/periodic:8/fad"])
     again = callback.evaluate(trainer, trainer.lightning_module)
     assert again == scores  # deterministic given the seed
+
+
+def test_prompt_evaluation_writes_table_audio_and_spectrograms_to_tensorboard(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vampnet_pl.training.eval_callback import PromptEvalCallback
+
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    trainer = SimpleNamespace(logger=logger, global_step=7)
+    scores = {"eval/periodic:8/mel_distance": 1.5, "eval/periodic:8/fad": 0.25}
+    PromptEvalCallback._log_table(trainer, scores)
+    PromptEvalCallback._log_media(trainer, "periodic:8", torch.randn(16000) * 0.1, 16000)
+    logger.experiment.flush()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "audio": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    assert "eval/periodic:8/audio" in tags["audio"] and "eval/periodic:8/spectrogram" in tags["images"]
+    assert any(tag.startswith("eval/table") for tag in tags["tensors"])
