@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -28,7 +29,7 @@ def _samples_by_source(out_dir):
         for shard in split["shards"]:
             for sample in wds.WebDataset(str(out_dir / shard["path"]), shardshuffle=False, empty_check=False):
                 meta = json.loads(sample["json"])
-                found.setdefault(meta["source"], []).append((meta, np.load(__import__("io").BytesIO(sample["codes.npy"]))))
+                found.setdefault(meta["source"], []).append((meta, np.load(io.BytesIO(sample["codes.npy"]))))
     return found
 
 

@@ -6,9 +6,7 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import soundfile as sf
 
 from vampnet_pl.cli import compose, main, slurm_array_task, UsageError
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 
 from vampnet_pl.prep.encode import plan_units, run_encode_task, units_for_task
 from vampnet_pl.prep.index import finalize, load_index, verify
-from vampnet_pl.prep.manifest import load_manifest, scan_catalog
+from vampnet_pl.prep.manifest import scan_catalog
 from vampnet_pl.prep.run import encode_local, load_codec, run_all
 
 from conftest import prep_config

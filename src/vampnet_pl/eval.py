@@ -31,7 +31,8 @@ from vampnet_pl.metrics import fad_embedding  # noqa: E402
 from vampnet_pl.prep.index import load_index  # noqa: E402
 from vampnet_pl.sampling import SamplingConfig  # noqa: E402
 from vampnet_pl.utils.atomic import write_text_atomic  # noqa: E402
-from vampnet_pl.vamp import build_prompt, load_pipeline  # noqa: E402
+from vampnet_pl.masking.presets import build_prompt  # noqa: E402
+from vampnet_pl.vamp import load_pipeline  # noqa: E402
 
 log = logging.getLogger(__name__)
 

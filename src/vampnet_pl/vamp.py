@@ -2,15 +2,12 @@
 
     vampnet-pl vamp input.wav --coarse coarse.pt --c2f c2f.pt --codec codec.pth --prompt periodic:16 --variations 4
 
-Prompt presets (``--prompt``, repeatable: the kept tokens of all of them are kept):
-``periodic:P[:W]`` keep W frames every P; ``prefix:S`` / ``suffix:S`` keep the first / last S
-seconds; ``inpaint:S1:S2`` keep both; ``compression:N:P`` keep N codebooks every P frames;
-``random:R`` mask a fraction R; ``beat[:W]`` / ``onset[:W]`` keep W frames at each beat / onset.
+Prompt presets (``--prompt``, repeatable: the kept tokens of all of them are kept) are
+described in :mod:`vampnet_pl.masking.presets`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -22,39 +19,11 @@ from vampnet_pl.audio_io import read_audio
 from vampnet_pl.codec import Codec
 from vampnet_pl.generate import GenerationConfig, VampPipeline
 from vampnet_pl.masking import prompts
+from vampnet_pl.masking.presets import build_prompt
 from vampnet_pl.model import load_exported
 from vampnet_pl.utils.atomic import atomic_path
 
-log = logging.getLogger(__name__)
-
 SILENCE_DBFS = -60.0
-
-
-def build_prompt(spec: str, shape: tuple[int, int, int], audio: np.ndarray, codec: Codec,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """One prompt preset (see the module docstring) as a mask ``[B, K, T]`` (True = generate)."""
-    name, *args = spec.split(":")
-    try:
-        values = [float(a) for a in args]
-    except ValueError:
-        raise ValueError(f"bad prompt {spec!r}: arguments must be numbers") from None
-    frames = lambda seconds: prompts.seconds_to_frames(seconds, codec.frame_rate)  # noqa: E731
-    builders = {
-        "periodic": lambda: prompts.periodic(shape, int(values[0]), int(values[1]) if len(values) > 1 else 1),
-        "prefix": lambda: prompts.inpaint(shape, prefix_frames=frames(values[0])),
-        "suffix": lambda: prompts.inpaint(shape, suffix_frames=frames(values[0])),
-        "inpaint": lambda: prompts.inpaint(shape, frames(values[0]), frames(values[1])),
-        "compression": lambda: prompts.compression(shape, int(values[0]), int(values[1])),
-        "random": lambda: prompts.random_prompt(shape, values[0], generator),
-        "beat": lambda: prompts.beat_prompt(shape, audio, codec.sample_rate, codec.hop_length, int(values[0]) if values else 1),
-        "onset": lambda: prompts.onset_prompt(shape, audio, codec.sample_rate, codec.hop_length, int(values[0]) if values else 1),
-    }
-    if name not in builders:
-        raise ValueError(f"unknown prompt {name!r}; use one of {sorted(builders)}")
-    try:
-        return builders[name]()
-    except IndexError:
-        raise ValueError(f"prompt {spec!r} needs more arguments (see vampnet-pl vamp --help)") from None
 
 
 def load_pipeline(coarse: Path, c2f: Path | None, codec_source: str, device: str = "auto",

@@ -9,7 +9,6 @@ folder, renamed into ``shards/<split>/`` and only then marked done by an atomica
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os

@@ -21,6 +21,7 @@ import torch
 from vampnet_pl.codec import Codec
 from vampnet_pl.data.datamodule import rank_share
 from vampnet_pl.evaluation import noisy_tokens, score
+from vampnet_pl.masking.presets import build_prompt
 from vampnet_pl.metrics import fad_embedding
 from vampnet_pl.sampling import SamplingConfig, sample
 
@@ -98,8 +99,6 @@ class PromptEvalCallback(L.Callback):
         return scores
 
     def _prompt(self, spec: str, codes: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        from vampnet_pl.vamp import build_prompt
-
         mask = build_prompt(spec, tuple(codes.shape), reference[0].cpu().numpy(), self.codec,
                             torch.Generator().manual_seed(self.seed))
         return mask.to(codes.device)
