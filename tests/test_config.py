@@ -24,13 +24,13 @@ EXPECTED = {
     "vampnet_pl.data.datamodule.CodesDataModule": "CodesDataModule",
     "vampnet_pl.parallel.ddp_strategy": "DDPStrategy",
     "vampnet_pl.parallel.fsdp_strategy": "FSDPStrategy",
-    "vampnet_pl.parallel.fsdp2_strategy": "ModelParallelStrategy",
+    "vampnet_pl.parallel.fsdp2_strategy": "AtomicModelParallelStrategy",
     "vampnet_pl.parallel.deepspeed_strategy": "DeepSpeedStrategy",
     "lightning.pytorch.loggers.TensorBoardLogger": "TensorBoardLogger",
     "lightning.pytorch.loggers.CSVLogger": "CSVLogger",
     "lightning.pytorch.loggers.WandbLogger": "WandbLogger",
     "lightning.pytorch.callbacks.ModelCheckpoint": "ModelCheckpoint",
-    "vampnet_pl.training.callbacks.RNGStateCallback": "RNGStateCallback",
+    "vampnet_pl.training.callbacks.StepSeedCallback": "StepSeedCallback",
     "vampnet_pl.training.eval_callback.PromptEvalCallback": "PromptEvalCallback",
 }
 

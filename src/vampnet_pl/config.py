@@ -128,6 +128,18 @@ class CheckpointConfig:
     monitor: str = "val/loss"
 
 
+class RequeueMode(str, Enum):
+    auto = "auto"  # on SLURM, unless Hydra's submitit launcher manages the job
+    on = "on"
+    off = "off"
+
+
+@dataclass
+class SlurmConfig:
+    requeue: RequeueMode = RequeueMode.auto  # checkpoint + ``scontrol requeue`` on ``signal`` (slurm/train.sbatch)
+    signal: str = "SIGUSR1"  # the one ``#SBATCH --signal`` sends
+
+
 @dataclass
 class LoraConfig:
     r: int = 8
@@ -152,6 +164,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     strategy: Any = None  # a _target_ node from conf/strategy/
     logger: Any = None  # a _target_ node from conf/logger/
     callbacks: Any = None  # _target_ nodes from conf/callbacks/

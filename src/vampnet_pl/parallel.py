@@ -9,12 +9,16 @@ transformer block is the wrap unit, activation checkpointing, sharded checkpoint
 from __future__ import annotations
 
 import logging
+import shutil
 from datetime import timedelta
+from pathlib import Path
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from vampnet_pl.model import TransformerBlock
+from vampnet_pl.utils.atomic import replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +45,31 @@ def fsdp_strategy(activation_checkpointing: bool = True, sharded_checkpoints: bo
     )
 
 
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """ModelParallelStrategy whose sharded checkpoint folders appear whole or not at all.
+
+    Lightning writes a sharded checkpoint into its folder in place, so a crash mid-save would
+    leave old and new shards mixed. Here every rank writes ``<path>.partial``, then rank 0 swaps it in.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        partial = path.with_name(path.name + ".partial")
+        if self.global_rank == 0 and partial.exists():
+            shutil.rmtree(partial)  # left by a crash
+        self.barrier("checkpoint.partial.clean")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("checkpoint.partial.written")
+        if self.global_rank == 0:
+            replace_folder(partial, path)
+        self.barrier("checkpoint.swapped")
+
+
 def fsdp2_strategy(timeout_minutes: float = 30.0):
     """A (nodes x devices-per-node) mesh: parameters are sharded within a node, replicated across nodes (HSDP)."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return ModelParallelStrategy(timeout=timedelta(minutes=timeout_minutes))
+    return AtomicModelParallelStrategy(timeout=timedelta(minutes=timeout_minutes))
 
 
 def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False,

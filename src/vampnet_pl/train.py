@@ -15,15 +15,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import TrainConfig, conf_dir
+from vampnet_pl.slurm import SlurmRequeue, cluster_plugins, requeue_enabled
 from vampnet_pl.training.module import MaskedTokenModule
+from vampnet_pl.utils.atomic import previous_folder
 
 log = logging.getLogger(__name__)
 
 
+def last_checkpoint_path(run_dir: str | Path) -> Path:
+    """``checkpoints/last.ckpt``: a file, or a folder for sharded strategies. Resume reads it."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 def last_checkpoint(run_dir: str | Path) -> Path | None:
-    """``checkpoints/last.ckpt`` (a file, or a folder for sharded strategies) when a run left one."""
-    path = Path(run_dir) / "checkpoints" / "last.ckpt"
-    return path if path.exists() else None
+    """The checkpoint to resume from, if any (a crash in a sharded folder's swap leaves it as ``.previous``)."""
+    path = last_checkpoint_path(run_dir)
+    for candidate in (path, previous_folder(path)):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def build(cfg: DictConfig):
@@ -49,11 +59,14 @@ def build(cfg: DictConfig):
         codebook_tables=codec.codebook_tables()[: model_cfg.n_codebooks],
     )
     callbacks = [hydra.utils.instantiate(node) for node in (cfg.callbacks or {}).values()]
+    if requeue_enabled(schema.slurm.requeue):
+        callbacks.append(SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal))
     trainer = L.Trainer(
         **dataclasses.asdict(schema.trainer),
         strategy=hydra.utils.instantiate(cfg.strategy) if cfg.strategy else "auto",
         logger=hydra.utils.instantiate(cfg.logger) if cfg.logger else False,
         callbacks=callbacks,
+        plugins=cluster_plugins(),
         default_root_dir=schema.run_dir,
         use_distributed_sampler=False,  # the DataModule splits by rank itself
     )

@@ -27,7 +27,7 @@ class TrainingMasker:
             raise ValueError(f"unknown masking kind {cfg.kind!r}; known: {sorted(TRAINING_MASKS)}")
         self.cfg, self.n_conditioning = cfg, n_conditioning
         self.schedule = get_schedule(cfg.schedule)
-        self.sampler = RatioSampler(cfg.sampler, cfg.seed)
+        self.sampler = RatioSampler(cfg.sampler)
 
     def __call__(
         self, codes: torch.Tensor, generator: torch.Generator | None = None, r: torch.Tensor | None = None

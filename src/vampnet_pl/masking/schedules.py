@@ -55,15 +55,18 @@ def get_schedule(name: str) -> Schedule:
 
 
 class RatioSampler:
-    """Draws r in [0, 1) per example: ``uniform`` or low-discrepancy ``sobol`` (scrambled)."""
+    """Draws r in [0, 1) per example: ``uniform``, or ``sobol``: a scrambled Sobol sequence per batch,
+    spread evenly over [0, 1). Stateless: the draws come from ``generator`` (else torch's global RNG)."""
 
-    def __init__(self, kind: str = "uniform", seed: int = 0):
+    def __init__(self, kind: str = "uniform"):
         if kind not in ("uniform", "sobol"):
             raise ValueError(f"unknown r sampler {kind!r}; use 'uniform' or 'sobol'")
         self.kind = kind
-        self.sobol = torch.quasirandom.SobolEngine(1, scramble=True, seed=seed) if kind == "sobol" else None
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        if self.sobol is not None:
-            return self.sobol.draw(batch_size).squeeze(1).float().to(device)
-        return torch.rand(batch_size, generator=generator, device=generator.device if generator else None).to(device)
+        source = generator.device if generator is not None else None
+        if self.kind == "sobol":
+            seed = int(torch.randint(2**62, (1,), generator=generator, device=source))
+            engine = torch.quasirandom.SobolEngine(1, scramble=True, seed=seed)
+            return engine.draw(batch_size).squeeze(1).float().to(device)
+        return torch.rand(batch_size, generator=generator, device=source).to(device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -38,3 +39,29 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def previous_folder(path: str | Path) -> Path:
+    """Where :func:`replace_folder` keeps the old ``path`` for the instant of the swap."""
+    path = Path(path)
+    return path.with_name(path.name + ".previous")
+
+
+def replace_folder(new: str | Path, path: str | Path) -> None:
+    """Put the finished folder ``new`` at ``path``; the old one survives as ``<path>.previous`` until the swap is done.
+
+    Two renames: a crash leaves either the old or the new folder complete, never a mixture.
+    """
+    new, path, previous = Path(new), Path(path), previous_folder(path)
+    _remove(previous)
+    if path.exists():
+        os.replace(path, previous)
+    os.replace(new, path)
+    _remove(previous)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

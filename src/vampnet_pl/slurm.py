@@ -1,0 +1,101 @@
+"""SLURM integration for training: the cluster environment and checkpoint-and-requeue on a signal.
+
+``slurm/train.sbatch`` asks for ``--signal=SIGUSR1@90`` and ``--requeue``. On that signal (a time
+limit or a preemption ahead, or ``scancel --signal=USR1``) :class:`SlurmRequeue` lets the current
+optimisation step finish, then every rank saves ``checkpoints/last.ckpt`` together, rank 0 runs
+``scontrol requeue``, and training stops. The requeued job keeps its job id, so its run directory
+is the same and it resumes from that checkpoint: no step is lost, none is applied twice.
+
+Lightning's own ``auto_requeue`` saves from inside the signal handler, wherever each rank happens
+to be (mid-step, or inside a collective the other rank has not reached), so it is switched off here.
+Under Hydra's submitit launcher, submitit owns the signal and the requeue; this callback stays out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from vampnet_pl.config import RequeueMode
+
+log = logging.getLogger(__name__)
+
+
+def under_slurm() -> bool:
+    return SLURMEnvironment.detect()
+
+
+def under_submitit() -> bool:
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
+def requeue_enabled(mode: RequeueMode) -> bool:
+    if mode == RequeueMode.auto:
+        return under_slurm() and not under_submitit()
+    return mode == RequeueMode.on
+
+
+def cluster_plugins() -> list:
+    """Lightning's SLURM environment (rank, world size, main address from SLURM) without its own requeue."""
+    return [SLURMEnvironment(auto_requeue=False)] if under_slurm() else []
+
+
+def slurm_job_id() -> str | None:
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"{array_job}_{array_task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class SlurmRequeue(L.Callback):
+    """Checkpoint at the next step boundary after ``signal_name``, then ``scontrol requeue`` the job."""
+
+    def __init__(self, checkpoint_path: str | Path, signal_name: str = "SIGUSR1"):
+        self.checkpoint_path = Path(checkpoint_path)
+        self.signum = signal.Signals[signal_name]
+        self.signalled = False
+        self._previous_handler = None
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True  # acted on at the step boundary, never here
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(self.signum, self._on_signal)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(self.signum, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):  # any rank signalled
+            return
+        step = trainer.global_step
+        log.info("%s received: saving %s at step %d, then requeueing", self.signum.name, self.checkpoint_path, step)
+        trainer.save_checkpoint(self.checkpoint_path)  # every rank, at the same step
+        for logger in trainer.loggers:
+            logger.save()
+        if trainer.is_global_zero:
+            self.requeue()
+        trainer.should_stop = True
+
+    @staticmethod
+    def requeue() -> None:
+        job_id = slurm_job_id()
+        if job_id is None:
+            log.warning("not a SLURM job: checkpoint saved, nothing to requeue")
+            return
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        if done.returncode == 0:
+            log.info("requeued SLURM job %s; it resumes from the checkpoint", job_id)
+        else:
+            log.error("scontrol requeue %s failed (%s); resubmit with the same run_name to resume",
+                      job_id, done.stderr.strip())
