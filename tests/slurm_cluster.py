@@ -187,6 +187,35 @@ class LocalSlurm:
                                    f"{[(j.id, j.state) for j in jobs]}\n{self.logs()}")
             time.sleep(1)
 
+    def wait_for_restart(self, job_id: str, restarts: int, timeout: float) -> Job:
+        """Wait until a requeued job runs again. Slurm holds a requeued job for about two minutes
+        before it may start (its BeginTime); this cluster lets it start at once."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job.restarts >= restarts and job.state == "PENDING" and job.fields.get("Reason") == "BeginTime":
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+            if job.restarts >= restarts and job.state in {"RUNNING", *FINAL_STATES}:
+                return job
+            time.sleep(1)
+        raise ClusterError(f"job {job_id} did not restart {restarts} time(s) within {timeout:.0f} s: "
+                           f"{self.job(job_id).fields}")
+
+    def task_pids(self, job_id: str, command: str) -> dict[int, int]:
+        """{SLURM_PROCID: pid} of the job's processes on this node whose command line contains ``command``."""
+        pids = {}
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if command not in cmdline:
+                    continue
+                variables = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+            except OSError:
+                continue
+            if variables.get("SLURM_JOB_ID") == job_id and "SLURM_PROCID" in variables:
+                pids[int(variables["SLURM_PROCID"])] = int(proc.name)
+        return pids
+
     def cancel_all(self, timeout: float = 60) -> None:
         self.run("scancel", "--user", str(os.getuid()), check=False)
         deadline = time.monotonic() + timeout

@@ -47,6 +47,24 @@ def cluster_plugins() -> list:
     return [SLURMEnvironment(auto_requeue=False)] if under_slurm() else []
 
 
+def slurm_layout() -> tuple[int, int] | None:
+    """(processes per node, nodes) of this SLURM job step, or None outside SLURM."""
+    if not under_slurm():
+        return None
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    return (int(per_node) if per_node else int(os.environ["SLURM_NTASKS"]) // nodes), nodes
+
+
+def describe(mode: RequeueMode) -> str:
+    """One line for the log: who requeues this job."""
+    if not under_slurm():
+        return "not a SLURM job"
+    who = "this run (checkpoint at the step boundary, scontrol requeue)" if requeue_enabled(mode) else (
+        "submitit" if under_submitit() else "nobody (slurm.requeue=off)")
+    return f"SLURM job {slurm_job_id()}, restart {os.environ.get('SLURM_RESTART_COUNT', 0)}: requeue by {who}"
+
+
 def slurm_job_id() -> str | None:
     array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and array_task:
@@ -72,14 +90,17 @@ class SlurmRequeue(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_handler is not None:
-            signal.signal(self.signum, self._previous_handler)
+            # A signal after training ends has nothing to save, and must not kill the finished job.
+            keep = self._previous_handler not in (signal.SIG_DFL, None)
+            signal.signal(self.signum, self._previous_handler if keep else signal.SIG_IGN)
             self._previous_handler = None
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):  # any rank signalled
             return
-        step = trainer.global_step
-        log.info("%s received: saving %s at step %d, then requeueing", self.signum.name, self.checkpoint_path, step)
+        if trainer.is_global_zero:
+            log.info("%s received: saving %s at step %d, then requeueing", self.signum.name, self.checkpoint_path,
+                     trainer.global_step)
         trainer.save_checkpoint(self.checkpoint_path)  # every rank, at the same step
         for logger in trainer.loggers:
             logger.save()

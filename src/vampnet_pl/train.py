@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import TrainConfig, conf_dir
-from vampnet_pl.slurm import SlurmRequeue, cluster_plugins, requeue_enabled
+from vampnet_pl.slurm import SlurmRequeue, cluster_plugins, describe, requeue_enabled, slurm_layout
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.utils.atomic import previous_folder
 
@@ -61,8 +61,12 @@ def build(cfg: DictConfig):
     callbacks = [hydra.utils.instantiate(node) for node in (cfg.callbacks or {}).values()]
     if requeue_enabled(schema.slurm.requeue):
         callbacks.append(SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal))
+    trainer_args = dataclasses.asdict(schema.trainer)
+    if (layout := slurm_layout()) and trainer_args["devices"] == "auto":
+        trainer_args["devices"], trainer_args["num_nodes"] = layout  # one process per SLURM task
+    log.info(describe(schema.slurm.requeue))
     trainer = L.Trainer(
-        **dataclasses.asdict(schema.trainer),
+        **trainer_args,
         strategy=hydra.utils.instantiate(cfg.strategy) if cfg.strategy else "auto",
         logger=hydra.utils.instantiate(cfg.logger) if cfg.logger else False,
         callbacks=callbacks,
