@@ -73,23 +73,39 @@ def assert_completed(cluster: LocalSlurm, job_id: str, env: dict, timeout: float
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n{job_logs(env, 4000)}"
 
 
+def long_stereo_wav(path: Path, minutes: int, sample_rate: int = 44100) -> Path:
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(sample_rate * 60) / sample_rate
+    with sf.SoundFile(str(path), "w", sample_rate, 2, subtype="PCM_16") as handle:
+        for minute in range(minutes):
+            tone = 0.2 * np.sin(2 * np.pi * (110 + 5 * minute) * t)
+            handle.write(np.stack([tone, 0.5 * tone], axis=1).astype(np.float32))
+    return path
+
+
 def test_prep_array_then_dependent_finalize_and_verify(cluster, jobs_env, tmp_path, fast_codec_path):
     catalog = tmp_path / "catalog"
     for i in range(6):
         write_tone(catalog / f"tone{i}.wav", 6.0 + i, sample_rate=22050, freq=110.0 * (i + 1))
     (catalog / "broken.flac").write_bytes(b"not audio at all")  # skipped and recorded, never fatal
+    # Decoded whole, this file alone is 635 MB; the tasks run under a 1.2 GB limit that SLURM enforces.
+    long_stereo_wav(catalog / "long.wav", minutes=30)
     out = tmp_path / "codes"
     scan, encode, finalize = submit(
         "prep.sh", jobs_env, f"catalog={catalog}", f"out_dir={out}", f"codec.source={fast_codec_path}",
-        "codec.device=cpu", "files_per_unit=2", "segment_seconds=5", "split.val_fraction=0.2", TASKS="2", MEM="3G")
-    assert_completed(cluster, finalize, jobs_env, timeout=300)
+        "codec.device=cpu", "files_per_unit=2", "segment_seconds=60", "split.val_fraction=0.2", TASKS="2",
+        MEM="1200M")
+    assert_completed(cluster, finalize, jobs_env, timeout=600)
     tasks = cluster.jobs(encode)
     assert len(tasks) == 2 and {t.state for t in tasks} == {"COMPLETED"}
     logs = job_logs(jobs_env)
     assert "task 0/2" in logs and "task 1/2" in logs  # each array task took its own share
     assert "verify: OK" in logs
     index = load_index(out)
-    assert index["totals"]["files"] == 6 and index["totals"]["failures"] == 1
+    assert index["totals"]["files"] == 7 and index["totals"]["failures"] == 1
+    assert index["totals"]["hours"] == pytest.approx(0.5 + 51 / 3600, abs=0.01)
     assert verify(out) == []
 
 
@@ -249,3 +265,18 @@ def test_hydra_multirun_through_the_submitit_launcher(cluster, jobs_env, prepare
     assert {checkpoint_step(r / "checkpoints" / "last.ckpt") for r in runs} == {20}
     overrides = [(sweep / str(n) / ".hydra" / "overrides.yaml").read_text() for n in (0, 1)]
     assert "masking=cosine" in overrides[0] and "masking=span" in overrides[1]
+
+
+def test_eval_job_scores_an_exported_model(cluster, jobs_env, reference_run, prepared, codec_path, tmp_path):
+    from vampnet_pl.export import export_checkpoint
+
+    coarse = export_checkpoint(reference_run[0] / "checkpoints" / "last.ckpt", tmp_path / "coarse.pt")
+    out = tmp_path / "eval"
+    (job,) = submit("eval.sh", jobs_env, f"coarse={coarse}", f"codec.source={codec_path}", "codec.device=cpu",
+                    f"dataset_dir={prepared}", "window_seconds=1.0", "n_windows=2", "batch_size=2", "coarse_passes=2",
+                    "passes_sweep=[1,2]", "prompts=[periodic:8,prefix:0.5]", f"out_dir={out}",
+                    f"hydra.run.dir={tmp_path / 'hydra'}", GPUS="0")
+    assert_completed(cluster, job, jobs_env, timeout=300)
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("prompt") and any(r.startswith("periodic:8,") for r in rows)
+    assert len(list(out.glob("*.png"))) == 2

@@ -1,0 +1,109 @@
+"""Requeue on a signal at the step boundary, SLURM detection, per-batch seeds, atomic checkpoint folders
+(in-process; tests/test_slurm.py runs the same paths as real SLURM jobs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import lightning as L
+import pytest
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from test_train import compose, overrides
+from vampnet_pl.config import RequeueMode
+from vampnet_pl.export import read_checkpoint
+from vampnet_pl.slurm import cluster_plugins, describe, requeue_enabled, slurm_layout
+from vampnet_pl.train import build, last_checkpoint
+from vampnet_pl.training.callbacks import batch_seed
+from vampnet_pl.utils.atomic import previous_folder, replace_folder
+
+
+@pytest.fixture
+def slurm_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("SLURM_") or key == "SUBMITIT_EXECUTOR":
+            monkeypatch.delenv(key)
+
+    def set_env(**values):
+        for key, value in values.items():
+            monkeypatch.setenv(key, str(value))
+
+    return set_env
+
+
+def test_requeue_mode_follows_slurm_and_submitit(slurm_env):
+    assert not requeue_enabled(RequeueMode.auto) and cluster_plugins() == []
+    assert describe(RequeueMode.auto) == "not a SLURM job"
+    slurm_env(SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=2, SLURM_JOB_NAME="vampnet-train", SLURM_JOB_ID=17)
+    assert requeue_enabled(RequeueMode.auto) and not requeue_enabled(RequeueMode.off)
+    (environment,) = cluster_plugins()
+    assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue  # Lightning's own is off
+    assert "requeue by this run" in describe(RequeueMode.auto)
+    slurm_env(SUBMITIT_EXECUTOR="slurm")
+    assert not requeue_enabled(RequeueMode.auto) and "requeue by submitit" in describe(RequeueMode.auto)
+    assert requeue_enabled(RequeueMode.on)
+
+
+def test_slurm_layout_gives_processes_per_node_and_nodes(slurm_env):
+    assert slurm_layout() is None
+    slurm_env(SLURM_NTASKS=8, SLURM_JOB_NAME="train", SLURM_JOB_NUM_NODES=2, SLURM_NTASKS_PER_NODE="4(x2)")
+    assert slurm_layout() == (4, 2)
+    os.environ.pop("SLURM_NTASKS_PER_NODE")
+    assert slurm_layout() == (4, 2)
+
+
+def test_batch_seeds_differ_by_rank_and_batch_and_repeat_exactly():
+    seeds = {batch_seed(0, rank, batch) for rank in range(4) for batch in range(100)}
+    assert len(seeds) == 400
+    assert batch_seed(3, 1, 42) == batch_seed(3, 1, 42) != batch_seed(4, 1, 42)
+
+
+class SignalAtStep(L.Callback):
+    """Sends the requeue signal to this process while step ``step`` is under way."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_backward(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_signal_checkpoints_at_the_step_boundary_and_stops(prepared, codec_path, tmp_path, caplog):
+    cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=20", "data.batches_per_epoch=20",
+                            "checkpoint.every_n_train_steps=100", "slurm.requeue=on"))
+    module, datamodule, trainer, _ = build(cfg)
+    trainer.callbacks.append(SignalAtStep(5))
+    previous = signal.getsignal(signal.SIGUSR1)
+    with caplog.at_level(logging.INFO, logger="vampnet_pl.slurm"):
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 6  # the step under way when the signal came was finished, not cut
+    last = tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 6
+    assert "SIGUSR1 received" in caplog.text and "not a SLURM job" in caplog.text
+    # after training, a late signal is ignored rather than killing the finished process
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_IGN, previous)
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def test_checkpoint_folders_are_swapped_whole(tmp_path):
+    path = tmp_path / "last.ckpt"
+    first = tmp_path / "first.partial"
+    first.mkdir()
+    (first / "shard0").write_text("old")
+    replace_folder(first, path)
+    second = tmp_path / "second.partial"
+    second.mkdir()
+    (second / "shard0").write_text("new")
+    replace_folder(second, path)
+    assert (path / "shard0").read_text() == "new" and not first.exists() and not second.exists()
+    assert not previous_folder(path).exists()
+
+    # a crash between the two renames leaves the old folder, complete, where resume looks for it
+    run_dir = tmp_path / "run"
+    assert last_checkpoint(run_dir) is None
+    (run_dir / "checkpoints").mkdir(parents=True)
+    os.replace(path, previous_folder(run_dir / "checkpoints" / "last.ckpt"))
+    assert last_checkpoint(run_dir) == previous_folder(run_dir / "checkpoints" / "last.ckpt")
