@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -79,6 +80,8 @@ def build(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> L.Trainer:
+    # The DataModule restarts its stream at the checkpoint's global step, so a mid-epoch resume is exact.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     module, datamodule, trainer, resume_from = build(cfg)
     if resume_from:
         log.info("resuming from %s", resume_from)
