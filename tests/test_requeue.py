@@ -71,9 +71,11 @@ class SignalAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def test_signal_checkpoints_at_the_step_boundary_and_stops(prepared, codec_path, tmp_path, caplog):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_signal_checkpoints_at_the_step_boundary_and_stops(accumulate, prepared, codec_path, tmp_path, caplog):
     cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=20", "data.batches_per_epoch=20",
-                            "checkpoint.every_n_train_steps=100", "slurm.requeue=on"))
+                            "checkpoint.every_n_train_steps=100", "slurm.requeue=on",
+                            f"trainer.accumulate_grad_batches={accumulate}"))
     module, datamodule, trainer, _ = build(cfg)
     trainer.callbacks.append(SignalAtStep(5))
     previous = signal.getsignal(signal.SIGUSR1)

@@ -80,6 +80,7 @@ class SlurmRequeue(L.Callback):
         self.signum = signal.Signals[signal_name]
         self.signalled = False
         self._previous_handler = None
+        self._step_at_batch_start = -1
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True  # acted on at the step boundary, never here
@@ -95,7 +96,12 @@ class SlurmRequeue(L.Callback):
             signal.signal(self.signum, self._previous_handler if keep else signal.SIG_IGN)
             self._previous_handler = None
 
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        self._step_at_batch_start = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # inside a gradient accumulation: not a step boundary
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):  # any rank signalled
             return
         if trainer.is_global_zero:
