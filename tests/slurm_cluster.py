@@ -170,9 +170,8 @@ class LocalSlurm:
             return ""
 
     def job(self, job_id: str) -> Job:
-        out = self.run("scontrol", "show", "job", "-o", job_id, check=False)
-        fields = dict(re.findall(r"(\w+)=(\S*)", out))
-        return Job(job_id, fields)
+        jobs = self.jobs(job_id)
+        return jobs[0] if jobs else Job(job_id)
 
     def jobs(self, job_id: str) -> list[Job]:
         """The job, or every task of an array job."""
