@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import SIZES  # noqa: E402
 
 from vampnet_pl.codec import Codec, make_synthetic_codec  # noqa: E402
-from vampnet_pl.generate import GenerationConfig, VampPipeline  # noqa: E402
+from vampnet_pl.generation.pipeline import GenerationConfig, VampPipeline  # noqa: E402
 from vampnet_pl.masking.prompts import periodic  # noqa: E402
 from vampnet_pl.model import VampNet, VampNetConfig  # noqa: E402
-from vampnet_pl.sampling import SamplingConfig  # noqa: E402
+from vampnet_pl.generation.sampling import SamplingConfig  # noqa: E402
 
 
 def model(codec: Codec, size: str, n_codebooks: int, n_conditioning: int) -> VampNet:
@@ -64,9 +64,9 @@ def main() -> None:
 def eval_share(codec: Codec, frames: int, every_n_steps: int = 1000, windows: int = 8, n_prompts: int = 11) -> None:
     """One evaluation round of the callback's defaults (8 windows, 9 prompts + 2 reference points, 12 passes)
     for the tiny coarse model, against ``every_n_steps`` training steps of the same model (batch 8)."""
-    from vampnet_pl.evaluation import score
-    from vampnet_pl.metrics import LogMelPatchEmbedding
-    from vampnet_pl.sampling import sample
+    from vampnet_pl.evaluation.scoring import score
+    from vampnet_pl.evaluation.metrics import LogMelPatchEmbedding
+    from vampnet_pl.generation.sampling import sample
     from vampnet_pl.training.module import MaskedTokenModule
 
     coarse = model(codec, "tiny", 4, 0)

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import SIZES  # noqa: E402
 
-from vampnet_pl import parallel  # noqa: E402
-from vampnet_pl.export import export_checkpoint  # noqa: E402
+from vampnet_pl.training import parallel  # noqa: E402
+from vampnet_pl.training.export import export_checkpoint  # noqa: E402
 from vampnet_pl.model import load_exported  # noqa: E402
 from vampnet_pl.training.module import MaskedTokenModule  # noqa: E402
 

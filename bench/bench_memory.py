@@ -33,7 +33,7 @@ def rank_main(rank: int, world: int, port: int, size: str, strategy: str, result
     from torch.distributed.device_mesh import init_device_mesh
 
     from vampnet_pl.model import VampNet, VampNetConfig
-    from vampnet_pl.parallel import parallelize
+    from vampnet_pl.training.parallel import parallelize
 
     torch.manual_seed(0)
     model = VampNet(VampNetConfig(n_codebooks=4, codebook_size=1024, latent_dim=128, **SIZES[size]), torch.randn(4, 1024, 128))

@@ -22,16 +22,16 @@ def _targets(node, where=""):
 # What each _target_ in conf/ must build (a factory's target names what it returns).
 EXPECTED = {
     "vampnet_pl.data.datamodule.CodesDataModule": "CodesDataModule",
-    "vampnet_pl.parallel.ddp_strategy": "DDPStrategy",
-    "vampnet_pl.parallel.fsdp_strategy": "FSDPStrategy",
-    "vampnet_pl.parallel.fsdp2_strategy": "AtomicModelParallelStrategy",
-    "vampnet_pl.parallel.deepspeed_strategy": "DeepSpeedStrategy",
+    "vampnet_pl.training.parallel.ddp_strategy": "DDPStrategy",
+    "vampnet_pl.training.parallel.fsdp_strategy": "FSDPStrategy",
+    "vampnet_pl.training.parallel.fsdp2_strategy": "AtomicModelParallelStrategy",
+    "vampnet_pl.training.parallel.deepspeed_strategy": "DeepSpeedStrategy",
     "lightning.pytorch.loggers.TensorBoardLogger": "TensorBoardLogger",
     "lightning.pytorch.loggers.CSVLogger": "CSVLogger",
     "lightning.pytorch.loggers.WandbLogger": "WandbLogger",
     "lightning.pytorch.callbacks.ModelCheckpoint": "ModelCheckpoint",
     "vampnet_pl.training.callbacks.StepSeedCallback": "StepSeedCallback",
-    "vampnet_pl.training.eval_callback.PromptEvalCallback": "PromptEvalCallback",
+    "vampnet_pl.evaluation.callback.PromptEvalCallback": "PromptEvalCallback",
 }
 
 

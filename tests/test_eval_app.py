@@ -8,7 +8,7 @@ import math
 import hydra
 
 from vampnet_pl.config import conf_dir
-from vampnet_pl.eval import run
+from vampnet_pl.evaluation.app import run
 from vampnet_pl.model import save_exported
 
 from test_vamp import small_model

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vampnet_pl.metrics import FrechetAudioDistance, LogMelPatchEmbedding, MelDistance, frechet_distance
+from vampnet_pl.evaluation.metrics import FrechetAudioDistance, LogMelPatchEmbedding, MelDistance, frechet_distance
 
 
 def tones(n: int, seconds: float = 1.0, sr: int = 16000, seed: int = 0) -> torch.Tensor:
@@ -72,7 +72,7 @@ def test_fad_needs_two_embeddings_per_side():
 
 
 def test_fad_backends_by_name_and_clear_errors_offline(monkeypatch):
-    from vampnet_pl.metrics import fad_embedding
+    from vampnet_pl.evaluation.metrics import fad_embedding
 
     assert isinstance(fad_embedding("logmel", 16000), LogMelPatchEmbedding)
     with pytest.raises(ValueError, match="unknown FAD backend"):

@@ -13,9 +13,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from test_train import compose, overrides
 from vampnet_pl.config import RequeueMode
-from vampnet_pl.export import read_checkpoint
-from vampnet_pl.slurm import cluster_plugins, describe, requeue_enabled, slurm_layout
-from vampnet_pl.train import build, last_checkpoint
+from vampnet_pl.training.export import read_checkpoint
+from vampnet_pl.training.slurm import cluster_plugins, describe, requeue_enabled, slurm_layout
+from vampnet_pl.training.app import build, last_checkpoint
 from vampnet_pl.training.callbacks import batch_seed
 from vampnet_pl.utils.atomic import previous_folder, replace_folder
 
@@ -79,7 +79,7 @@ def test_signal_checkpoints_at_the_step_boundary_and_stops(accumulate, prepared,
     module, datamodule, trainer, _ = build(cfg)
     trainer.callbacks.append(SignalAtStep(5))
     previous = signal.getsignal(signal.SIGUSR1)
-    with caplog.at_level(logging.INFO, logger="vampnet_pl.slurm"):
+    with caplog.at_level(logging.INFO, logger="vampnet_pl.training.slurm"):
         trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 6  # the step under way when the signal came was finished, not cut
     last = tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vampnet_pl.sampling import SamplingConfig, filter_logits, sample
+from vampnet_pl.generation.sampling import SamplingConfig, filter_logits, sample
 
 
 class Recorder:

@@ -121,13 +121,13 @@ def train_args(prepared, codec_path, runs_dir, *extra: str) -> list[str]:
 
 
 def checkpoint_step(path: Path) -> int:
-    from vampnet_pl.export import read_checkpoint
+    from vampnet_pl.training.export import read_checkpoint
 
     return int(read_checkpoint(path)["global_step"])
 
 
 def final_weights(run_dir: Path) -> dict:
-    from vampnet_pl.export import model_from_checkpoint
+    from vampnet_pl.training.export import model_from_checkpoint
 
     return model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt").state_dict()
 
@@ -204,7 +204,7 @@ def test_fsdp2_training_with_two_tasks_checkpoints_shards_and_requeues(cluster, 
     assert last.is_dir() and (last / "meta.pt").is_file()  # sharded: one folder, written whole
     assert not list(last.parent.glob("*.partial")) and not list(last.parent.glob("*.previous"))
     assert checkpoint_step(last) == steps
-    from vampnet_pl.export import export_checkpoint
+    from vampnet_pl.training.export import export_checkpoint
     from vampnet_pl.model import load_exported
 
     assert load_exported(export_checkpoint(last, tmp_path / "coarse.pt")).cfg.n_codebooks == 4
@@ -236,7 +236,7 @@ def test_a_killed_rank_fails_the_job_and_a_resubmission_resumes(cluster, jobs_en
     job = submit_training(jobs_env, args, "ddp")
     last = tmp_path / "ddp" / "checkpoints" / "last.ckpt"
     wait_for(last.exists, 300, "the first periodic checkpoint")
-    ranks = cluster.task_pids(job, "vampnet-pl-train")
+    ranks = cluster.task_pids(job, "vampnet-pl train")
     assert sorted(ranks) == [0, 1], ranks
     os.kill(ranks[1], signal.SIGKILL)  # a node dying under rank 1
     (failed,) = cluster.wait(job, timeout=120)
@@ -254,7 +254,7 @@ def test_a_killed_rank_fails_the_job_and_a_resubmission_resumes(cluster, jobs_en
 def test_hydra_multirun_through_the_submitit_launcher(cluster, jobs_env, prepared, codec_path, tmp_path):
     args = train_args(prepared, codec_path, tmp_path, "trainer=cpu", "trainer.max_steps=20", "masking=cosine,span")
     env = {**jobs_env, "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "1", "TIME_MINUTES": "20"}
-    done = subprocess.run([sys.executable, "-m", "vampnet_pl.train", "-m", "hydra/launcher=slurm", *args],
+    done = subprocess.run([sys.executable, "-m", "vampnet_pl.training.app", "-m", "hydra/launcher=slurm", *args],
                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     sweep = tmp_path / "multirun" / "demo_coarse"
@@ -268,7 +268,7 @@ def test_hydra_multirun_through_the_submitit_launcher(cluster, jobs_env, prepare
 
 
 def test_eval_job_scores_an_exported_model(cluster, jobs_env, reference_run, prepared, codec_path, tmp_path):
-    from vampnet_pl.export import export_checkpoint
+    from vampnet_pl.training.export import export_checkpoint
 
     coarse = export_checkpoint(reference_run[0] / "checkpoints" / "last.ckpt", tmp_path / "coarse.pt")
     out = tmp_path / "eval"

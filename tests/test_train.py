@@ -15,9 +15,9 @@ import torch
 
 from vampnet_pl.config import conf_dir
 from vampnet_pl.data.datamodule import CodecMismatch
-from vampnet_pl.export import export_checkpoint, model_from_checkpoint
+from vampnet_pl.training.export import export_checkpoint, model_from_checkpoint
 from vampnet_pl.model import load_exported
-from vampnet_pl.train import run
+from vampnet_pl.training.app import run
 
 
 def overrides(prepared, codec_path, runs_dir, *extra) -> list[str]:
@@ -144,7 +144,7 @@ def _cli_train(args: list[str], timeout: int = 600) -> subprocess.CompletedProce
     launcher_vars = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}  # in-process runs of this session set them
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, "-m", "vampnet_pl.train", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "vampnet_pl.training.app", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
@@ -162,7 +162,7 @@ def test_two_cpu_processes_train_save_resume_and_export(strategy, prepared, code
     assert last.is_dir() == (strategy == "fsdp2")  # sharded checkpoints are folders
     resumed = _cli_train([*args, "trainer.max_steps=4"])
     assert "Restored all states" in resumed.stdout + resumed.stderr
-    from vampnet_pl.export import read_checkpoint
+    from vampnet_pl.training.export import read_checkpoint
 
     assert read_checkpoint(last)["global_step"] == 4
     model = load_exported(export_checkpoint(last, tmp_path / "model.pt"))
@@ -203,7 +203,7 @@ def test_prompt_evaluation_writes_table_audio_and_spectrograms_to_tensorboard(tm
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from vampnet_pl.training.eval_callback import PromptEvalCallback
+    from vampnet_pl.evaluation.callback import PromptEvalCallback
 
     logger = TensorBoardLogger(tmp_path, name="tb", version="")
     trainer = SimpleNamespace(logger=logger, global_step=7)

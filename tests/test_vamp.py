@@ -8,9 +8,9 @@ import soundfile as sf
 import torch
 
 from vampnet_pl.cli import main
-from vampnet_pl.generate import CodecMismatch, GenerationConfig, VampPipeline, sample_windowed
+from vampnet_pl.generation.pipeline import CodecMismatch, GenerationConfig, VampPipeline, sample_windowed
 from vampnet_pl.model import VampNet, VampNetConfig, save_exported
-from vampnet_pl.sampling import SamplingConfig
+from vampnet_pl.generation.sampling import SamplingConfig
 
 from conftest import write_tone
 

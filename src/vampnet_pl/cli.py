@@ -1,6 +1,8 @@
 """The ``vampnet-pl`` command. Flags pick what to run; settings are Hydra overrides (``key=value``).
 
     vampnet-pl demo                                   # the offline main job
+    vampnet-pl train data.dataset_dir=DIR model=coarse_small   # Hydra training app (conf/train.yaml)
+    vampnet-pl eval coarse=coarse.pt c2f=c2f.pt dataset_dir=DIR   # offline evaluation (conf/eval.yaml)
     vampnet-pl prep all catalog=DIR out_dir=DIR       # scan + encode + finalize
     vampnet-pl prep encode --task-index 3 --num-tasks 8 out_dir=DIR ...   # one share (SLURM array task)
     vampnet-pl prep verify out_dir=DIR
@@ -16,32 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from vampnet_pl.config import UsageError, compose  # noqa: F401 (re-exported for callers)
 
 log = logging.getLogger("vampnet_pl")
-
-
-class UsageError(Exception):
-    """A wrong configuration or invocation: reported in one line, exit status 2."""
-
-
-def compose(config_name: str, overrides: list[str], typed: bool = True):
-    """Compose ``conf/<config_name>.yaml`` with overrides, validated against its schema.
-
-    ``typed``: return the schema's dataclass instance; otherwise the (validated) DictConfig.
-    """
-    import hydra
-    from hydra.errors import HydraException
-
-    from vampnet_pl.config import conf_dir
-
-    try:
-        with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            cfg = hydra.compose(config_name, overrides=overrides)
-        return OmegaConf.to_object(cfg) if typed else cfg
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UsageError(f"bad configuration for {config_name}: {err}") from None
 
 
 def slurm_array_task() -> tuple[int, int] | None:
@@ -97,7 +76,7 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from vampnet_pl.export import export_checkpoint
+    from vampnet_pl.training.export import export_checkpoint
     from vampnet_pl.model import load_exported
 
     out = export_checkpoint(args.checkpoint, args.out)
@@ -108,9 +87,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_vamp(args: argparse.Namespace) -> int:
     from vampnet_pl.audio_io import AudioReadError
-    from vampnet_pl.generate import GenerationConfig
-    from vampnet_pl.sampling import SamplingConfig
-    from vampnet_pl.vamp import load_pipeline, vamp_file
+    from vampnet_pl.generation.pipeline import GenerationConfig
+    from vampnet_pl.generation.sampling import SamplingConfig
+    from vampnet_pl.generation.vamp import load_pipeline, vamp_file
 
     cfg = GenerationConfig(coarse=SamplingConfig(passes=args.coarse_passes, temperature=args.temperature, top_k=args.top_k,
                                                  top_p=args.top_p, typical_p=args.typical_p),
@@ -124,6 +103,29 @@ def _cmd_vamp(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _run_hydra_app(main_fn, prog: str, overrides: list[str]) -> int:
+    """Run a ``@hydra.main`` app with the overrides (and Hydra flags such as ``-m``) as its command line."""
+    saved = sys.argv
+    sys.argv = [prog, *overrides]
+    try:
+        main_fn()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vampnet_pl.training.app import main as train_main
+
+    return _run_hydra_app(train_main, "vampnet-pl train", args.overrides)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vampnet_pl.evaluation.app import main as eval_main
+
+    return _run_hydra_app(eval_main, "vampnet-pl eval", args.overrides)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -185,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     vamp.add_argument("--device", default="auto")
     vamp.set_defaults(func=_cmd_vamp)
 
+    train = commands.add_parser("train", help="train a coarse or c2f model (Hydra overrides for conf/train.yaml)",
+                                add_help=False)
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides and flags (-m, --cfg job, ...)")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="score exported models on a shard split (conf/eval.yaml)", add_help=False)
+    evaluate.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides and flags")
+    evaluate.set_defaults(func=_cmd_eval)
+
     demo = commands.add_parser("demo", help="the offline main job, end to end")
     demo.add_argument("overrides", nargs="*", help="Hydra overrides for conf/demo.yaml")
     demo.set_defaults(func=_cmd_demo)
@@ -194,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("train", "eval"):  # Hydra apps: everything after the stage is theirs
+        args = argparse.Namespace(func=_cmd_train if argv[0] == "train" else _cmd_eval, overrides=list(argv[1:]))
+        return args.func(args)
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown or (extra and not hasattr(args, "overrides")):

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from vampnet_pl.masking.config import MaskingConfig
 from vampnet_pl.model import VampNetConfig
@@ -216,3 +217,23 @@ def register_schemas() -> None:
 
 
 register_schemas()
+
+
+class UsageError(Exception):
+    """A wrong configuration or invocation: reported in one line, exit status 2."""
+
+
+def compose(config_name: str, overrides: list[str], typed: bool = True):
+    """Compose ``conf/<config_name>.yaml`` with overrides, validated against its schema.
+
+    ``typed``: return the schema's dataclass instance; otherwise the (validated) DictConfig.
+    """
+    import hydra
+    from hydra.errors import HydraException
+
+    try:
+        with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = hydra.compose(config_name, overrides=overrides)
+        return OmegaConf.to_object(cfg) if typed else cfg
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UsageError(f"bad configuration for {config_name}: {err}") from None

@@ -15,8 +15,8 @@ import torch
 import webdataset as wds
 
 from vampnet_pl.audio_io import read_audio
-from vampnet_pl.cli import compose
 from vampnet_pl.codec import Codec, SyntheticCodecSpec, make_synthetic_codec
+from vampnet_pl.config import compose
 from vampnet_pl.prep.index import verify
 from vampnet_pl.prep.run import run_all
 from vampnet_pl.synth import write_catalog
@@ -68,7 +68,7 @@ def run_demo(overrides: list[str]) -> dict:
 
 
 def evaluate_demo_models(cfg, models: dict[str, Path], codec_path: Path) -> list[Path]:
-    from vampnet_pl.eval import run as run_eval
+    from vampnet_pl.evaluation.app import run as run_eval
 
     overrides = [f"coarse={models['coarse']}", f"c2f={models['c2f']}", f"codec.source={codec_path}",
                  f"dataset_dir={cfg.prep.out_dir}", "window_seconds=2.0", "n_windows=8", "batch_size=8",
@@ -81,9 +81,9 @@ def vamp_demo_clip(cfg, models: dict[str, Path], codec_path: Path) -> list[Path]
     """A periodic-prompt variation of the first 6 s of a catalog song."""
     import soundfile as sf
 
-    from vampnet_pl.generate import GenerationConfig
-    from vampnet_pl.sampling import SamplingConfig
-    from vampnet_pl.vamp import load_pipeline, vamp_file
+    from vampnet_pl.generation.pipeline import GenerationConfig
+    from vampnet_pl.generation.sampling import SamplingConfig
+    from vampnet_pl.generation.vamp import load_pipeline, vamp_file
 
     work = Path(cfg.work_dir)
     source = sorted(Path(cfg.prep.catalog).rglob("*.flac"))[0]
@@ -99,8 +99,8 @@ def vamp_demo_clip(cfg, models: dict[str, Path], codec_path: Path) -> list[Path]
 
 def train_demo_model(cfg, stage: str, codec_path: Path) -> tuple[Path, Path]:
     """Train the tiny ``stage`` model on the demo's shards; returns (run dir, exported model)."""
-    from vampnet_pl.export import export_checkpoint
-    from vampnet_pl.train import run
+    from vampnet_pl.training.export import export_checkpoint
+    from vampnet_pl.training.app import run
 
     work = Path(cfg.work_dir)
     overrides = [f"experiment=demo_{stage}", f"data.dataset_dir={cfg.prep.out_dir}", f"codec.source={codec_path}",

@@ -2,7 +2,7 @@
 
 Cross-entropy on masked tokens only (label smoothing), metrics as torchmetrics objects that
 Lightning syncs across ranks. Parallelism is not here: ``configure_model`` hands the model
-to :func:`vampnet_pl.parallel.parallelize`.
+to :func:`vampnet_pl.training.parallel.parallelize`.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class MaskedTokenModule(L.LightningModule):
         )
 
     def configure_model(self) -> None:
-        from vampnet_pl.parallel import parallelize
+        from vampnet_pl.training.parallel import parallelize
 
         parallelize(self.model, getattr(self, "device_mesh", None), compile=self.hparams.compile,
                     activation_checkpointing=self.hparams.activation_checkpointing)

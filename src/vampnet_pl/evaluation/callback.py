@@ -20,10 +20,10 @@ import torch
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.data.datamodule import rank_share
-from vampnet_pl.evaluation import noisy_tokens, score
+from vampnet_pl.evaluation.scoring import noisy_tokens, score
 from vampnet_pl.masking.presets import build_prompt
-from vampnet_pl.metrics import fad_embedding
-from vampnet_pl.sampling import SamplingConfig, sample
+from vampnet_pl.evaluation.metrics import fad_embedding
+from vampnet_pl.generation.sampling import SamplingConfig, sample
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 
 from vampnet_pl.audio_io import read_audio
 from vampnet_pl.codec import Codec
-from vampnet_pl.generate import GenerationConfig, VampPipeline
+from vampnet_pl.generation.pipeline import GenerationConfig, VampPipeline
 from vampnet_pl.masking import prompts
 from vampnet_pl.masking.presets import build_prompt
 from vampnet_pl.model import load_exported

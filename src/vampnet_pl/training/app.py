@@ -1,6 +1,6 @@
-"""Training app: ``python -m vampnet_pl.train [hydra overrides]`` (also ``vampnet-pl-train``).
+"""Training app: ``vampnet-pl train [hydra overrides]`` (or ``python -m vampnet_pl.training.app``).
 
-    python -m vampnet_pl.train data.dataset_dir=demo_out/shards model=c2f_small trainer=gpu strategy=fsdp
+    vampnet-pl train data.dataset_dir=demo_out/shards model=c2f_small trainer=gpu strategy=fsdp
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import TrainConfig, conf_dir
-from vampnet_pl.slurm import SlurmRequeue, cluster_plugins, describe, requeue_enabled, slurm_layout
+from vampnet_pl.training.slurm import SlurmRequeue, cluster_plugins, describe, requeue_enabled, slurm_layout
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.utils.atomic import previous_folder
 

@@ -13,7 +13,7 @@ import torch
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.model import VampNet
-from vampnet_pl.sampling import SamplingConfig, sample
+from vampnet_pl.generation.sampling import SamplingConfig, sample
 
 
 class CodecMismatch(ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vampnet_pl.masking import prompts
-from vampnet_pl.metrics import FrechetAudioDistance, MelDistance
+from vampnet_pl.evaluation.metrics import FrechetAudioDistance, MelDistance
 
 
 def noisy_tokens(codes: torch.Tensor, ratio: float, codebook_size: int, n_conditioning: int,

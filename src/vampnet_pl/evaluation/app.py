@@ -1,4 +1,4 @@
-"""Offline evaluation app: ``python -m vampnet_pl.eval coarse=coarse.pt c2f=c2f.pt dataset_dir=DIR``.
+"""Offline evaluation app: ``vampnet-pl eval coarse=coarse.pt c2f=c2f.pt dataset_dir=DIR``.
 
 On fixed windows of a shard split: every prompt preset, plus the codec ceiling and the
 noisy-token baseline, scored by mel distance and FAD against the full-depth codec decoding of
@@ -25,14 +25,14 @@ from tqdm import tqdm  # noqa: E402
 from vampnet_pl.config import EvalConfig, conf_dir  # noqa: E402
 from vampnet_pl.data.datamodule import read_fixed_windows  # noqa: E402
 from vampnet_pl.data.windows import window_frames  # noqa: E402
-from vampnet_pl.evaluation import noisy_tokens, score  # noqa: E402
-from vampnet_pl.generate import GenerationConfig  # noqa: E402
-from vampnet_pl.metrics import fad_embedding  # noqa: E402
+from vampnet_pl.evaluation.scoring import noisy_tokens, score  # noqa: E402
+from vampnet_pl.generation.pipeline import GenerationConfig  # noqa: E402
+from vampnet_pl.evaluation.metrics import fad_embedding  # noqa: E402
 from vampnet_pl.prep.index import load_index  # noqa: E402
-from vampnet_pl.sampling import SamplingConfig  # noqa: E402
+from vampnet_pl.generation.sampling import SamplingConfig  # noqa: E402
 from vampnet_pl.utils.atomic import write_text_atomic  # noqa: E402
 from vampnet_pl.masking.presets import build_prompt  # noqa: E402
-from vampnet_pl.vamp import load_pipeline  # noqa: E402
+from vampnet_pl.generation.vamp import load_pipeline  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (torchmetrics), shared scoring, the offline eval app and the training-time callback."""

@@ -1,0 +1,1 @@
+"""Generation: the pure sampler (``sampling``), the coarse -> c2f -> audio pipeline (``pipeline``), ``vamp``."""
