@@ -26,7 +26,7 @@ CODEC = dict(encoder_dim=4, encoder_rates=[2, 4, 4, 2], decoder_dim=16, decoder_
              codebook_size=64, codebook_dim=8, sample_rate=16000)
 MODEL = dict(n_heads=2, embedding_dim=32, vocab_size=64, latent_dim=8, flash_attn=False, dropout=0.1)
 COARSE = dict(MODEL, n_layers=2, n_codebooks=4, n_conditioning_codebooks=0)
-C2F = dict(MODEL, n_layers=2, n_codebooks=6, n_conditioning_codebooks=2)
+C2F = dict(MODEL, n_layers=2, n_codebooks=6, n_conditioning_codebooks=4)  # conditioned on the coarse codebooks
 FRAMES = 150  # > 128, the relative position bias's max distance
 GENERATE = dict(sampling_steps=4, mask_temperature=10.5, sampling_temperature=1.0, typical_filtering=False,
                 top_p=None, seed=1234, sample_cutoff=1.0)
