@@ -72,3 +72,20 @@ def test_data_schema_rejects_typos_and_wrong_types(prepared):
         _compose_group("data", "codes", [f"data.dataset_dir={prepared}", "data.batch_sise=4"])
     with pytest.raises(Exception, match="batch_size"):
         _compose_group("data", "codes", [f"data.dataset_dir={prepared}", "data.batch_size=many"])
+
+
+@pytest.mark.parametrize("name, model, window, cutoff, lora", [
+    ("vampnet_coarse", "coarse", 10.0, -30.0, False), ("vampnet_c2f", "c2f", 3.0, -40.0, False),
+    ("vampnet_finetune", "coarse", 10.0, -30.0, False), ("vampnet_lora", "coarse", 10.0, -30.0, True)])
+def test_vampnet_recipes_are_the_originals(name, model, window, cutoff, lora):
+    from vampnet_pl.config import compose
+
+    cfg = compose("train", [f"experiment={name}", "init_from=coarse.pt"])
+    assert cfg.model.n_layers == (20 if model == "coarse" else 16) and cfg.model.qkv == "separate"
+    assert (cfg.data.window_seconds, cfg.data.loudness_cutoff, cfg.label_smoothing) == (window, cutoff, 0.1)
+    assert (cfg.optim.scheduler, cfg.optim.lr, cfg.trainer.gradient_clip_val) == ("noam", 2.0, 5.0)
+    fine_tune = name in ("vampnet_finetune", "vampnet_lora")
+    assert (cfg.optim.warmup_steps, cfg.data.batch_size) == ((500, 6) if fine_tune else (10000, 8))
+    assert (cfg.lora is not None) == lora
+    if lora:
+        assert (cfg.lora.r, cfg.lora.alpha, list(cfg.lora.target_modules)) == (8, 1, ["q", "v", "out", "ffn_in", "ffn_out"])

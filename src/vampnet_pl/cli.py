@@ -8,6 +8,7 @@
     vampnet-pl prep verify out_dir=DIR
     vampnet-pl codec synthetic artifacts/synthetic_dac.pth
     vampnet-pl catalog synthetic DIR --files 24 --seconds 20
+    vampnet-pl import-vampnet --codec codec.pth --coarse coarse.pth --c2f c2f.pth --out-dir models/vampnet
 """
 
 from __future__ import annotations
@@ -105,6 +106,18 @@ def _cmd_vamp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_vampnet(args: argparse.Namespace) -> int:
+    from vampnet_pl.model import load_exported
+    from vampnet_pl.model.import_vampnet import import_vampnet
+
+    written = import_vampnet(args.out_dir, args.codec, args.coarse, args.c2f, args.coarse_lora, args.c2f_lora,
+                             trust_pickle=args.trust_pickle)
+    for name, path in written.items():
+        detail = "converted LAC codec" if name == "codec" else f"{load_exported(path).num_parameters():,} parameters"
+        print(f"wrote {path}: {detail}")
+    return 0
+
+
 def _run_hydra_app(main_fn, prog: str, overrides: list[str]) -> int:
     """Run a ``@hydra.main`` app with the overrides (and Hydra flags such as ``-m``) as its command line."""
     saved = sys.argv
@@ -186,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     vamp.add_argument("--seed", type=int, default=0)
     vamp.add_argument("--device", default="auto")
     vamp.set_defaults(func=_cmd_vamp)
+
+    imp = commands.add_parser("import-vampnet", help="the original VampNet's checkpoints (coarse, c2f, LoRA, LAC codec) "
+                              "-> exported models + a codec file Codec.load reads")
+    imp.add_argument("--codec", required=True, help="the models' codec: LAC codec.pth (converted), or a DAC checkpoint")
+    imp.add_argument("--coarse", type=Path, default=None, help="original coarse.pth")
+    imp.add_argument("--c2f", type=Path, default=None, help="original c2f.pth")
+    imp.add_argument("--coarse-lora", type=Path, default=None, help="original LoRA fine-tune of the coarse model (lora.pth)")
+    imp.add_argument("--c2f-lora", type=Path, default=None, help="original LoRA fine-tune of the c2f model (lora.pth)")
+    imp.add_argument("--out-dir", type=Path, required=True, help="writes codec.pth, coarse.pt, c2f.pt here")
+    imp.add_argument("--trust-pickle", action="store_true",
+                     help="allow full unpickling of checkpoints whose metadata a weights-only load refuses "
+                     "(runs code from the file: only for files you trust)")
+    imp.set_defaults(func=_cmd_import_vampnet)
 
     train = commands.add_parser("train", help="train a coarse or c2f model (Hydra overrides for conf/train.yaml)",
                                 add_help=False)

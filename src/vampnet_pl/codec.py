@@ -72,7 +72,10 @@ def _load_dac(source: str):
         raise FileNotFoundError(
             f"codec checkpoint not found: {source!r} (give a DAC .pth path or one of {PRETRAINED_MODEL_TYPES})"
         )
-    return dac.DAC.load(str(path))
+    from vampnet_pl.lac_codec import load_lac_if_converted
+
+    lac = load_lac_if_converted(path)  # VampNet's codec, converted by `vampnet-pl import-vampnet`
+    return lac if lac is not None else dac.DAC.load(str(path))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -172,14 +175,25 @@ class Codec:
         return int(round(seconds * self.frame_rate))
 
     @torch.no_grad()
-    def codebook_tables(self) -> torch.Tensor:
-        """Each quantizer's codebook projected to the latent space: ``[n_codebooks, codebook_size, latent_dim]``."""
+    def codebook_tables(self, embedding: str = "projected") -> torch.Tensor:
+        """Each quantizer's codebook: ``[n_codebooks, codebook_size, width]``.
+
+        ``embedding="raw"``: the codebook vectors themselves (``codebook_dim`` wide, what the original
+        VampNet embeds); ``"projected"``: after the quantizer's ``out_proj`` (``latent_dim`` wide).
+        """
+        if embedding not in ("raw", "projected"):
+            raise ValueError(f"embedding must be 'raw' or 'projected', got {embedding!r}")
         tables = []
         for quantizer in self.model.quantizer.quantizers:
             table = quantizer.codebook.weight  # [codebook_size, codebook_dim]
-            projected = quantizer.out_proj(table.t().unsqueeze(0)).squeeze(0).t()
-            tables.append(projected)
+            if embedding == "projected":
+                table = quantizer.out_proj(table.t().unsqueeze(0)).squeeze(0).t()
+            tables.append(table)
         return torch.stack(tables).float().cpu()
+
+    def table_width(self, embedding: str = "projected") -> int:
+        """The ``latent_dim`` a model with this ``embedding`` setting has on this codec."""
+        return int(self.model.codebook_dim) if embedding == "raw" else int(self.model.latent_dim)
 
     # -- encode / decode ----------------------------------------------------------------------
     def _resampler(self, orig_rate: int):

@@ -93,6 +93,9 @@ class DataConfig:
     val_max_windows: int = 512
     val_batch_size: int = 8
     seed: int = 0
+    # skip train windows quieter than this (LUFS), as the original VampNet draws excerpts (-30 coarse, -40 c2f);
+    # needs shards with per-second loudness (prep records it); None: no cut-off
+    loudness_cutoff: Optional[float] = None
 
 
 @dataclass

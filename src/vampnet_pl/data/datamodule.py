@@ -29,7 +29,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vampnet_pl.data.windows import collate_windows, fixed_window_starts, random_window_starts, window_frames
+from vampnet_pl.data.windows import (collate_windows, fixed_window_starts, random_window_starts, window_frames,
+                                     window_loudness)
 from vampnet_pl.prep.index import load_index
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ class TrainWindowStream(IterableDataset):
         world_size: int = 1,
         start_batch: int = 0,
         loader_workers: int = 0,
+        loudness_cutoff: float | None = None,
+        frame_rate: float | None = None,
     ):
         self.urls = list(urls)
         self.window_frames = window_frames
@@ -133,6 +136,11 @@ class TrainWindowStream(IterableDataset):
         self.start_batch = start_batch  # batches this rank consumed before (a resumed run continues after them)
         self.iterations = 0  # epochs started by this copy (one copy per persistent worker)
         self.loader_workers = loader_workers
+        self.loudness_cutoff, self.frame_rate = loudness_cutoff, frame_rate
+        if loudness_cutoff is not None and not frame_rate:
+            raise ValueError("loudness_cutoff needs the codec's frame_rate")
+        self._warned_no_loudness = False
+        self.quiet_windows = 0
         self.skips = SkipCounter()
 
     def __len__(self) -> int:
@@ -150,10 +158,25 @@ class TrainWindowStream(IterableDataset):
         return self.urls[self.rank * num_workers + worker :: slots]
 
     def _windows(self, samples: Iterable[tuple[np.ndarray, dict]], rng: random.Random) -> Iterator[np.ndarray]:
-        for codes, _ in samples:
+        for codes, meta in samples:
             starts = random_window_starts(codes.shape[1], self.window_frames, self.max_windows_per_sample, rng)
+            if self.loudness_cutoff is not None:
+                starts = self._loud_enough(starts, meta)
             for start in starts:
                 yield np.ascontiguousarray(codes[:, start : start + self.window_frames])
+
+    def _loud_enough(self, starts: list[int], meta: dict) -> list[int]:
+        """The starts whose window is at least ``loudness_cutoff`` loud (as the original draws excerpts)."""
+        track = meta.get("loudness_lufs_per_second")
+        if track is None:
+            if not self._warned_no_loudness:
+                log.warning("data.loudness_cutoff=%s is not applied: the shards have no per-second loudness "
+                            "(prepared before it was recorded; re-run prep to record it)", self.loudness_cutoff)
+                self._warned_no_loudness = True
+            return starts
+        kept = [s for s in starts if window_loudness(track, s, self.window_frames, self.frame_rate) >= self.loudness_cutoff]
+        self.quiet_windows += len(starts) - len(kept)  # expected, not an error: counted, not logged
+        return kept
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         # A generator: an epoch counts only once batches are drawn (a bare iter() by a framework check does not).
@@ -234,6 +257,7 @@ class CodesDataModule(L.LightningDataModule):
         val_max_windows: int = 512,
         val_batch_size: int = 8,
         seed: int = 0,
+        loudness_cutoff: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -304,6 +328,8 @@ class CodesDataModule(L.LightningDataModule):
             world_size=world_size,
             start_batch=consumed,
             loader_workers=self.hparams.num_workers,
+            loudness_cutoff=self.hparams.loudness_cutoff,
+            frame_rate=self.sample_rate / self.hop_length,
         )
 
     def train_dataloader(self) -> DataLoader:

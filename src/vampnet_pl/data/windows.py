@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -32,3 +33,13 @@ def fixed_window_starts(n_frames: int, length: int, max_windows: int) -> list[in
 def collate_windows(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
     """A batch ``{"codes": LongTensor[batch, codebooks, frames]}``."""
     return {"codes": torch.from_numpy(np.stack(windows).astype(np.int64))}
+
+
+def window_loudness(track: list[float], start: int, length: int, frame_rate: float) -> float:
+    """Loudness (LUFS) of frames ``[start, start + length)`` from a per-second loudness track: the
+    power mean of the seconds the window touches (BS.1770 without its relative gate)."""
+    first, last = int(start // frame_rate), int(math.ceil((start + length) / frame_rate))
+    values = np.asarray(track[first:last], dtype=np.float64)
+    if values.size == 0:
+        return -math.inf
+    return float(10 * np.log10(np.mean(10 ** (values / 10))))

@@ -6,15 +6,21 @@ first ``n_conditioning_codebooks`` always visible. No Lightning and no distribut
 
 Input: each frame's codes are looked up in the codec's own (frozen) codebook tables, a learned
 MASK vector replaces masked tokens, the codebooks of a frame are concatenated and projected
-to the model width: one token per frame. Blocks: pre-norm RMSNorm, SDPA attention with a T5
-relative position bias shared by all layers (or rotary embeddings), GEGLU feed-forward, no
-biases. Output: logits over the codebook for every predicted codebook.
+to the model width: one token per frame. Blocks: pre-norm RMSNorm, attention with a T5
+relative position bias shared by all layers (or rotary embeddings), GEGLU feed-forward.
+Output: logits over the codebook for every predicted codebook.
+
+The switches below select between the original VampNet network (``conf/model/*_paper.yaml``:
+``embedding=raw, ffn=paper, qkv=separate, io_bias=true, gelu_approximate=tanh, norm_eps=1e-6``;
+numerically the original's forward pass, see ``vampnet_pl.model.import_vampnet``) and this
+project's variants (projected tables, wider feed-forward, fused qkv, rotary positions).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +38,19 @@ class VampNetConfig:
     n_heads: int = 4
     ffn_mult: float = 4.0
     dropout: float = 0.1
-    position: str = "relative"  # "relative" (T5 bias) or "rotary"
+    position: str = "relative"  # "relative" (T5 bias, one table shared by all layers) or "rotary"
     relative_buckets: int = 32
     relative_max_distance: int = 128
+    # "raw": the codec's codebook vectors (codebook_dim wide, 8 for DAC/LAC), as the original VampNet;
+    # "projected": the codebooks after each quantizer's out_proj (the codec's latent width)
+    embedding: str = "projected"
+    # "paper": GEGLU with hidden ffn_mult*d/2 (w_1: d->4d, w_2: 2d->d), the original's;
+    # "wide": hidden ffn_mult*d*2/3 (same parameters as a plain ffn_mult MLP)
+    ffn: str = "wide"
+    qkv: str = "fused"  # "fused" (one d->3d projection) or "separate" (q, k, v projections, the original's)
+    io_bias: bool = False  # biases on the input projection and the output head (the original has them)
+    gelu_approximate: str = "none"  # "none" (exact GELU) or "tanh" (the original's GELU)
+    norm_eps: Optional[float] = None  # RMSNorm epsilon (None: the dtype's eps; the original uses 1e-6)
     codec_fingerprint: str = ""
 
     def __post_init__(self) -> None:
@@ -42,8 +58,17 @@ class VampNetConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 0 <= self.n_conditioning_codebooks < self.n_codebooks:
             raise ValueError("need 0 <= n_conditioning_codebooks < n_codebooks")
-        if self.position not in ("relative", "rotary"):
-            raise ValueError(f"position must be 'relative' or 'rotary', got {self.position!r}")
+        choices = {"position": ("relative", "rotary"), "embedding": ("raw", "projected"), "ffn": ("paper", "wide"),
+                   "qkv": ("fused", "separate"), "gelu_approximate": ("none", "tanh")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.ffn == "paper":
+            return int(self.ffn_mult * self.d_model) // 2
+        return int(self.ffn_mult * self.d_model * 2 / 3)
 
     @property
     def n_predicted_codebooks(self) -> int:
@@ -89,34 +114,57 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.flatten(-2).type_as(x)
 
 
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                        dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim) + bias) v with dropout on the weights; q, k, v ``[B, H, T, head_dim]``,
+    bias ``[1, H, T, T]`` or None. The one attention kernel call of the model."""
+    mask = bias.to(q.dtype) if bias is not None else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: VampNetConfig):
         super().__init__()
         self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        if cfg.qkv == "fused":
+            self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        else:
+            self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as ``[B, heads, T, head_dim]``."""
+        batch, frames, width = x.shape
+        shape = (batch, frames, self.n_heads, width // self.n_heads)
+        if hasattr(self, "qkv"):
+            return self.qkv(x).view(batch, frames, 3, *shape[2:]).permute(2, 0, 3, 1, 4).unbind(0)
+        return tuple(proj(x).view(shape).transpose(1, 2) for proj in (self.q, self.k, self.v))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, rotary: tuple | None) -> torch.Tensor:
         batch, frames, width = x.shape
-        q, k, v = self.qkv(x).view(batch, frames, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.project(x)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        mask = bias.to(q.dtype) if bias is not None else None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = reference_attention(q, k, v, bias, self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(batch, frames, width))
 
 
 class GEGLU(nn.Module):
+    """``ffn_in`` gives (value, gate) halves; value * GELU(gate), dropout, ``ffn_out``."""
+
     def __init__(self, cfg: VampNetConfig):
         super().__init__()
-        hidden = int(cfg.ffn_mult * cfg.d_model * 2 / 3)
+        hidden = cfg.ffn_hidden
+        self.approximate = cfg.gelu_approximate
         self.ffn_in = nn.Linear(cfg.d_model, 2 * hidden, bias=False)
         self.ffn_out = nn.Linear(hidden, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.ffn_in(x).chunk(2, dim=-1)
-        return self.ffn_out(self.dropout(value * F.gelu(gate)))
+        return self.ffn_out(self.dropout(value * F.gelu(gate, approximate=self.approximate)))
 
 
 class TransformerBlock(nn.Module):
@@ -124,9 +172,9 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: VampNetConfig):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model)
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.d_model)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = GEGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -147,13 +195,13 @@ class CodeEmbedding(nn.Module):
             raise ValueError(f"codebook tables {tuple(codebook_tables.shape)} do not fit the config {shape}")
         self.register_buffer("codebook_tables", codebook_tables.float().clone())
         self.mask_embedding = nn.Parameter(torch.randn(cfg.n_codebooks, cfg.latent_dim) * 0.02)
-        self.proj = nn.Linear(cfg.n_codebooks * cfg.latent_dim, cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.n_codebooks * cfg.latent_dim, cfg.d_model, bias=cfg.io_bias)
 
     def forward(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, codebooks, frames = codes.shape
         offsets = torch.arange(codebooks, device=codes.device)[None, :, None] * self.codebook_tables.shape[1]
         flat_tables = self.codebook_tables.flatten(0, 1)
-        latent = F.embedding(codes.clamp(0, self.codebook_tables.shape[1] - 1) + offsets, flat_tables)  # [B,K,T,D]
+        latent = F.embedding(codes.long() + offsets, flat_tables)  # [B,K,T,D]
         latent = torch.where(mask[..., None], self.mask_embedding[None, :, None, :].to(latent.dtype), latent)
         return self.proj(latent.permute(0, 2, 1, 3).reshape(batch, frames, -1).to(self.proj.weight.dtype))
 
@@ -169,14 +217,17 @@ class VampNet(nn.Module):
             else None
         )
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.n_predicted_codebooks * cfg.codebook_size, bias=False)
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        # rows: codebook-major (row c * codebook_size + v); the original's classifier is vocab-major
+        self.head = nn.Linear(cfg.d_model, cfg.n_predicted_codebooks * cfg.codebook_size, bias=cfg.io_bias)
         self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
@@ -185,6 +236,9 @@ class VampNet(nn.Module):
         batch, codebooks, frames = codes.shape
         if codebooks != self.cfg.n_codebooks:
             raise ValueError(f"model reads {self.cfg.n_codebooks} codebooks, got {codebooks}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.cfg.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.cfg.codebook_size}), got [{int(codes.min())}, "
+                             f"{int(codes.max())}]: codes from another codec?")
         x = self.embedding(codes, mask)
         bias = self.position_bias(frames) if self.position_bias is not None else None
         head_dim = self.cfg.d_model // self.cfg.n_heads

@@ -113,6 +113,27 @@ def _normalize_loudness(wave: torch.Tensor, sample_rate: int, target_lufs: float
     return wave * gain
 
 
+LOUDNESS_FLOOR = -70.0  # BS.1770's absolute gate: quieter seconds are recorded as this
+
+
+def loudness_per_second(wave: torch.Tensor, sample_rate: int) -> list[float]:
+    """BS.1770 loudness (LUFS) of each second of ``wave`` (a last partial second of >= 400 ms included).
+
+    Recorded in each sample's metadata (``loudness_lufs_per_second``) so that training can skip
+    quiet windows (``data.loudness_cutoff``) without the audio.
+    """
+    import torchaudio
+
+    track = []
+    for start in range(0, wave.shape[-1], sample_rate):
+        block = wave[..., start : start + sample_rate]
+        if block.shape[-1] < int(0.4 * sample_rate):
+            break
+        value = float(torchaudio.functional.loudness(block.reshape(1, -1).float(), sample_rate))
+        track.append(round(max(value, LOUDNESS_FLOOR), 2) if math.isfinite(value) else LOUDNESS_FLOOR)
+    return track
+
+
 @dataclass
 class EncodedSample:
     key: str
@@ -178,6 +199,7 @@ def encode_file(entry: ManifestEntry, catalog: Path, cfg: PrepConfig, codec: Cod
                 "n_codebooks": int(codes.shape[0]),
                 "codec_fingerprint": codec.fingerprint,
                 "split": entry.split,
+                "loudness_lufs_per_second": loudness_per_second(resampled.cpu(), codec.sample_rate),
             }
             result.samples.append(EncodedSample(key, codes, meta))
         clock = time.perf_counter()

@@ -45,7 +45,7 @@ def build(cfg: DictConfig):
     if schema.model.n_codebooks > codec.n_codebooks:
         raise ValueError(f"model reads {schema.model.n_codebooks} codebooks, the codec has {codec.n_codebooks}")
     model_cfg = dataclasses.replace(
-        schema.model, codebook_size=codec.codebook_size, latent_dim=int(codec.model.latent_dim),
+        schema.model, codebook_size=codec.codebook_size, latent_dim=codec.table_width(schema.model.embedding),
         codec_fingerprint=codec.fingerprint,
     )
     try:
@@ -57,7 +57,7 @@ def build(cfg: DictConfig):
         activation_checkpointing=schema.activation_checkpointing, init_from=schema.init_from,
         lora=dataclasses.asdict(schema.lora) if schema.lora else None,
         train_metrics_every_n_steps=schema.train_metrics_every_n_steps,
-        codebook_tables=codec.codebook_tables()[: model_cfg.n_codebooks],
+        codebook_tables=codec.codebook_tables(model_cfg.embedding)[: model_cfg.n_codebooks],
     )
     callbacks = [hydra.utils.instantiate(node) for node in (cfg.callbacks or {}).values()]
     if requeue_enabled(schema.slurm.requeue):
