@@ -93,6 +93,10 @@ class DataConfig:
     val_max_windows: int = 512
     val_batch_size: int = 8
     seed: int = 0
+    codebook_size: Optional[int] = None  # tokens must be below it (set by the train app from the codec)
+    # Damaged samples are skipped and counted; more than this share of skips stops the run, naming the shards.
+    max_skip_rate: float = 0.05
+    skip_rate_min_samples: int = 200  # a streaming reader judges the rate only after this many samples
 
 
 @dataclass

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from vampnet_pl.audio_io import AudioReadError, iter_blocks, probe
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import ChannelMode, PrepConfig
+from vampnet_pl.data.validation import CHECKSUM_FIELD, codes_checksum
 from vampnet_pl.prep.manifest import Failure, ManifestEntry, file_sha256, load_manifest
 from vampnet_pl.utils.atomic import write_json_atomic
 
@@ -178,6 +179,7 @@ def encode_file(entry: ManifestEntry, catalog: Path, cfg: PrepConfig, codec: Cod
                 "n_codebooks": int(codes.shape[0]),
                 "codec_fingerprint": codec.fingerprint,
                 "split": entry.split,
+                CHECKSUM_FIELD: codes_checksum(codes),  # the readers check it per sample
             }
             result.samples.append(EncodedSample(key, codes, meta))
         clock = time.perf_counter()

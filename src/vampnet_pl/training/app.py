@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import TrainConfig, conf_dir
+from vampnet_pl.training.callbacks import DataHealth
 from vampnet_pl.training.slurm import SlurmRequeue, cluster_plugins, describe, requeue_enabled, slurm_layout
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.utils.atomic import previous_folder
@@ -49,7 +50,8 @@ def build(cfg: DictConfig):
         codec_fingerprint=codec.fingerprint,
     )
     try:
-        datamodule = hydra.utils.instantiate(cfg.data, n_codebooks=model_cfg.n_codebooks, expected_fingerprint=codec.fingerprint)
+        datamodule = hydra.utils.instantiate(cfg.data, n_codebooks=model_cfg.n_codebooks, expected_fingerprint=codec.fingerprint,
+                                             codebook_size=codec.codebook_size)
     except hydra.errors.InstantiationException as err:  # show the data's own error, not Hydra's wrapper
         raise (err.__cause__ or err) from None
     module = MaskedTokenModule(
@@ -60,6 +62,7 @@ def build(cfg: DictConfig):
         codebook_tables=codec.codebook_tables()[: model_cfg.n_codebooks],
     )
     callbacks = [hydra.utils.instantiate(node) for node in (cfg.callbacks or {}).values()]
+    callbacks.append(DataHealth())  # skip counts as metrics, the skip-rate limit over all ranks, the closing summary
     if requeue_enabled(schema.slurm.requeue):
         callbacks.append(SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal))
     trainer_args = dataclasses.asdict(schema.trainer)
