@@ -45,6 +45,11 @@ class ChannelMode(str, Enum):
     each = "each"  # every channel is an example of its own
 
 
+class PrepBalance(str, Enum):
+    queue = "queue"  # local worker processes take units from one shared queue, longest first
+    static = "static"  # each local process a fixed share (u % workers), as SLURM array tasks
+
+
 @dataclass
 class SplitConfig:
     val_fraction: float = 0.05
@@ -70,6 +75,7 @@ class PrepConfig:
     shard_max_samples: int = 2000
     shard_max_bytes: int = 256 * 1024 * 1024
     workers: int = 1
+    balance: PrepBalance = PrepBalance.queue  # how local workers share units (SLURM array tasks: always static)
     scan_workers: int = 2
 
 
