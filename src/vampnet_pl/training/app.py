@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import TrainConfig, conf_dir
 from vampnet_pl.training.callbacks import DataHealth
+from vampnet_pl.training.checkpointing import AtomicCheckpointIO, remove_checkpoint_leftovers
 from vampnet_pl.training.slurm import SlurmRequeue, cluster_plugins, describe, requeue_enabled, slurm_layout
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.utils.atomic import previous_folder
@@ -74,10 +75,11 @@ def build(cfg: DictConfig):
         strategy=hydra.utils.instantiate(cfg.strategy) if cfg.strategy else "auto",
         logger=hydra.utils.instantiate(cfg.logger) if cfg.logger else False,
         callbacks=callbacks,
-        plugins=cluster_plugins(),
+        plugins=[*cluster_plugins(), AtomicCheckpointIO()],
         default_root_dir=schema.run_dir,
         use_distributed_sampler=False,  # the DataModule splits by rank itself
     )
+    remove_checkpoint_leftovers(last_checkpoint_path(schema.run_dir).parent)  # of a write killed mid-way
     resume_from = last_checkpoint(schema.run_dir) if schema.resume else None
     return module, datamodule, trainer, resume_from
 
