@@ -66,7 +66,8 @@ class DataHealth(L.Callback):
         skips = getattr(trainer.datamodule, "val_skips", None) if trainer.datamodule is not None else None
         if skips is not None and not trainer.sanity_checking:
             for reason in REASONS:
-                pl_module.log(f"data/skipped_val/{reason}", float(skips.counts[reason]), sync_dist=False)
+                pl_module.log(f"data/skipped_val/{reason}", float(skips.counts[reason]), sync_dist=True,
+                              reduce_fx="max")  # every rank read the same windows: the same count
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         totals = self._sync(trainer, pl_module, emit=False)
