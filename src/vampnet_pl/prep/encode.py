@@ -272,7 +272,8 @@ def encode_unit(unit: Unit, cfg: PrepConfig, codec: Codec, progress: tqdm | None
         "failures": failures,
         "audio_seconds": audio_seconds,
         "wall_seconds": time.perf_counter() - started,
-        "worker_pid": os.getpid(),  # the prep benchmark measures per-process busy time with it
+        "worker_pid": os.getpid(),  # with finished_at: per-process busy and idle time (bench/bench_integrity.py)
+        "finished_at": time.time(),
         "times": times.__dict__,
     }
     write_json_atomic(unit_marker_path(out_dir, unit), marker)
