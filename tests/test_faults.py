@@ -264,11 +264,9 @@ def _leftovers(folder: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["single_file", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["single_file", pytest.param("fsdp2", marks=pytest.mark.distributed)])
 def test_checkpoint_writes_survive_a_full_disk_and_kill_9_then_resume(strategy, prepared, codec_path, tmp_path):
     extra = ["trainer.devices=2", "strategy=fsdp2"] if strategy == "fsdp2" else []
-    if strategy == "fsdp2":
-        pytest.importorskip("torch.distributed.fsdp")
     args = overrides(prepared, codec_path, tmp_path, *extra, "data.batches_per_epoch=2",
                      "checkpoint.every_n_train_steps=2", "data.val_max_windows=8", "checkpoint.save_top_k=0")
     first = _fault_train([*args, "trainer.max_steps=2"], None)
