@@ -150,8 +150,9 @@ def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path):
     truncated = tmp_path / "truncated.tar"
     truncated.write_bytes(write_shard(tmp_path / "whole.tar", [100] * 5).read_bytes()[:2500])
     windows, skips = read_fixed_windows([str(bad), str(truncated), str(good)], 20, 4, "f" * 64, 1, 100)
-    assert skips.counts["undecodable sample"] == 1 and skips.counts["bad codes array"] == 1
-    assert skips.total >= 3  # and the truncated shard
+    assert skips.counts["bad_array"] == 1 and skips.counts["unreadable_shard"] == 1
+    assert skips.counts["undecodable"] == 2  # 'junk' and the truncated shard's cut-off last sample
+    assert skips.dead_shards == {str(truncated)} and skips.damaged.keys() == {str(bad), str(truncated)}
     assert len(windows) >= 4  # 'ok' + the three good samples survive
     s = stream([bad, truncated, good], batches_per_worker=5)
     assert sum(1 for _ in s) == 5 and s.skips.total > 0

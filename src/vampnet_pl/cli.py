@@ -5,7 +5,8 @@
     vampnet-pl eval coarse=coarse.pt c2f=c2f.pt dataset_dir=DIR   # offline evaluation (conf/eval.yaml)
     vampnet-pl prep all catalog=DIR out_dir=DIR       # scan + encode + finalize
     vampnet-pl prep encode --task-index 3 --num-tasks 8 out_dir=DIR ...   # one share (SLURM array task)
-    vampnet-pl prep verify out_dir=DIR
+    vampnet-pl prep verify [--deep] out_dir=DIR       # --deep: decode and check every sample
+    vampnet-pl prep repair out_dir=DIR                # re-encode only the units whose shards fail
     vampnet-pl codec synthetic artifacts/synthetic_dac.pth
     vampnet-pl catalog synthetic DIR --files 24 --seconds 20
     vampnet-pl import-vampnet --codec codec.pth --coarse coarse.pth --c2f c2f.pth --out-dir models/vampnet
@@ -38,11 +39,19 @@ def _cmd_prep(args: argparse.Namespace) -> int:
 
     if args.stage == "verify":
         if len(args.overrides) != 1 or not args.overrides[0].startswith("out_dir="):
-            raise UsageError("usage: vampnet-pl prep verify out_dir=DIR")
-        problems = prep_index.verify(args.overrides[0].split("=", 1)[1])
+            raise UsageError("usage: vampnet-pl prep verify [--deep] out_dir=DIR")
+        problems = prep_index.verify(args.overrides[0].split("=", 1)[1], deep=args.deep)
         for problem in problems:
             print(f"PROBLEM {problem}")
         print("verify: OK" if not problems else f"verify: {len(problems)} problem(s)")
+        return 0 if not problems else 1
+    if args.stage == "repair":
+        cfg = _saved_prep_config(args.overrides)
+        redone = prep_index.repair(cfg, deep=True)
+        print(f"repair: re-encoded {len(redone)} unit(s): {', '.join(redone)}" if redone else "repair: nothing to do")
+        problems = prep_index.verify(cfg.out_dir, deep=True)
+        for problem in problems:
+            print(f"PROBLEM {problem}")
         return 0 if not problems else 1
     cfg = compose("prep", args.overrides)
     if args.stage == "scan":
@@ -57,6 +66,23 @@ def _cmd_prep(args: argparse.Namespace) -> int:
     else:
         run.run_all(cfg)
     return 0
+
+
+def _saved_prep_config(overrides: list[str]):
+    """The config ``prep`` saved in ``out_dir`` (so ``repair out_dir=DIR`` rebuilds with the same settings)."""
+    from omegaconf import OmegaConf
+
+    from vampnet_pl.config import PrepConfig
+
+    out_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("out_dir=")), None)
+    if out_dir is None:
+        raise UsageError("usage: vampnet-pl prep repair out_dir=DIR [overrides, e.g. codec.device=cuda]")
+    saved = Path(out_dir) / "prep_config.yaml"
+    if not saved.is_file():
+        raise UsageError(f"no prep_config.yaml in {out_dir}: not a prep output folder")
+    merged = OmegaConf.merge(OmegaConf.structured(PrepConfig), OmegaConf.load(saved),
+                             OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(merged)
 
 
 def _cmd_codec(args: argparse.Namespace) -> int:
@@ -153,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     prep = commands.add_parser("prep", help="audio catalog -> DAC codes -> WebDataset shards")
-    prep.add_argument("stage", choices=["scan", "encode", "finalize", "verify", "all"])
+    prep.add_argument("stage", choices=["scan", "encode", "finalize", "verify", "repair", "all"])
+    prep.add_argument("--deep", action="store_true", help="verify: decode every sample (ranges, per-sample checksums)")
     prep.add_argument("--task-index", type=int, default=None, help="this task's share (default: SLURM array task, else 0)")
     prep.add_argument("--num-tasks", type=int, default=1)
     prep.add_argument("overrides", nargs="*", help="Hydra overrides for conf/prep.yaml")

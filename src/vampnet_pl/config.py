@@ -45,6 +45,11 @@ class ChannelMode(str, Enum):
     each = "each"  # every channel is an example of its own
 
 
+class PrepBalance(str, Enum):
+    queue = "queue"  # local worker processes take units from one shared queue, longest first
+    static = "static"  # each local process a fixed share (u % workers), as SLURM array tasks
+
+
 @dataclass
 class SplitConfig:
     val_fraction: float = 0.05
@@ -70,6 +75,7 @@ class PrepConfig:
     shard_max_samples: int = 2000
     shard_max_bytes: int = 256 * 1024 * 1024
     workers: int = 1
+    balance: PrepBalance = PrepBalance.queue  # how local workers share units (SLURM array tasks: always static)
     scan_workers: int = 2
 
 
@@ -96,6 +102,10 @@ class DataConfig:
     # skip train windows quieter than this (LUFS), as the original VampNet draws excerpts (-30 coarse, -40 c2f);
     # needs shards with per-second loudness (prep records it); None: no cut-off
     loudness_cutoff: Optional[float] = None
+    codebook_size: Optional[int] = None  # tokens must be below it (set by the train app from the codec)
+    # Damaged samples are skipped and counted; more than this share of skips stops the run, naming the shards.
+    max_skip_rate: float = 0.05
+    skip_rate_min_samples: int = 200  # a streaming reader judges the rate only after this many samples
 
 
 @dataclass

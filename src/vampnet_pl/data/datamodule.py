@@ -8,6 +8,12 @@ of batches whatever the shard sizes (DDP never waits on a rank that ran dry).
 
 Validation: fixed windows from the start of each sample, read in a fixed order, dealt
 round-robin to ranks and cut to an equal count per rank.
+
+Integrity: every sample is validated (:mod:`vampnet_pl.data.validation`) before it is windowed;
+a damaged sample, or a shard that is missing, unreadable or truncated, is skipped and counted by
+reason (:class:`SkipCounter`); a dead shard leaves the resampling pool and streaming goes on with
+the others (a worker whose own shards are all dead reads the other live ones, so every rank still
+serves its fixed batch count). Too high a skip rate, or no readable shard, is a clear error.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vampnet_pl.data.validation import REASONS, UNDECODABLE, UNREADABLE_SHARD, SampleInvalid, validate_codes
 from vampnet_pl.data.windows import (collate_windows, fixed_window_starts, random_window_starts, window_frames,
                                      window_loudness)
 from vampnet_pl.prep.index import load_index
@@ -53,48 +60,119 @@ def expand_urls(urls: str | Iterable[str] | None) -> list[str]:
     return expanded
 
 
+class DataIntegrityError(RuntimeError):
+    """Too much of the data is damaged, or no shard is readable: training on it would be wrong."""
+
+
+class NoReadableShards(DataIntegrityError):
+    """Every shard of a split failed to open or read."""
+
+
 class SkipCounter:
-    """Counts skipped samples by reason and warns with the running total."""
+    """Counts read and skipped samples, by reason and by shard, and warns with the running total.
 
-    def __init__(self) -> None:
+    Every skip has a reason from :data:`vampnet_pl.data.validation.REASONS`; ``dead_shards`` are those
+    that failed to open or read as a whole (missing, unreadable, truncated).
+    """
+
+    def __init__(self, max_rate: float = 1.0, min_samples: int = 0, what: str = "data") -> None:
+        self.max_rate, self.min_samples, self.what = max_rate, min_samples, what
         self.counts: Counter[str] = Counter()
+        self.samples = 0  # samples that passed every check
+        self.damaged: Counter[str] = Counter()  # skips per shard
+        self.dead_shards: set[str] = set()
 
-    def skip(self, what: str, reason: str) -> None:
-        self.counts[reason.split(":")[0]] += 1
-        log.warning("skipping %s: %s (%d skipped so far in this worker)", what, reason, sum(self.counts.values()))
+    def skip(self, shard: str, what: str, reason: str, detail: str) -> None:
+        self.counts[reason] += 1
+        self.damaged[shard] += 1
+        if reason == UNREADABLE_SHARD:
+            self.dead_shards.add(shard)
+        log.warning("skipping %s: %s: %s (%d skipped so far in this reader)", what, reason, detail, self.total)
+        self.check_rate()
 
-    def tar_error(self, exn: Exception) -> bool:
-        """webdataset handler: count, warn, continue."""
-        self.skip("tar member", f"corrupt or truncated shard: {exn}")
-        return True
+    def passed(self) -> None:
+        self.samples += 1
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def rate(self) -> float:
+        """Skipped over everything read (a failed shard read counts once)."""
+        return self.total / max(1, self.total + self.samples)
+
+    def report(self) -> dict:
+        """Plain, picklable totals (they ride along with batches out of DataLoader worker processes)."""
+        return {"samples": self.samples, "counts": {r: self.counts[r] for r in REASONS},
+                "damaged_shards": sorted(self.damaged)}
+
+    def check_rate(self, min_samples: int | None = None) -> None:
+        """Raise :class:`DataIntegrityError` once at least ``min_samples`` were read and too many were skipped."""
+        check_skip_rate(self.report(), self.max_rate, self.min_samples if min_samples is None else min_samples,
+                        self.what)
+
+
+def check_skip_rate(report: dict, max_rate: float, min_samples: int, what: str) -> None:
+    """The skip-rate rule on a :meth:`SkipCounter.report` (or a sum of them)."""
+    skipped = sum(report["counts"].values())
+    seen = skipped + report["samples"]
+    if seen == 0 or seen < min_samples or skipped / seen <= max_rate:
+        return
+    reasons = ", ".join(f"{n} {r}" for r, n in report["counts"].items() if n)
+    shards = report["damaged_shards"]
+    raise DataIntegrityError(
+        f"{what}: {skipped} of {seen} samples ({skipped / seen:.1%}) were skipped as damaged ({reasons}), more "
+        f"than data.max_skip_rate={max_rate:.1%}. Damaged shards ({len(shards)}): {', '.join(shards[:20])}"
+        f"{' ...' if len(shards) > 20 else ''}. Run `vampnet-pl prep verify --deep out_dir=...` and "
+        "`vampnet-pl prep repair ...`, or raise data.max_skip_rate"
+    )
+
+
+def read_shard(url: str, skips: SkipCounter) -> Iterator[dict]:
+    """Raw samples of one shard; a shard that cannot be opened or read to its end is counted as dead."""
+    failures: list[Exception] = []
+
+    def on_error(exn: Exception) -> bool:
+        failures.append(exn)
+        return True  # keep the samples read before the damage
+
+    yield from wds.tarfile_to_samples(handler=on_error)(iter([{"url": url}]))
+    if failures:
+        err = failures[0]
+        skips.skip(url, url, UNREADABLE_SHARD, f"{type(err).__name__}: {err.args[0] if err.args else err}")
+
 
 def decode_samples(
-    samples: Iterable[dict], n_codebooks: int, fingerprint: str | None, skips: SkipCounter
+    samples: Iterable[dict], n_codebooks: int, fingerprint: str | None, skips: SkipCounter,
+    codebook_size: int | None = None, expected_codebooks: int | None = None,
 ) -> Iterator[tuple[np.ndarray, dict]]:
-    """Raw tar samples -> ``(codes[:n_codebooks], meta)``; bad samples are skipped and counted."""
+    """Raw tar samples -> validated ``(codes[:n_codebooks], meta)``; bad samples are skipped and counted.
+
+    See :func:`vampnet_pl.data.validation.validate_codes` for the checks.
+    """
     for sample in samples:
-        key = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
+        shard = str(sample.get("__url__", "?"))
+        key = f"{shard}/{sample.get('__key__', '?')}"
         try:
             codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
             meta = json.loads(sample["json"])
         except Exception as err:  # truncated bytes, missing member, bad JSON
-            skips.skip(key, f"undecodable sample: {type(err).__name__}: {err}")
-            continue
-        if codes.ndim != 2 or codes.dtype != np.uint16:
-            skips.skip(key, f"bad codes array: {codes.dtype}{list(codes.shape)}")
+            skips.skip(shard, key, UNDECODABLE, f"{type(err).__name__}: {err}")
             continue
         if fingerprint is not None and meta.get("codec_fingerprint") != fingerprint:
             raise CodecMismatch(
                 f"{key} was encoded by codec {str(meta.get('codec_fingerprint'))[:16]}, "
                 f"the model expects {fingerprint[:16]}: re-encode the catalog with the model's codec"
             )
-        if codes.shape[0] < n_codebooks:
+        try:
+            validate_codes(codes, meta, codebook_size, expected_codebooks)
+        except SampleInvalid as err:
+            skips.skip(shard, key, err.reason, err.detail)
+            continue
+        if codes.shape[0] < n_codebooks:  # a whole shard set of another codec config, not damage
             raise CodecMismatch(f"{key} has {codes.shape[0]} codebooks, the model reads {n_codebooks}")
+        skips.passed()
         yield codes[:n_codebooks], meta
 
 
@@ -122,6 +200,10 @@ class TrainWindowStream(IterableDataset):
         loader_workers: int = 0,
         loudness_cutoff: float | None = None,
         frame_rate: float | None = None,
+        codebook_size: int | None = None,
+        expected_codebooks: int | None = None,
+        max_skip_rate: float = 1.0,
+        skip_rate_min_samples: int = 0,
     ):
         self.urls = list(urls)
         self.window_frames = window_frames
@@ -141,7 +223,9 @@ class TrainWindowStream(IterableDataset):
             raise ValueError("loudness_cutoff needs the codec's frame_rate")
         self._warned_no_loudness = False
         self.quiet_windows = 0
-        self.skips = SkipCounter()
+        self.codebook_size, self.expected_codebooks = codebook_size, expected_codebooks
+        # The limit also stops a worker whose data is all damaged (it would otherwise search forever).
+        self.skips = SkipCounter(max_skip_rate, skip_rate_min_samples, "train data")
 
     def __len__(self) -> int:
         """Batches per epoch on this rank: Lightning needs it to resume mid-epoch correctly."""
@@ -190,28 +274,50 @@ class TrainWindowStream(IterableDataset):
         self.iterations += 1
         rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
         shards = self.shards_for(worker, num_workers)
-        urls = ({"url": rng.choice(shards)} for _ in iter(int, 1))  # resampled forever
-        samples = wds.tarfile_to_samples(handler=self.skips.tar_error)(urls)
-        decoded = decode_samples(samples, self.n_codebooks, self.fingerprint, self.skips)
+        samples = (sample for url in self._resampled(shards, rng) for sample in read_shard(url, self.skips))
+        decoded = decode_samples(samples, self.n_codebooks, self.fingerprint, self.skips, self.codebook_size,
+                                 self.expected_codebooks)
         windows = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(
             self._windows(decoded, rng)
         )
         batches = wds.batched(self.batch_size, collation_fn=collate_windows, partial=False)(windows)
-        yield from islice(batches, skip, self.batches_per_worker)
+        for batch in islice(batches, skip, self.batches_per_worker):
+            batch["data_health"] = {"worker": worker, **self.skips.report()}  # cumulative, plain Python: see DataHealth
+            yield batch
+
+    def _resampled(self, shards: list[str], rng: random.Random) -> Iterator[str]:
+        """This worker's shards drawn forever, minus the dead ones; when all of its own are dead, any live shard."""
+        while True:
+            alive = [u for u in shards if u not in self.skips.dead_shards]
+            if not alive:
+                alive = [u for u in self.urls if u not in self.skips.dead_shards]
+                if not alive:
+                    raise NoReadableShards(f"no readable train shard left: all {len(self.urls)} failed "
+                                           f"({', '.join(sorted(self.skips.dead_shards)[:20])})")
+            yield rng.choice(alive)
 
 
 def read_fixed_windows(
-    urls: list[str], window_frames: int, n_codebooks: int, fingerprint: str | None, per_sample: int, max_windows: int
+    urls: list[str], window_frames: int, n_codebooks: int, fingerprint: str | None, per_sample: int, max_windows: int,
+    skips: SkipCounter | None = None, codebook_size: int | None = None, expected_codebooks: int | None = None,
 ) -> tuple[list[np.ndarray], SkipCounter]:
-    """Deterministic validation windows, in shard order, at most ``max_windows``."""
-    skips = SkipCounter()
+    """Deterministic validated windows, in shard order, at most ``max_windows``.
+
+    Damaged samples and shards are skipped and counted in ``skips``; its skip-rate limit is applied to
+    what was read; no readable shard at all raises :class:`NoReadableShards`.
+    """
+    skips = skips if skips is not None else SkipCounter()
     windows: list[np.ndarray] = []
-    samples = wds.tarfile_to_samples(handler=skips.tar_error)({"url": url} for url in urls)
-    for codes, _ in decode_samples(samples, n_codebooks, fingerprint, skips):
+    samples = (sample for url in urls for sample in read_shard(url, skips))
+    for codes, _ in decode_samples(samples, n_codebooks, fingerprint, skips, codebook_size, expected_codebooks):
         for start in fixed_window_starts(codes.shape[1], window_frames, per_sample):
             windows.append(np.ascontiguousarray(codes[:, start : start + window_frames]))
             if len(windows) >= max_windows:
+                skips.check_rate(min_samples=0)
                 return windows, skips
+    if urls and set(urls) <= skips.dead_shards:
+        raise NoReadableShards(f"no readable shard among {len(urls)}: {', '.join(urls[:20])}")
+    skips.check_rate(min_samples=0)
     return windows, skips
 
 
@@ -258,6 +364,9 @@ class CodesDataModule(L.LightningDataModule):
         val_batch_size: int = 8,
         seed: int = 0,
         loudness_cutoff: float | None = None,
+        codebook_size: int | None = None,
+        max_skip_rate: float = 0.05,
+        skip_rate_min_samples: int = 200,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -265,6 +374,8 @@ class CodesDataModule(L.LightningDataModule):
         self.train_urls, self.val_urls = expand_urls(train_urls), expand_urls(val_urls)
         self.fingerprint = expected_fingerprint
         self.n_codebooks, self.hop_length, self.sample_rate = n_codebooks, hop_length, sample_rate
+        self.codebook_size = codebook_size  # tokens must be below it (the index's codec, else unchecked)
+        self.shard_codebooks: int | None = None  # every sample of an indexed set has this many
         if dataset_dir is not None:
             self._read_index(Path(dataset_dir))
         missing = [n for n in ("n_codebooks", "hop_length", "sample_rate") if getattr(self, n) is None]
@@ -272,6 +383,10 @@ class CodesDataModule(L.LightningDataModule):
             raise ValueError(f"without a dataset_dir (index.json), set {', '.join(missing)}")
         self.window_frames = window_frames(window_seconds, self.sample_rate, self.hop_length)
         self.val_windows: list[np.ndarray] | None = None
+        self.val_skips = self._skip_counter("validation data")
+
+    def _skip_counter(self, what: str) -> SkipCounter:
+        return SkipCounter(self.hparams.max_skip_rate, self.hparams.skip_rate_min_samples, what)
 
     def _read_index(self, dataset_dir: Path) -> None:
         index = self.index = load_index(dataset_dir)
@@ -285,6 +400,11 @@ class CodesDataModule(L.LightningDataModule):
         if self.n_codebooks is not None and self.n_codebooks > shard_codebooks:
             raise CodecMismatch(f"shards have {shard_codebooks} codebooks, the model reads {self.n_codebooks}")
         self.fingerprint = codec["fingerprint"]
+        self.shard_codebooks = shard_codebooks
+        if self.codebook_size is not None and self.codebook_size != codec["config"]["codebook_size"]:
+            raise CodecMismatch(f"shards have {codec['config']['codebook_size']} tokens per codebook, "
+                                f"the model {self.codebook_size}")
+        self.codebook_size = codec["config"]["codebook_size"]
         self.n_codebooks = self.n_codebooks or shard_codebooks
         self.hop_length = self.hop_length or codec["config"]["hop_length"]
         self.sample_rate = self.sample_rate or codec["config"]["sample_rate"]
@@ -330,6 +450,10 @@ class CodesDataModule(L.LightningDataModule):
             loader_workers=self.hparams.num_workers,
             loudness_cutoff=self.hparams.loudness_cutoff,
             frame_rate=self.sample_rate / self.hop_length,
+            codebook_size=self.codebook_size,
+            expected_codebooks=self.shard_codebooks,
+            max_skip_rate=self.hparams.max_skip_rate,
+            skip_rate_min_samples=self.hparams.skip_rate_min_samples,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -351,13 +475,17 @@ class CodesDataModule(L.LightningDataModule):
                 raise ValueError("no validation shards")
             self._check_window_fits("val")
             depth = self.index["codec"]["config"]["n_codebooks"] if self.index else self.n_codebooks
-            self.val_windows, skips = read_fixed_windows(  # all codebooks: evaluation decodes the full signal
+            self.val_skips = self._skip_counter("validation data")
+            self.val_windows, _ = read_fixed_windows(  # all codebooks: evaluation decodes the full signal
                 self.val_urls,
                 self.window_frames,
                 depth,
                 self.fingerprint,
                 self.hparams.val_windows_per_sample,
                 self.hparams.val_max_windows,
+                self.val_skips,
+                self.codebook_size,
+                self.shard_codebooks,
             )
         rank, world_size = self._rank()
         share = rank_share(self.val_windows, rank, world_size)

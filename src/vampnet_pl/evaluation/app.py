@@ -43,7 +43,8 @@ def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
     urls = [str(Path(cfg.dataset_dir) / s["path"]) for s in index["splits"][split]["shards"]]
     frames = window_frames(cfg.window_seconds, codec.sample_rate, codec.hop_length)
     windows, _ = read_fixed_windows(urls, frames, index["codec"]["config"]["n_codebooks"], codec.fingerprint, 1,
-                                    cfg.n_windows)
+                                    cfg.n_windows, codebook_size=codec.codebook_size,
+                                    expected_codebooks=index["codec"]["config"]["n_codebooks"])
     if not windows:
         raise ValueError(f"no {cfg.window_seconds} s windows in the {split} split of {cfg.dataset_dir}")
     return torch.stack([torch.from_numpy(w.astype("int64")) for w in windows])

@@ -183,6 +183,21 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
+def check_token_range(codes: torch.Tensor, codebook_size: int) -> None:
+    """Raise ``ValueError`` unless every token is in ``[0, codebook_size)``.
+
+    Damaged tokens must never reach an embedding (a wrong vector, or a device-side assert on GPU) or a
+    loss. One ``aminmax`` pass over the (small, integer) codes: on the order of microseconds per batch,
+    and one host sync on GPU (see BENCHMARKS.md, Data integrity).
+    """
+    if codes.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(codes))
+    if low < 0 or high >= codebook_size:
+        raise ValueError(f"token {low if low < 0 else high} is outside [0, {codebook_size}): damaged or foreign codes "
+                         "(the data readers validate samples; see `vampnet-pl prep verify --deep`)")
+
+
 class CodeEmbedding(nn.Module):
     """Codec codebook lookups (frozen buffers) + a learned MASK vector per codebook, projected to d_model."""
 
@@ -201,7 +216,7 @@ class CodeEmbedding(nn.Module):
         batch, codebooks, frames = codes.shape
         offsets = torch.arange(codebooks, device=codes.device)[None, :, None] * self.codebook_tables.shape[1]
         flat_tables = self.codebook_tables.flatten(0, 1)
-        latent = F.embedding(codes.long() + offsets, flat_tables)  # [B,K,T,D]
+        latent = F.embedding(codes.long() + offsets, flat_tables)  # VampNet.forward checked the range; [B,K,T,D]
         latent = torch.where(mask[..., None], self.mask_embedding[None, :, None, :].to(latent.dtype), latent)
         return self.proj(latent.permute(0, 2, 1, 3).reshape(batch, frames, -1).to(self.proj.weight.dtype))
 
@@ -236,9 +251,7 @@ class VampNet(nn.Module):
         batch, codebooks, frames = codes.shape
         if codebooks != self.cfg.n_codebooks:
             raise ValueError(f"model reads {self.cfg.n_codebooks} codebooks, got {codebooks}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.cfg.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.cfg.codebook_size}), got [{int(codes.min())}, "
-                             f"{int(codes.max())}]: codes from another codec?")
+        check_token_range(codes, self.cfg.codebook_size)
         x = self.embedding(codes, mask)
         bias = self.position_bias(frames) if self.position_bias is not None else None
         head_dim = self.cfg.d_model // self.cfg.n_heads

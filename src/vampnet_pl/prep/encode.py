@@ -1,9 +1,10 @@
 """Stage 2 of data prep: audio files -> DAC codes -> WebDataset shards, one work unit at a time.
 
 The manifest is cut into deterministic units of ``files_per_unit`` files. Task ``i`` of ``N``
-(a local worker process, a GPU, or a SLURM array task) owns the units ``u`` with
-``u % N == i`` and needs no coordination. A unit's shards are written into a private temp
-folder, renamed into ``shards/<split>/`` and only then marked done by an atomically written
+(a SLURM array task, or a local process with ``balance=static``) owns the units ``u`` with
+``u % N == i`` and needs no coordination; local processes by default share one queue of units
+(:func:`vampnet_pl.prep.run.encode_local`). A unit's shards are written into a private temp
+folder, renamed into ``shards/<split>/`` (over an earlier attempt's, so a repair never leaves a gap) and only then marked done by an atomically written
 ``units/unit-XXXXX.json``; a re-run skips done units and redoes any other from scratch.
 """
 
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from vampnet_pl.audio_io import AudioReadError, iter_blocks, probe
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import ChannelMode, PrepConfig
+from vampnet_pl.data.validation import CHECKSUM_FIELD, codes_checksum
 from vampnet_pl.prep.manifest import Failure, ManifestEntry, file_sha256, load_manifest
 from vampnet_pl.utils.atomic import write_json_atomic
 
@@ -200,6 +202,7 @@ def encode_file(entry: ManifestEntry, catalog: Path, cfg: PrepConfig, codec: Cod
                 "codec_fingerprint": codec.fingerprint,
                 "split": entry.split,
                 "loudness_lufs_per_second": loudness_per_second(resampled.cpu(), codec.sample_rate),
+                CHECKSUM_FIELD: codes_checksum(codes),  # the readers check it per sample
             }
             result.samples.append(EncodedSample(key, codes, meta))
         clock = time.perf_counter()
@@ -242,8 +245,6 @@ def encode_unit(unit: Unit, cfg: PrepConfig, codec: Codec, progress: tqdm | None
         shutil.rmtree(stale, ignore_errors=True)
     work = out_dir / "tmp" / f"{unit.name}.{os.getpid()}"
     work.mkdir(parents=True)
-    for stale in out_dir.glob(f"shards/*/{unit.name}-*.tar"):  # from an interrupted earlier attempt
-        stale.unlink()
     writers: dict[str, _SplitShardWriter] = {}
     failures: list[dict] = []
     times, audio_seconds, started = StageTimes(), 0.0, time.perf_counter()
@@ -281,6 +282,10 @@ def encode_unit(unit: Unit, cfg: PrepConfig, codec: Codec, progress: tqdm | None
             record.update(stats, sha256=file_sha256(tmp))
             os.replace(tmp, final)
             shards.append(record)
+    written = {out_dir / shard["path"] for shard in shards}
+    for stale in out_dir.glob(f"shards/*/{unit.name}-*.tar"):  # an earlier attempt's, not replaced by a new one
+        if stale not in written:
+            stale.unlink()
     times.write += time.perf_counter() - t0
     marker = {
         "unit": unit.index,
@@ -289,6 +294,8 @@ def encode_unit(unit: Unit, cfg: PrepConfig, codec: Codec, progress: tqdm | None
         "failures": failures,
         "audio_seconds": audio_seconds,
         "wall_seconds": time.perf_counter() - started,
+        "worker_pid": os.getpid(),  # with finished_at: per-process busy and idle time (bench/bench_integrity.py)
+        "finished_at": time.time(),
         "times": times.__dict__,
     }
     write_json_atomic(unit_marker_path(out_dir, unit), marker)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import PrepConfig
+from vampnet_pl.data.validation import SampleInvalid, validate_codes
 from vampnet_pl.prep.encode import plan_units, unit_is_done, unit_marker_path
 from vampnet_pl.prep.manifest import SPLITS, file_sha256, load_manifest, read_jsonl, scan_failures_path, write_jsonl
 from vampnet_pl.utils.atomic import write_json_atomic
@@ -86,40 +87,104 @@ def finalize(cfg: PrepConfig, codec: Codec) -> dict:
 
 
 def _check_sample(sample: dict, index: dict) -> str | None:
+    """Everything the training readers check, on one raw sample: a problem, or None."""
     try:
-        codes = np.load(io.BytesIO(sample["codes.npy"]))
+        codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
         meta = json.loads(sample["json"])
     except Exception as err:  # any undecodable member
-        return f"undecodable sample: {err}"
-    n_codebooks = index["codec"]["config"]["n_codebooks"]
-    if codes.dtype != np.uint16 or codes.ndim != 2 or codes.shape[0] != n_codebooks:
-        return f"codes {codes.dtype}{list(codes.shape)}, expected uint16[{n_codebooks}, frames]"
+        return f"undecodable sample: {type(err).__name__}: {err}"
     if meta.get("codec_fingerprint") != index["codec"]["fingerprint"]:
         return "codec fingerprint differs from the index"
-    if codes.shape[1] != meta.get("frames"):
-        return "frame count differs from its metadata"
+    config = index["codec"]["config"]
+    try:
+        validate_codes(codes, meta, config["codebook_size"], config["n_codebooks"])
+    except SampleInvalid as err:  # a set written before per-sample checksums gets the other checks
+        return str(err)
     return None
 
 
-def verify(dataset_dir: str | Path) -> list[str]:
-    """Check every shard against ``index.json``; returns a list of problems (empty when sound)."""
-    dataset_dir = Path(dataset_dir)
-    index = load_index(dataset_dir)
-    problems = []
-    shards = [s for split in index["splits"].values() for s in split["shards"]]
-    for shard in tqdm(shards, desc="verify", unit="shard", dynamic_ncols=True):
-        path = dataset_dir / shard["path"]
-        if not path.is_file():
-            problems.append(f"{shard['path']}: missing")
-            continue
-        if file_sha256(path) != shard["sha256"]:
-            problems.append(f"{shard['path']}: checksum mismatch")
-            continue
-        count = 0
+def _read_problems(path: Path, shard: dict, index: dict) -> list[str]:
+    problems, count = [], 0
+    try:
         for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
             count += 1
             if problem := _check_sample(sample, index):
                 problems.append(f"{shard['path']}/{sample['__key__']}: {problem}")
-        if count != shard["samples"]:
-            problems.append(f"{shard['path']}: {count} samples, index says {shard['samples']}")
+    except Exception as err:  # a truncated or garbled tar
+        problems.append(f"{shard['path']}: unreadable after {count} samples: {type(err).__name__}: {err}")
+        return problems
+    if count != shard["samples"]:
+        problems.append(f"{shard['path']}: {count} samples, index says {shard['samples']}")
     return problems
+
+
+def verify_shards(dataset_dir: str | Path, deep: bool = False) -> dict[str, list[str]]:
+    """Problems per shard path (only shards that have some).
+
+    Always: every shard of ``index.json`` exists with its size and SHA-256. ``deep``: also decode every
+    sample (of every shard, damaged or not, to name the bad samples) and check its codebook count, frame
+    count, token range and per-sample checksum, and each shard's sample count.
+    """
+    dataset_dir = Path(dataset_dir)
+    index = load_index(dataset_dir)
+    problems: dict[str, list[str]] = {}
+    shards = [s for split in index["splits"].values() for s in split["shards"]]
+    for shard in tqdm(shards, desc="verify --deep" if deep else "verify", unit="shard", dynamic_ncols=True):
+        path = dataset_dir / shard["path"]
+        found: list[str] = []
+        if not path.is_file():
+            problems[shard["path"]] = [f"{shard['path']}: missing"]
+            continue
+        if path.stat().st_size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
+            found.append(f"{shard['path']}: checksum mismatch")
+        if deep:
+            found += _read_problems(path, shard, index)
+        if found:
+            problems[shard["path"]] = found
+    return problems
+
+
+def verify(dataset_dir: str | Path, deep: bool = False) -> list[str]:
+    """Check every shard against ``index.json``; returns a list of problems (empty when sound)."""
+    return [p for found in verify_shards(dataset_dir, deep).values() for p in found]
+
+
+def repair(cfg: PrepConfig, deep: bool = True) -> list[str]:
+    """Re-encode, from the manifest, only the units whose shards fail verification; then rewrite the index.
+
+    A unit's marker is removed first (a kill leaves it 'not done', and a re-run redoes it); its new shards
+    are written aside and renamed over the old ones (:func:`encode_unit`), and ``index.json`` is replaced
+    atomically. Source files that changed since the scan are refused. Returns the units redone.
+    """
+    from vampnet_pl.prep.encode import encode_unit
+
+    out_dir = Path(cfg.out_dir)
+    units = plan_units(load_manifest(out_dir), cfg.files_per_unit)
+    failing = set(verify_shards(out_dir, deep)) if index_path(out_dir).is_file() else set()
+    owner = {}
+    for unit in units:
+        marker = unit_marker_path(out_dir, unit)
+        if marker.is_file():
+            owner.update({s["path"]: unit for s in json.loads(marker.read_text())["shards"]})
+    unknown = failing - owner.keys()
+    if unknown:
+        raise RuntimeError(f"shards {sorted(unknown)[:5]} belong to no unit of the manifest; re-run prep all")
+    redo = {owner[path].index: owner[path] for path in failing}
+    redo.update({u.index: u for u in units if not unit_is_done(out_dir, u)})  # left by an interrupted repair
+    if not redo:
+        log.info("repair: every shard is sound")
+        return []
+    catalog = Path(cfg.catalog)
+    for unit in redo.values():
+        for entry in unit.entries:
+            source = catalog / entry.path
+            if not source.is_file() or file_sha256(source) != entry.sha256:
+                raise RuntimeError(f"{source} is missing or changed since the scan: cannot rebuild {unit.name} "
+                                   "exactly; re-run `vampnet-pl prep all`")
+    for unit in redo.values():
+        unit_marker_path(out_dir, unit).unlink(missing_ok=True)
+    codec = Codec.load(cfg.codec.source, cfg.codec.device, cfg.codec.chunk_seconds, cfg.codec.context_frames)
+    for unit in tqdm(sorted(redo.values(), key=lambda u: u.index), desc="repair", unit="unit", dynamic_ncols=True):
+        encode_unit(unit, cfg, codec)
+    finalize(cfg, codec)
+    return [u.name for u in sorted(redo.values(), key=lambda u: u.index)]

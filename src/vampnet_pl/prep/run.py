@@ -6,18 +6,20 @@ import logging
 import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
+from tqdm import tqdm
 
 from vampnet_pl.codec import Codec
-from vampnet_pl.config import PrepConfig
-from vampnet_pl.prep.encode import run_encode_task
+from vampnet_pl.config import PrepBalance, PrepConfig
+from vampnet_pl.prep.encode import Unit, encode_unit, plan_units, run_encode_task, unit_is_done, units_for_task
 from vampnet_pl.prep.index import finalize
-from vampnet_pl.prep.manifest import scan_catalog
+from vampnet_pl.prep.manifest import load_manifest, scan_catalog
 from vampnet_pl.utils.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -29,16 +31,41 @@ def _worker_device(cfg: PrepConfig, worker: int) -> str:
     return cfg.codec.device
 
 
+_worker_codec: Codec | None = None
+_worker_cfg: PrepConfig | None = None
+
+
+def _init_worker(cfg_yaml: str, devices, threads: int) -> None:
+    """A pool process: its config, its device (one from the shared queue) and its codec, loaded once."""
+    global _worker_codec, _worker_cfg
+    torch.set_num_threads(threads)
+    _worker_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrepConfig), OmegaConf.create(cfg_yaml)))
+    codec_cfg = _worker_cfg.codec
+    _worker_codec = Codec.load(codec_cfg.source, devices.get(), codec_cfg.chunk_seconds, codec_cfg.context_frames)
+
+
+def _encode_one(unit: Unit) -> dict:
+    return encode_unit(unit, _worker_cfg, _worker_codec)
+
+
 def _encode_worker(cfg_yaml: str, task_index: int, num_tasks: int, device: str, threads: int) -> None:
     torch.set_num_threads(threads)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrepConfig), OmegaConf.create(cfg_yaml)))
     run_encode_task(cfg, task_index, num_tasks, device)
 
 
-def encode_local(cfg: PrepConfig, task_index: int = 0, num_tasks: int = 1) -> None:
-    """Encode this task's share with ``cfg.workers`` local processes (one per GPU when there are GPUs).
+def unit_cost(unit: Unit) -> float:
+    """Audio seconds to encode (what a unit's time mostly depends on)."""
+    return sum(e.duration * e.channels for e in unit.entries)
 
-    Worker ``w`` of task ``i`` becomes sub-task ``i * workers + w`` of ``num_tasks * workers``.
+
+def encode_local(cfg: PrepConfig, task_index: int = 0, num_tasks: int = 1) -> None:
+    """Encode this task's share of units with ``cfg.workers`` local processes (one per GPU when there are GPUs).
+
+    ``balance=queue`` (default): the processes take units from one shared queue, longest first, so none
+    idles while another has a backlog. ``balance=static``: worker ``w`` of task ``i`` becomes sub-task
+    ``i * workers + w`` of ``num_tasks * workers`` with a fixed share (as SLURM array tasks, which need no
+    coordination between them, always are).
     """
     workers = max(1, cfg.workers)
     if workers == 1:
@@ -47,6 +74,39 @@ def encode_local(cfg: PrepConfig, task_index: int = 0, num_tasks: int = 1) -> No
     cfg_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
+    if cfg.balance == PrepBalance.static:
+        _encode_static(cfg_yaml, cfg, task_index, num_tasks, workers, threads, context)
+        return
+    out_dir = Path(cfg.out_dir)
+    units = units_for_task(plan_units(load_manifest(out_dir), cfg.files_per_unit), task_index, num_tasks)
+    todo = sorted((u for u in units if not unit_is_done(out_dir, u)), key=unit_cost, reverse=True)
+    log.info("task %d/%d: %d units, %d already done, %d processes on one queue", task_index, num_tasks, len(units),
+             len(units) - len(todo), workers)
+    if not todo:
+        return
+    workers = min(workers, len(todo))
+    devices = context.Queue()
+    for w in range(workers):
+        devices.put(_worker_device(cfg, w))
+    failed = []
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(cfg_yaml, devices, threads)) as pool, \
+            tqdm(total=sum(len(u.entries) for u in todo), desc=f"encode task {task_index}", unit="file",
+                 dynamic_ncols=True) as progress:
+        futures = {pool.submit(_encode_one, unit): unit for unit in todo}
+        for future in as_completed(futures):
+            unit = futures[future]
+            try:
+                future.result()
+            except Exception as err:  # one unit's failure does not stop the others; a re-run redoes it
+                log.error("%s failed: %s", unit.name, err)
+                failed.append(unit.name)
+            progress.update(len(unit.entries))
+    if failed:
+        raise RuntimeError(f"{len(failed)} unit(s) failed ({', '.join(failed[:10])}); re-run to resume")
+
+
+def _encode_static(cfg_yaml, cfg, task_index, num_tasks, workers, threads, context) -> None:
     processes = [
         context.Process(
             target=_encode_worker,

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import TrainConfig, conf_dir
+from vampnet_pl.training.callbacks import DataHealth
+from vampnet_pl.training.checkpointing import AtomicCheckpointIO, remove_checkpoint_leftovers
 from vampnet_pl.training.slurm import SlurmRequeue, cluster_plugins, describe, requeue_enabled, slurm_layout
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.utils.atomic import previous_folder
@@ -49,7 +51,8 @@ def build(cfg: DictConfig):
         codec_fingerprint=codec.fingerprint,
     )
     try:
-        datamodule = hydra.utils.instantiate(cfg.data, n_codebooks=model_cfg.n_codebooks, expected_fingerprint=codec.fingerprint)
+        datamodule = hydra.utils.instantiate(cfg.data, n_codebooks=model_cfg.n_codebooks, expected_fingerprint=codec.fingerprint,
+                                             codebook_size=codec.codebook_size)
     except hydra.errors.InstantiationException as err:  # show the data's own error, not Hydra's wrapper
         raise (err.__cause__ or err) from None
     module = MaskedTokenModule(
@@ -60,6 +63,7 @@ def build(cfg: DictConfig):
         codebook_tables=codec.codebook_tables(model_cfg.embedding)[: model_cfg.n_codebooks],
     )
     callbacks = [hydra.utils.instantiate(node) for node in (cfg.callbacks or {}).values()]
+    callbacks.append(DataHealth())  # skip counts as metrics, the skip-rate limit over all ranks, the closing summary
     if requeue_enabled(schema.slurm.requeue):
         callbacks.append(SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal))
     trainer_args = dataclasses.asdict(schema.trainer)
@@ -71,10 +75,11 @@ def build(cfg: DictConfig):
         strategy=hydra.utils.instantiate(cfg.strategy) if cfg.strategy else "auto",
         logger=hydra.utils.instantiate(cfg.logger) if cfg.logger else False,
         callbacks=callbacks,
-        plugins=cluster_plugins(),
+        plugins=[*cluster_plugins(), AtomicCheckpointIO()],
         default_root_dir=schema.run_dir,
         use_distributed_sampler=False,  # the DataModule splits by rank itself
     )
+    remove_checkpoint_leftovers(last_checkpoint_path(schema.run_dir).parent)  # of a write killed mid-way
     resume_from = last_checkpoint(schema.run_dir) if schema.resume else None
     return module, datamodule, trainer, resume_from
 

@@ -1,13 +1,19 @@
 """Training callbacks: random streams addressed by (seed, rank, batch), so a resumed run draws what an
-uninterrupted one would have drawn, on any number of ranks."""
+uninterrupted one would have drawn, on any number of ranks; data-integrity metrics and limits."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import lightning as L
 import numpy as np
 import torch
+
+from vampnet_pl.data.datamodule import DataIntegrityError, check_skip_rate
+from vampnet_pl.data.validation import REASONS
+
+log = logging.getLogger(__name__)
 
 
 def batch_seed(seed: int, rank: int, batch_index: int) -> int:
@@ -32,3 +38,83 @@ class StepSeedCallback(L.Callback):
         random.seed(value)
         np.random.seed(value % 2**32)
         torch.manual_seed(value)  # seeds every CUDA device too
+
+
+class DataHealth(L.Callback):
+    """What the data readers skipped, as metrics summed over ranks, with the skip-rate limit and a closing summary.
+
+    Train batches carry their DataLoader worker's cumulative :meth:`SkipCounter.report` (``batch["data_health"]``:
+    the counts live in worker processes). Every ``trainer.log_every_n_steps`` batches, and at the end, the
+    latest report of each worker is summed, all-reduced over ranks and logged as ``data/skipped/<reason>``,
+    ``data/samples_read`` and ``data/skip_rate``; ``data.max_skip_rate`` is applied to those sums (all ranks
+    decide together, so none is left waiting). Validation skips (every rank reads the same windows) are
+    logged unsummed as ``data/skipped_val/<reason>``.
+    """
+
+    def __init__(self) -> None:
+        self.reports: dict[int, dict] = {}
+        self.summary: dict | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        report = batch.get("data_health") if isinstance(batch, dict) else None
+        if report:
+            self.reports[report["worker"]] = report
+        if (batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0:
+            self._sync(trainer, pl_module, emit=True)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        skips = getattr(trainer.datamodule, "val_skips", None) if trainer.datamodule is not None else None
+        if skips is not None and not trainer.sanity_checking:
+            for reason in REASONS:
+                pl_module.log(f"data/skipped_val/{reason}", float(skips.counts[reason]), sync_dist=True,
+                              reduce_fx="max")  # every rank read the same windows: the same count
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        totals = self._sync(trainer, pl_module, emit=False)
+        val = getattr(trainer.datamodule, "val_skips", None) if trainer.datamodule is not None else None
+        self.summary = {"train": totals, "validation": val.report() if val is not None else None}
+        if trainer.is_global_zero:
+            for split, report in self.summary.items():
+                if report is None:
+                    continue
+                skipped = sum(report["counts"].values())
+                reasons = ", ".join(f"{n} {r}" for r, n in report["counts"].items() if n) or "none"
+                log.info("data integrity, %s: %d samples passed, %d skipped (%s)%s", split, report["samples"], skipped,
+                         reasons, f"; damaged shards: {', '.join(report['damaged_shards'])}" if skipped else "")
+
+    def _sync(self, trainer: L.Trainer, pl_module: L.LightningModule, emit: bool) -> dict:
+        """Sum of the workers' reports over all ranks; raises when the skip rate passes the limit."""
+        local = [sum(r["samples"] for r in self.reports.values())]
+        local += [sum(r["counts"][reason] for r in self.reports.values()) for reason in REASONS]
+        summed = trainer.strategy.reduce(torch.tensor(local, dtype=torch.long, device=pl_module.device),
+                                         reduce_op="sum")
+        values = [int(v) for v in summed.tolist()]
+        totals = {"samples": values[0], "counts": dict(zip(REASONS, values[1:])),
+                  "damaged_shards": sorted({s for r in self.reports.values() for s in r["damaged_shards"]})}
+        if emit:
+            seen = values[0] + sum(values[1:])
+            for reason, count in totals["counts"].items():
+                pl_module.log(f"data/skipped/{reason}", float(count), on_step=True, on_epoch=False, sync_dist=False)
+            pl_module.log("data/samples_read", float(seen), on_step=True, on_epoch=False, sync_dist=False)
+            pl_module.log("data/skip_rate", sum(values[1:]) / max(1, seen), on_step=True, on_epoch=False, sync_dist=False)
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "hparams") and "max_skip_rate" in datamodule.hparams:
+            try:
+                check_skip_rate(totals, datamodule.hparams.max_skip_rate, datamodule.hparams.skip_rate_min_samples,
+                                f"train data (all {trainer.world_size} ranks)")
+            except DataIntegrityError:
+                totals["damaged_shards"] = _gathered_names(totals["damaged_shards"])
+                check_skip_rate(totals, datamodule.hparams.max_skip_rate, datamodule.hparams.skip_rate_min_samples,
+                                f"train data (all {trainer.world_size} ranks)")
+        return totals
+
+
+def _gathered_names(names: list[str]) -> list[str]:
+    """Every rank's names (all ranks call this together)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return names
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, names)
+    return sorted({n for part in gathered for n in part})

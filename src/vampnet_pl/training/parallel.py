@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from vampnet_pl.model import TransformerBlock
+from vampnet_pl.training.checkpointing import checkpoint_write_error
 from vampnet_pl.utils.atomic import replace_folder
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,12 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if self.global_rank == 0 and partial.exists():
             shutil.rmtree(partial)  # left by a crash
         self.barrier("checkpoint.partial.clean")
-        super().save_checkpoint(checkpoint, partial, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+        except OSError as err:  # disk full, quota: the previous folder is untouched; drop the partial one
+            if self.global_rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise checkpoint_write_error(path, err) from err
         self.barrier("checkpoint.partial.written")
         if self.global_rank == 0:
             replace_folder(partial, path)

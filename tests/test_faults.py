@@ -1,0 +1,290 @@
+"""Faults: damaged samples and shards never stop training nor slip in; checkpoints survive kills and full disks.
+
+(kill -9 during ``prep encode`` then resume: tests/test_prep_resume.py::test_kill_during_encode_then_resume.)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from vampnet_pl.data.datamodule import (
+    CodesDataModule,
+    DataIntegrityError,
+    NoReadableShards,
+    TrainWindowStream,
+    read_fixed_windows,
+)
+from vampnet_pl.data.validation import REASONS, SampleInvalid, codes_checksum, validate_codes
+from vampnet_pl.model.vampnet import VampNet, VampNetConfig, check_token_range
+from vampnet_pl.prep.index import load_index, repair, verify
+from vampnet_pl.training.export import read_checkpoint
+
+from test_train import overrides, train
+
+FINGERPRINT = "f" * 64
+
+
+def write_shard(path: Path, lengths: list[int], n_codebooks: int = 4, seed: int = 0, checksum: bool = True) -> Path:
+    """A shard as prep writes it (with per-sample checksums), or as older sets were (without)."""
+    rng = np.random.default_rng(seed)
+    with wds.TarWriter(str(path)) as writer:
+        for i, frames in enumerate(lengths):
+            codes = rng.integers(0, 1024, size=(n_codebooks, frames), dtype=np.uint16)
+            meta = {"codec_fingerprint": FINGERPRINT, "frames": frames, "n_codebooks": n_codebooks}
+            if checksum:
+                meta["codes_xxh3"] = codes_checksum(codes)
+            writer.write({"__key__": f"s{seed}_{i:04d}", "codes.npy": codes, "json": meta})
+    return path
+
+
+def stream(urls, **kwargs) -> TrainWindowStream:
+    defaults = dict(window_frames=20, n_codebooks=4, batch_size=4, batches_per_worker=10, fingerprint=FINGERPRINT,
+                    shuffle_buffer=8, codebook_size=1024)
+    return TrainWindowStream([str(u) for u in urls], **{**defaults, **kwargs})
+
+
+def member_offset(shard: Path, suffix: str, which: int = 0) -> int:
+    """Byte offset of the data of the ``which``-th member ending in ``suffix``."""
+    with tarfile.open(shard) as tar:
+        return [m for m in tar.getmembers() if m.name.endswith(suffix)][which].offset_data
+
+
+def flip_codes_bytes(shard: Path, which: int = 0, count: int = 4) -> None:
+    """Damage a sample's codes in place: still a valid tar, and its .npy still parses."""
+    data = bytearray(shard.read_bytes())
+    start = member_offset(shard, "codes.npy", which) + 128 + 10  # past the .npy header
+    for i in range(start, start + count):
+        data[i] ^= 0x5A
+    shard.write_bytes(bytes(data))
+
+
+def replace_sample(shard: Path, which: int, edit) -> None:
+    """Rewrite one sample through ``edit(codes, meta) -> (codes, meta)``, the rest byte for byte."""
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
+    with wds.TarWriter(str(shard)) as writer:
+        for i, sample in enumerate(samples):
+            codes, meta = np.load(io.BytesIO(sample["codes.npy"])), json.loads(sample["json"])
+            if i == which:
+                codes, meta = edit(codes, meta)
+            writer.write({"__key__": sample["__key__"], "codes.npy": codes, "json": meta})
+
+
+def damaged_copy(prepared: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "set"
+    shutil.copytree(prepared, copy)
+    return copy
+
+
+# -- validation, pure ------------------------------------------------------------------------------
+def test_validation_names_every_kind_of_damage():
+    codes = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    meta = {"n_codebooks": 3, "frames": 4, "codes_xxh3": codes_checksum(codes)}
+    validate_codes(codes, meta, codebook_size=16)
+    flipped = codes.copy()
+    flipped[1, 2] ^= 1
+
+    def reason(c, m=meta, size=16):
+        with pytest.raises(SampleInvalid) as err:
+            validate_codes(c, m, codebook_size=size)
+        return err.value.reason
+
+    assert reason(flipped) == "checksum_mismatch"
+    assert reason(codes[:2]) == "codebook_count"
+    assert reason(codes[:, :3]) == "frame_count_mismatch"
+    assert reason(codes.astype(np.int64)) == "bad_array"
+    assert reason(codes, size=8) == "token_out_of_range"
+    old = {"n_codebooks": 3, "frames": 4}  # an older set without checksums: range checks only
+    validate_codes(flipped, old, codebook_size=16)
+    assert reason(flipped, old, 8) == "token_out_of_range"
+    with pytest.raises(SampleInvalid, match="codebook_count"):
+        validate_codes(codes[:2], {}, expected_codebooks=3)  # the index's count when the sample has none
+
+
+def test_out_of_range_tokens_are_a_clear_error_at_the_model_not_clamped():
+    model = VampNet(VampNetConfig(n_codebooks=2, codebook_size=16, latent_dim=4, d_model=16, n_layers=1, n_heads=2))
+    codes, mask = torch.randint(0, 16, (1, 2, 5)), torch.zeros(1, 2, 5, dtype=torch.bool)
+    assert model(codes, mask).shape == (1, 2, 5, 16)
+    for bad in (16, 2003, -1):
+        damaged = codes.clone()
+        damaged[0, 1, 3] = bad
+        with pytest.raises(ValueError, match=f"token {bad} is outside \\[0, 16\\)"):
+            model(damaged, mask)
+    check_token_range(torch.empty(0, 2, 0, dtype=torch.long), 16)
+
+
+# -- damaged data while training ---------------------------------------------------------------------
+def test_flipped_bytes_and_a_missing_codebook_are_skipped_and_counted(prepared, tmp_path):
+    data = damaged_copy(prepared, tmp_path)
+    shards = sorted(data.glob("shards/train/*.tar"))
+    flip_codes_bytes(shards[0])
+    replace_sample(shards[1], 0, lambda codes, meta: (codes[:-1], meta))  # a codebook lost, metadata intact
+    urls = [str(s) for s in shards]
+    total = load_index(data)["splits"]["train"]["samples"]
+    windows, skips = read_fixed_windows(urls, 20, 14, None, 1, 10_000, codebook_size=1024, expected_codebooks=14)
+    assert skips.counts["checksum_mismatch"] == 1 and skips.counts["codebook_count"] == 1 and skips.total == 2
+    assert skips.samples == total - 2  # every undamaged sample is still read
+    assert set(skips.damaged) == {urls[0], urls[1]}
+    problems = verify(data, deep=True)
+    assert any("checksum_mismatch" in p for p in problems) and any("codebook_count" in p for p in problems)
+
+
+def test_tokens_out_of_range_in_an_older_set_without_checksums_are_skipped(tmp_path):
+    shard = write_shard(tmp_path / "old.tar", [100] * 4, checksum=False)
+
+    def out_of_range(codes, meta):
+        codes[2, 10] = 2003  # the issue's "Target 2003 is out of bounds"
+        return codes, meta
+
+    replace_sample(shard, 1, out_of_range)
+    s = stream([shard], batches_per_worker=4)
+    batches = list(s)
+    assert len(batches) == 4 and all(int(b["codes"].max()) < 1024 for b in batches)
+    assert s.skips.counts["token_out_of_range"] >= 1 and s.skips.counts["checksum_mismatch"] == 0
+    assert batches[-1]["data_health"]["counts"]["token_out_of_range"] >= 1  # rides out of the worker with the batch
+
+
+def test_truncated_and_deleted_shards_drop_out_and_streaming_goes_on(tmp_path):
+    shards = [write_shard(tmp_path / f"{i}.tar", [40] * 3, seed=i) for i in range(4)]
+    truncated = shards[0]
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    s = stream(shards, batches_per_worker=30)
+    iterator = iter(s)
+    first = [next(iterator) for _ in range(3)]
+    shards[1].unlink()  # vanishes while training
+    rest = list(iterator)
+    assert len(first) + len(rest) == 30  # the fixed count per worker (and so per rank) still holds
+    assert s.skips.dead_shards == {str(truncated), str(shards[1])}
+    assert s.skips.counts["unreadable_shard"] == 2  # once per shard: a dead shard leaves the pool
+
+
+def test_a_worker_whose_own_shards_are_gone_reads_the_others_and_none_left_is_a_clear_error(tmp_path):
+    shards = [write_shard(tmp_path / f"{i}.tar", [40] * 3, seed=i) for i in range(4)]
+    for gone in shards[0::2]:  # every shard of rank 0 (2 ranks, 1 worker)
+        gone.unlink()
+    batches = list(stream(shards, rank=0, world_size=2, batches_per_worker=5))
+    assert len(batches) == 5
+    for gone in shards[1::2]:
+        gone.unlink()
+    with pytest.raises(NoReadableShards, match="no readable train shard left: all 4 failed"):
+        list(stream(shards, batches_per_worker=5))
+    with pytest.raises(NoReadableShards, match="no readable shard among 4"):
+        read_fixed_windows([str(s) for s in shards], 20, 4, FINGERPRINT, 1, 10)
+
+
+def test_mostly_damaged_data_stops_with_the_damaged_shards_named(tmp_path):
+    good = write_shard(tmp_path / "good.tar", [40] * 2)
+    bad = write_shard(tmp_path / "bad.tar", [40] * 6, seed=1)
+    for i in range(6):
+        flip_codes_bytes(bad, i)
+    with pytest.raises(DataIntegrityError, match=f"skipped as damaged .*6 checksum_mismatch.*{bad}"):
+        list(stream([good, bad], batches_per_worker=50, max_skip_rate=0.05, skip_rate_min_samples=8))
+
+
+def test_a_damaged_validation_shard_is_skipped_or_stops_the_run_by_the_threshold(prepared, tmp_path):
+    data = damaged_copy(prepared, tmp_path)
+    val = sorted(data.glob("shards/val/*.tar"))[0]
+    flip_codes_bytes(val)
+    kwargs = dict(dataset_dir=str(data), n_codebooks=4, window_seconds=1.0, num_workers=0, val_batch_size=2)
+    dm = CodesDataModule(**kwargs, max_skip_rate=0.5)
+    assert sum(b["codes"].shape[0] for b in dm.val_dataloader()) == len(dm.val_windows) > 0
+    assert dm.val_skips.counts["checksum_mismatch"] == 1 and dm.val_skips.damaged.keys() == {str(val)}
+    with pytest.raises(DataIntegrityError, match=f"validation data: 1 of .*{val.name}"):
+        CodesDataModule(**kwargs, max_skip_rate=0.01).val_dataloader()
+
+
+def test_training_on_a_damaged_set_finishes_logs_skips_and_stops_past_the_threshold(prepared, codec_path, tmp_path):
+    data = damaged_copy(prepared, tmp_path)
+    train_shards = sorted(data.glob("shards/train/*.tar"))
+    for shard in train_shards:
+        flip_codes_bytes(shard)  # one damaged sample in every train shard
+    truncated = train_shards[-1]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    common = ["trainer.max_steps=3", "data.batches_per_epoch=3", "checkpoint.every_n_train_steps=100"]
+    trainer = train(overrides(data, codec_path, tmp_path / "ok", *common, "data.max_skip_rate=0.9"))
+    health = next(c for c in trainer.callbacks if type(c).__name__ == "DataHealth")
+    counts = health.summary["train"]["counts"]
+    assert counts["checksum_mismatch"] >= 1 and counts["unreadable_shard"] == 1  # (a resampled bad sample counts each read)
+    assert trainer.global_step == 3
+    logged = trainer.logged_metrics
+    assert {f"data/skipped/{r}" for r in REASONS} <= logged.keys()
+    assert float(logged["data/skipped/checksum_mismatch"]) == counts["checksum_mismatch"]
+    with pytest.raises(DataIntegrityError, match="train data.*Damaged shards.*unit-"):
+        train(overrides(data, codec_path, tmp_path / "stop", *common, "data.max_skip_rate=0.01",
+                        "data.skip_rate_min_samples=1"))
+
+
+# -- prep verify --deep and repair ------------------------------------------------------------------------
+def test_repair_re_encodes_only_the_units_whose_shards_fail(prepared, tmp_path, synthetic_catalog):
+    from omegaconf import OmegaConf
+
+    from vampnet_pl.cli import main
+    from vampnet_pl.config import PrepConfig
+
+    data = damaged_copy(prepared, tmp_path)
+    before = {p.name: p.read_bytes() for p in data.glob("shards/*/*.tar")}
+    damaged = sorted(data.glob("shards/train/*.tar"))[0]
+    flip_codes_bytes(damaged)
+    assert main(["prep", "verify", "--deep", f"out_dir={data}"]) == 1
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrepConfig), OmegaConf.load(data / "prep_config.yaml"),
+                                              {"out_dir": str(data)}))
+    unit = damaged.name.rsplit("-", 1)[0]
+    marker_times = {p.name: p.stat().st_mtime_ns for p in data.glob("units/*.json")}
+    assert repair(cfg) == [unit]
+    after = {p.name: p.read_bytes() for p in data.glob("shards/*/*.tar")}
+    assert after == before  # the damaged shard is rebuilt byte for byte; nothing else was touched
+    assert [n for n, t in marker_times.items() if (data / "units" / n).stat().st_mtime_ns != t] == [f"{unit}.json"]
+    assert verify(data, deep=True) == [] and not list(data.rglob("*.tmp"))
+    assert main(["prep", "repair", f"out_dir={data}"]) == 0  # the command: nothing left to do
+
+
+# -- checkpoints under faults ----------------------------------------------------------------------------
+def _fault_train(args: list[str], fault: str | None) -> subprocess.CompletedProcess:
+    launcher_vars = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", FAULT=fault or "")
+    script = Path(__file__).with_name("fault_train.py")
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600, env=env,
+                          start_new_session=True)  # the kill takes the run's whole process group, not pytest
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return [*folder.glob(".*.tmp"), *folder.glob("*.partial")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["single_file", pytest.param("fsdp2", marks=pytest.mark.distributed)])
+def test_checkpoint_writes_survive_a_full_disk_and_kill_9_then_resume(strategy, prepared, codec_path, tmp_path):
+    extra = ["trainer.devices=2", "strategy=fsdp2"] if strategy == "fsdp2" else []
+    args = overrides(prepared, codec_path, tmp_path, *extra, "data.batches_per_epoch=2",
+                     "checkpoint.every_n_train_steps=2", "data.val_max_windows=8", "checkpoint.save_top_k=0")
+    first = _fault_train([*args, "trainer.max_steps=2"], None)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 2
+
+    full = _fault_train([*args, "trainer.max_steps=4"], "enospc")  # the disk fills during the step-4 write
+    assert full.returncode != 0
+    assert "was not written (No space left on device); the previous checkpoint there, if any, is intact" in full.stderr
+    assert read_checkpoint(last)["global_step"] == 2 and not _leftovers(last.parent)
+
+    killed = _fault_train([*args, "trainer.max_steps=4"], "kill")  # kill -9 mid-write
+    assert killed.returncode == -9
+    assert _leftovers(last.parent), "the kill should land inside the write"
+    assert read_checkpoint(last)["global_step"] == 2  # the previous checkpoint still loads
+
+    resumed = _fault_train([*args, "trainer.max_steps=4"], None)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+    assert read_checkpoint(last)["global_step"] == 4 and not _leftovers(last.parent)
