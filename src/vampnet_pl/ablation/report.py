@@ -172,11 +172,17 @@ def runs_section(records: list[RunRecord]) -> str:
     return text
 
 
+def _natural(text: str) -> list:
+    """Sort key with numbers compared as numbers: passes_4 before passes_12."""
+    return [float(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", text))]
+
+
 def render(sweep: dict, records: list[RunRecord], analysis: Analysis, figures: list[Path]) -> str:
     protocols = sorted({r.protocol for r in records if r.status == "finished"})
     lines = [f"# Ablation report: {sweep['name']}", ""]
-    lines += [f"Conditions: {len(analysis.conditions)}; seeds per condition: "
-              f"{len({r['seed'] for r in sweep['runs']})}; baseline: `{analysis.baseline}`; "
+    seeds = sorted({int(r["seed"]) for r in sweep["runs"]})
+    lines += [f"Conditions: {len(analysis.conditions)}; seeds: {', '.join(map(str, seeds))}; "
+              f"baseline: `{analysis.baseline}`; "
               f"evaluation protocol: {', '.join(protocols) or '–'}.", ""]
     if len(protocols) > 1:
         lines += [f"**Warning:** the runs were scored under different protocols ({', '.join(protocols)}); "
@@ -190,7 +196,7 @@ def render(sweep: dict, records: list[RunRecord], analysis: Analysis, figures: l
                   "the CI excludes 0).", "", differences_table(analysis, headline), ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{p.stem}]({p.parent.name}/{p.name})" for p in figures] + [""]
-    series = sorted(m for m in analysis.values if classify(m) is not None)
+    series = sorted((m for m in analysis.values if classify(m) is not None), key=_natural)
     if series:
         lines += ["## Every series metric (mean ± 95% CI)", "", metrics_table(analysis, series), ""]
         scored = [m for m in series if m in analysis.differences]
@@ -216,6 +222,7 @@ def summary_csv(analysis: Analysis) -> str:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
