@@ -76,9 +76,9 @@ def sweep_dir(tmp_path) -> Path:
 
 def test_curves_join_attempts_and_final_metrics_skip_step_columns(sweep_dir):
     curves = read_curves(sweep_dir / "runs" / "schedule-cosine_seed-0")
-    assert curves["val/loss"] == {5: 9.0, 10: 5.0, 20: 3.0}  # the resumed attempt's step 10 replaced the first one's
+    assert curves["val/loss"] == {6: 9.0, 11: 5.0, 21: 3.0}  # steps trained: Lightning's 0-based index + 1  # the resumed attempt's step 10 replaced the first one's
     metrics, step = final_metrics(curves)
-    assert metrics == {"val/loss": 3.0} and step == 20
+    assert metrics == {"val/loss": 3.0} and step == 21
 
 
 def test_statistics_per_condition_and_paired_by_seed(sweep_dir):

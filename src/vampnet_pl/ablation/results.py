@@ -89,7 +89,11 @@ def _read_csv(path: Path) -> list[dict[str, float]]:
 
 
 def read_curves(run_dir: str | Path, log_dirs: list[Path] | None = None) -> dict[str, dict[int, float]]:
-    """metric -> {step: value} over every attempt; a later attempt's value for a step replaces an earlier one."""
+    """metric -> {steps trained: value} over every attempt; a later attempt's value for a step replaces an earlier one.
+
+    Lightning logs a value at the 0-based index of the last optimisation step; curves count the steps trained
+    (index + 1), so the validation after the final step sits at ``trainer.max_steps``.
+    """
     run_dir = Path(run_dir)
     files = sorted((run_dir / "curves").glob("attempt-*.csv"), key=lambda p: int(p.stem.split("-")[1]))
     for log_dir in log_dirs if log_dirs is not None else [run_dir / "csv"]:
@@ -98,7 +102,7 @@ def read_curves(run_dir: str | Path, log_dirs: list[Path] | None = None) -> dict
     curves: dict[str, dict[int, float]] = {}
     for path in files:
         for row in _read_csv(path):
-            step = int(row.pop("step"))
+            step = int(row.pop("step")) + 1
             for key, value in row.items():
                 if key != "epoch" and not math.isnan(value):
                     curves.setdefault(key, {})[step] = value
