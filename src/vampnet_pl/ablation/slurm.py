@@ -46,14 +46,15 @@ class TrainRun(submitit.helpers.Checkpointable):
 def executor(sweep: Sweep) -> submitit.AutoExecutor:
     s = sweep.spec.slurm
     tasks = s.tasks_per_node or max(1, s.gpus_per_node)
-    ex = submitit.AutoExecutor(folder=sweep.sweep_dir / ".submitit" / "%j", cluster="slurm")
+    ex = submitit.AutoExecutor(folder=sweep.sweep_dir / ".submitit" / "%j", cluster="slurm",
+                               slurm_max_num_timeout=s.max_num_timeout)
     extra = dict(s.additional_parameters)
     for key in ("account", "qos"):
         if getattr(s, key):
             extra[key] = getattr(s, key)
     params = dict(name=f"ablate-{sweep.spec.name}", nodes=s.nodes, tasks_per_node=tasks, cpus_per_task=s.cpus_per_task,
                   gpus_per_node=s.gpus_per_node or None, timeout_min=s.timeout_min,
-                  slurm_signal_delay_s=s.signal_delay_s, slurm_max_num_timeout=s.max_num_timeout,
+                  slurm_signal_delay_s=s.signal_delay_s,
                   slurm_array_parallelism=s.array_parallelism, slurm_setup=list(s.setup),
                   slurm_additional_parameters=extra)
     if s.partition:
