@@ -280,3 +280,29 @@ def test_eval_job_scores_an_exported_model(cluster, jobs_env, reference_run, pre
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0].startswith("prompt") and any(r.startswith("periodic:8,") for r in rows)
     assert len(list(out.glob("*.png"))) == 2
+
+
+def test_ablation_sweep_runs_as_submitit_jobs(cluster, jobs_env, prepared, codec_path, tmp_path):
+    import json
+
+    import yaml
+
+    steps = 10
+    base = train_args(prepared, codec_path, tmp_path / "unused", "trainer=cpu", f"trainer.max_steps={steps}",
+                      "data.batches_per_epoch=10", "checkpoint.every_n_train_steps=10")
+    spec = {"name": "slurm", "sweep_dir": str(tmp_path / "sweep"), "launcher": "slurm",
+            "base": [o for o in base if not o.startswith("runs_dir=")], "grid": {"masking.schedule": ["cosine", "linear"]},
+            "seeds": [0], "slurm": {"gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 20}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    done = subprocess.run([sys.executable, "-m", "vampnet_pl.cli", "ablate", "run", str(tmp_path / "spec.yaml")],
+                          env=jobs_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    sweep = tmp_path / "sweep"
+    logs = "\n".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + logs[-3000:]
+    assert logs.count("requeue by submitit") == 2, logs[-3000:]  # one SLURM job per run, submitit owns requeue
+    for run in ("schedule-cosine_seed-0", "schedule-linear_seed-0"):
+        result = json.loads((sweep / "runs" / run / "results.json").read_text())
+        assert result["final_step"] == result["metrics_step"] == steps and "val/loss" in result["metrics"]
+    again = subprocess.run([sys.executable, "-m", "vampnet_pl.cli", "ablate", "run", str(tmp_path / "spec.yaml")],
+                           env=jobs_env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 2, again.stdout + again.stderr[-2000:]

@@ -8,6 +8,8 @@
     vampnet-pl prep verify [--deep] out_dir=DIR       # --deep: decode and check every sample
     vampnet-pl prep repair out_dir=DIR                # re-encode only the units whose shards fail
     vampnet-pl codec synthetic artifacts/synthetic_dac.pth
+    vampnet-pl ablate run conf/ablation/demo.yaml [--parallel 2] [--launcher slurm] [extra base overrides]
+    vampnet-pl ablate report sweeps/demo [--baseline CONDITION] [--metric val/loss]
     vampnet-pl catalog synthetic DIR --files 24 --seconds 20
     vampnet-pl import-vampnet --codec codec.pth --coarse coarse.pth --c2f c2f.pth --out-dir models/vampnet
 """
@@ -167,6 +169,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return _run_hydra_app(eval_main, "vampnet-pl eval", args.overrides)
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from vampnet_pl.ablation import report, runner
+    from vampnet_pl.ablation.spec import expand, load_spec, validate
+
+    if args.action == "report":
+        if args.overrides:
+            raise UsageError(f"ablate report takes no overrides: {args.overrides}")
+        path = report.write_report(args.target, args.baseline, args.metric)
+        print(f"wrote {path}")
+        return 0
+    spec = load_spec(args.target, args.overrides)
+    if args.dry_run:
+        sweep = expand(spec, args.sweep_dir)
+        validate(sweep)
+        for run in sweep.runs:
+            print(f"{run.run_id}: vampnet-pl train {' '.join(run.overrides)}")
+        print(f"spec OK: {len(sweep.runs)} runs in {sweep.sweep_dir}")
+        return 0
+    outcomes = runner.run_sweep(spec, args.sweep_dir, args.launcher, args.parallel, wait=not args.no_wait)
+    for outcome in outcomes:
+        print(f"{outcome.status:9s} {outcome.run.run_id} {outcome.detail}")
+    failed = [o for o in outcomes if o.status == "failed"]
+    if outcomes and not args.no_wait:
+        print(f"report: vampnet-pl ablate report {outcomes[0].run.run_dir.parents[1]}")
+    return 1 if failed else 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vampnet_pl.demo import run_demo
 
@@ -248,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="score exported models on a shard split (conf/eval.yaml)", add_help=False)
     evaluate.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides and flags")
     evaluate.set_defaults(func=_cmd_eval)
+
+    ablate = commands.add_parser("ablate", help="ablation sweeps: run a spec's grid x seeds, report means and CIs")
+    ablate.add_argument("action", choices=["run", "report"])
+    ablate.add_argument("target", type=Path, help="run: the spec YAML; report: the sweep folder")
+    ablate.add_argument("--sweep-dir", type=Path, default=None, help="run: where the runs go (default: the spec's)")
+    ablate.add_argument("--launcher", choices=["local", "slurm"], default=None, help="run: default: the spec's")
+    ablate.add_argument("--parallel", type=int, default=None, help="run: local runs at a time (default: the spec's)")
+    ablate.add_argument("--no-wait", action="store_true", help="run, slurm: submit and return")
+    ablate.add_argument("--dry-run", action="store_true", help="run: validate the spec and list the runs")
+    ablate.add_argument("--baseline", default=None, help="report: the condition to compare with (default: the spec's)")
+    ablate.add_argument("--metric", default=None, help="report: the metric that ranks conditions (default: the spec's)")
+    ablate.add_argument("overrides", nargs="*", help="run: extra base overrides for every run")
+    ablate.set_defaults(func=_cmd_ablate)
 
     demo = commands.add_parser("demo", help="the offline main job, end to end")
     demo.add_argument("overrides", nargs="*", help="Hydra overrides for conf/demo.yaml")

@@ -214,12 +214,53 @@ class EvalConfig:
     seed: int = 0
 
 
+class SweepLauncher(str, Enum):
+    local = "local"  # subprocesses on this machine, ``parallel`` at a time
+    slurm = "slurm"  # one SLURM job per run through submitit, requeued before its time limit
+
+
+@dataclass
+class AblationSlurmConfig:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 1
+    tasks_per_node: Optional[int] = None  # default: one process per GPU (at least one)
+    cpus_per_task: int = 8
+    mem_gb: Optional[int] = None
+    timeout_min: int = 1440
+    signal_delay_s: int = 90  # submitit checkpoints and requeues this long before the time limit
+    max_num_timeout: int = 20  # requeues after a time limit
+    array_parallelism: int = 64
+    setup: list[str] = field(default_factory=list)  # shell lines a job runs first, e.g. "module load cuda"
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # any other sbatch option
+
+
+@dataclass
+class AblationConfig:
+    """An ablation sweep (``vampnet-pl ablate run SPEC.yaml``): base overrides x grid x seeds."""
+
+    name: str = "ablation"
+    sweep_dir: Optional[str] = None  # default: sweeps/<name>
+    base: list[str] = field(default_factory=list)  # overrides for conf/train.yaml every run shares
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # override key -> values; one condition per combination
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seed_keys: list[str] = field(default_factory=lambda: ["seed"])  # keys set to the run's seed
+    baseline: dict[str, Any] = field(default_factory=dict)  # default: cosine / random / uniform, else first values
+    primary_metric: str = "val/loss"  # ranks the conditions
+    launcher: SweepLauncher = SweepLauncher.local
+    parallel: int = 1  # local runs at a time
+    slurm: AblationSlurmConfig = field(default_factory=AblationSlurmConfig)
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="prep_schema", node=PrepConfig)
     store.store(name="demo_schema", node=DemoConfig)
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="ablation_schema", node=AblationConfig)
     store.store(group="model", name="model_schema", node=VampNetConfig)
     store.store(group="masking", name="masking_schema", node=MaskingConfig)
     store.store(group="optim", name="optim_schema", node=OptimConfig)

@@ -39,6 +39,15 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def build_loggers(node) -> list:
+    """One logger (a ``_target_`` node) or several (a mapping of name -> ``_target_`` node, e.g. conf/logger/sweep.yaml)."""
+    if not node:
+        return []
+    if "_target_" in node:
+        return [hydra.utils.instantiate(node)]
+    return [hydra.utils.instantiate(child) for child in node.values() if child]
+
+
 def build(cfg: DictConfig):
     """Everything a run needs, from a composed config: (module, datamodule, trainer, resume checkpoint)."""
     schema: TrainConfig = OmegaConf.to_object(cfg)
@@ -73,7 +82,7 @@ def build(cfg: DictConfig):
     trainer = L.Trainer(
         **trainer_args,
         strategy=hydra.utils.instantiate(cfg.strategy) if cfg.strategy else "auto",
-        logger=hydra.utils.instantiate(cfg.logger) if cfg.logger else False,
+        logger=build_loggers(cfg.logger) or False,
         callbacks=callbacks,
         plugins=[*cluster_plugins(), AtomicCheckpointIO()],
         default_root_dir=schema.run_dir,

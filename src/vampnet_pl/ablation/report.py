@@ -1,0 +1,313 @@
+"""``vampnet-pl ablate report SWEEP_DIR``: report.md, summary.csv and PNG figures from a sweep's runs.
+
+Per condition (grid cell, over seeds): mean and 95% t-interval of every metric; paired differences against the
+baseline condition (paired by seed); a ranking by the primary metric; curves over training steps with CI bands;
+series figures (accuracy against mask ratio, per codebook, quality against passes) and per-prompt bars.
+Runs that are missing or failed are listed, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vampnet_pl.ablation import results, stats
+from vampnet_pl.ablation.runner import SWEEP_FILE
+from vampnet_pl.utils.atomic import atomic_path, write_text_atomic
+
+# Metric names that are a point of a series: (kind, family, x).
+SERIES = [
+    ("ratio", re.compile(r"^(?P<family>.+)/ratio_(?:le_)?(?P<x>\d+(?:\.\d+)?)$")),
+    ("codebook", re.compile(r"^(?P<family>.+)/codebook_(?P<x>\d+)$")),
+    ("passes", re.compile(r"^(?P<family>.+)/passes_(?P<x>\d+)$")),
+    ("prompt", re.compile(r"^(?P<family>.+)/prompt_(?P<x>.+)$")),
+    ("prompt", re.compile(r"^(?P<family>gen/[^/]+)/(?P<x>[^/]+)$")),  # gen/<metric>/<prompt>
+    ("prompt", re.compile(r"^eval/(?P<x>[^/]+)/(?P<family>[^/]+)$")),  # the training-time evaluation callback
+]
+SERIES_LABELS = {"ratio": "mask ratio", "codebook": "codebook", "passes": "decoding passes", "prompt": "prompt"}
+
+
+def classify(metric: str) -> tuple[str, str, str] | None:
+    for kind, pattern in SERIES:
+        if match := pattern.match(metric):
+            family = match["family"] if not metric.startswith("eval/") or kind != "prompt" else f"eval/{match['family']}"
+            return kind, family, match["x"]
+    return None
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    condition_id: str
+    seed: int
+    status: str  # finished | failed | incomplete | not started
+    detail: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)
+    protocol: str = ""
+    metrics_step: int | None = None
+    final_step: int | None = None
+
+
+def read_sweep(sweep_dir: str | Path, progress: bool = True) -> tuple[dict, list[RunRecord]]:
+    from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
+
+    from vampnet_pl.ablation.spec import csv_log_dirs
+
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / SWEEP_FILE).is_file():
+        raise FileNotFoundError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE}; `vampnet-pl ablate run` writes it)")
+    sweep = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    records = []
+    for run in tqdm(sweep["runs"], desc="read runs", unit="run", disable=not progress):
+        run_dir = Path(run["run_dir"])
+        record = RunRecord(run["run_id"], run["condition_id"], int(run["seed"]), "not started")
+        if results.results_path(run_dir).is_file():
+            saved = json.loads(results.results_path(run_dir).read_text())
+            record.status, record.metrics, record.protocol = "finished", saved["metrics"], saved.get("protocol", "")
+            record.metrics_step, record.final_step = saved.get("metrics_step"), saved.get("final_step")
+            if record.metrics_step != record.final_step:
+                record.detail = f"scores measured at step {record.metrics_step}, training ended at {record.final_step}"
+            record.curves = results.read_curves(run_dir, csv_log_dirs(OmegaConf.create(saved["config"])))
+        elif (run_dir / results.FAILURE).is_file():
+            failure = json.loads((run_dir / results.FAILURE).read_text())
+            record.status, record.detail = "failed", failure.get("reason", "")
+        elif run_dir.exists():
+            record.status, record.detail = "incomplete", "started, no results.json (running, or stopped)"
+        records.append(record)
+    return sweep, records
+
+
+@dataclass
+class Analysis:
+    conditions: list[str]
+    baseline: str
+    primary: str
+    values: dict[str, dict[str, dict[int, float]]]  # metric -> condition -> seed -> value
+    estimates: dict[str, dict[str, stats.Estimate]]  # metric -> condition -> estimate
+    differences: dict[str, dict[str, stats.Estimate]]  # metric -> condition -> paired difference vs baseline
+
+
+def analyse(sweep: dict, records: list[RunRecord], baseline: str | None = None, primary: str | None = None) -> Analysis:
+    conditions = list(dict.fromkeys(r["condition_id"] for r in sweep["runs"]))
+    baseline = baseline or sweep["baseline"]
+    if baseline not in conditions:
+        raise ValueError(f"baseline {baseline!r} is not a condition of this sweep: {conditions}")
+    values: dict[str, dict[str, dict[int, float]]] = {}
+    for record in records:
+        if record.status == "finished":
+            for metric, value in record.metrics.items():
+                values.setdefault(metric, {}).setdefault(record.condition_id, {})[record.seed] = float(value)
+    estimates = {m: {c: stats.mean_ci(by.get(c, {}).values()) for c in conditions} for m, by in values.items()}
+    differences = {m: {c: stats.paired_difference(by.get(c, {}), by.get(baseline, {})) for c in conditions if c != baseline}
+                   for m, by in values.items() if stats.is_score(m)}
+    return Analysis(conditions, baseline, primary or sweep.get("primary_metric") or "val/loss", values, estimates,
+                    differences)
+
+
+# -- markdown -------------------------------------------------------------------------------------
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _difference(estimate: stats.Estimate) -> str:
+    if estimate.n == 0:
+        return "–"
+    text = estimate.format()
+    if estimate.n > 1 and not math.isnan(estimate.half_width):
+        significant = estimate.low > 0 or estimate.high < 0
+        text += f" (p={estimate.p_value:.2g}){' *' if significant else ''}"
+    return text
+
+
+def headline_metrics(analysis: Analysis) -> list[str]:
+    names = [m for m in analysis.values if classify(m) is None and stats.is_score(m)]
+    return sorted(names, key=lambda m: (not m.startswith("val/"), m != analysis.primary, m))
+
+
+def ranking_section(analysis: Analysis) -> str:
+    primary = analysis.primary
+    if primary not in analysis.estimates:
+        return f"No finished run has the primary metric `{primary}`."
+    higher = stats.higher_is_better(primary)
+    order = stats.rank(analysis.estimates[primary], higher)
+    rows = []
+    for place, condition in enumerate(order, 1):
+        estimate = analysis.estimates[primary][condition]
+        diff = "baseline" if condition == analysis.baseline else _difference(analysis.differences[primary][condition])
+        rows.append([str(place), f"`{condition}`", estimate.format(), str(estimate.n), diff])
+    direction = "higher" if higher else "lower"
+    return (f"By `{primary}` ({direction} is better). Mean ± 95% CI half-width over seeds; Δ: paired difference "
+            f"to the baseline by seed, * where its CI excludes 0.\n\n"
+            + _table(["rank", "condition", primary, "seeds", "Δ vs baseline"], rows))
+
+
+def metrics_table(analysis: Analysis, metrics: list[str]) -> str:
+    rows = [[f"`{m}`", *[analysis.estimates[m][c].format() for c in analysis.conditions]] for m in metrics]
+    return _table(["metric", *[f"`{c}`" for c in analysis.conditions]], rows)
+
+
+def differences_table(analysis: Analysis, metrics: list[str]) -> str:
+    others = [c for c in analysis.conditions if c != analysis.baseline]
+    rows = [[f"`{m}`", *[_difference(analysis.differences[m][c]) for c in others]] for m in metrics
+            if m in analysis.differences]
+    return _table(["metric", *[f"`{c}` − baseline" for c in others]], rows)
+
+
+def runs_section(records: list[RunRecord]) -> str:
+    problems = [r for r in records if r.status != "finished" or r.detail]
+    done = sum(r.status == "finished" for r in records)
+    text = f"{done} of {len(records)} runs finished."
+    if problems:
+        text += " These runs are missing from the statistics or need attention:\n\n" + _table(
+            ["run", "status", "detail"], [[f"`{r.run_id}`", r.status, r.detail or ""] for r in problems])
+    return text
+
+
+def _natural(text: str) -> list:
+    """Sort key with numbers compared as numbers: passes_4 before passes_12."""
+    return [float(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", text))]
+
+
+def render(sweep: dict, records: list[RunRecord], analysis: Analysis, figures: list[Path]) -> str:
+    protocols = sorted({r.protocol for r in records if r.status == "finished"})
+    lines = [f"# Ablation report: {sweep['name']}", ""]
+    seeds = sorted({int(r["seed"]) for r in sweep["runs"]})
+    lines += [f"Conditions: {len(analysis.conditions)}; seeds: {', '.join(map(str, seeds))}; "
+              f"baseline: `{analysis.baseline}`; "
+              f"evaluation protocol: {', '.join(protocols) or '–'}.", ""]
+    if len(protocols) > 1:
+        lines += [f"**Warning:** the runs were scored under different protocols ({', '.join(protocols)}); "
+                  "their scores are not comparable.", ""]
+    lines += ["## Runs", "", runs_section(records), "", "## Ranking", "", ranking_section(analysis), ""]
+    headline = headline_metrics(analysis)
+    if headline:
+        lines += ["## Final scores (mean ± 95% CI over seeds)", "", metrics_table(analysis, headline), ""]
+        lines += [f"## Paired differences against `{analysis.baseline}`", "",
+                  "Condition minus baseline, paired by seed: mean ± 95% CI half-width (paired t-test p; * where "
+                  "the CI excludes 0).", "", differences_table(analysis, headline), ""]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{p.stem}]({p.parent.name}/{p.name})" for p in figures] + [""]
+    series = sorted((m for m in analysis.values if classify(m) is not None), key=_natural)
+    if series:
+        lines += ["## Every series metric (mean ± 95% CI)", "", metrics_table(analysis, series), ""]
+        scored = [m for m in series if m in analysis.differences]
+        if scored:
+            lines += [f"### Paired differences against `{analysis.baseline}`", "", differences_table(analysis, scored), ""]
+    return "\n".join(lines)
+
+
+def summary_csv(analysis: Analysis) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["metric", "condition", "mean", "ci_half_width", "n", "diff_vs_baseline", "diff_ci_half_width",
+                     "diff_n", "diff_p"])
+    for metric, by in sorted(analysis.estimates.items()):
+        for condition, e in by.items():
+            d = analysis.differences.get(metric, {}).get(condition)
+            writer.writerow([metric, condition, e.mean, e.half_width, e.n, *((d.mean, d.half_width, d.n, d.p_value)
+                                                                             if d else ("", "", "", ""))])
+    return out.getvalue()
+
+
+# -- figures --------------------------------------------------------------------------------------
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _panels(n: int, width: float = 4.8, height: float = 3.4):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def curves_figure(analysis: Analysis, records: list[RunRecord], path: Path) -> Path | None:
+    names = sorted({k for r in records for k in r.curves if (k.startswith("val/") and classify(k) is None
+                                                             and stats.is_score(k)) or k == "train/loss_step"})
+    names = sorted(names, key=lambda m: (m != analysis.primary, m))[:6]
+    if not names:
+        return None
+    fig, axes = _panels(len(names))
+    for ax, metric in zip(axes, names):
+        for condition in analysis.conditions:
+            curves = [r.curves[metric] for r in records if r.condition_id == condition and r.status == "finished"
+                      and metric in r.curves]
+            if not curves:
+                continue
+            steps, estimates = stats.band(curves)
+            mean = [e.mean for e in estimates]
+            half = [0.0 if math.isnan(e.half_width) else e.half_width for e in estimates]
+            (line,) = ax.plot(steps, mean, label=condition, lw=1.4)
+            ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                            color=line.get_color(), alpha=0.2, lw=0)
+        ax.set(title=metric, xlabel="training step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("curves over training (mean over seeds, 95% CI band)")
+    return _save(fig, path)
+
+
+def series_figure(analysis: Analysis, kind: str, path: Path) -> Path | None:
+    families: dict[str, dict[str, str]] = {}  # family -> x label -> metric
+    for metric in analysis.values:
+        if (c := classify(metric)) and c[0] == kind and stats.is_score(metric) and stats.is_score(c[1]):
+            families.setdefault(c[1], {})[c[2]] = metric
+    if not families:
+        return None
+    fig, axes = _panels(len(families))
+    width = 0.8 / max(1, len(analysis.conditions))
+    for ax, (family, points) in zip(axes, sorted(families.items())):
+        xs = sorted(points, key=lambda x: float(x)) if kind != "prompt" else sorted(points)
+        for i, condition in enumerate(analysis.conditions):
+            es = [analysis.estimates[points[x]][condition] for x in xs]
+            mean = [e.mean for e in es]
+            err = [0.0 if math.isnan(e.half_width) else e.half_width for e in es]
+            if kind == "prompt":
+                ax.bar([j + (i - (len(analysis.conditions) - 1) / 2) * width for j in range(len(xs))], mean, width,
+                       yerr=err, capsize=2, label=condition)
+            else:
+                ax.errorbar([float(x) for x in xs], mean, yerr=err, marker="o", ms=3, capsize=2, label=condition)
+        if kind == "prompt":
+            ax.set_xticks(range(len(xs)), xs, rotation=45, ha="right", fontsize=7)
+        elif kind == "passes":
+            ax.set_xscale("log")
+        ax.set(title=family, xlabel=SERIES_LABELS[kind])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"by {SERIES_LABELS[kind]} (mean over seeds, 95% CI)")
+    return _save(fig, path)
+
+
+def write_report(sweep_dir: str | Path, baseline: str | None = None, primary: str | None = None,
+                 progress: bool = True) -> Path:
+    sweep_dir = Path(sweep_dir)
+    sweep, records = read_sweep(sweep_dir, progress)
+    analysis = analyse(sweep, records, baseline, primary)
+    figures_dir = sweep_dir / "figures"
+    figures = [curves_figure(analysis, records, figures_dir / "curves.png")]
+    figures += [series_figure(analysis, kind, figures_dir / f"by_{kind}.png") for kind in SERIES_LABELS]
+    figures = [f for f in figures if f is not None]
+    write_text_atomic(sweep_dir / "summary.csv", summary_csv(analysis))
+    return write_text_atomic(sweep_dir / "report.md", render(sweep, records, analysis, figures))

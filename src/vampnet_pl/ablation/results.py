@@ -1,0 +1,158 @@
+"""Each run's record: ``results.json`` (config, commit, codec, final scores) and its curves over training steps.
+
+A run folder (``<sweep>/runs/<run id>/``) holds the training's checkpoints and logs, plus:
+- ``results.json``: written once the run has finished, atomically; its presence means "finished";
+- ``failure.json``: the last failed attempt (exit status, log tail); removed when the run finishes;
+- ``curves/attempt-<k>.csv``: the CSV log of each earlier attempt (Lightning's CSVLogger starts its
+  ``metrics.csv`` afresh on a restart, so it is moved aside first); the live one is the CSV log itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vampnet_pl.utils.atomic import write_json_atomic
+
+RESULTS = "results.json"
+FAILURE = "failure.json"
+# Columns of the CSV log that are bookkeeping or per-step noise, not final scores.
+_NOT_FINAL = re.compile(r"^(epoch|step|lr.*)$|_step$")
+
+
+def results_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RESULTS
+
+
+def git_commit() -> str:
+    """The source checkout's commit (``+dirty`` with uncommitted changes), or ``unknown`` outside git."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def protocol_id(config: dict) -> str:
+    """The evaluation protocol the run's validation followed (``eval_protocol``/``protocol`` in its config)."""
+    for key in ("eval_protocol", "protocol"):
+        node = config.get(key)
+        if isinstance(node, (str, int, float)):
+            return str(node)
+        if isinstance(node, dict):
+            for field in ("id", "name", "version"):
+                if node.get(field) is not None:
+                    return str(node[field])
+    return "none"
+
+
+def csv_dirs(cfg: DictConfig) -> list[Path]:
+    from vampnet_pl.ablation.spec import csv_log_dirs
+
+    return csv_log_dirs(cfg)
+
+
+def archive_csv_log(run_dir: Path, cfg: DictConfig) -> None:
+    """Move the CSV log of an earlier attempt to ``curves/attempt-<k>.csv`` before a new attempt starts."""
+    for log_dir in csv_dirs(cfg):
+        live = log_dir / "metrics.csv"
+        if live.is_file() and live.stat().st_size:
+            curves = run_dir / "curves"
+            curves.mkdir(parents=True, exist_ok=True)
+            os.replace(live, curves / f"attempt-{len(list(curves.glob('attempt-*.csv')))}.csv")
+
+
+def _read_csv(path: Path) -> list[dict[str, float]]:
+    rows = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            values = {}
+            for key, text in row.items():
+                try:
+                    values[key] = float(text)
+                except (TypeError, ValueError):
+                    continue
+            if "step" in values:
+                rows.append(values)
+    return rows
+
+
+def read_curves(run_dir: str | Path, log_dirs: list[Path] | None = None) -> dict[str, dict[int, float]]:
+    """metric -> {steps trained: value} over every attempt; a later attempt's value for a step replaces an earlier one.
+
+    Lightning logs a value at the 0-based index of the last optimisation step; curves count the steps trained
+    (index + 1), so the validation after the final step sits at ``trainer.max_steps``.
+    """
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / "curves").glob("attempt-*.csv"), key=lambda p: int(p.stem.split("-")[1]))
+    for log_dir in log_dirs if log_dirs is not None else [run_dir / "csv"]:
+        if (log_dir / "metrics.csv").is_file():
+            files.append(log_dir / "metrics.csv")
+    curves: dict[str, dict[int, float]] = {}
+    for path in files:
+        for row in _read_csv(path):
+            step = int(row.pop("step")) + 1
+            for key, value in row.items():
+                if key != "epoch" and not math.isnan(value):
+                    curves.setdefault(key, {})[step] = value
+    return curves
+
+
+def final_metrics(curves: dict[str, dict[int, float]]) -> tuple[dict[str, float], int | None]:
+    """The last value of every score column, and the step of the last validation."""
+    metrics = {k: c[max(c)] for k, c in curves.items() if c and not _NOT_FINAL.search(k)}
+    val_steps = [max(c) for k, c in curves.items() if c and k.startswith(("val/", "gen/"))]
+    return metrics, (max(val_steps) if val_steps else None)
+
+
+def checkpoint_info(run_dir: Path) -> tuple[int | None, str | None]:
+    """(global step, codec fingerprint) of the run's last checkpoint."""
+    from vampnet_pl.training.app import last_checkpoint
+    from vampnet_pl.training.export import read_checkpoint
+
+    path = last_checkpoint(run_dir)
+    if path is None:
+        return None, None
+    checkpoint = read_checkpoint(path)
+    model = (checkpoint.get("hyper_parameters") or {}).get("model") or {}
+    return int(checkpoint.get("global_step", -1)), model.get("codec_fingerprint")
+
+
+def write_results(run, cfg: DictConfig) -> dict:
+    """Record a finished run in ``results.json`` (atomically) and clear its failure record."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    curves = read_curves(run.run_dir, csv_dirs(cfg))
+    metrics, metrics_step = final_metrics(curves)
+    step, fingerprint = checkpoint_info(run.run_dir)
+    record = {
+        **run.to_dict(),
+        "status": "finished",
+        "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "codec_fingerprint": fingerprint,
+        "protocol": protocol_id(config),
+        "final_step": step,
+        "metrics_step": metrics_step,  # the step the final scores were measured at
+        "metrics": metrics,
+        "config": config,
+    }
+    write_json_atomic(results_path(run.run_dir), record)
+    (run.run_dir / FAILURE).unlink(missing_ok=True)
+    return record
+
+
+def write_failure(run, reason: str, log_tail: str = "") -> None:
+    write_json_atomic(run.run_dir / FAILURE, {**run.to_dict(), "status": "failed", "reason": reason,
+                                              "at": datetime.datetime.now().isoformat(timespec="seconds"),
+                                              "log_tail": log_tail[-4000:]})

@@ -1,0 +1,168 @@
+"""Run a sweep: locally (subprocesses, N at a time) or on SLURM (submitit jobs); skip finished runs, resume the rest.
+
+Every run trains in its own folder with ``resume=true``: a run that stopped midway (killed, failed, requeued)
+continues from its ``checkpoints/last.ckpt``. A run with a ``results.json`` is finished and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vampnet_pl.ablation import results
+from vampnet_pl.ablation.spec import Run, SpecError, Sweep, validate
+from vampnet_pl.config import SweepLauncher
+from vampnet_pl.utils.atomic import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+SWEEP_FILE = "sweep.json"  # every run of the sweep, so the report can list the ones missing
+
+
+@dataclass
+class Outcome:
+    run: Run
+    status: str  # finished | skipped | failed | submitted
+    detail: str = ""
+
+
+def write_sweep_record(sweep: Sweep, configs: dict[str, DictConfig]) -> None:
+    sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(sweep.sweep_dir / "spec.yaml", OmegaConf.to_yaml(OmegaConf.structured(sweep.spec)))
+    write_json_atomic(sweep.sweep_dir / SWEEP_FILE, {
+        "name": sweep.spec.name, "baseline": sweep.baseline_id, "primary_metric": sweep.spec.primary_metric,
+        "grid_keys": list(sweep.spec.grid), "runs": [r.to_dict() for r in sweep.runs]})
+
+
+def finished(run: Run) -> bool:
+    return results.results_path(run.run_dir).is_file()
+
+
+def check_finished_runs_match(sweep: Sweep) -> None:
+    """A finished run recorded with other overrides would be silently mixed into the report: refuse."""
+    stale = []
+    for run in sweep.runs:
+        if finished(run):
+            recorded = json.loads(results.results_path(run.run_dir).read_text()).get("overrides")
+            if recorded != list(run.overrides):
+                stale.append(run.run_id)
+    if stale:
+        raise SpecError(f"{len(stale)} finished run(s) were trained with other overrides than this spec gives them "
+                        f"({', '.join(stale[:5])}); use a new sweep_dir, or delete their folders to retrain them")
+
+
+def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict[str, DictConfig]]:
+    from vampnet_pl.ablation.spec import expand
+
+    sweep = expand(spec, sweep_dir)
+    configs = validate(sweep, progress)
+    check_finished_runs_match(sweep)
+    write_sweep_record(sweep, configs)
+    return sweep, configs
+
+
+def run_sweep(spec, sweep_dir=None, launcher: SweepLauncher | None = None, parallel: int | None = None,
+              wait: bool = True, progress: bool = True) -> list[Outcome]:
+    """Validate the whole spec, then run every unfinished run; returns one outcome per run."""
+    sweep, configs = prepare(spec, sweep_dir, progress)
+    todo = [r for r in sweep.runs if not finished(r)]
+    outcomes = [Outcome(r, "skipped", "finished before") for r in sweep.runs if finished(r)]
+    for outcome in outcomes:
+        log.info("skip %s: finished (%s)", outcome.run.run_id, results.RESULTS)
+    launcher = SweepLauncher(launcher or sweep.spec.launcher)
+    if launcher == SweepLauncher.local:
+        outcomes += run_local(todo, configs, parallel or sweep.spec.parallel, progress)
+    else:
+        from vampnet_pl.ablation.slurm import run_slurm
+
+        outcomes += run_slurm(sweep, todo, wait, progress)
+    order = {r.run_id: i for i, r in enumerate(sweep.runs)}
+    return sorted(outcomes, key=lambda o: order[o.run.run_id])
+
+
+# -- local ----------------------------------------------------------------------------------------
+class _Children:
+    """The training processes this sweep started, so an interrupt stops exactly those."""
+
+    def __init__(self):
+        self.lock, self.processes = threading.Lock(), {}
+
+    def add(self, process: subprocess.Popen) -> None:
+        with self.lock:
+            self.processes[process.pid] = process
+
+    def remove(self, process: subprocess.Popen) -> None:
+        with self.lock:
+            self.processes.pop(process.pid, None)
+
+    def stop_all(self) -> None:
+        with self.lock:
+            for process in self.processes.values():
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+
+
+def train_command(run: Run) -> list[str]:
+    return [sys.executable, "-m", "vampnet_pl.cli", "train", *run.overrides]
+
+
+def run_local_one(run: Run, cfg: DictConfig, threads: int, children: _Children | None = None) -> Outcome:
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    results.archive_csv_log(run.run_dir, cfg)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(name, None)  # a launcher's variables of this process are not the run's
+    log_path = run.run_dir / "train.log"
+    with open(log_path, "a") as log_file:
+        log_file.write(f"\n=== vampnet-pl ablate: {' '.join(train_command(run))}\n")
+        log_file.flush()
+        process = subprocess.Popen(train_command(run), stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        if children:
+            children.add(process)
+        write_json_atomic(run.run_dir / "attempt.json", {"pid": process.pid, "command": train_command(run)})
+        code = process.wait()
+        if children:
+            children.remove(process)
+    if code != 0:
+        tail = log_path.read_text(errors="replace")[-4000:]
+        reason = f"exit status {code}" + (f" ({signal.Signals(-code).name})" if code < 0 else "")
+        results.write_failure(run, reason, tail)
+        return Outcome(run, "failed", reason)
+    results.write_results(run, cfg)
+    return Outcome(run, "finished")
+
+
+def run_local(runs: list[Run], configs: dict[str, DictConfig], parallel: int, progress: bool = True) -> list[Outcome]:
+    from tqdm.auto import tqdm
+
+    if not runs:
+        return []
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    children, outcomes = _Children(), []
+    with ThreadPoolExecutor(parallel) as pool, tqdm(total=len(runs), desc="sweep", unit="run",
+                                                     disable=not progress) as bar:
+        futures = {pool.submit(run_local_one, r, configs[r.run_id], threads, children): r for r in runs}
+        try:
+            for future in as_completed(futures):
+                outcome = future.result()
+                outcomes.append(outcome)
+                bar.update()
+                bar.set_postfix_str(f"{outcome.run.run_id}: {outcome.status}")
+                log.info("%s: %s %s", outcome.run.run_id, outcome.status, outcome.detail)
+        except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()
+            children.stop_all()
+            raise
+    return outcomes

@@ -1,0 +1,100 @@
+"""Sweep runs as SLURM jobs through submitit: one job per run, in one array, requeued before the time limit.
+
+As with Hydra's submitit launcher (conf/hydra/launcher/slurm.yaml), submitit owns the time-limit signal and the
+requeue (the training's own requeue sees ``SUBMITIT_EXECUTOR`` and stays out): ``checkpoint()`` resubmits the
+same run, which resumes from its ``last.ckpt``. Each job trains in-process, on every task of the job (one per
+device), and rank 0 writes ``results.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import submitit
+
+from vampnet_pl.ablation import results
+from vampnet_pl.ablation.spec import Run, Sweep, compose_run
+
+log = logging.getLogger(__name__)
+
+
+class TrainRun(submitit.helpers.Checkpointable):
+    """The callable a job runs: train one run (resuming), then record it. Picklable: it holds only the run."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def __call__(self) -> str:
+        from vampnet_pl.training.app import run as train
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        cfg = compose_run(self.run)
+        rank = int(os.environ.get("SLURM_PROCID", 0))
+        if rank == 0:
+            self.run.run_dir.mkdir(parents=True, exist_ok=True)
+            results.archive_csv_log(self.run.run_dir, cfg)
+        else:
+            time.sleep(2)  # let rank 0 move the previous attempt's CSV log aside first
+        train(cfg)
+        if rank == 0:
+            results.write_results(self.run, cfg)
+        return self.run.run_id
+
+
+def executor(sweep: Sweep) -> submitit.AutoExecutor:
+    s = sweep.spec.slurm
+    tasks = s.tasks_per_node or max(1, s.gpus_per_node)
+    ex = submitit.AutoExecutor(folder=sweep.sweep_dir / ".submitit" / "%j", cluster="slurm",
+                               slurm_max_num_timeout=s.max_num_timeout)
+    extra = dict(s.additional_parameters)
+    for key in ("account", "qos"):
+        if getattr(s, key):
+            extra[key] = getattr(s, key)
+    params = dict(name=f"ablate-{sweep.spec.name}", nodes=s.nodes, tasks_per_node=tasks, cpus_per_task=s.cpus_per_task,
+                  gpus_per_node=s.gpus_per_node or None, timeout_min=s.timeout_min,
+                  slurm_signal_delay_s=s.signal_delay_s,
+                  slurm_array_parallelism=s.array_parallelism, slurm_setup=list(s.setup),
+                  slurm_additional_parameters=extra)
+    if s.partition:
+        params["slurm_partition"] = s.partition
+    if s.mem_gb:
+        params["mem_gb"] = s.mem_gb
+    ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return ex
+
+
+def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool = True) -> list:
+    from tqdm.auto import tqdm
+
+    from vampnet_pl.ablation.runner import Outcome
+
+    if not runs:
+        return []
+    ex = executor(sweep)
+    with ex.batch():
+        jobs = [ex.submit(TrainRun(run)) for run in runs]
+    for run, job in zip(runs, jobs):
+        log.info("%s: SLURM job %s", run.run_id, job.job_id)
+    if not wait:
+        return [Outcome(run, "submitted", f"job {job.job_id}") for run, job in zip(runs, jobs)]
+    outcomes = []
+    pending = dict(zip(runs, jobs))
+    with tqdm(total=len(runs), desc="sweep (SLURM)", unit="run", disable=not progress) as bar:
+        while pending:
+            for run, job in list(pending.items()):
+                if not job.done():
+                    continue
+                del pending[run]
+                try:
+                    job.result()
+                    outcomes.append(Outcome(run, "finished", f"job {job.job_id}"))
+                except Exception as err:  # the job's own exception or a SLURM failure
+                    reason = f"job {job.job_id}: {type(err).__name__}"
+                    results.write_failure(run, reason, str(err))
+                    outcomes.append(Outcome(run, "failed", reason))
+                bar.update()
+            if pending:
+                time.sleep(2)
+    return outcomes

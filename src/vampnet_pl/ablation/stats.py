@@ -1,0 +1,91 @@
+"""Pure statistics for ablation reports: mean and t-interval over seeds, paired differences, metric direction."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Estimate:
+    mean: float
+    half_width: float  # the 95% (or ``confidence``) interval is mean +- half_width; nan with fewer than 2 values
+    n: int
+    p_value: float = math.nan  # for paired differences: two-sided paired t-test against no difference
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half_width
+
+    def format(self, digits: int = 4) -> str:
+        if self.n == 0:
+            return "–"
+        if math.isnan(self.half_width):
+            return f"{self.mean:.{digits}g} (n={self.n})"
+        return f"{self.mean:.{digits}g} ± {self.half_width:.2g}"
+
+
+def mean_ci(values: Iterable[float], confidence: float = 0.95) -> Estimate:
+    """Mean and Student-t confidence interval of independent values (e.g. one per seed); NaNs are dropped."""
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if x.size == 0:
+        return Estimate(math.nan, math.nan, 0)
+    if x.size == 1:
+        return Estimate(float(x[0]), math.nan, 1)
+    sem = x.std(ddof=1) / math.sqrt(x.size)
+    return Estimate(float(x.mean()), float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * sem), int(x.size))
+
+
+def paired_difference(condition: Mapping, baseline: Mapping, confidence: float = 0.95) -> Estimate:
+    """Mean of ``condition[k] - baseline[k]`` over the keys (seeds) both have, with its t-interval and p-value."""
+    keys = sorted(k for k in condition.keys() & baseline.keys()
+                  if not math.isnan(condition[k]) and not math.isnan(baseline[k]))
+    diffs = [condition[k] - baseline[k] for k in keys]
+    estimate = mean_ci(diffs, confidence)
+    if len(diffs) < 2:
+        return estimate
+    sd = float(np.std(diffs, ddof=1))
+    if sd == 0:
+        p = 1.0 if estimate.mean == 0 else 0.0
+    else:
+        p = float(2 * stats.t.sf(abs(estimate.mean) / (sd / math.sqrt(len(diffs))), len(diffs) - 1))
+    return Estimate(estimate.mean, estimate.half_width, estimate.n, p)
+
+
+_HIGHER_IS_BETTER = re.compile(r"(^|/)(acc\w*|top\d+\w*|accuracy\w*)(/|$)")
+_NOT_A_SCORE = re.compile(r"(^|/)(n_embeddings|epoch|step|lr)(/|$)")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Accuracies are better higher; losses, perplexities and distances (mel, FAD, KAD) lower."""
+    return bool(_HIGHER_IS_BETTER.search(metric))
+
+
+def is_score(metric: str) -> bool:
+    """False for bookkeeping numbers reported beside scores (embedding counts, steps, learning rate)."""
+    return not _NOT_A_SCORE.search(metric)
+
+
+def rank(estimates: Mapping[str, Estimate], higher_better: bool) -> list[str]:
+    """Conditions best first by mean (conditions without values last)."""
+    def key(name: str) -> float:
+        mean = estimates[name].mean
+        return math.inf if math.isnan(mean) else (-mean if higher_better else mean)
+
+    return sorted(estimates, key=key)
+
+
+def band(curves: Iterable[Mapping[int, float]], confidence: float = 0.95) -> tuple[list[int], list[Estimate]]:
+    """Per step, the mean and interval over the curves that have a value at that step."""
+    curves = list(curves)
+    steps = sorted(set().union(*[c.keys() for c in curves])) if curves else []
+    return steps, [mean_ci([c[s] for c in curves if s in c], confidence) for s in steps]

@@ -1,0 +1,128 @@
+"""The ablation report from a sweep folder of recorded runs (no training): statistics, tables, figures, gaps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from vampnet_pl.ablation import report
+from vampnet_pl.ablation.results import final_metrics, read_curves
+from vampnet_pl.cli import main
+
+CONDITIONS = {"schedule-cosine": 0.0, "schedule-linear": 0.2, "schedule-square": -0.1}  # offsets of val/loss
+SEEDS = [0, 1, 2]
+SEED_EFFECT = {0: 0.0, 1: 0.5, 2: 1.0}  # shared by all conditions: pairing removes it
+
+
+def metrics_for(condition: str, seed: int) -> dict[str, float]:
+    loss = 3.0 + CONDITIONS[condition] + SEED_EFFECT[seed] + 0.01 * seed * (condition == "schedule-linear")
+    metrics = {"val/loss": loss, "val/acc1": 0.5 - loss / 10, "val/acc25": 0.9, "train/loss_epoch": loss + 0.1}
+    for ratio in (0.1, 0.5, 1.0):
+        metrics[f"val/acc1/ratio_{ratio:.2f}"] = 0.6 - ratio / 2 - CONDITIONS[condition]
+    for k in (1, 2, 3):
+        metrics[f"val/loss/codebook_{k}"] = loss + k
+    for prompt in ("periodic:16", "prefix:1.0"):
+        metrics[f"val/acc1/prompt_{prompt}"] = 0.4
+        for name in ("mel", "mel_dac", "fad", "kad"):
+            metrics[f"gen/{name}/{prompt}"] = 1.0 + CONDITIONS[condition] + 0.1 * seed
+        metrics[f"gen/n_embeddings/{prompt}"] = 64.0
+    for passes in (1, 4, 12, 36):
+        metrics[f"gen/mel/passes_{passes}"] = 2.0 / math.sqrt(passes)
+        metrics[f"gen/fad/passes_{passes}"] = 3.0 / math.sqrt(passes)
+    return metrics
+
+
+def write_run(sweep_dir: Path, condition: str, seed: int, status: str) -> dict:
+    run_id = f"{condition}_seed-{seed}"
+    run_dir = sweep_dir / "runs" / run_id
+    run = {"run_id": run_id, "condition_id": condition, "condition": {"masking.schedule": condition.split("-")[1]},
+           "seed": seed, "overrides": [], "run_dir": str(run_dir)}
+    run_dir.mkdir(parents=True)
+    if status == "finished":
+        metrics = metrics_for(condition, seed)
+        config = {"logger": {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(run_dir),
+                                     "name": "csv", "version": ""}}, "eval_protocol": {"name": "v1"}}
+        (run_dir / "results.json").write_text(json.dumps({**run, "status": "finished", "metrics": metrics,
+                                                          "protocol": "v1", "final_step": 20, "metrics_step": 20,
+                                                          "config": config}))
+        # the curves: an earlier attempt to step 10, then the live log from step 10 (its value wins) to 20
+        (run_dir / "curves").mkdir()
+        rows = {"curves/attempt-0.csv": [(5, 9.0), (10, 99.0)], "csv/metrics.csv": [(10, 5.0), (20, metrics["val/loss"])]}
+        for name, points in rows.items():
+            (run_dir / name).parent.mkdir(exist_ok=True)
+            with open(run_dir / name, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["epoch", "step", "train/loss_step", "val/loss"])
+                for step, value in points:
+                    writer.writerow([0, step, value + 1, value])
+    elif status == "failed":
+        (run_dir / "failure.json").write_text(json.dumps({**run, "status": "failed", "reason": "exit status -9 (SIGKILL)"}))
+    return run
+
+
+@pytest.fixture
+def sweep_dir(tmp_path) -> Path:
+    runs = [write_run(tmp_path, c, s, "finished") for c in CONDITIONS for s in SEEDS]
+    runs.append(write_run(tmp_path, "schedule-square", 3, "failed"))
+    runs.append({**runs[0], "run_id": "schedule-cosine_seed-4", "seed": 4, "run_dir": str(tmp_path / "runs" / "never")})
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "fake", "baseline": "schedule-cosine",
+                                                     "primary_metric": "val/loss", "runs": runs}))
+    return tmp_path
+
+
+def test_curves_join_attempts_and_final_metrics_skip_step_columns(sweep_dir):
+    curves = read_curves(sweep_dir / "runs" / "schedule-cosine_seed-0")
+    assert curves["val/loss"] == {6: 9.0, 11: 5.0, 21: 3.0}  # steps trained: Lightning's 0-based index + 1  # the resumed attempt's step 10 replaced the first one's
+    metrics, step = final_metrics(curves)
+    assert metrics == {"val/loss": 3.0} and step == 21
+
+
+def test_statistics_per_condition_and_paired_by_seed(sweep_dir):
+    sweep, records = report.read_sweep(sweep_dir, progress=False)
+    assert [r.status for r in records].count("finished") == 9
+    assert {r.run_id: r.status for r in records if r.status != "finished"} == {
+        "schedule-square_seed-3": "failed", "schedule-cosine_seed-4": "not started"}
+    analysis = report.analyse(sweep, records)
+    cosine = analysis.estimates["val/loss"]["schedule-cosine"]
+    assert cosine.mean == pytest.approx(3.5) and cosine.n == 3
+    assert cosine.half_width == pytest.approx(4.302653 * 0.5 / math.sqrt(3), rel=1e-6)  # sd 0.5 over seeds
+    linear = analysis.differences["val/loss"]["schedule-linear"]  # differences 0.20, 0.21, 0.22
+    assert linear.mean == pytest.approx(0.21) and linear.n == 3
+    assert linear.half_width == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-5)
+    assert linear.low > 0  # the seed effect (sd 0.5) is paired away
+    assert "gen/n_embeddings/periodic:16" not in analysis.differences  # counts are reported, not compared
+    assert report.classify("val/acc1/ratio_0.10") == ("ratio", "val/acc1", "0.10")
+    assert report.classify("val/top1_masked/ratio_le_0.25") == ("ratio", "val/top1_masked", "0.25")
+    assert report.classify("gen/fad/passes_12") == ("passes", "gen/fad", "12")
+    assert report.classify("gen/kad/periodic:16") == ("prompt", "gen/kad", "periodic:16")
+    assert report.classify("eval/periodic:8/fad") == ("prompt", "eval/fad", "periodic:8")
+    assert report.classify("val/loss") is None
+
+
+def test_report_markdown_figures_and_gaps(sweep_dir, capsys):
+    assert main(["ablate", "report", str(sweep_dir)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    text = (sweep_dir / "report.md").read_text()
+    assert "9 of 11 runs finished" in text
+    assert "`schedule-square_seed-3` | failed | exit status -9 (SIGKILL)" in text
+    assert "`schedule-cosine_seed-4` | not started" in text
+    ranking = text.split("## Ranking")[1].split("##")[0]
+    assert ranking.index("schedule-square") < ranking.index("schedule-cosine") < ranking.index("schedule-linear")
+    assert "| 1 | `schedule-square` | 3.4 ± 1.2 | 3 | -0.1 ± " in ranking
+    assert "0.21 ± 0.025 (p=0.00076) *" in text  # linear - cosine, paired
+    assert "evaluation protocol: v1" in text
+    for figure in ("curves", "by_ratio", "by_codebook", "by_passes", "by_prompt"):
+        assert (sweep_dir / "figures" / f"{figure}.png").stat().st_size > 5000
+        assert f"figures/{figure}.png" in text
+    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    row = next(r for r in rows if r["metric"] == "val/loss" and r["condition"] == "schedule-linear")
+    assert float(row["diff_vs_baseline"]) == pytest.approx(0.21) and row["n"] == "3"
+    # another baseline, another primary metric
+    assert main(["ablate", "report", str(sweep_dir), "--baseline", "schedule-linear", "--metric", "val/acc1"]) == 0
+    text = (sweep_dir / "report.md").read_text()
+    assert "baseline: `schedule-linear`" in text and "By `val/acc1` (higher is better)" in text
+    assert main(["ablate", "report", str(sweep_dir), "--baseline", "schedule-nope"]) == 2

@@ -1,0 +1,122 @@
+"""Ablation specs: grid expansion, baseline choice, and a clear error for every kind of bad spec, before any run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vampnet_pl.ablation import runner
+from vampnet_pl.ablation.spec import SpecError, expand, load_spec, validate
+from vampnet_pl.cli import main
+
+BASE = ["experiment=demo_coarse", "data.batches_per_epoch=4", "trainer.max_steps=8", "data.num_workers=0"]
+
+
+def write_spec(tmp_path: Path, **fields) -> Path:
+    spec = {"name": "t", "sweep_dir": str(tmp_path / "sweep"), "base": BASE,
+            "grid": {"masking.schedule": ["cosine", "linear"]}, "seeds": [0, 1], **fields}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sweep_of(tmp_path, **fields):
+    return expand(load_spec(write_spec(tmp_path, **fields)))
+
+
+def test_grid_times_seeds_with_folders_overrides_and_baseline(tmp_path):
+    sweep = sweep_of(tmp_path, grid={"masking.kind": ["span", "random"], "masking.schedule": ["linear", "cosine"],
+                                     "optim.lr": [0.001]}, seeds=[3, 7])
+    assert len(sweep.runs) == 2 * 2 * 1 * 2
+    first = sweep.runs[0]
+    assert first.run_id == "kind-span_schedule-linear_lr-0.001_seed-3"
+    assert first.run_dir == (tmp_path / "sweep" / "runs" / first.run_id).resolve()
+    assert first.overrides[0] == "logger=sweep"  # CSV curves for the report
+    assert {"masking.kind=span", "masking.schedule=linear", "optim.lr=0.001", "seed=3", "resume=true"} <= set(first.overrides)
+    assert f"run_dir={first.run_dir}" in first.overrides
+    # default baseline: VampNet's random / cosine where the grid has them
+    assert sweep.baseline_id == "kind-random_schedule-cosine_lr-0.001"
+    assert len(validate(sweep, progress=False)) == 8
+
+
+def test_explicit_baseline_and_logger_choice(tmp_path):
+    sweep = sweep_of(tmp_path, baseline={"masking.schedule": "linear"}, base=[*BASE, "logger=csv"])
+    assert sweep.baseline_id == "schedule-linear"
+    assert "logger=sweep" not in sweep.runs[0].overrides
+    validate(sweep, progress=False)
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"masking.schedule": ["cosnie", "cosine"]}, "unknown mask schedule 'cosnie'"),
+    ({"masking.kind": ["spam", "random"]}, "unknown masking kind 'spam'"),
+    ({"masking.sampler": ["halton", "uniform"]}, "unknown r sampler 'halton'"),
+    ({"masking.shedule": ["cosine"]}, "Could not override 'masking.shedule'"),
+    ({"masking": ["nope", "cosine"]}, "Could not find 'masking/nope'"),
+    ({"trainer.max_stesp": [4]}, "max_stesp"),
+])
+def test_unknown_names_and_keys_fail_before_anything_runs(tmp_path, grid, message):
+    sweep = sweep_of(tmp_path, grid=grid)
+    with pytest.raises(SpecError, match=message) as err:
+        validate(sweep, progress=False)
+    assert "run " in str(err.value)  # says which run
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_typo_in_the_base_overrides_fails(tmp_path):
+    with pytest.raises(SpecError, match="optim.lrr|lrr"):
+        validate(sweep_of(tmp_path, base=[*BASE, "optim.lrr=0.1"]), progress=False)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"grdi": {"masking.schedule": ["cosine"]}}, "Key 'grdi' not in 'AblationConfig'"),
+    ({"seeds": "zero"}, "seeds"),
+    ({"launcher": "kubernetes"}, "launcher"),
+])
+def test_a_malformed_spec_file_fails(tmp_path, fields, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_spec(tmp_path, **fields))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"seeds": []}, "no seeds"),
+    ({"seeds": [1, 1]}, "seeds repeat"),
+    ({"grid": {"masking.schedule": []}}, "has no values"),
+    ({"grid": {"masking.schedule": ["cosine", "cosine"]}}, "repeats a value"),
+    ({"grid": {"seed": [1, 2]}}, "is a seed key"),
+    ({"grid": {"x": ["a b", "a-b"]}}, "same folder name"),
+    ({"baseline": {"masking.schedule": "square"}}, "not in the grid"),
+    ({"baseline": {"masking.kind": "random"}}, "does not vary"),
+    ({"parallel": 0}, "parallel"),
+])
+def test_inconsistent_specs_fail(tmp_path, fields, message):
+    with pytest.raises(SpecError, match=message):
+        sweep_of(tmp_path, **fields)
+
+
+def test_runs_need_a_csv_log_and_a_validation_at_the_last_step(tmp_path):
+    with pytest.raises(SpecError, match="writes no CSV"):
+        validate(sweep_of(tmp_path, base=[*BASE, "logger=tensorboard"]), progress=False)
+    with pytest.raises(SpecError, match="not a whole number of epochs"):
+        validate(sweep_of(tmp_path, base=[*BASE, "trainer.max_steps=6"]), progress=False)
+
+
+def test_a_finished_run_with_other_overrides_is_refused(tmp_path):
+    sweep, _ = runner.prepare(load_spec(write_spec(tmp_path)), progress=False)
+    run = sweep.runs[0]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "results.json").write_text('{"overrides": ["trainer.max_steps=2"]}')
+    with pytest.raises(SpecError, match="other overrides"):
+        runner.prepare(load_spec(write_spec(tmp_path)), progress=False)
+
+
+def test_cli_dry_run_and_errors(tmp_path, capsys):
+    assert main(["ablate", "run", str(write_spec(tmp_path)), "--dry-run", "optim.lr=0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "spec OK: 4 runs" in out and "optim.lr=0.01" in out
+    bad = write_spec(tmp_path, grid={"masking.kind": ["spam"]})
+    assert main(["ablate", "run", str(bad)]) == 2
+    assert "unknown masking kind 'spam'" in capsys.readouterr().err
+    assert main(["ablate", "report", str(tmp_path / "nothing")]) == 2
+    assert "not a sweep folder" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""A sweep end to end: 2 conditions x 2 seeds of the tiny coarse model; one run killed midway, the sweep re-run
+resumes it (from its checkpoint, not from scratch) and skips the finished ones; the report has means, CIs and
+paired differences."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vampnet_pl.cli import main
+from vampnet_pl.training.export import read_checkpoint
+
+STEPS = 20
+
+
+def sweep_spec(tmp_path: Path, prepared, codec_path) -> Path:
+    spec = {
+        "name": "e2e", "sweep_dir": str(tmp_path / "sweep"), "parallel": 2,
+        "base": [f"data.dataset_dir={prepared}", f"codec.source={codec_path}", "codec.device=cpu",
+                 "experiment=demo_coarse", "data.num_workers=0", "data.window_seconds=1.0", "data.batch_size=4",
+                 "data.val_max_windows=8", "data.batches_per_epoch=5", f"trainer.max_steps={STEPS}",
+                 "checkpoint.every_n_train_steps=5", "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false"],
+        "grid": {"masking.schedule": ["cosine", "linear"]},
+        "seeds": [0, 1],
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sweep_survives_a_killed_run_resumes_it_skips_finished_and_reports(prepared, codec_path, codec, tmp_path):
+    spec = sweep_spec(tmp_path, prepared, codec_path)
+    runs = tmp_path / "sweep" / "runs"
+    victim = runs / "schedule-cosine_seed-0"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    sweep = subprocess.Popen([sys.executable, "-m", "vampnet_pl.cli", "ablate", "run", str(spec)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for((victim / "checkpoints" / "last.ckpt").exists, 300, "the first checkpoint")
+        os.kill(json.loads((victim / "attempt.json").read_text())["pid"], signal.SIGKILL)
+        out, _ = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 1, out[-3000:]  # a failed run fails the sweep, after the others ran
+    assert "failed    schedule-cosine_seed-0 exit status -9 (SIGKILL)" in out
+    killed_at = read_checkpoint(victim / "checkpoints" / "last.ckpt")["global_step"]
+    assert 0 < killed_at < STEPS
+    assert not (victim / "results.json").exists() and (victim / "failure.json").is_file()
+    others = sorted(p for p in runs.iterdir() if p != victim)
+    assert len(others) == 3 and all((p / "results.json").is_file() for p in others)
+    assert main(["ablate", "report", str(tmp_path / "sweep")]) == 0
+    partial = (tmp_path / "sweep" / "report.md").read_text()
+    assert "3 of 4 runs finished" in partial and "`schedule-cosine_seed-0` | failed | exit status -9" in partial
+
+    recorded = {p.name: (p / "results.json").stat().st_mtime_ns for p in others}
+    assert main(["ablate", "run", str(spec)]) == 0
+    assert {p.name: (p / "results.json").stat().st_mtime_ns for p in others} == recorded  # skipped
+    assert all((p / "train.log").read_text().count("=== vampnet-pl ablate") == 1 for p in others)
+    log = (victim / "train.log").read_text()
+    assert log.count("=== vampnet-pl ablate") == 2 and "resuming from" in log and "Restored all states" in log
+    result = json.loads((victim / "results.json").read_text())
+    assert result["final_step"] == result["metrics_step"] == STEPS
+    assert result["codec_fingerprint"] == codec.fingerprint and result["git_commit"]
+    assert result["config"]["masking"]["schedule"] == "cosine" and result["config"]["seed"] == 0
+    assert result["config"]["run_dir"] == str(victim)
+    assert {"val/loss", "val/top1_masked"} <= set(result["metrics"]) and not (victim / "failure.json").exists()
+    # the curves join both attempts: the first one's steps before the kill and the resumed one's after
+    assert (victim / "curves" / "attempt-0.csv").is_file()
+    from vampnet_pl.ablation.results import read_curves
+
+    curves = read_curves(victim)
+    assert {10, 15, 20} <= set(curves["val/loss"])
+    assert min(curves["train/loss_step"]) <= killed_at < max(curves["train/loss_step"]) == STEPS
+
+    assert main(["ablate", "report", str(tmp_path / "sweep")]) == 0
+    text = (tmp_path / "sweep" / "report.md").read_text()
+    assert "4 of 4 runs finished" in text and "baseline: `schedule-cosine`" in text
+    final = text.split("## Final scores")[1].split("##")[0]
+    assert "| `val/loss` |" in final and final.count("±") >= 2
+    differences = text.split("## Paired differences")[1].split("##")[0]
+    assert "`schedule-linear` − baseline" in differences and "(p=" in differences
+    assert (tmp_path / "sweep" / "figures" / "curves.png").is_file()

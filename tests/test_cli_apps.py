@@ -1,0 +1,48 @@
+"""`vampnet-pl train` and `vampnet-pl eval` take the same Hydra overrides and flags as the `python -m` entry points."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from vampnet_pl.cli import main
+
+
+def module_entry_point(main_fn, overrides: list[str]) -> None:
+    """What `python -m vampnet_pl.training.app ...` does: the Hydra app with those arguments as its command line."""
+    saved = sys.argv
+    sys.argv = ["app", *overrides]
+    try:
+        main_fn()
+    finally:
+        sys.argv = saved
+
+
+@pytest.mark.parametrize("stage, overrides", [
+    ("train", ["model=coarse_small", "masking=span", "masking.span_frames=4", "optim.lr=0.01", "logger=sweep",
+               "experiment=demo_coarse", "trainer.max_steps=7"]),
+    ("eval", ["coarse=a.pt", "c2f=b.pt", "dataset_dir=/data/codes", "n_windows=4", "prompts=[periodic:8,prefix:1.0]"]),
+])
+def test_the_command_prints_the_same_config_as_the_module(stage, overrides, capsys):
+    from vampnet_pl.evaluation.app import main as eval_main
+    from vampnet_pl.training.app import main as train_main
+
+    assert main([stage, "--cfg", "job", *overrides]) == 0
+    from_cli = capsys.readouterr().out
+    module_entry_point(train_main if stage == "train" else eval_main, ["--cfg", "job", *overrides])
+    from_module = capsys.readouterr().out
+    assert from_cli == from_module
+    assert len(from_cli.splitlines()) > 10
+    if stage == "train":
+        assert "kind: span" in from_cli and "span_frames: 4" in from_cli and "lr: 0.01" in from_cli
+    else:
+        assert "n_windows: 4" in from_cli and "- periodic:8" in from_cli
+
+
+@pytest.mark.parametrize("stage, typo", [("train", "optim.lrr=0.1"), ("eval", "n_windowz=4")])
+def test_the_command_rejects_a_typo_like_the_module(stage, typo, capsys):
+    with pytest.raises(SystemExit) as err:
+        main([stage, "--cfg", "job", "coarse=a.pt", "dataset_dir=d", typo] if stage == "eval" else [stage, typo])
+    assert err.value.code == 1
+    assert typo.split("=")[0].split(".")[-1] in capsys.readouterr().err
