@@ -75,7 +75,7 @@ def magnet_expected_fractions(frames: int, span_frames: int) -> torch.Tensor:
     n_t = torch.clamp(torch.arange(frames, dtype=torch.float64) + 1, max=span_frames)[None]
     free = frames - n_t
     log_choose = lambda n, k: torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)  # noqa: E731
-    log_unmasked = log_choose(free, u) - log_choose(torch.tensor(float(frames)), u)
+    log_unmasked = log_choose(free, u) - log_choose(torch.tensor(float(frames), dtype=torch.float64), u)
     unmasked = torch.where(u <= free, log_unmasked.exp(), torch.zeros(()))
     return (1 - unmasked.mean(1)).clamp(0, 1)  # [frames + 1], increasing in u
 
