@@ -313,6 +313,6 @@ class KernelAudioDistance(Metric):
     def compute(self) -> torch.Tensor:
         from torchmetrics.utilities import dim_zero_cat
 
-        if not self.real or not self.fake:
+        if isinstance(self.real, list) and not self.real or isinstance(self.fake, list) and not self.fake:
             raise ValueError("KAD needs embeddings on both sides")
         return kernel_audio_distance(dim_zero_cat(self.real), dim_zero_cat(self.fake), self.bandwidth, self.scale).float()
