@@ -89,3 +89,18 @@ def test_vampnet_recipes_are_the_originals(name, model, window, cutoff, lora):
     assert (cfg.lora is not None) == lora
     if lora:
         assert (cfg.lora.r, cfg.lora.alpha, list(cfg.lora.target_modules)) == (8, 1, ["q", "v", "out", "ffn_in", "ffn_out"])
+
+
+def test_masking_protocol_and_loss_weighting_names_fail_at_compose_time(prepared):
+    from vampnet_pl.config import LossWeighting, UsageError, compose
+
+    base = [f"data.dataset_dir={prepared}"]
+    cfg = compose("train", [*base, "masking=magnet_span", "loss_weighting=diffusion", "masking.r_min=0.2"])
+    assert cfg.masking.kind == "magnet_span" and cfg.loss_weighting == LossWeighting.diffusion and cfg.masking.r_min == 0.2
+    assert cfg.eval_protocol.id == "v1" and compose("train", [*base, "masking=per_level"]).masking.level_schedules
+    for bad, match in (("masking.kind=spans", "spans"), ("masking.schedule=cosin", "cosin"),
+                       ("masking.level_schedules=[cosine,nope]", "nope"), ("loss_weighting=elbo", "elbo"),
+                       ("eval_protocol.ratio=[0.5]", "ratio"), ("eval_protocol.sweep_prompt=periodic_5", "periodic_5")):
+        with pytest.raises((UsageError, ValueError), match=match):
+            compose("train", [*base, bad])
+    assert compose("eval", ["coarse=c.pt", f"dataset_dir={prepared}"]).eval_protocol.passes_sweep == [1, 4, 12, 36]

@@ -19,15 +19,20 @@ def test_eval_app_writes_results_and_plots(prepared, codec, codec_path, tmp_path
     save_exported(tmp_path / "c2f.pt", small_model(codec, 14, 4))
     overrides = [f"coarse={tmp_path / 'coarse.pt'}", f"c2f={tmp_path / 'c2f.pt'}", f"codec.source={codec_path}",
                  "codec.device=cpu", f"dataset_dir={prepared}", "window_seconds=1.0", "n_windows=2", "batch_size=2",
-                 "coarse_passes=2", "c2f_passes=1", "passes_sweep=[1,2]", "prompts=[periodic:8,beat]",
+                 "eval_protocol.id=test", "eval_protocol.periods=[8]", "eval_protocol.sweep_prompt=periodic_8",
+                 "eval_protocol.passes=2", "c2f_passes=1", "eval_protocol.passes_sweep=[1,2]", "prompts=[beat]",
                  f"out_dir={tmp_path / 'eval'}"]
     with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = hydra.compose("eval", overrides=overrides)
     paths = run(cfg)
     rows = list(csv.DictReader(open(tmp_path / "eval" / "results.csv")))
-    assert [r["prompt"] for r in rows] == ["ceiling_codec", "baseline_noisy_0.5", "periodic:8", "beat",
-                                           "periodic:16 (sweep)", "periodic:16 (sweep)"]
-    assert [r["coarse_passes"] for r in rows[-2:]] == ["1", "2"]
-    assert all(math.isfinite(float(r["mel_distance"])) and math.isfinite(float(r["fad"])) for r in rows)
-    assert float(rows[0]["mel_distance"]) < 1e-6  # the ceiling at full depth is the reference itself
+    assert [r["prompt"] for r in rows] == ["ceiling_codec", "baseline_noisy", "periodic_8", "prefix", "suffix", "inpaint",
+                                           "compression", "passes_1", "passes_2", "beat"]
+    assert {r["protocol"] for r in rows} == {"test"}  # the protocol id on every row
+    assert [r["coarse_passes"] for r in rows[-3:]] == ["1", "2", "2"]
+    scores = ("mel", "mel_dac", "mel_vampnet", "fad", "kad")
+    assert all(math.isfinite(float(r[k])) for r in rows for k in scores)
+    assert {r["n_embeddings"] for r in rows} == {"2"}  # two 1 s windows, one log-mel patch each
+    assert all(float(rows[0][k]) < 1e-5 for k in ("mel", "mel_dac", "mel_vampnet"))  # the ceiling at full depth is the reference
+    assert all(float(rows[1][k]) > 0.1 for k in ("mel", "mel_dac", "mel_vampnet"))
     assert paths[0].name == "results.csv" and all(p.stat().st_size > 10_000 for p in paths[1:])

@@ -8,8 +8,9 @@ import torch
 
 from vampnet_pl.masking import prompts
 from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
-from vampnet_pl.masking.schedules import SCHEDULES, RatioSampler, get_schedule, register_schedule
-from vampnet_pl.masking.training import codebook_level_mask, random_mask, span_mask
+from vampnet_pl.masking.schedules import SCHEDULES, RatioSampler, get_schedule, register_schedule, schedule_slope, truncate
+from vampnet_pl.masking.training import (codebook_level_mask, magnet_expected_fractions, magnet_span_counts,
+                                         magnet_span_mask, per_level_mask, random_mask, span_mask)
 
 SHAPE = (16, 6, 200)
 
@@ -75,7 +76,7 @@ def test_codebook_level_mask_masks_everything_above_the_chosen_level():
             assert full[levels[0] + 1 :].all() and not example[: levels[0]].any()
 
 
-@pytest.mark.parametrize("kind", ["random", "span", "codebook_level"])
+@pytest.mark.parametrize("kind", ["random", "span", "magnet_span", "codebook_level", "per_level"])
 def test_training_masker_end_to_end(kind):
     masker = TrainingMasker(MaskingConfig(kind=kind, schedule="cosine", sampler="sobol"), n_conditioning=2)
     mask, ratios = masker(torch.zeros(SHAPE, dtype=torch.long))
@@ -83,6 +84,7 @@ def test_training_masker_end_to_end(kind):
     expected = ratios.mean().item()
     if kind != "codebook_level":
         assert mask[:, 2:].float().mean().item() == pytest.approx(expected, abs=0.08)
+    assert mask[:, 2:].flatten(1).any(1).all()  # never an empty mask
     with pytest.raises(ValueError, match="unknown masking kind"):
         TrainingMasker(MaskingConfig(kind="typo"), 0)
 
@@ -143,3 +145,94 @@ def test_beat_prompt_follows_the_tempo_of_a_song():
     assert min(abs(spacing - beat_period * f) for f in (0.5, 1, 2)) < 0.1 * beat_period
     mask = prompts.beat_prompt((1, 2, song.size // hop), song, 22050, hop, width=2)
     assert (~mask[0, 0]).sum() >= 2 * len(beats) - 2
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedule_slopes_are_finite_and_integrate_to_the_masked_range(name):
+    r = torch.linspace(0, 1, 2001)
+    slope = schedule_slope(get_schedule(name), r)
+    assert slope.shape == r.shape and torch.isfinite(slope).all() and (slope >= 0).all()
+    inner = slope[1:-1]  # sqrt's slope is infinite at 0: the integral over the inner points still comes to ~1
+    assert float(torch.trapezoid(inner, r[1:-1])) == pytest.approx(1.0, abs=0.05)
+    assert schedule_slope(get_schedule("cosine"), torch.tensor([0.5])).item() == pytest.approx(np.pi / 2 * np.sin(np.pi / 4))
+
+
+def test_truncated_schedules_draw_r_in_the_range_only():
+    masker = TrainingMasker(MaskingConfig(schedule="linear", r_min=0.2, r_max=0.6), n_conditioning=0)
+    draw = masker.draw(torch.zeros(512, 2, 50, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert draw.r.min() >= 0.2 and draw.r.max() < 0.6 and draw.r.max() > 0.55 and draw.r.min() < 0.25
+    assert torch.allclose(draw.ratios, 1 - draw.r)  # linear schedule
+    assert torch.equal(truncate(torch.tensor([0.0, 0.5]), 0.2, 0.6), torch.tensor([0.2, 0.4]))
+    for bad in ((0.5, 0.5), (-0.1, 0.5), (0.2, 1.5)):
+        with pytest.raises(ValueError, match="r_min"):
+            MaskingConfig(r_min=bad[0], r_max=bad[1])
+
+
+def test_magnet_span_count_mapping_accounts_for_overlaps():
+    frames, span = 100, 5
+    expected = magnet_expected_fractions(frames, span)
+    assert expected[0] == pytest.approx(0.0, abs=1e-6) and expected[-1] == pytest.approx(1.0)
+    assert torch.all(expected[1:] >= expected[:-1])  # monotone in the span count
+    assert expected[1] == pytest.approx(span / frames - (span - 1) * span / 2 / frames**2, abs=1e-6)  # one clipped span
+    # Overlaps: 10 spans of 5 frames cover less than half of 100 frames on average.
+    assert expected[10] < 0.5 and expected[10] == pytest.approx(1 - np.mean([
+        np.prod([(frames - min(t + 1, span) - i) / (frames - i) for i in range(10)]) for t in range(frames)]), abs=1e-6)
+    ratios = torch.tensor([0.05, 0.3, 0.5, 0.9, 1.0])
+    counts = magnet_span_counts(ratios, frames, span)
+    assert torch.all(counts[1:] >= counts[:-1]) and counts.min() >= 1
+    assert torch.allclose(expected[counts].float(), ratios, atol=0.02)
+    # The realised masked fraction matches the rate in expectation.
+    many = ratios.repeat(400)
+    mask = magnet_span_mask((len(many), 3, frames), many, span, 1, torch.Generator().manual_seed(0))
+    assert not mask[:, 0].any() and torch.equal(mask[:, 1], mask[:, 2])
+    realised = mask[:, 1].float().mean(1).view(400, len(ratios)).mean(0)
+    assert torch.allclose(realised, ratios, atol=0.02), realised
+    runs = torch.diff(mask[:, 1].int(), dim=1, prepend=torch.zeros(len(many), 1, dtype=torch.int32)).eq(1).sum(1)
+    assert runs.view(400, -1)[:, 0].float().mean() > 0.5  # spans, not single frames (3 spans at 5%)
+    assert torch.all(mask[:, 1].sum(1) >= 1)
+
+
+def test_per_level_mask_gives_each_level_its_own_schedule():
+    cfg = MaskingConfig(kind="per_level", level_schedules=["linear", "cosine", "square"])
+    masker = TrainingMasker(cfg, n_conditioning=1)
+    r = torch.full((64,), 0.5)
+    draw = masker.draw(torch.zeros(64, 5, 200, dtype=torch.long), torch.Generator().manual_seed(0), r)
+    per_level = draw.mask.float().mean(2).mean(0)  # [levels]
+    assert per_level[0] == 0  # conditioning
+    expected = [0.5, np.cos(np.pi / 4), 0.75, 0.75]  # the last schedule repeats for higher levels
+    assert torch.allclose(per_level[1:], torch.tensor(expected, dtype=torch.float32), atol=0.01)
+    assert torch.allclose(draw.ratios, torch.full((64,), float(np.mean(expected))), atol=1e-6)
+    assert masker.expected_ratio(torch.tensor([0.0, 1.0])).tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    # Exact per-level counts, and never an empty mask even where every schedule gives 0.
+    mask = per_level_mask((2, 3, 10), torch.tensor([[0.3, 0.0], [0.0, 0.0]]), 1, torch.Generator().manual_seed(0))
+    assert mask[0, 1].sum() == 3 and mask[0, 2].sum() == 0 and mask[1].sum() == 1
+    with pytest.raises(ValueError, match="predicted levels"):
+        per_level_mask((2, 3, 10), torch.zeros(2, 3), 1)
+
+
+def test_masking_config_rejects_unknown_names():
+    for field_name, value in (("schedule", "cosin"), ("kind", "spans"), ("sampler", "halton"), ("level_schedules", ["x"])):
+        with pytest.raises(ValueError, match=f"unknown masking {field_name.split('_')[-1].rstrip('s')}"):
+            MaskingConfig(**{field_name: value})
+
+
+def test_protocol_masks_are_fixed_by_the_protocol_seed_and_window_index():
+    from vampnet_pl.masking.protocol import EvalProtocolConfig, protocol_masks
+
+    protocol = EvalProtocolConfig()
+    masks = protocol_masks(protocol, (3, 4, 64), 1, torch.tensor([0, 1, 2]))
+    assert list(masks)[:10] == [f"ratio_{r:.2f}" for r in protocol.ratios]
+    assert list(masks)[10:] == ["periodic_4", "periodic_8", "periodic_16", "periodic_32", "prefix", "suffix", "inpaint",
+                                "compression"]
+    for ratio, name in zip(protocol.ratios, masks):
+        assert torch.allclose(masks[name][:, 1:].flatten(1).float().mean(1), torch.full((3,), ratio), atol=1 / 192)
+    assert all(not m[:, 0].any() for m in masks.values())
+    assert torch.nonzero(~masks["prefix"][0, 1]).flatten().tolist() == list(range(16))
+    assert torch.nonzero(~masks["inpaint"][0, 1]).flatten().tolist() == list(range(16)) + list(range(48, 64))
+    again = protocol_masks(protocol, (2, 4, 64), 1, torch.tensor([2, 0]))  # other batching, same windows
+    assert torch.equal(again["ratio_0.30"][0], masks["ratio_0.30"][2]) and torch.equal(again["ratio_0.30"][1], masks["ratio_0.30"][0])
+    assert not torch.equal(masks["ratio_0.50"][0], masks["ratio_0.50"][1])  # windows differ
+    other = protocol_masks(EvalProtocolConfig(seed=1), (3, 4, 64), 1, torch.tensor([0, 1, 2]))
+    assert not torch.equal(other["ratio_0.50"], masks["ratio_0.50"])
+    with pytest.raises(ValueError, match="sweep_prompt"):
+        EvalProtocolConfig(sweep_prompt="periodic_5")

@@ -86,3 +86,58 @@ def test_fad_backends_by_name_and_clear_errors_offline(monkeypatch):
         fad_embedding("vggish", 16000)
     with pytest.raises(RuntimeError, match="CLAP is not available"):
         fad_embedding("clap", 16000)
+
+
+def test_dac_and_vampnet_mel_configurations_equal_audiotools_mel_spectrogram_loss():
+    from audiotools import AudioSignal
+    from audiotools.metrics.spectral import MelSpectrogramLoss
+
+    from vampnet_pl.evaluation.metrics import DACMelDistance, VampNetMelDistance
+
+    generator = torch.Generator().manual_seed(0)
+    target = 0.1 * torch.randn(3, 16000, generator=generator)
+    preds = target + 0.05 * torch.randn(3, 16000, generator=generator)
+    # DAC's conf/base.yml MelSpectrogramLoss settings, and VampNet's evaluation (the defaults), written out here.
+    dac = MelSpectrogramLoss(n_mels=[5, 10, 20, 40, 80, 160, 320], window_lengths=[32, 64, 128, 256, 512, 1024, 2048],
+                             mel_fmin=[0.0] * 7, mel_fmax=[None] * 7, pow=1.0, clamp_eps=1e-5, mag_weight=0.0)
+    for metric, reference in ((DACMelDistance(16000), dac), (VampNetMelDistance(16000), MelSpectrogramLoss())):
+        metric.update(preds[:2], target[:2])
+        metric.update(preds[2:], target[2:])  # accumulates over batches
+        expected = reference(AudioSignal(preds[:, None], 16000), AudioSignal(target[:, None], 16000))
+        assert float(metric.compute()) == pytest.approx(float(expected), rel=1e-4)
+    assert float(DACMelDistance(16000).distance(target, target).max()) == 0.0
+
+
+def test_kad_is_unbiased_near_zero_for_one_distribution_and_grows_with_noise():
+    from vampnet_pl.evaluation.metrics import KernelAudioDistance, kernel_audio_distance
+
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda: torch.randn(64, 8, generator=generator, dtype=torch.float64)  # noqa: E731
+    same = torch.stack([kernel_audio_distance(draw(), draw()) for _ in range(40)])
+    assert (same < 0).any() and (same > 0).any()  # unbiased: scattered around 0, not clamped
+    assert abs(float(same.mean())) < 3 * float(same.std()) / 40**0.5 + 1e-3
+    real = draw()
+    growing = [float(kernel_audio_distance(real, draw() + shift)) for shift in (0.0, 0.3, 1.0, 3.0)]
+    assert growing == sorted(growing) and growing[-1] > 50 * abs(float(same.mean())) + 1
+    # The Metric: embeddings of both sides, bandwidth from the reference's median pairwise distance.
+    metric = KernelAudioDistance(embed=lambda audio: audio)
+    metric.update(real[:32], real=True)
+    metric.update(real[32:], real=True)
+    metric.update(embeddings=real + 1.0, real=False)
+    assert float(metric.compute()) == pytest.approx(float(kernel_audio_distance(real, real + 1.0)), rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_audio_distance(real[:1], real)
+
+
+def test_score_reports_every_distance_and_its_embedding_count():
+    from vampnet_pl.evaluation.metrics import fad_embedding
+    from vampnet_pl.evaluation.scoring import SCORES, score
+
+    generator = torch.Generator().manual_seed(0)
+    reference = 0.1 * torch.randn(3, 32000, generator=generator)
+    noisy = reference + 0.1 * torch.randn(3, 32000, generator=generator)
+    embed = fad_embedding("logmel", 16000)
+    same, other = score(reference, reference, 16000, embed), score(noisy, reference, 16000, embed)
+    assert tuple(same) == SCORES and same["n_embeddings"] == 6  # 3 clips x two 0.96 s patches
+    assert all(same[k] < 1e-5 for k in ("mel", "mel_dac", "mel_vampnet", "fad"))
+    assert all(other[k] > same[k] for k in ("mel", "mel_dac", "mel_vampnet", "fad", "kad"))

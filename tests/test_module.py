@@ -74,14 +74,77 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def test_validation_masks_are_deterministic():
-    m = module()
-    codes = torch.randint(0, 64, (4, 4, 16))
+def _validation_masks(m: MaskedTokenModule, batches: list[dict]) -> tuple[list[torch.Tensor], torch.Tensor, str]:
+    """The masks the module fed its model during one validation epoch, the losses, and its protocol digest."""
+    seen, forward = [], m.model.forward
+    m.model.forward = lambda codes, mask: seen.append(mask.clone()) or forward(codes, mask)
     m.model.eval()
-    torch.manual_seed(1)
-    first = m._step({"codes": codes}, "val", batch_idx=3)
-    torch.manual_seed(2)
-    assert torch.equal(first, m._step({"codes": codes}, "val", batch_idx=3))
+    m.on_validation_epoch_start()
+    losses = torch.stack([m.validation_step(b, i) for i, b in enumerate(batches)])
+    m.on_validation_epoch_end()
+    m.model.forward = forward
+    return seen, losses, m.protocol_digest
+
+
+def test_validation_uses_the_protocol_masks_whatever_the_run_masks():
+    codes = torch.randint(0, 64, (4, 4, 40))
+    batch = {"codes": codes, "index": torch.arange(4)}
+    runs = {kind: module(masking={"kind": kind, "schedule": "linear", "seed": seed})
+            for kind, seed in (("span", 1), ("codebook_level", 2), ("per_level", 3))}
+    results = {}
+    for kind, m in runs.items():
+        torch.manual_seed(len(kind))  # the global RNG plays no part
+        results[kind] = _validation_masks(m, [batch])
+    masks = {kind: torch.stack(seen) for kind, (seen, _, _) in results.items()}
+    assert masks["span"].shape == (18, 4, 4, 40)  # 10 ratios + 8 prompts
+    assert torch.equal(masks["span"], masks["codebook_level"]) and torch.equal(masks["span"], masks["per_level"])
+    assert len({digest for _, _, digest in results.values()}) == 1
+    # Batching does not matter: the same windows in batches of 1 get the same masks (by window index).
+    single, _, digest = _validation_masks(runs["span"], [{"codes": codes[i : i + 1], "index": torch.tensor([i])}
+                                                         for i in range(4)])
+    per_window = torch.stack(single).view(4, 18, 1, 4, 40).squeeze(2).transpose(0, 1)
+    assert torch.equal(per_window, masks["span"])
+    # Deterministic: a second epoch of the same module scores the same.
+    assert torch.equal(_validation_masks(runs["span"], [batch])[1], results["span"][1])
+    # Other windows give another digest.
+    assert _validation_masks(runs["span"], [{"codes": (codes + 1) % 64, "index": torch.arange(4)}])[2] != digest
+
+
+def test_validation_logs_the_protocol_metric_names():
+    m = module()
+    logged = {}
+    m.log = lambda name, value, **k: logged.setdefault(name, value)
+    m.model.eval()
+    m.validation_step({"codes": torch.randint(0, 64, (2, 4, 40)), "index": torch.arange(2)}, 0)
+    expected = {f"val/{n}" for n in m.val_metric_names()}
+    assert set(logged) == expected
+    assert {"val/loss", "val/acc1", "val/acc25", "val/loss/ratio_0.10", "val/acc25/ratio_1.00",
+            "val/acc1/prompt_periodic_16", "val/loss/prompt_compression", "val/acc1/codebook_1",
+            "val/loss/codebook_3"} <= expected
+    assert "val/loss/codebook_0" not in expected  # a conditioning codebook is never predicted
+    assert m.hparams.protocol == "v1" and m.hparams.eval_protocol["ratios"][-1] == 1.0
+    for name in ("val/acc1", "val/acc25/ratio_0.50"):
+        assert 0.0 <= float(logged[name].compute()) <= 1.0
+
+
+def test_diffusion_loss_weighting_weights_each_example_by_the_schedule_slope():
+    import math
+
+    m = module(label_smoothing=0.0, loss_weighting="diffusion", masking={"schedule": "cosine"})
+    codes = torch.randint(0, 64, (3, 4, 20))
+    r = torch.tensor([0.1, 0.5, 0.9])
+    draw = m.masker.draw(codes, torch.Generator().manual_seed(0), r)
+    m.masker.draw = lambda c: draw
+    loss = m._step({"codes": codes})
+    logits = m.model(codes, draw.mask)
+    expected = []
+    for b in range(3):
+        masked = draw.mask[b, 1:]
+        ce = torch.nn.functional.cross_entropy(logits[b][masked], codes[b, 1:][masked])
+        expected.append(math.pi / 2 * math.sin(math.pi / 2 * r[b]) * ce)  # |d cos(pi r / 2) / dr|
+    assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-5)
+    with pytest.raises(ValueError, match="loss_weighting"):
+        module(loss_weighting="elbo")
 
 
 def test_run_dir_is_keyed_on_the_slurm_job(monkeypatch, prepared):

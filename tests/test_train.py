@@ -45,7 +45,7 @@ def logged(run_dir: Path, key: str) -> list[float]:
 def test_tiny_coarse_model_learns_well_above_chance(prepared, codec_path, tmp_path):
     trainer = train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=120", "data.batches_per_epoch=60",
                               "data.window_seconds=2.0", "data.batch_size=16", "checkpoint.every_n_train_steps=1000"))
-    accuracy = float(trainer.callback_metrics["val/top1_masked"])
+    accuracy = float(trainer.callback_metrics["val/acc1"])
     chance = 1 / 1024
     assert accuracy > 30 * chance, accuracy
     losses = logged(tmp_path / "demo_coarse-local", "train/loss_step")
@@ -180,21 +180,45 @@ def test_gpu_strategies_train_and_export(strategy, prepared, codec_path, tmp_pat
     assert model.cfg.n_codebooks == 4
 
 
-def test_prompt_evaluation_during_training_logs_mel_and_fad(prepared, codec_path, tmp_path):
+SMALL_PROTOCOL = ["eval_protocol.periods=[8]", "eval_protocol.sweep_prompt=periodic_8", "eval_protocol.passes=2",
+                  "eval_protocol.passes_sweep=[1,2]"]
+
+
+def test_prompt_evaluation_during_training_logs_the_protocol_scores(prepared, codec_path, tmp_path):
     trainer = train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=2", "data.batches_per_epoch=2",
                               "callbacks=with_eval", "callbacks.prompt_eval.every_n_steps=2",
-                              "callbacks.prompt_eval.n_windows=2", "callbacks.prompt_eval.passes=2",
-                              "callbacks.prompt_eval.prompts=[periodic:8,prefix:0.3,beat]"))
+                              "callbacks.prompt_eval.n_windows=2", *SMALL_PROTOCOL))
     callback = next(c for c in trainer.callbacks if type(c).__name__ == "PromptEvalCallback")
     scores = callback.last_scores
-    names = {key.split("/")[1] for key in scores}
-    assert names == {"ceiling_codec", "baseline_noisy_0.5", "periodic:8", "prefix:0.3", "beat"}
+    conditions = ["ceiling_codec", "baseline_noisy", "periodic_8", "prefix", "suffix", "inpaint", "compression",
+                  "passes_1", "passes_2"]
+    assert set(scores) == {f"gen/{s}/{c}" for s in ("mel", "mel_dac", "mel_vampnet", "fad", "kad", "n_embeddings")
+                           for c in conditions}
     assert all(math.isfinite(v) for v in scores.values())
-    assert scores["eval/ceiling_codec/mel_distance"] < scores["eval/baseline_noisy_0.5/mel_distance"]
-    values = logged(tmp_path / "demo_coarse-local", "eval/periodic:8/fad")
-    assert values and values[-1] == pytest.approx(scores["eval/periodic:8/fad"])
+    assert {r["protocol"] for r in callback.last_rows} == {"v1"} and scores["gen/n_embeddings/prefix"] == 2
+    for mel in ("mel", "mel_dac"):
+        assert scores[f"gen/{mel}/ceiling_codec"] < scores[f"gen/{mel}/baseline_noisy"]
+    values = logged(tmp_path / "demo_coarse-local", "gen/fad/periodic_8")
+    assert values and values[-1] == pytest.approx(scores["gen/fad/periodic_8"])
     again = callback.evaluate(trainer, trainer.lightning_module)
     assert again == scores  # deterministic given the seed
+
+
+def test_runs_with_different_masking_are_validated_on_byte_identical_masks(prepared, codec_path, tmp_path):
+    digests, losses = {}, {}
+    for kind in ("span", "codebook_level"):
+        trainer = train(overrides(prepared, codec_path, tmp_path / kind, f"masking={kind}", f"seed={len(kind)}",
+                                  "trainer.max_steps=2", "data.batches_per_epoch=2"))
+        module = trainer.lightning_module
+        assert module.masking_cfg.kind == kind and module.hparams.protocol == "v1"
+        digests[kind] = module.protocol_digest  # sha256 of the window indices, codes and every mask it scored
+        losses[kind] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    assert digests["span"] is not None and digests["span"] == digests["codebook_level"]
+    for run in losses.values():
+        assert {"val/loss", "val/acc1", "val/acc25", "val/loss/ratio_0.10", "val/acc1/ratio_1.00",
+                "val/loss/prompt_periodic_16", "val/acc1/codebook_0", "val/loss/codebook_3"} <= set(run)
+    hparams = (tmp_path / "span" / "demo_coarse-local" / "csv" / "hparams.yaml").read_text()
+    assert "protocol: v1" in hparams
 
 
 def test_prompt_evaluation_writes_table_audio_and_spectrograms_to_tensorboard(tmp_path):
@@ -207,11 +231,12 @@ def test_prompt_evaluation_writes_table_audio_and_spectrograms_to_tensorboard(tm
 
     logger = TensorBoardLogger(tmp_path, name="tb", version="")
     trainer = SimpleNamespace(logger=logger, global_step=7)
-    scores = {"eval/periodic:8/mel_distance": 1.5, "eval/periodic:8/fad": 0.25}
-    PromptEvalCallback._log_table(trainer, scores)
+    rows = [{"protocol": "v1", "prompt": "periodic_8", "coarse_passes": 12, "mel": 1.5, "mel_dac": 2.0, "mel_vampnet": 3.0,
+             "fad": 0.25, "kad": 0.1, "n_embeddings": 8}]
+    PromptEvalCallback._log_table(trainer, rows)
     PromptEvalCallback._log_media(trainer, "periodic:8", torch.randn(16000) * 0.1, 16000)
     logger.experiment.flush()
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "audio": 0, "tensors": 0}).Reload()
     tags = events.Tags()
-    assert "eval/periodic:8/audio" in tags["audio"] and "eval/periodic:8/spectrogram" in tags["images"]
-    assert any(tag.startswith("eval/table") for tag in tags["tensors"])
+    assert "media/periodic:8/audio" in tags["audio"] and "media/periodic:8/spectrogram" in tags["images"]
+    assert any(tag.startswith("media/gen_table") for tag in tags["tensors"])

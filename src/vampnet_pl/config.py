@@ -18,6 +18,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vampnet_pl.masking.config import MaskingConfig
+from vampnet_pl.masking.protocol import EvalProtocolConfig
 from vampnet_pl.model import VampNetConfig
 from vampnet_pl.training.optim import OptimConfig
 
@@ -162,6 +163,11 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["qkv", "out", "ffn_in", "ffn_out"])
 
 
+class LossWeighting(str, Enum):
+    none = "none"  # mean cross-entropy over the batch's masked tokens (VampNet)
+    diffusion = "diffusion"  # masked-diffusion ELBO style: per example |d gamma/d r| x mean CE of its masked tokens
+
+
 @dataclass
 class TrainConfig:
     experiment: str = "vampnet"
@@ -182,7 +188,9 @@ class TrainConfig:
     strategy: Any = None  # a _target_ node from conf/strategy/
     logger: Any = None  # a _target_ node from conf/logger/
     callbacks: Any = None  # _target_ nodes from conf/callbacks/
+    eval_protocol: EvalProtocolConfig = field(default_factory=EvalProtocolConfig)  # validation (conf/eval_protocol/)
     label_smoothing: float = 0.1
+    loss_weighting: LossWeighting = LossWeighting.none
     train_metrics_every_n_steps: int = 10  # accuracy/perplexity metrics on every n-th train step (loss: every step)
     compile: bool = False
     activation_checkpointing: bool = False
@@ -198,15 +206,11 @@ class EvalConfig:
     dataset_dir: str = MISSING
     split: str = "test"  # test | val | train
     window_seconds: float = 10.0
-    n_windows: int = 32
+    n_windows: Optional[int] = None  # windows scored; None: eval_protocol.gen_windows (n_embeddings shows the count)
     batch_size: int = 8
-    prompts: list[str] = field(default_factory=lambda: ["periodic:8", "periodic:16", "periodic:32", "prefix:1.0",
-                                                        "suffix:1.0", "inpaint:1.0:1.0", "beat", "compression:1:8",
-                                                        "random:0.5", "random:0.8"])
-    coarse_passes: int = 24
+    eval_protocol: EvalProtocolConfig = field(default_factory=EvalProtocolConfig)  # prompts, passes, sweep
+    prompts: list[str] = field(default_factory=lambda: ["beat", "random:0.5", "random:0.8"])  # extra presets, beside the protocol's
     c2f_passes: int = 12
-    passes_sweep: list[int] = field(default_factory=lambda: [1, 4, 12, 24, 36, 64])
-    sweep_prompt: str = "periodic:16"
     noisy_ratio: float = 0.5
     fad_backend: str = "logmel"  # logmel (offline, not a learned model) | vggish | clap; compare scores within one
     fad_weights: Optional[str] = None  # local VGGish hub checkout / CLAP checkpoint
@@ -263,6 +267,7 @@ def register_schemas() -> None:
     store.store(name="ablation_schema", node=AblationConfig)
     store.store(group="model", name="model_schema", node=VampNetConfig)
     store.store(group="masking", name="masking_schema", node=MaskingConfig)
+    store.store(group="eval_protocol", name="eval_protocol_schema", node=EvalProtocolConfig)
     store.store(group="optim", name="optim_schema", node=OptimConfig)
     store.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     store.store(group="lora", name="lora_schema", node=LoraConfig)

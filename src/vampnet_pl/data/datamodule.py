@@ -322,17 +322,24 @@ def read_fixed_windows(
 
 
 class FixedBatches(IterableDataset):
-    """A rank's equal share of fixed validation windows, batched."""
+    """A rank's equal share of fixed validation windows, batched: ``{"codes", "index"}``, where ``index``
+    holds each window's global position in the validation set (the evaluation protocol seeds its masks by it)."""
 
-    def __init__(self, windows: list[np.ndarray], batch_size: int, n_codebooks: int | None = None):
+    def __init__(self, windows: list[np.ndarray], batch_size: int, n_codebooks: int | None = None,
+                 indices: list[int] | None = None):
         self.windows, self.batch_size, self.n_codebooks = windows, batch_size, n_codebooks
+        self.indices = list(range(len(windows))) if indices is None else list(indices)
+        if len(self.indices) != len(windows):
+            raise ValueError(f"{len(self.indices)} indices for {len(windows)} windows")
 
     def __len__(self) -> int:
         return math.ceil(len(self.windows) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(self.windows), self.batch_size):
-            yield collate_windows([w[: self.n_codebooks] for w in self.windows[start : start + self.batch_size]])
+            batch = collate_windows([w[: self.n_codebooks] for w in self.windows[start : start + self.batch_size]])
+            batch["index"] = torch.tensor(self.indices[start : start + self.batch_size], dtype=torch.long)
+            yield batch
 
 
 def rank_share(items: list, rank: int, world_size: int) -> list:
@@ -491,5 +498,6 @@ class CodesDataModule(L.LightningDataModule):
         share = rank_share(self.val_windows, rank, world_size)
         if not share:
             raise ValueError(f"{len(self.val_windows)} validation windows cannot be shared by {world_size} ranks")
-        batches = FixedBatches(share, self.hparams.val_batch_size, self.n_codebooks)
+        indices = rank_share(list(range(len(self.val_windows))), rank, world_size)
+        batches = FixedBatches(share, self.hparams.val_batch_size, self.n_codebooks, indices)
         return DataLoader(batches, batch_size=None, generator=torch.Generator())

@@ -1,9 +1,11 @@
 """Offline evaluation app: ``vampnet-pl eval coarse=coarse.pt c2f=c2f.pt dataset_dir=DIR``.
 
-On fixed windows of a shard split: every prompt preset, plus the codec ceiling and the
-noisy-token baseline, scored by mel distance and FAD against the full-depth codec decoding of
-the real tokens; then quality against the number of coarse sampling passes. Writes
-``results.csv`` and two plots, and prints where they are.
+On fixed windows of a shard split, the evaluation protocol (``eval_protocol``, see
+``evaluation.protocol``): every protocol prompt at the protocol's passes, quality against
+passes, plus the codec ceiling, the noisy-token baseline and the extra ``prompts`` presets;
+each scored by mel distance (ours, DAC's, VampNet's configuration), FAD and KAD against the
+full-depth codec decoding of the real tokens, with the number of embeddings. Writes
+``results.csv`` (a ``protocol`` column on every row) and two plots, and prints where they are.
 """
 
 from __future__ import annotations
@@ -20,21 +22,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from vampnet_pl.config import EvalConfig, conf_dir  # noqa: E402
 from vampnet_pl.data.datamodule import read_fixed_windows  # noqa: E402
 from vampnet_pl.data.windows import window_frames  # noqa: E402
-from vampnet_pl.evaluation.scoring import noisy_tokens, score  # noqa: E402
-from vampnet_pl.generation.pipeline import GenerationConfig  # noqa: E402
 from vampnet_pl.evaluation.metrics import fad_embedding  # noqa: E402
-from vampnet_pl.prep.index import load_index  # noqa: E402
+from vampnet_pl.evaluation.protocol import evaluate_generation, protocol_jobs  # noqa: E402
+from vampnet_pl.evaluation.scoring import SCORES, noisy_tokens  # noqa: E402
+from vampnet_pl.generation.pipeline import GenerationConfig  # noqa: E402
 from vampnet_pl.generation.sampling import SamplingConfig  # noqa: E402
-from vampnet_pl.utils.atomic import write_text_atomic  # noqa: E402
-from vampnet_pl.masking.presets import build_prompt  # noqa: E402
 from vampnet_pl.generation.vamp import load_pipeline  # noqa: E402
+from vampnet_pl.masking.presets import build_prompt  # noqa: E402
+from vampnet_pl.prep.index import load_index  # noqa: E402
+from vampnet_pl.utils.atomic import write_text_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
+COLUMNS = ["prompt", "protocol", "coarse_passes", *SCORES]
 
 
 def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
@@ -43,7 +46,7 @@ def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
     urls = [str(Path(cfg.dataset_dir) / s["path"]) for s in index["splits"][split]["shards"]]
     frames = window_frames(cfg.window_seconds, codec.sample_rate, codec.hop_length)
     windows, _ = read_fixed_windows(urls, frames, index["codec"]["config"]["n_codebooks"], codec.fingerprint, 1,
-                                    cfg.n_windows, codebook_size=codec.codebook_size,
+                                    cfg.n_windows or cfg.eval_protocol.gen_windows, codebook_size=codec.codebook_size,
                                     expected_codebooks=index["codec"]["config"]["n_codebooks"])
     if not windows:
         raise ValueError(f"no {cfg.window_seconds} s windows in the {split} split of {cfg.dataset_dir}")
@@ -51,7 +54,8 @@ def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
-    generation = GenerationConfig(coarse=SamplingConfig(passes=cfg.coarse_passes, seed=cfg.seed),
+    protocol = cfg.eval_protocol
+    generation = GenerationConfig(coarse=SamplingConfig(passes=protocol.passes, seed=cfg.seed),
                                   c2f=SamplingConfig(passes=cfg.c2f_passes, mask_temperature=1.0, seed=cfg.seed),
                                   window_seconds=cfg.window_seconds)
     pipeline = load_pipeline(Path(cfg.coarse), Path(cfg.c2f) if cfg.c2f else None, cfg.codec.source, cfg.codec.device,
@@ -59,58 +63,54 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     codec = pipeline.codec
     full = eval_windows(cfg, codec)
     depth = pipeline.n_codebooks
-    reference = torch.cat([codec.decode(b) for b in full.split(cfg.batch_size)])
     n_coarse = pipeline.coarse.cfg.n_codebooks
     generator = torch.Generator().manual_seed(cfg.seed)
-    embed = fad_embedding(cfg.fad_backend, codec.sample_rate, cfg.fad_weights).to(reference.device)
-    rows = []
+    embed = fad_embedding(cfg.fad_backend, codec.sample_rate, cfg.fad_weights).to(codec.device)
 
-    def add(name: str, passes: int | None, tokens_fn) -> None:
-        audio = torch.cat([codec.decode(tokens_fn(batch)) for batch in full.split(cfg.batch_size)])
-        rows.append({"prompt": name, "coarse_passes": passes or "", **score(audio, reference, codec.sample_rate, embed)})
+    def generate(batch: torch.Tensor, mask: torch.Tensor, passes: int) -> torch.Tensor:
+        pipeline.cfg.coarse.passes = passes
+        return pipeline.generate(batch, mask)
 
-    def generated(spec: str):
+    def preset(spec: str):
         def run(batch: torch.Tensor) -> torch.Tensor:
             audio = codec.decode(batch[:1]).numpy()[0]
             mask = build_prompt(spec, (batch.shape[0], n_coarse, batch.shape[-1]), audio, codec, generator)
-            return pipeline.generate(batch, mask)
+            return generate(batch, mask, protocol.passes)
         return run
 
     jobs = [("ceiling_codec", None, lambda b: b[:, :depth]),
-            (f"baseline_noisy_{cfg.noisy_ratio}", None,
-             lambda b: noisy_tokens(b[:, :depth], cfg.noisy_ratio, codec.codebook_size, 0, generator))]
-    jobs += [(spec, cfg.coarse_passes, generated(spec)) for spec in cfg.prompts]
-    for name, passes, fn in tqdm(jobs, desc="prompts", unit="prompt"):
-        add(name, passes, fn)
-    for passes in tqdm(cfg.passes_sweep, desc="passes sweep", unit="setting"):
-        pipeline.cfg.coarse.passes = passes
-        add(f"{cfg.sweep_prompt} (sweep)", passes, generated(cfg.sweep_prompt))
-    return rows
+            ("baseline_noisy", None, lambda b: noisy_tokens(b[:, :depth], cfg.noisy_ratio, codec.codebook_size, 0, generator))]
+    jobs += protocol_jobs(protocol, lambda b: (b.shape[0], n_coarse, b.shape[-1]), 0, generate)
+    jobs += [(spec, protocol.passes, preset(spec)) for spec in cfg.prompts]
+    return evaluate_generation(protocol, full, jobs, codec.decode, codec.sample_rate, embed, cfg.batch_size, progress=True)
 
 
 def write_results(rows: list[dict], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["prompt", "coarse_passes", "mel_distance", "fad"])
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
     table = write_text_atomic(out_dir / "results.csv", buffer.getvalue())
-    prompt_rows = [r for r in rows if not r["prompt"].endswith("(sweep)")]
-    sweep = [r for r in rows if r["prompt"].endswith("(sweep)")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for ax, key in zip(axes, ("mel_distance", "fad")):
+    protocol = rows[0]["protocol"] if rows else "?"
+    prompt_rows = [r for r in rows if not r["prompt"].startswith("passes_")]
+    sweep = [r for r in rows if r["prompt"].startswith("passes_")]
+    keys = ("mel", "mel_dac", "fad", "kad")
+    fig, axes = plt.subplots(1, len(keys), figsize=(18, 4.5), constrained_layout=True)
+    for ax, key in zip(axes, keys):
         ax.barh([r["prompt"] for r in prompt_rows], [r[key] for r in prompt_rows], color="tab:blue")
         ax.set(title=f"{key} per prompt (lower is better)", xlabel=key)
         ax.invert_yaxis()
+    fig.suptitle(f"protocol {protocol}, {prompt_rows[0]['n_embeddings'] if prompt_rows else 0} embeddings per set")
     per_prompt = out_dir / "per_prompt.png"
     fig.savefig(per_prompt, dpi=90)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     passes = [r["coarse_passes"] for r in sweep]
-    ax.plot(passes, [r["mel_distance"] for r in sweep], "o-", label="mel distance")
+    ax.plot(passes, [r["mel"] for r in sweep], "o-", label="mel distance")
     twin = ax.twinx()
     twin.plot(passes, [r["fad"] for r in sweep], "s--", color="tab:orange", label="FAD")
-    ax.set(xscale="log", xlabel="coarse sampling passes", ylabel="mel distance", title=sweep[0]["prompt"] if sweep else "")
+    ax.set(xscale="log", xlabel="coarse sampling passes", ylabel="mel distance", title=f"quality against passes (protocol {protocol})")
     twin.set_ylabel("FAD")
     fig.legend(loc="upper right")
     sweep_plot = out_dir / "quality_vs_passes.png"

@@ -1,10 +1,20 @@
 """Audio quality metrics as torchmetrics ``Metric`` classes (their states sync across ranks).
 
-- :class:`MelDistance`: multi-scale L1 distance between log-mel spectrograms (as in DAC and
-  VampNet's evaluation), built on torchaudio transforms.
+- :class:`MelDistance`: this project's multi-scale L1 distance between log-mel spectrograms,
+  on torchaudio transforms (HTK mel filters: its values are close to, not equal to, the papers').
+- :class:`DACMelDistance` / :class:`VampNetMelDistance`: audiotools' ``MelSpectrogramLoss`` in the
+  configuration the DAC paper reports (DAC's ``conf/base.yml``: 7 scales, windows 32...2048,
+  5...320 mels, log10 magnitude only) and the one VampNet's evaluation script used (its defaults:
+  windows 2048 and 512, 150 and 80 mels, log10 of the squared magnitude plus the magnitude
+  itself). Use these to set a score beside a paper's.
 - :class:`FrechetAudioDistance`: Fréchet distance between the embedding statistics of a
-  generated set and a reference set, in float64. Embedding backends are pluggable; scores are
-  only comparable within one backend.
+  generated set and a reference set, in float64. Biased at small sample sizes: report the
+  number of embeddings (``n_embeddings``) with it.
+- :class:`KernelAudioDistance`: KAD (Chung et al. 2025), the unbiased MMD^2 estimate with a
+  Gaussian RBF kernel whose bandwidth is the median pairwise distance of the reference
+  embeddings, times 100 (the KAD toolkit's scale). Near 0 for one distribution; it can be slightly negative.
+
+Embedding backends are pluggable; FAD and KAD scores are only comparable within one backend.
 """
 
 from __future__ import annotations
@@ -54,6 +64,68 @@ class MelDistance(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.count.clamp_min(1)).float()
+
+
+# audiotools.metrics.spectral.MelSpectrogramLoss arguments of the two papers' reports.
+DAC_MEL_CONFIG = dict(n_mels=[5, 10, 20, 40, 80, 160, 320], window_lengths=[32, 64, 128, 256, 512, 1024, 2048],
+                      mel_fmin=[0.0] * 7, mel_fmax=[None] * 7, pow=1.0, clamp_eps=1e-5, mag_weight=0.0, log_weight=1.0)
+VAMPNET_MEL_CONFIG = dict(n_mels=[150, 80], window_lengths=[2048, 512], mel_fmin=[0.0, 0.0], mel_fmax=[None, None],
+                          pow=2.0, clamp_eps=1e-5, mag_weight=1.0, log_weight=1.0)
+
+
+def _per_example_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs().flatten(1).mean(1)
+
+
+class AudiotoolsMelDistance(Metric):
+    """audiotools' ``MelSpectrogramLoss`` with ``config``, per example, averaged over examples
+    (equal to the loss of the whole batch when the examples have one length)."""
+
+    higher_is_better = False
+    full_state_update = False
+    config: dict = DAC_MEL_CONFIG
+
+    def __init__(self, sample_rate: int, **kwargs):
+        super().__init__(**kwargs)
+        from audiotools.metrics.spectral import MelSpectrogramLoss
+
+        self.sample_rate = sample_rate
+        self.loss = MelSpectrogramLoss(loss_fn=_per_example_l1, **self.config)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def distance(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-example distance of waveforms ``[B, T]``."""
+        from audiotools import AudioSignal
+
+        if preds.shape != target.shape:
+            raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ")
+        import warnings
+
+        signal = lambda audio: AudioSignal(audio.float()[:, None, :], self.sample_rate)  # noqa: E731
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="stft_data changed shape")  # audiotools' own, harmless
+            return self.loss(signal(preds), signal(target)).double()
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        distances = self.distance(preds.reshape(-1, preds.shape[-1]), target.reshape(-1, target.shape[-1]))
+        self.total += distances.sum()
+        self.count += distances.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp_min(1)).float()
+
+
+class DACMelDistance(AudiotoolsMelDistance):
+    """Mel distance as the DAC paper reports it (DAC ``conf/base.yml``'s MelSpectrogramLoss)."""
+
+    config = DAC_MEL_CONFIG
+
+
+class VampNetMelDistance(AudiotoolsMelDistance):
+    """Mel distance as VampNet's evaluation script computed it (``MelSpectrogramLoss()`` defaults)."""
+
+    config = VAMPNET_MEL_CONFIG
 
 
 def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
@@ -171,9 +243,12 @@ class FrechetAudioDistance(Metric):
         setattr(self, f"{side}_outer", getattr(self, f"{side}_outer") + e.T @ e)
         setattr(self, f"{side}_n", getattr(self, f"{side}_n") + e.shape[0])
 
-    def update(self, audio: torch.Tensor, real: bool) -> None:
-        with torch.no_grad():
-            self.update_embeddings(self.embed(audio.reshape(-1, audio.shape[-1])), real)
+    def update(self, audio: torch.Tensor | None = None, real: bool = True, embeddings: torch.Tensor | None = None) -> None:
+        """Add ``audio`` ``[..., samples]`` (embedded here) or its ``embeddings`` ``[n, dim]`` to one side."""
+        if embeddings is None:
+            with torch.no_grad():
+                embeddings = self.embed(audio.reshape(-1, audio.shape[-1]))
+        self.update_embeddings(embeddings, real)
 
     def _stats(self, side: str) -> tuple[torch.Tensor, torch.Tensor]:
         n = getattr(self, f"{side}_n")
@@ -185,3 +260,59 @@ class FrechetAudioDistance(Metric):
 
     def compute(self) -> torch.Tensor:
         return frechet_distance(*self._stats("real"), *self._stats("fake")).float()
+
+
+def median_pairwise_distance(x: torch.Tensor) -> torch.Tensor:
+    return torch.pdist(x.double()).median()
+
+
+def kernel_audio_distance(real: torch.Tensor, fake: torch.Tensor, bandwidth: float | None = None,
+                          scale: float = 100.0) -> torch.Tensor:
+    """``scale`` x the unbiased MMD^2 between embedding sets ``[n, d]`` and ``[m, d]``, Gaussian RBF kernel
+    exp(-|a - b|^2 / (2 h^2)), h = ``bandwidth`` or the median pairwise distance of ``real``; in float64."""
+    real, fake = real.double(), fake.double()
+    n, m = len(real), len(fake)
+    if n < 2 or m < 2:
+        raise ValueError(f"KAD needs at least 2 embeddings per side, got {n} real and {m} generated")
+    h = float(median_pairwise_distance(real)) if bandwidth is None else bandwidth
+    if not h > 0:
+        h = 1.0  # all reference embeddings equal: any bandwidth gives 0 for the same set
+    kernel = lambda a, b: torch.exp(-torch.cdist(a, b).square() / (2 * h * h))  # noqa: E731
+    k_rr, k_ff, k_rf = kernel(real, real), kernel(fake, fake), kernel(real, fake)
+    within_real = (k_rr.sum() - k_rr.diagonal().sum()) / (n * (n - 1))
+    within_fake = (k_ff.sum() - k_ff.diagonal().sum()) / (m * (m - 1))
+    return scale * (within_real + within_fake - 2 * k_rf.mean())
+
+
+class KernelAudioDistance(Metric):
+    """KAD between ``update(audio, real=True)`` and ``update(audio, real=False)`` sets (see the module docstring).
+
+    Keeps the embeddings (gathered across ranks), as an unbiased MMD needs every pair.
+    """
+
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], bandwidth: float | None = None,
+                 scale: float = 100.0, **kwargs):
+        super().__init__(**kwargs)
+        self.embed, self.bandwidth, self.scale = embed, bandwidth, scale
+        self.add_state("real", [], dist_reduce_fx="cat")
+        self.add_state("fake", [], dist_reduce_fx="cat")
+
+    def update_embeddings(self, embeddings: torch.Tensor, real: bool) -> None:
+        (self.real if real else self.fake).append(embeddings.double())
+
+    def update(self, audio: torch.Tensor | None = None, real: bool = True, embeddings: torch.Tensor | None = None) -> None:
+        """Add ``audio`` ``[..., samples]`` (embedded here) or its ``embeddings`` ``[n, dim]`` to one side."""
+        if embeddings is None:
+            with torch.no_grad():
+                embeddings = self.embed(audio.reshape(-1, audio.shape[-1]))
+        self.update_embeddings(embeddings, real)
+
+    def compute(self) -> torch.Tensor:
+        from torchmetrics.utilities import dim_zero_cat
+
+        if isinstance(self.real, list) and not self.real or isinstance(self.fake, list) and not self.fake:
+            raise ValueError("KAD needs embeddings on both sides")
+        return kernel_audio_distance(dim_zero_cat(self.real), dim_zero_cat(self.fake), self.bandwidth, self.scale).float()

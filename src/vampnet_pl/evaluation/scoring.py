@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from vampnet_pl.evaluation.metrics import (DACMelDistance, FrechetAudioDistance, KernelAudioDistance, MelDistance,
+                                           VampNetMelDistance)
 from vampnet_pl.masking import prompts
-from vampnet_pl.evaluation.metrics import FrechetAudioDistance, MelDistance
+
+# The scores of one set of generated audio, in this order (see evaluation.protocol for the logged names).
+SCORES = ("mel", "mel_dac", "mel_vampnet", "fad", "kad", "n_embeddings")
 
 
 def noisy_tokens(codes: torch.Tensor, ratio: float, codebook_size: int, n_conditioning: int,
@@ -18,10 +22,21 @@ def noisy_tokens(codes: torch.Tensor, ratio: float, codebook_size: int, n_condit
 
 
 def score(audio: torch.Tensor, reference: torch.Tensor, sample_rate: int, embed: torch.nn.Module) -> dict[str, float]:
-    """Mel distance, and FAD with the ``embed`` backend, of ``audio`` against ``reference`` (``[N, samples]``)."""
-    mel = MelDistance(sample_rate).to(reference.device)
-    fad = FrechetAudioDistance(embed, embed.dim).to(reference.device)
-    mel.update(audio, reference)
-    fad.update(reference, real=True)
-    fad.update(audio, real=False)
-    return {"mel_distance": float(mel.compute()), "fad": float(fad.compute())}
+    """Every score of ``audio`` against ``reference`` (``[N, samples]``): mel distance (this project's, DAC's and
+    VampNet's configuration), FAD and KAD with the ``embed`` backend, and the number of embeddings behind them."""
+    device = reference.device
+    mels = {"mel": MelDistance(sample_rate), "mel_dac": DACMelDistance(sample_rate),
+            "mel_vampnet": VampNetMelDistance(sample_rate)}
+    fad, kad = FrechetAudioDistance(embed, embed.dim).to(device), KernelAudioDistance(embed).to(device)
+    with torch.no_grad():
+        real, fake = embed(reference), embed(audio)
+    for metric in (fad, kad):
+        metric.update(real=True, embeddings=real)
+        metric.update(real=False, embeddings=fake)
+    scores = {}
+    for name, metric in mels.items():
+        metric = metric.to(device)
+        metric.update(audio, reference)
+        scores[name] = float(metric.compute())
+    scores.update({"fad": float(fad.compute()), "kad": float(kad.compute()), "n_embeddings": int(fake.shape[0])})
+    return scores

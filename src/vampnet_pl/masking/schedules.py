@@ -54,12 +54,29 @@ def get_schedule(name: str) -> Schedule:
     return SCHEDULES[name]
 
 
+def schedule_slope(schedule: Schedule, r: torch.Tensor) -> torch.Tensor:
+    """|d gamma / d r| at ``r`` (autograd; an infinite slope, as sqrt's at 0, becomes a large finite one)."""
+    with torch.enable_grad():
+        point = r.detach().float().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(schedule(point).sum(), point)
+    return grad.abs().nan_to_num(nan=0.0, posinf=1e6).to(r.dtype)
+
+
+def truncate(r: torch.Tensor, r_min: float = 0.0, r_max: float = 1.0) -> torch.Tensor:
+    """Map r in [0, 1) to [r_min, r_max): a truncated schedule draws its r from that range only."""
+    if not 0.0 <= r_min < r_max <= 1.0:
+        raise ValueError(f"need 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
+    return r_min + (r_max - r_min) * r
+
+
 class RatioSampler:
     """Draws r in [0, 1) per example: ``uniform``, or ``sobol``: a scrambled Sobol sequence per batch,
     spread evenly over [0, 1). Stateless: the draws come from ``generator`` (else torch's global RNG)."""
 
+    KINDS = ("uniform", "sobol")
+
     def __init__(self, kind: str = "uniform"):
-        if kind not in ("uniform", "sobol"):
+        if kind not in self.KINDS:
             raise ValueError(f"unknown r sampler {kind!r}; use 'uniform' or 'sobol'")
         self.kind = kind
 

@@ -6,6 +6,8 @@ and the number of conditioning codebooks (the first ones), which are never maske
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -61,4 +63,64 @@ def codebook_level_mask(
     return (chosen & partial) | (level_index > levels[:, None, None])
 
 
-TRAINING_MASKS = {"random": random_mask, "span": span_mask, "codebook_level": codebook_level_mask}
+@lru_cache(maxsize=32)
+def magnet_expected_fractions(frames: int, span_frames: int) -> torch.Tensor:
+    """Expected masked fraction of ``frames`` frames when ``u`` distinct span starts (u = 0..frames) are
+    drawn uniformly and each masks ``span_frames`` frames from its start (clipped at the end).
+
+    Frame t is covered by the n_t = min(t + 1, span) starts just before it, so it stays unmasked
+    with probability C(frames - n_t, u) / C(frames, u); spans may overlap (MAGNeT, Ziv et al. 2024).
+    """
+    u = torch.arange(frames + 1, dtype=torch.float64)[:, None]
+    n_t = torch.clamp(torch.arange(frames, dtype=torch.float64) + 1, max=span_frames)[None]
+    free = frames - n_t
+    log_choose = lambda n, k: torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)  # noqa: E731
+    log_unmasked = log_choose(free, u) - log_choose(torch.tensor(float(frames), dtype=torch.float64), u)
+    unmasked = torch.where(u <= free, log_unmasked.exp(), torch.zeros(()))
+    return (1 - unmasked.mean(1)).clamp(0, 1)  # [frames + 1], increasing in u
+
+
+def magnet_span_counts(ratios: torch.Tensor, frames: int, span_frames: int) -> torch.Tensor:
+    """MAGNeT's rate-to-span-count mapping: the number of spans (at least one) whose expected masked
+    fraction, overlaps accounted for, is closest to each ratio."""
+    expected = magnet_expected_fractions(frames, span_frames).to(ratios.device)
+    distance = (expected[None, 1:] - ratios.double()[:, None]).abs()
+    return distance.argmin(1) + 1
+
+
+def magnet_span_mask(
+    shape, ratios: torch.Tensor, span_frames: int, n_conditioning: int = 0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """MAGNeT span masking: ``magnet_span_counts`` distinct random starts, each masking ``span_frames``
+    frames of every predicted codebook; spans may overlap, the count is chosen so the expected fraction is the ratio."""
+    batch, codebooks, frames = shape
+    counts = magnet_span_counts(ratios, frames, span_frames)
+    scores = _rand((batch, frames), generator, ratios.device)
+    starts = (scores.argsort(dim=1).argsort(dim=1) < counts[:, None]).long()
+    covered = starts.cumsum(1)
+    covered = covered - torch.nn.functional.pad(covered, (span_frames, 0))[:, :frames]  # starts in (t - span, t]
+    mask = (covered > 0)[:, None, :].expand(batch, codebooks, frames).clone()
+    return _keep_conditioning(mask, n_conditioning)
+
+
+def per_level_mask(
+    shape, level_ratios: torch.Tensor, n_conditioning: int = 0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Each predicted level masked at its own ratio (``level_ratios`` ``[batch, predicted levels]``), exactly
+    ``round(ratio * frames)`` frames of it at random; at least one token per example."""
+    batch, codebooks, frames = shape
+    levels = codebooks - n_conditioning
+    if level_ratios.shape != (batch, levels):
+        raise ValueError(f"level_ratios must be [batch, predicted levels] = {[batch, levels]}, got {list(level_ratios.shape)}")
+    scores = _rand((batch, levels, frames), generator, level_ratios.device)
+    counts = (level_ratios * frames).round().clamp(0, frames).long()
+    counts[:, -1] += (counts.sum(1) == 0).long()  # never an empty mask: one token of the top level
+    predicted = scores.argsort(dim=2).argsort(dim=2) < counts[..., None]
+    mask = torch.zeros(shape, dtype=torch.bool, device=level_ratios.device)
+    mask[:, n_conditioning:] = predicted
+    return mask
+
+
+# Kinds of training mask, by name (``masking.kind``); see masking.config.TrainingMasker for their arguments.
+TRAINING_MASKS = {"random": random_mask, "span": span_mask, "magnet_span": magnet_span_mask,
+                  "codebook_level": codebook_level_mask, "per_level": per_level_mask}

@@ -69,6 +69,7 @@ def build(cfg: DictConfig):
         activation_checkpointing=schema.activation_checkpointing, init_from=schema.init_from,
         lora=dataclasses.asdict(schema.lora) if schema.lora else None,
         train_metrics_every_n_steps=schema.train_metrics_every_n_steps,
+        eval_protocol=schema.eval_protocol, loss_weighting=schema.loss_weighting.value,
         codebook_tables=codec.codebook_tables(model_cfg.embedding)[: model_cfg.n_codebooks],
     )
     callbacks = [hydra.utils.instantiate(node) for node in (cfg.callbacks or {}).values()]

@@ -1,12 +1,20 @@
 """The LightningModule for both stages (coarse and c2f): masking, loss, metrics, optimiser.
 
-Cross-entropy on masked tokens only (label smoothing), metrics as torchmetrics objects that
-Lightning syncs across ranks. Parallelism is not here: ``configure_model`` hands the model
-to :func:`vampnet_pl.training.parallel.parallelize`.
+Training: cross-entropy on masked tokens only (label smoothing), masks from the run's
+``masking.*``; ``loss_weighting=diffusion`` weights each example by the slope of its schedule,
+|d gamma / d r| (masked diffusion's ELBO weight gamma'/gamma per masked token, with the mean
+over masked tokens taking the 1/gamma). Validation: the evaluation protocol
+(``masking.protocol``), never the run's own masks: every window under every protocol mask,
+plain cross-entropy (no label smoothing) and top-1 / top-25 accuracy on masked tokens, logged
+as ``val/<loss|acc1|acc25>`` (per (window, condition) mean), ``.../ratio_0.10``,
+``.../prompt_periodic_16`` and ``.../codebook_<k>`` (pooled over masked tokens of level k).
+Metrics are torchmetrics objects that Lightning syncs across ranks. Parallelism is not here:
+``configure_model`` hands the model to :func:`vampnet_pl.training.parallel.parallelize`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from typing import Any
 
@@ -16,14 +24,21 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
+from vampnet_pl.masking.protocol import EvalProtocolConfig, protocol_masks
 from vampnet_pl.model import VampNet, VampNetConfig, load_exported
 from vampnet_pl.training.optim import OptimConfig, build_optimizer
 
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0)
+LOSS_WEIGHTINGS = ("none", "diffusion")
+VAL_METRICS = ("loss", "acc1", "acc25")
 
 
 def _as(cls, value):
     return value if isinstance(value, cls) or value is None else cls(**value)
+
+
+def _key(name: str) -> str:
+    return name.replace("/", "__").replace(".", "_")
 
 
 class MaskedTokenModule(L.LightningModule):
@@ -39,16 +54,26 @@ class MaskedTokenModule(L.LightningModule):
         lora: dict | None = None,
         train_metrics_every_n_steps: int = 10,
         codebook_tables: torch.Tensor | None = None,
+        eval_protocol: EvalProtocolConfig | dict | None = None,
+        loss_weighting: str = "none",
+        protocol: str | None = None,  # the protocol's id, saved for readers of hparams; eval_protocol is authoritative
     ):
         super().__init__()
         model_cfg = _as(VampNetConfig, model)
         self.masking_cfg = _as(MaskingConfig, masking) or MaskingConfig()
         self.optim_cfg = _as(OptimConfig, optim) or OptimConfig()
+        self.protocol = _as(EvalProtocolConfig, eval_protocol) or EvalProtocolConfig()
+        loss_weighting = getattr(loss_weighting, "value", loss_weighting)
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss_weighting {loss_weighting!r}; use one of {LOSS_WEIGHTINGS}")
         self.save_hyperparameters(
             {"model": model_cfg.to_dict(), "masking": asdict(self.masking_cfg), "optim": asdict(self.optim_cfg),
              "label_smoothing": label_smoothing, "compile": compile, "activation_checkpointing": activation_checkpointing,
-             "init_from": init_from, "lora": lora, "train_metrics_every_n_steps": train_metrics_every_n_steps}
+             "init_from": init_from, "lora": lora, "train_metrics_every_n_steps": train_metrics_every_n_steps,
+             "eval_protocol": asdict(self.protocol), "protocol": self.protocol.id, "loss_weighting": loss_weighting}
         )
+        self.protocol_digest: str | None = None  # sha256 of the windows and masks of the last validation (this rank)
+        self._digest = hashlib.sha256()
         self.model = VampNet(model_cfg, codebook_tables)
         if init_from:
             self._init_from(init_from)
@@ -86,10 +111,14 @@ class MaskedTokenModule(L.LightningModule):
         cfg = self.cfg
         names += [f"top1_masked/codebook_{k}" for k in range(cfg.n_conditioning_codebooks, cfg.n_codebooks)]
         names += [f"top1_masked/ratio_le_{b:.2f}" for b in RATIO_BUCKETS]
-        self.metrics = torch.nn.ModuleDict(
-            {stage: torch.nn.ModuleDict({n.replace("/", "__").replace(".", "_"): MeanMetric() for n in names})
-             for stage in ("train_metrics", "val_metrics")}
-        )
+        self.metrics = torch.nn.ModuleDict({"train_metrics": torch.nn.ModuleDict({_key(n): MeanMetric() for n in names})})
+        self.val_metrics = torch.nn.ModuleDict({_key(n): MeanMetric() for n in self.val_metric_names()})
+
+    def val_metric_names(self) -> list[str]:
+        """Every metric validation logs, without the ``val/`` prefix (see the module docstring)."""
+        groups = [""] + [f"/{n}" for n in self.protocol.ratio_names] + [f"/prompt_{n}" for n in self.protocol.prompt_names]
+        groups += [f"/codebook_{k}" for k in range(self.cfg.n_conditioning_codebooks, self.cfg.n_codebooks)]
+        return [f"{metric}{group}" for group in groups for metric in VAL_METRICS]
 
     def configure_model(self) -> None:
         from vampnet_pl.training.parallel import parallelize
@@ -101,20 +130,27 @@ class MaskedTokenModule(L.LightningModule):
     def forward(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(codes, mask)
 
-    def _step(self, batch: dict, stage: str, batch_idx: int = 0) -> torch.Tensor:
+    def _step(self, batch: dict, stage: str = "train", batch_idx: int = 0) -> torch.Tensor:
         codes = batch["codes"]
         cfg = self.cfg
-        if stage == "train":
-            mask, ratios = self.masker(codes)
-        else:  # deterministic: evenly spread ratios, a fixed generator, no draw on the global RNG
-            generator = torch.Generator(codes.device).manual_seed(self.masking_cfg.seed + batch_idx)
-            r = (torch.arange(codes.shape[0], device=codes.device) + 0.5) / codes.shape[0]
-            mask, ratios = self.masker(codes, generator, r)
+        if self.hparams.loss_weighting == "diffusion":
+            draw = self.masker.draw(codes)
+            mask, ratios, weights = draw.mask, draw.ratios, self.masker.loss_weights(draw.r)
+        else:
+            (mask, ratios), weights = self.masker(codes), None
         logits = self.model(codes, mask).float()  # [B, P, T, V]
         target = codes[:, cfg.n_conditioning_codebooks :]
         masked = mask[:, cfg.n_conditioning_codebooks :]
         selected_logits, selected_target = logits[masked], target[masked]
-        loss = F.cross_entropy(selected_logits, selected_target, label_smoothing=self.hparams.label_smoothing)
+        if weights is None:
+            loss = F.cross_entropy(selected_logits, selected_target, label_smoothing=self.hparams.label_smoothing)
+        else:  # per example: |gamma'(r)| x the mean CE of its masked tokens; then the batch mean
+            per_token = F.cross_entropy(selected_logits, selected_target, label_smoothing=self.hparams.label_smoothing,
+                                        reduction="none")
+            example = torch.arange(codes.shape[0], device=codes.device)[:, None, None].expand_as(masked)[masked]
+            per_example = torch.zeros(codes.shape[0], device=codes.device).index_add(0, example, per_token)
+            per_example = per_example / masked.flatten(1).sum(1).clamp_min(1)
+            loss = (weights.to(per_example) * per_example).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{stage} loss is {loss.item()} at global step {self.global_step}: lower optim.lr, check the data, "
@@ -153,12 +189,59 @@ class MaskedTokenModule(L.LightningModule):
                          prog_bar=name in ("loss", "top1_masked"), batch_size=target.shape[0])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
+        loss = self._step(batch)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=False)
         return loss
 
+    # -- validation: the evaluation protocol ------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._digest = hashlib.sha256(self.protocol.id.encode())
+
+    def on_validation_epoch_end(self) -> None:
+        self.protocol_digest = self._digest.hexdigest()
+
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val", batch_idx)
+        """Every window of the batch under every protocol mask; ``batch["index"]`` (the windows' global
+        indices, from the DataModule) picks the masks; without it, ``batch_idx * batch size + position``."""
+        codes = batch["codes"]
+        n_cond = self.cfg.n_conditioning_codebooks
+        index = batch.get("index")
+        if index is None:
+            index = batch_idx * codes.shape[0] + torch.arange(codes.shape[0])
+        masks = protocol_masks(self.protocol, tuple(codes.shape), n_cond, index.cpu())
+        self._digest.update(index.cpu().numpy().astype("int64").tobytes())
+        self._digest.update(codes.cpu().numpy().astype("int64").tobytes())
+        target = codes[:, n_cond:]
+        totals = []
+        for name, mask in masks.items():
+            self._digest.update(name.encode() + mask.numpy().tobytes())
+            mask = mask.to(codes.device)
+            logits = self.model(codes, mask).float()
+            masked = mask[:, n_cond:]
+            per_token = F.cross_entropy(logits[masked], target[masked], reduction="none")
+            top = logits[masked].topk(min(25, logits.shape[-1]), dim=-1).indices
+            hits = {"acc1": (top[:, 0] == target[masked]).float(), "acc25": (top == target[masked][:, None]).any(-1).float()}
+            values = {"loss": per_token, **hits}
+            example = torch.arange(codes.shape[0], device=codes.device)[:, None, None].expand_as(masked)[masked]
+            level = torch.arange(n_cond, self.cfg.n_codebooks, device=codes.device)[None, :, None].expand_as(masked)[masked]
+            counts = masked.flatten(1).sum(1)
+            group = name if name.startswith("ratio_") else f"prompt_{name}"
+            for metric, value in values.items():
+                per_window = torch.zeros(codes.shape[0], device=codes.device).index_add(0, example, value)
+                per_window = per_window[counts > 0] / counts[counts > 0]  # [windows] mean over masked tokens
+                self._log_val(metric, per_window)
+                self._log_val(f"{metric}/{group}", per_window)
+                for k in level.unique().tolist():
+                    self._log_val(f"{metric}/codebook_{k}", value[level == k])
+            totals.append(per_token.mean())
+        return torch.stack(totals).mean()
+
+    def _log_val(self, name: str, values: torch.Tensor) -> None:
+        if values.numel():
+            metric = self.val_metrics[_key(name)]
+            metric.update(values.float())
+            self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("loss", "acc1"),
+                     batch_size=values.numel())
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
