@@ -13,12 +13,13 @@ biases. Output: logits over the codebook for every predicted codebook.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vampnet_pl.model.attention import BACKENDS, RelativeBias, attend, relative_bucket, resolve_backend
 
 
 @dataclass
@@ -35,6 +36,7 @@ class VampNetConfig:
     position: str = "relative"  # "relative" (T5 bias) or "rotary"
     relative_buckets: int = 32
     relative_max_distance: int = 128
+    attention_backend: str = "auto"  # auto (flex on CUDA for the relative bias) | flex | sdpa: model/attention.py
     codec_fingerprint: str = ""
 
     def __post_init__(self) -> None:
@@ -44,6 +46,8 @@ class VampNetConfig:
             raise ValueError("need 0 <= n_conditioning_codebooks < n_codebooks")
         if self.position not in ("relative", "rotary"):
             raise ValueError(f"position must be 'relative' or 'rotary', got {self.position!r}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
 
     @property
     def n_predicted_codebooks(self) -> int:
@@ -62,19 +66,11 @@ class RelativePositionBias(nn.Module):
         self.table = nn.Embedding(n_buckets, n_heads)
 
     def bucket(self, relative: torch.Tensor) -> torch.Tensor:
-        half = self.n_buckets // 2
-        bucket = (relative > 0).long() * half
-        distance = relative.abs()
-        exact = half // 2
-        is_small = distance < exact
-        log_ratio = torch.log(distance.float().clamp_min(1) / exact) / math.log(self.max_distance / exact)
-        large = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
-        return bucket + torch.where(is_small, distance, large)
+        return relative_bucket(relative, self.n_buckets, self.max_distance)
 
-    def forward(self, frames: int) -> torch.Tensor:
-        position = torch.arange(frames, device=self.table.weight.device)
-        relative = position[None, :] - position[:, None]  # key - query
-        return self.table(self.bucket(relative)).permute(2, 0, 1).unsqueeze(0)  # [1, heads, T, T]
+    def forward(self, frames: int, materialise: bool = True) -> RelativeBias:
+        """The bias for ``frames``; ``materialise``: also build the ``[1, heads, T, T]`` mask (sdpa path)."""
+        return RelativeBias.from_table(self.table.weight, frames, self.n_buckets, self.max_distance, materialise)
 
 
 def rotary_tables(frames: int, head_dim: int, device, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,17 +88,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     def __init__(self, cfg: VampNetConfig):
         super().__init__()
-        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.n_heads, self.dropout, self.backend = cfg.n_heads, cfg.dropout, cfg.attention_backend
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, rotary: tuple | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: RelativeBias | None, rotary: tuple | None) -> torch.Tensor:
         batch, frames, width = x.shape
         q, k, v = self.qkv(x).view(batch, frames, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        mask = bias.to(q.dtype) if bias is not None else None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, position_bias=bias, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         return self.out(y.transpose(1, 2).reshape(batch, frames, width))
 
 
@@ -130,7 +125,7 @@ class TransformerBlock(nn.Module):
         self.ffn = GEGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, rotary: tuple | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: RelativeBias | None = None, rotary: tuple | None = None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), bias, rotary))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
@@ -186,7 +181,11 @@ class VampNet(nn.Module):
         if codebooks != self.cfg.n_codebooks:
             raise ValueError(f"model reads {self.cfg.n_codebooks} codebooks, got {codebooks}")
         x = self.embedding(codes, mask)
-        bias = self.position_bias(frames) if self.position_bias is not None else None
+        bias = None
+        if self.position_bias is not None:  # once per forward, shared by every layer
+            dropout = self.cfg.dropout if self.training else 0.0
+            backend = resolve_backend(self.cfg.attention_backend, x.device, True, dropout)
+            bias = self.position_bias(frames, materialise=backend == "sdpa")
         head_dim = self.cfg.d_model // self.cfg.n_heads
         rotary = rotary_tables(frames, head_dim, x.device) if self.cfg.position == "rotary" else None
         for block in self.blocks:
