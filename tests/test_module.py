@@ -93,3 +93,23 @@ def test_run_dir_is_keyed_on_the_slurm_job(monkeypatch, prepared):
     with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = hydra.compose("train", overrides=["runs_dir=/r", f"data.dataset_dir={prepared}"])
     assert cfg.run_dir == "/r/vampnet-4242"
+
+
+def test_gpu_defaults_compile_and_fused_adamw_stay_off_on_cpu():
+    from vampnet_pl.training.optim import build_optimizer, use_fused
+
+    assert module().compile_blocks is False  # None: on only when training on CUDA
+    assert module(compile=True).compile_blocks is True
+    m = module()
+    assert not use_fused(m.model, None)  # CPU parameters: foreach AdamW
+    assert use_fused(m.model, True)
+    optimizer, _ = build_optimizer(m.model, OptimConfig(), 100, 32)
+    assert not optimizer.defaults["fused"]
+
+
+def test_a_non_finite_loss_is_caught_on_cpu_steps_and_sampled_accelerator_steps(monkeypatch):
+    m = module(train_metrics_every_n_steps=5)
+    m.model.forward = lambda codes, mask: torch.full((*codes[:, 1:].shape, 64), float("nan"))
+    with pytest.raises(FloatingPointError, match="train loss is nan"):
+        m._step({"codes": torch.randint(0, 64, (2, 4, 20))}, "train")
+    assert all(metric.nan_strategy == "disable" for group in m.metrics.values() for metric in group.values())

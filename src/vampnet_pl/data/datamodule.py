@@ -338,4 +338,4 @@ class CodesDataModule(L.LightningDataModule):
         if not share:
             raise ValueError(f"{len(self.val_windows)} validation windows cannot be shared by {world_size} ranks")
         batches = FixedBatches(share, self.hparams.val_batch_size, self.n_codebooks)
-        return DataLoader(batches, batch_size=None, generator=torch.Generator())
+        return DataLoader(batches, batch_size=None, generator=torch.Generator(), pin_memory=torch.cuda.is_available())

@@ -114,6 +114,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_bias: 
         mask = position_bias.materialise().to(q.dtype) if position_bias is not None else None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if q.device.type != "cpu":
+        if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph
+            from torch.nn.attention.flex_attention import flex_attention
+
+            return flex_attention(q, k, v, score_mod=position_bias.score_mod())
         return _compiled_flex_attention()(q, k, v, score_mod=position_bias.score_mod())
     from torch.nn.attention.flex_attention import flex_attention  # CPU: torch's unfused reference, for checks
 

@@ -33,7 +33,7 @@ class MaskedTokenModule(L.LightningModule):
         masking: MaskingConfig | dict | None = None,
         optim: OptimConfig | dict | None = None,
         label_smoothing: float = 0.1,
-        compile: bool = False,
+        compile: bool | None = None,
         activation_checkpointing: bool = False,
         init_from: str | None = None,
         lora: dict | None = None,
@@ -87,15 +87,24 @@ class MaskedTokenModule(L.LightningModule):
         names += [f"top1_masked/codebook_{k}" for k in range(cfg.n_conditioning_codebooks, cfg.n_codebooks)]
         names += [f"top1_masked/ratio_le_{b:.2f}" for b in RATIO_BUCKETS]
         self.metrics = torch.nn.ModuleDict(
-            {stage: torch.nn.ModuleDict({n.replace("/", "__").replace(".", "_"): MeanMetric() for n in names})
+            {stage: torch.nn.ModuleDict({n.replace("/", "__").replace(".", "_"): MeanMetric(nan_strategy="disable") for n in names})
              for stage in ("train_metrics", "val_metrics")}
         )
 
     def configure_model(self) -> None:
         from vampnet_pl.training.parallel import parallelize
 
-        parallelize(self.model, getattr(self, "device_mesh", None), compile=self.hparams.compile,
+        parallelize(self.model, getattr(self, "device_mesh", None), compile=self.compile_blocks,
                     activation_checkpointing=self.hparams.activation_checkpointing)
+
+    @property
+    def compile_blocks(self) -> bool:
+        """``compile`` as set, or by default: on when training on CUDA (regional: each block, short start-up)."""
+        if self.hparams.compile is not None:
+            return self.hparams.compile
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        return device.type == "cuda"
 
     # -- steps ----------------------------------------------------------------------------------
     def forward(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -115,14 +124,15 @@ class MaskedTokenModule(L.LightningModule):
         masked = mask[:, cfg.n_conditioning_codebooks :]
         selected_logits, selected_target = logits[masked], target[masked]
         loss = F.cross_entropy(selected_logits, selected_target, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
+        every = max(1, self.hparams.train_metrics_every_n_steps)
+        sampled = stage != "train" or self.global_step % every == 0  # top-k metrics are costly: sample train steps
+        # The finiteness check reads the loss on the host: on an accelerator only on sampled steps (no sync per step).
+        if (sampled or loss.device.type == "cpu") and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{stage} loss is {loss.item()} at global step {self.global_step}: lower optim.lr, check the data, "
                 "or try trainer.precision=32"
             )
-        every = max(1, self.hparams.train_metrics_every_n_steps)
-        accuracy = stage != "train" or self.global_step % every == 0  # top-k metrics are costly: sample train steps
-        self._update_metrics(stage, loss, logits, target, masked, ratios, accuracy)
+        self._update_metrics(stage, loss, logits, target, masked, ratios, sampled)
         return loss
 
     @torch.no_grad()
