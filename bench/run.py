@@ -79,6 +79,8 @@ def train_cpu(args) -> None:
     sys.path.insert(0, str(HERE))
     from bench_train import compare_with_original
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     header = (f"training step, ours vs the original VampNet ({args.original}): batch {args.batch} x {args.frames} "
               f"frames, 4 codebooks, median of {args.steps} alternating steps after {args.warmup}, "
               f"{torch.get_num_threads()} threads\n")
@@ -105,6 +107,7 @@ def main(argv=None) -> None:
     cpu.add_argument("--frames", type=int, default=344)
     cpu.add_argument("--steps", type=int, default=10)
     cpu.add_argument("--warmup", type=int, default=2)
+    cpu.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     {"train-gpu": train_gpu, "train-cpu": train_cpu}[args.command](args)
 

@@ -119,10 +119,13 @@ class MaskedTokenModule(L.LightningModule):
             generator = torch.Generator(codes.device).manual_seed(self.masking_cfg.seed + batch_idx)
             r = (torch.arange(codes.shape[0], device=codes.device) + 0.5) / codes.shape[0]
             mask, ratios = self.masker(codes, generator, r)
-        logits = self.model(codes, mask).float()  # [B, P, T, V]
+        logits = self.model(codes, mask)  # [B, P, T, V], a view of the head's [B, T, P * V] output
         target = codes[:, cfg.n_conditioning_codebooks :]
         masked = mask[:, cfg.n_conditioning_codebooks :]
-        selected_logits, selected_target = logits[masked], target[masked]
+        # Select frame-major (the head's own layout): the gradient then reaches the head without a transposing copy.
+        frame_major = masked.transpose(1, 2)
+        selected_logits = logits.transpose(1, 2)[frame_major].float()
+        selected_target = target.transpose(1, 2)[frame_major]
         loss = F.cross_entropy(selected_logits, selected_target, label_smoothing=self.hparams.label_smoothing)
         every = max(1, self.hparams.train_metrics_every_n_steps)
         sampled = stage != "train" or self.global_step % every == 0  # top-k metrics are costly: sample train steps
@@ -132,14 +135,15 @@ class MaskedTokenModule(L.LightningModule):
                 f"{stage} loss is {loss.item()} at global step {self.global_step}: lower optim.lr, check the data, "
                 "or try trainer.precision=32"
             )
-        self._update_metrics(stage, loss, logits, target, masked, ratios, sampled)
+        self._update_metrics(stage, loss, selected_logits, selected_target, logits, target, masked, ratios, sampled)
         return loss
 
     @torch.no_grad()
-    def _update_metrics(self, stage, loss, logits, target, masked, ratios, accuracy: bool = True) -> None:
+    def _update_metrics(self, stage, loss, selected_logits, selected_target, logits, target, masked, ratios,
+                        accuracy: bool = True) -> None:
         metrics = self.metrics[f"{stage}_metrics"]
         cfg = self.cfg
-        plain = F.cross_entropy(logits[masked], target[masked])
+        plain = F.cross_entropy(selected_logits, selected_target)
         values = {"loss": loss, "perplexity": plain.exp()}
         if accuracy:
             top25 = logits.topk(min(25, logits.shape[-1]), dim=-1).indices
