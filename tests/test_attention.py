@@ -140,3 +140,18 @@ def test_bias_is_built_once_per_forward_and_materialised_only_for_sdpa():
     assert seen[0].dense.shape == (1, 4, 50, 50)
     torch.testing.assert_close(seen[0].dense, dense_bias(seen[0].by_offset, 50))
     assert model.position_bias(50, materialise=False).dense is None
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_a_block_compiles_whole_with_the_bias_object(backend):
+    """Regional compile: one graph per block (no graph break at the attention call or the bias object)."""
+    torch.manual_seed(0)
+    model = VampNet(VampNetConfig(codebook_size=64, latent_dim=8, d_model=32, n_layers=1, n_heads=4, dropout=0.0,
+                                  attention_backend=backend)).eval()
+    block = model.blocks[0]
+    x = torch.randn(2, 45, 32)
+    bias = model.position_bias(45, materialise=backend == "sdpa")
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        torch.testing.assert_close(compiled(x, bias), block(x, bias), rtol=1e-5, atol=1e-5)
