@@ -31,11 +31,11 @@ SIZES = {  # as conf/model/coarse_{size}.yaml
 }
 
 
-def make(size: str, batch: int, frames: int, seed: int = 0, latent_dim: int = 128):
+def make(size: str, batch: int, frames: int, seed: int = 0, latent_dim: int = 128, **model_kwargs):
     from vampnet_pl.training.module import MaskedTokenModule
 
     torch.manual_seed(seed)
-    model_cfg = dict(n_codebooks=4, codebook_size=1024, latent_dim=latent_dim, dropout=0.1, **SIZES[size])
+    model_cfg = dict(n_codebooks=4, codebook_size=1024, latent_dim=latent_dim, dropout=0.1, **SIZES[size], **model_kwargs)
     module = MaskedTokenModule(model_cfg, optim={"lr": 3e-4, "warmup_steps": 10},
                                codebook_tables=torch.randn(4, 1024, latent_dim))
     batches = [{"codes": torch.randint(0, 1024, (batch, 4, frames))} for _ in range(8)]
@@ -118,7 +118,8 @@ def our_step_fn(size: str, batch: int, frames: int, seed: int = 0):
     """Our training step: MaskedTokenModule._step (masking, loss) + backward, clipping, AdamW, schedule."""
     from vampnet_pl.training.optim import build_optimizer
 
-    module, batches = make(size, batch, frames, seed, latent_dim=8)
+    # GEGLU hidden width 2 d_model, as the original's feed-forward: the same size, parameter for parameter
+    module, batches = make(size, batch, frames, seed, latent_dim=8, ffn_mult=3.0)
     module.log = lambda *a, **k: None
     module._update_metrics = lambda *a, **k: None  # the original's step is timed without its metrics too
     optimizer, scheduler = build_optimizer(module.model, module.optim_cfg, 10_000, module.cfg.d_model)
