@@ -32,10 +32,12 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
 
 
 def module_and_loader(size: str, batch: int, frames: int, steps: int, n_codebooks: int = 4, position: str = "relative",
-                      compile: bool = False):
+                      compile: bool | None = False, attention_backend: str = "auto", activation_checkpointing: bool = False):
     torch.manual_seed(0)
-    cfg = dict(n_codebooks=n_codebooks, codebook_size=1024, latent_dim=1024, dropout=0.0, position=position, **SIZES[size])
+    cfg = dict(n_codebooks=n_codebooks, codebook_size=1024, latent_dim=1024, dropout=0.0, position=position,
+               attention_backend=attention_backend, **SIZES[size])
     module = MaskedTokenModule(cfg, optim={"lr": 3e-4, "warmup_steps": 10}, compile=compile,
+                               activation_checkpointing=activation_checkpointing,
                                codebook_tables=torch.randn(n_codebooks, 1024, 1024))
     data = [{"codes": torch.randint(0, 1024, (batch, n_codebooks, frames))} for _ in range(steps)]
     return module, torch.utils.data.DataLoader(data, batch_size=None)
@@ -69,12 +71,49 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, *args):
         if trainer.global_step == self.warmup:
-            torch.cuda.synchronize()
+            synchronize()
             self.started = time.perf_counter()
 
     def on_train_end(self, trainer, *args):
-        torch.cuda.synchronize()
+        synchronize()
         self.seconds = time.perf_counter() - self.started
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(size: str, batch: int, frames: int, steps: int, warmup: int, position: str = "relative",
+            compile: bool | None = None, attention_backend: str = "auto", activation_checkpointing: bool = False,
+            strategy: str = "auto") -> dict:
+    """Tokens/s, model TFLOP/s, MFU and peak memory of the Lightning training step (bf16-mixed on a GPU).
+
+    Without CUDA (``--smoke``) it runs on CPU in fp32: the code path is checked, the numbers mean nothing.
+    """
+    import resource
+
+    cuda = torch.cuda.is_available()
+    module, loader = module_and_loader(size, batch, frames, steps + warmup, position=position, compile=compile,
+                                       attention_backend=attention_backend,
+                                       activation_checkpointing=activation_checkpointing)
+    if cuda:
+        torch.set_float32_matmul_precision("high")
+        torch.cuda.reset_peak_memory_stats()
+    timer = StepTimer(warmup)
+    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
+                        strategy=parallel.fsdp2_strategy() if strategy == "fsdp2" else "auto",
+                        max_steps=steps + warmup, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, gradient_clip_val=1.0, callbacks=[timer])
+    trainer.fit(module, loader)
+    tokens_per_s = steps * batch * frames / timer.seconds
+    flops = module.model.flops_per_token(frames) * tokens_per_s
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    memory = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"parameters": module.model.num_parameters(), "tokens_per_s": tokens_per_s, "tflops": flops / 1e12,
+            "mfu": flops / (peak * 1e12) if peak else None, "peak_gib": memory / 2**30,
+            "compiled": module.compile_blocks}
 
 
 def throughput(size: str, batch: int, frames: int, steps: int, warmup: int, position: str, compile: bool) -> None:

@@ -1,9 +1,16 @@
-"""Training throughput on CPU: the Lightning module vs a plain PyTorch loop over the same model and data.
+"""Training throughput on CPU: the Lightning module vs a plain PyTorch loop, and vs the original VampNet.
 
     .venv/bin/python bench/bench_train.py --sizes tiny small --steps 30
+    .venv/bin/python bench/bench_train.py --sizes small --original /work/orig/vampnet-ismir --steps 10
 
 Each (size, loop) runs in its own process (peak RSS is per process). Tokens are sequence
 positions (frames) x batch. Prints a Markdown table for BENCHMARKS.md.
+
+``--original PATH`` (a checkout of the original VampNet, its dependencies importable: audiotools,
+einops, loralib) adds a side-by-side, in-process comparison of one training step at the same size:
+masking, embedding, forward, masked cross-entropy (label smoothing 0.1), backward, gradient
+clipping, AdamW and the learning-rate schedule, no metrics on either side. Rounds alternate
+between the two, and the median step time of each is reported.
 """
 
 from __future__ import annotations
@@ -24,12 +31,13 @@ SIZES = {  # as conf/model/coarse_{size}.yaml
 }
 
 
-def make(size: str, batch: int, frames: int, seed: int = 0):
+def make(size: str, batch: int, frames: int, seed: int = 0, latent_dim: int = 128, **model_kwargs):
     from vampnet_pl.training.module import MaskedTokenModule
 
     torch.manual_seed(seed)
-    model_cfg = dict(n_codebooks=4, codebook_size=1024, latent_dim=128, dropout=0.1, **SIZES[size])
-    module = MaskedTokenModule(model_cfg, optim={"lr": 3e-4, "warmup_steps": 10}, codebook_tables=torch.randn(4, 1024, 128))
+    model_cfg = dict(n_codebooks=4, codebook_size=1024, latent_dim=latent_dim, dropout=0.1, **SIZES[size], **model_kwargs)
+    module = MaskedTokenModule(model_cfg, optim={"lr": 3e-4, "warmup_steps": 10},
+                               codebook_tables=torch.randn(4, 1024, latent_dim))
     batches = [{"codes": torch.randint(0, 1024, (batch, 4, frames))} for _ in range(8)]
     return module, batches
 
@@ -70,6 +78,89 @@ def run_lightning(size, batch, frames, steps, warmup):
     return time.perf_counter() - timer.started
 
 
+def original_step_fn(path: str, size: str, batch: int, frames: int, seed: int = 0):
+    """One training step of the original VampNet (its model, masks and loss), as its train loop runs it."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, path)
+    from vampnet import mask as pmask
+    from vampnet.modules.transformer import VampNet as OriginalVampNet
+    from vampnet.scheduler import NoamScheduler
+    from vampnet.util import codebook_flatten
+
+    torch.manual_seed(seed)
+    width = SIZES[size]
+    model = OriginalVampNet(n_heads=width["n_heads"], n_layers=width["n_layers"], n_codebooks=4, latent_dim=8,
+                            embedding_dim=width["d_model"], vocab_size=1024, flash_attn=False, dropout=0.1).train()
+    codec = SimpleNamespace(quantizer=SimpleNamespace(  # from_codes reads the codec's codebook tables
+        quantizers=[SimpleNamespace(codebook=torch.nn.Embedding(1024, 8).requires_grad_(False)) for _ in range(4)]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = NoamScheduler(optimizer, d_model=width["d_model"])
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    batches = [torch.randint(0, 1024, (batch, 4, frames)) for _ in range(8)]
+
+    def step(i: int) -> None:
+        z = batches[i % len(batches)]
+        mask = pmask.codebook_unmask(pmask.random(z, torch.rand(batch)), model.n_conditioning_codebooks)
+        z_mask, mask = pmask.apply_mask(z, mask, model.mask_token)
+        z_hat = model(model.embedding.from_codes(z_mask, codec))
+        target = codebook_flatten(z).masked_fill(~codebook_flatten(mask).bool(), -100)
+        criterion(z_hat, target).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def our_step_fn(size: str, batch: int, frames: int, seed: int = 0):
+    """Our training step: MaskedTokenModule._step (masking, loss) + backward, clipping, AdamW, schedule."""
+    from vampnet_pl.training.optim import build_optimizer
+
+    # GEGLU hidden width 2 d_model, as the original's feed-forward: the same size, parameter for parameter
+    module, batches = make(size, batch, frames, seed, latent_dim=8, ffn_mult=3.0)
+    module.log = lambda *a, **k: None
+    module._update_metrics = lambda *a, **k: None  # the original's step is timed without its metrics too
+    optimizer, scheduler = build_optimizer(module.model, module.optim_cfg, 10_000, module.cfg.d_model)
+
+    def step(i: int) -> None:
+        loss = module._step(batches[i % len(batches)], "train")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    return step, module.model.num_parameters()
+
+
+def compare_with_original(path: str, sizes, batch: int, frames: int, steps: int, warmup: int) -> list[str]:
+    import statistics
+
+    rows = ["| size | parameters ours / original | ours s/step | original s/step | tokens/s ours / original | speed-up | "
+            "CPU-time speed-up |", "|---|---|---|---|---|---|---|"]
+    for size in sizes:
+        ours, ours_params = our_step_fn(size, batch, frames)
+        original, original_params = original_step_fn(path, size, batch, frames)
+        times = {"ours": [], "original": []}
+        cpu_times = {"ours": [], "original": []}  # process CPU time: robust to other load on a shared machine
+        for i in range(warmup + steps):  # alternate, so load on the machine hits both alike
+            for name, step in (("ours", ours), ("original", original)):
+                started, cpu_started = time.perf_counter(), time.process_time()
+                step(i)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - started)
+                    cpu_times[name].append(time.process_time() - cpu_started)
+        mine, theirs = statistics.median(times["ours"]), statistics.median(times["original"])
+        cpu_ratio = statistics.median(cpu_times["original"]) / statistics.median(cpu_times["ours"])
+        tokens = batch * frames
+        rows.append(f"| {size} | {ours_params / 1e6:.1f} M / {original_params / 1e6:.1f} M | {mine:.3f} | {theirs:.3f} | "
+                    f"{tokens / mine:,.0f} / {tokens / theirs:,.0f} | **{theirs / mine:.2f}x** | {cpu_ratio:.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def child(args) -> None:
     fn = run_plain if args.loop == "plain" else run_lightning
     seconds = fn(args.size, args.batch, args.frames, args.steps, args.warmup)
@@ -86,10 +177,19 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=344)  # 4 s of DAC 44.1 kHz frames
     parser.add_argument("--child", choices=["plain", "lightning"])
     parser.add_argument("--size")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--original", help="checkout of the original VampNet: compare training steps side by side")
     args = parser.parse_args()
     if args.child:
         args.loop = args.child
         return child(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.original:
+        print(f"training step, ours vs the original VampNet: batch {args.batch} x {args.frames} frames, 4 codebooks, "
+              f"median of {args.steps} alternating steps after {args.warmup}, {torch.get_num_threads()} threads\n")
+        compare_with_original(args.original, args.sizes, args.batch, args.frames, args.steps, args.warmup)
+        return
     print(f"batch {args.batch} x {args.frames} frames, 4 codebooks, {args.steps} timed steps after {args.warmup}, "
           f"{torch.get_num_threads()} threads\n")
     print("| size | plain PyTorch tokens/s | Lightning tokens/s | Lightning / plain | peak RSS plain / Lightning (MB) |")

@@ -188,6 +188,14 @@ def test_validation_windows_are_fixed_and_equal_per_rank(prepared):
     assert [len(s) for s in shares] == [3, 3, 3] and not set(shares[0]) & set(shares[1])
 
 
+def test_loaders_pin_memory_when_cuda_is_there(prepared, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # Lightning then copies with non_blocking=True
+    dm = CodesDataModule(dataset_dir=str(prepared), n_codebooks=4, window_seconds=1.0, num_workers=0)
+    assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not dm.train_dataloader().pin_memory
+
+
 def test_pipe_urls_stream_through_a_command(tmp_path):
     shard = write_shard(tmp_path / "a.tar", [100] * 4)
     batches = list(stream([f"pipe:cat {shard}"], batches_per_worker=3))

@@ -31,7 +31,7 @@ def test_loss_ignores_unmasked_targets():
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), codes[:, 1:, :10].reshape(-1))
     assert torch.allclose(loss, expected, atol=1e-5)
     # Targets of unmasked tokens do not enter the loss: with the logits fixed, changing them changes nothing.
-    m.model.forward = lambda c, msk: logits_full
+    m.model.forward = lambda c, msk, **_: logits_full
     logits_full = m.model.__class__.forward(m.model, codes, mask)
     changed = codes.clone()
     changed[:, 1:, 10:] = (changed[:, 1:, 10:] + 1) % 64
@@ -77,7 +77,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def _validation_masks(m: MaskedTokenModule, batches: list[dict]) -> tuple[list[torch.Tensor], torch.Tensor, str]:
     """The masks the module fed its model during one validation epoch, the losses, and its protocol digest."""
     seen, forward = [], m.model.forward
-    m.model.forward = lambda codes, mask: seen.append(mask.clone()) or forward(codes, mask)
+    m.model.forward = lambda codes, mask, **kw: seen.append(mask.clone()) or forward(codes, mask, **kw)
     m.model.eval()
     m.on_validation_epoch_start()
     losses = torch.stack([m.validation_step(b, i) for i, b in enumerate(batches)])
@@ -156,3 +156,39 @@ def test_run_dir_is_keyed_on_the_slurm_job(monkeypatch, prepared):
     with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = hydra.compose("train", overrides=["runs_dir=/r", f"data.dataset_dir={prepared}"])
     assert cfg.run_dir == "/r/vampnet-4242"
+
+
+def test_gpu_defaults_compile_and_fused_adamw_stay_off_on_cpu():
+    from vampnet_pl.training.optim import build_optimizer, use_fused
+
+    assert module().compile_blocks is False  # None: on only when training on CUDA
+    assert module(compile=True).compile_blocks is True
+    m = module()
+    assert not use_fused(m.model, None)  # CPU parameters: foreach AdamW
+    assert use_fused(m.model, True)
+    optimizer, _ = build_optimizer(m.model, OptimConfig(), 100, 32)
+    assert not optimizer.defaults["fused"]
+
+
+def test_a_non_finite_loss_is_caught_on_cpu_steps_and_sampled_accelerator_steps(monkeypatch):
+    m = module(train_metrics_every_n_steps=5)
+    m.model.forward = lambda codes, mask, **_: torch.full((*codes[:, 1:].shape, 64), float("nan"))
+    with pytest.raises(FloatingPointError, match="train loss is nan"):
+        m._step({"codes": torch.randint(0, 64, (2, 4, 20))}, "train")
+    assert all(metric.nan_strategy == "disable" for group in m.metrics.values() for metric in group.values())
+
+
+def test_token_range_is_checked_on_the_cpu_batch_and_not_again_inside_the_step(monkeypatch):
+    m = module()
+    size = m.cfg.codebook_size
+    codes = torch.randint(0, size, (2, m.cfg.n_codebooks, 12))
+    assert m.on_before_batch_transfer({"codes": codes}, 0)["codes"] is codes
+    damaged = codes.clone()
+    damaged[1, 0, 5] = size
+    with pytest.raises(ValueError, match=f"token {size} is outside"):
+        m.on_before_batch_transfer({"codes": damaged}, 0)
+    calls = []
+    original = m.model.forward
+    monkeypatch.setattr(m.model, "forward", lambda *a, **k: calls.append(k.get("check_range", True)) or original(*a, **k))
+    m._step({"codes": codes}, "train")
+    assert calls == [False]  # the step trusts the batch checked before transfer: no host sync per forward

@@ -192,7 +192,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     loss_weighting: LossWeighting = LossWeighting.none
     train_metrics_every_n_steps: int = 10  # accuracy/perplexity metrics on every n-th train step (loss: every step)
-    compile: bool = False
+    compile: Optional[bool] = None  # torch.compile each transformer block; None: on when training on CUDA
     activation_checkpointing: bool = False
     init_from: Optional[str] = None  # an exported model to fine-tune
     lora: Optional[LoraConfig] = None  # with init_from: train LoRA adapters only

@@ -500,4 +500,4 @@ class CodesDataModule(L.LightningDataModule):
             raise ValueError(f"{len(self.val_windows)} validation windows cannot be shared by {world_size} ranks")
         indices = rank_share(list(range(len(self.val_windows))), rank, world_size)
         batches = FixedBatches(share, self.hparams.val_batch_size, self.n_codebooks, indices)
-        return DataLoader(batches, batch_size=None, generator=torch.Generator())
+        return DataLoader(batches, batch_size=None, generator=torch.Generator(), pin_memory=torch.cuda.is_available())

@@ -18,13 +18,14 @@ project's variants (projected tables, wider feed-forward, fused qkv, rotary posi
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vampnet_pl.model.attention import BACKENDS, RelativeBias, attend, relative_bucket, resolve_backend
 
 
 @dataclass
@@ -51,6 +52,7 @@ class VampNetConfig:
     io_bias: bool = False  # biases on the input projection and the output head (the original has them)
     gelu_approximate: str = "none"  # "none" (exact GELU) or "tanh" (the original's GELU)
     norm_eps: Optional[float] = None  # RMSNorm epsilon (None: the dtype's eps; the original uses 1e-6)
+    attention_backend: str = "auto"  # auto (flex on CUDA for the relative bias) | flex | sdpa: model/attention.py
     codec_fingerprint: str = ""
 
     def __post_init__(self) -> None:
@@ -63,6 +65,8 @@ class VampNetConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
 
     @property
     def ffn_hidden(self) -> int:
@@ -87,19 +91,11 @@ class RelativePositionBias(nn.Module):
         self.table = nn.Embedding(n_buckets, n_heads)
 
     def bucket(self, relative: torch.Tensor) -> torch.Tensor:
-        half = self.n_buckets // 2
-        bucket = (relative > 0).long() * half
-        distance = relative.abs()
-        exact = half // 2
-        is_small = distance < exact
-        log_ratio = torch.log(distance.float().clamp_min(1) / exact) / math.log(self.max_distance / exact)
-        large = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
-        return bucket + torch.where(is_small, distance, large)
+        return relative_bucket(relative, self.n_buckets, self.max_distance)
 
-    def forward(self, frames: int) -> torch.Tensor:
-        position = torch.arange(frames, device=self.table.weight.device)
-        relative = position[None, :] - position[:, None]  # key - query
-        return self.table(self.bucket(relative)).permute(2, 0, 1).unsqueeze(0)  # [1, heads, T, T]
+    def forward(self, frames: int, materialise: bool = True) -> RelativeBias:
+        """The bias for ``frames``; ``materialise``: also build the ``[1, heads, T, T]`` mask (sdpa path)."""
+        return RelativeBias.from_table(self.table.weight, frames, self.n_buckets, self.max_distance, materialise)
 
 
 def rotary_tables(frames: int, head_dim: int, device, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +121,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
 class Attention(nn.Module):
     def __init__(self, cfg: VampNetConfig):
         super().__init__()
-        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.n_heads, self.dropout, self.backend = cfg.n_heads, cfg.dropout, cfg.attention_backend
         if cfg.qkv == "fused":
             self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         else:
@@ -142,12 +138,12 @@ class Attention(nn.Module):
             return self.qkv(x).view(batch, frames, 3, *shape[2:]).permute(2, 0, 3, 1, 4).unbind(0)
         return tuple(proj(x).view(shape).transpose(1, 2) for proj in (self.q, self.k, self.v))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, rotary: tuple | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: RelativeBias | None, rotary: tuple | None) -> torch.Tensor:
         batch, frames, width = x.shape
         q, k, v = self.project(x)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        y = reference_attention(q, k, v, bias, self.dropout if self.training else 0.0)
+        y = attend(q, k, v, position_bias=bias, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         return self.out(y.transpose(1, 2).reshape(batch, frames, width))
 
 
@@ -178,7 +174,7 @@ class TransformerBlock(nn.Module):
         self.ffn = GEGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, rotary: tuple | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: RelativeBias | None = None, rotary: tuple | None = None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), bias, rotary))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
@@ -246,14 +242,24 @@ class VampNet(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``codes`` long ``[B, n_codebooks, T]``, ``mask`` bool (True = masked) -> logits ``[B, n_predicted, T, codebook_size]``."""
+    def forward(self, codes: torch.Tensor, mask: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """``codes`` long ``[B, n_codebooks, T]``, ``mask`` bool (True = masked) -> logits ``[B, n_predicted, T, codebook_size]``.
+
+        ``check_range=False`` skips the token-range check (a host sync on GPU) for callers that checked the
+        codes already: the LightningModule checks each batch on the CPU before it moves to the device, the
+        sampler once per signal.
+        """
         batch, codebooks, frames = codes.shape
         if codebooks != self.cfg.n_codebooks:
             raise ValueError(f"model reads {self.cfg.n_codebooks} codebooks, got {codebooks}")
-        check_token_range(codes, self.cfg.codebook_size)
+        if check_range:
+            check_token_range(codes, self.cfg.codebook_size)
         x = self.embedding(codes, mask)
-        bias = self.position_bias(frames) if self.position_bias is not None else None
+        bias = None
+        if self.position_bias is not None:  # once per forward, shared by every layer
+            dropout = self.cfg.dropout if self.training else 0.0
+            backend = resolve_backend(self.cfg.attention_backend, x.device, True, dropout)
+            bias = self.position_bias(frames, materialise=backend == "sdpa")
         head_dim = self.cfg.d_model // self.cfg.n_heads
         rotary = rotary_tables(frames, head_dim, x.device) if self.cfg.position == "rotary" else None
         for block in self.blocks:

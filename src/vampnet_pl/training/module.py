@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric
 from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
 from vampnet_pl.masking.protocol import EvalProtocolConfig, protocol_masks
 from vampnet_pl.model import VampNet, VampNetConfig, load_exported
+from vampnet_pl.model.vampnet import check_token_range
 from vampnet_pl.training.optim import OptimConfig, build_optimizer
 
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0)
@@ -48,7 +49,7 @@ class MaskedTokenModule(L.LightningModule):
         masking: MaskingConfig | dict | None = None,
         optim: OptimConfig | dict | None = None,
         label_smoothing: float = 0.1,
-        compile: bool = False,
+        compile: bool | None = None,
         activation_checkpointing: bool = False,
         init_from: str | None = None,
         lora: dict | None = None,
@@ -111,8 +112,8 @@ class MaskedTokenModule(L.LightningModule):
         cfg = self.cfg
         names += [f"top1_masked/codebook_{k}" for k in range(cfg.n_conditioning_codebooks, cfg.n_codebooks)]
         names += [f"top1_masked/ratio_le_{b:.2f}" for b in RATIO_BUCKETS]
-        self.metrics = torch.nn.ModuleDict({"train_metrics": torch.nn.ModuleDict({_key(n): MeanMetric() for n in names})})
-        self.val_metrics = torch.nn.ModuleDict({_key(n): MeanMetric() for n in self.val_metric_names()})
+        self.metrics = torch.nn.ModuleDict({"train_metrics": torch.nn.ModuleDict({_key(n): MeanMetric(nan_strategy="disable") for n in names})})
+        self.val_metrics = torch.nn.ModuleDict({_key(n): MeanMetric(nan_strategy="disable") for n in self.val_metric_names()})
 
     def val_metric_names(self) -> list[str]:
         """Every metric validation logs, without the ``val/`` prefix (see the module docstring)."""
@@ -123,12 +124,27 @@ class MaskedTokenModule(L.LightningModule):
     def configure_model(self) -> None:
         from vampnet_pl.training.parallel import parallelize
 
-        parallelize(self.model, getattr(self, "device_mesh", None), compile=self.hparams.compile,
+        parallelize(self.model, getattr(self, "device_mesh", None), compile=self.compile_blocks,
                     activation_checkpointing=self.hparams.activation_checkpointing)
+
+    @property
+    def compile_blocks(self) -> bool:
+        """``compile`` as set, or by default: on when training on CUDA (regional: each block, short start-up)."""
+        if self.hparams.compile is not None:
+            return self.hparams.compile
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        return device.type == "cuda"
 
     # -- steps ----------------------------------------------------------------------------------
     def forward(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(codes, mask)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Token range checked here, on the CPU batch, so the steps call the model without a host sync."""
+        if isinstance(batch, dict) and "codes" in batch:
+            check_token_range(batch["codes"], self.cfg.codebook_size)
+        return batch
 
     def _step(self, batch: dict, stage: str = "train", batch_idx: int = 0) -> torch.Tensor:
         codes = batch["codes"]
@@ -138,34 +154,39 @@ class MaskedTokenModule(L.LightningModule):
             mask, ratios, weights = draw.mask, draw.ratios, self.masker.loss_weights(draw.r)
         else:
             (mask, ratios), weights = self.masker(codes), None
-        logits = self.model(codes, mask).float()  # [B, P, T, V]
+        logits = self.model(codes, mask, check_range=False)  # [B, P, T, V], a view of the head's [B, T, P * V] output
         target = codes[:, cfg.n_conditioning_codebooks :]
         masked = mask[:, cfg.n_conditioning_codebooks :]
-        selected_logits, selected_target = logits[masked], target[masked]
+        # Select frame-major (the head's own layout): the gradient then reaches the head without a transposing copy.
+        frame_major = masked.transpose(1, 2)
+        selected_logits = logits.transpose(1, 2)[frame_major].float()
+        selected_target = target.transpose(1, 2)[frame_major]
         if weights is None:
             loss = F.cross_entropy(selected_logits, selected_target, label_smoothing=self.hparams.label_smoothing)
         else:  # per example: |gamma'(r)| x the mean CE of its masked tokens; then the batch mean
             per_token = F.cross_entropy(selected_logits, selected_target, label_smoothing=self.hparams.label_smoothing,
                                         reduction="none")
-            example = torch.arange(codes.shape[0], device=codes.device)[:, None, None].expand_as(masked)[masked]
+            example = torch.arange(codes.shape[0], device=codes.device)[:, None, None].expand_as(frame_major)[frame_major]
             per_example = torch.zeros(codes.shape[0], device=codes.device).index_add(0, example, per_token)
             per_example = per_example / masked.flatten(1).sum(1).clamp_min(1)
             loss = (weights.to(per_example) * per_example).mean()
-        if not torch.isfinite(loss):
+        every = max(1, self.hparams.train_metrics_every_n_steps)
+        sampled = stage != "train" or self.global_step % every == 0  # top-k metrics are costly: sample train steps
+        # The finiteness check reads the loss on the host: on an accelerator only on sampled steps (no sync per step).
+        if (sampled or loss.device.type == "cpu") and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{stage} loss is {loss.item()} at global step {self.global_step}: lower optim.lr, check the data, "
                 "or try trainer.precision=32"
             )
-        every = max(1, self.hparams.train_metrics_every_n_steps)
-        accuracy = stage != "train" or self.global_step % every == 0  # top-k metrics are costly: sample train steps
-        self._update_metrics(stage, loss, logits, target, masked, ratios, accuracy)
+        self._update_metrics(stage, loss, selected_logits, selected_target, logits, target, masked, ratios, sampled)
         return loss
 
     @torch.no_grad()
-    def _update_metrics(self, stage, loss, logits, target, masked, ratios, accuracy: bool = True) -> None:
+    def _update_metrics(self, stage, loss, selected_logits, selected_target, logits, target, masked, ratios,
+                        accuracy: bool = True) -> None:
         metrics = self.metrics[f"{stage}_metrics"]
         cfg = self.cfg
-        plain = F.cross_entropy(logits[masked], target[masked])
+        plain = F.cross_entropy(selected_logits, selected_target)
         values = {"loss": loss, "perplexity": plain.exp()}
         if accuracy:
             top25 = logits.topk(min(25, logits.shape[-1]), dim=-1).indices
@@ -216,7 +237,7 @@ class MaskedTokenModule(L.LightningModule):
         for name, mask in masks.items():
             self._digest.update(name.encode() + mask.numpy().tobytes())
             mask = mask.to(codes.device)
-            logits = self.model(codes, mask).float()
+            logits = self.model(codes, mask, check_range=False).float()
             masked = mask[:, n_cond:]
             per_token = F.cross_entropy(logits[masked], target[masked], reduction="none")
             top = logits[masked].topk(min(25, logits.shape[-1]), dim=-1).indices

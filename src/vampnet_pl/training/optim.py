@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ class OptimConfig:
     total_steps: int = 0  # 0: the trainer's max_steps
     min_lr_ratio: float = 0.1
     noam_d_model: int = 0  # 0: the model width
+    fused: Optional[bool] = None  # fused AdamW kernel; None: when every parameter is a plain CUDA tensor
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -54,7 +56,19 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int, d_model: int):
     raise ValueError(f"unknown scheduler {cfg.scheduler!r}; use warmup_cosine, noam or constant")
 
 
+def use_fused(model: nn.Module, fused: bool | None) -> bool:
+    """Fused AdamW (one kernel for all parameters) by default when every trainable parameter is on CUDA.
+
+    Sharded (DTensor) parameters keep the foreach implementation.
+    """
+    if fused is not None:
+        return fused
+    params = [p for p in model.parameters() if p.requires_grad]
+    return bool(params) and all(p.is_cuda and type(p.data) is torch.Tensor for p in params)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, d_model: int):
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                  fused=use_fused(model, cfg.fused) or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, cfg.total_steps or total_steps, d_model))
     return optimizer, scheduler

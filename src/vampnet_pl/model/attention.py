@@ -1,0 +1,127 @@
+"""The attention core: one function, :func:`attend`, with two interchangeable backends.
+
+``sdpa`` (the reference): ``F.scaled_dot_product_attention``. A T5 relative position bias is
+materialised as a ``[1, heads, T, T]`` float mask (once per forward, shared by every layer),
+which keeps SDPA on its math / memory-efficient kernels. Without a bias (rotary, or none),
+SDPA uses its fused flash kernels.
+
+``flex``: ``torch.nn.attention.flex_attention`` with a ``score_mod`` that adds
+``bias[key - query, head]``, read from a ``[2T - 1, heads]`` vector gathered once per forward
+from the learned ``[buckets, heads]`` table. Nothing of size ``T x T`` is ever stored, and
+gradients reach the table through flex attention's captured-buffer gradient. Compiled on CUDA.
+
+Backend choice (``backend="auto"``): ``flex`` on CUDA when there is a relative bias and no
+attention dropout, ``sdpa`` otherwise. flex attention has no dropout on attention
+probabilities (VampNet trains with it), so ``auto`` keeps the exact behaviour; ``backend="flex"``
+trades that dropout for speed (residual and feed-forward dropout stay). torch 2.11 has no flex
+attention backward on CPU (and compiles its CPU forward slowly), so ``auto`` uses ``sdpa`` there.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "flex", "sdpa")
+
+
+def relative_bucket(relative: torch.Tensor, n_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5 bidirectional bucket of ``relative = key - query``.
+
+    Half the buckets per direction; within a half, distances below a quarter of the buckets get a
+    bucket each, longer ones share log-spaced buckets up to ``max_distance`` (the last bucket beyond).
+    """
+    half = n_buckets // 2
+    exact = half // 2
+    direction = (relative > 0).long() * half
+    distance = relative.abs()
+    log_ratio = torch.log(distance.float().clamp_min(1) / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+    return direction + torch.where(distance < exact, distance, far)
+
+
+@dataclass(frozen=True)
+class RelativeBias:
+    """A T5 relative position bias without its ``T x T`` matrix.
+
+    ``by_offset[key - query + frames - 1, head]`` is the bias of one (query, key) pair: the bucket
+    table gathered once for the ``2T - 1`` offsets. ``dense`` is the materialised ``[1, heads, T, T]``
+    mask, present only when the reference path will run (built once, shared by every layer).
+    """
+
+    by_offset: torch.Tensor  # [2T - 1, heads]
+    frames: int
+    dense: torch.Tensor | None = None
+
+    @classmethod
+    def from_table(cls, table: torch.Tensor, frames: int, n_buckets: int, max_distance: int,
+                   materialise: bool = False) -> RelativeBias:
+        """``table``: the learned ``[n_buckets, heads]`` weights; ``materialise``: also build ``dense``."""
+        offsets = torch.arange(1 - frames, frames, device=table.device)
+        by_offset = table[relative_bucket(offsets, n_buckets, max_distance)]
+        return cls(by_offset, frames, dense_bias(by_offset, frames) if materialise else None)
+
+    def materialise(self) -> torch.Tensor:
+        return self.dense if self.dense is not None else dense_bias(self.by_offset, self.frames)
+
+    def score_mod(self):
+        by_offset, last = self.by_offset, self.frames - 1
+
+        def add_relative_bias(score, batch, head, query, key):
+            return score + by_offset[key - query + last, head].to(score.dtype)
+
+        return add_relative_bias
+
+
+def dense_bias(by_offset: torch.Tensor, frames: int) -> torch.Tensor:
+    """``[2T - 1, heads]`` bias by offset -> the ``[1, heads, T, T]`` additive mask (query rows, key columns)."""
+    position = torch.arange(frames, device=by_offset.device)
+    offset_index = position[None, :] - position[:, None] + frames - 1
+    return by_offset[offset_index].permute(2, 0, 1).unsqueeze(0)
+
+
+def resolve_backend(backend: str, device: torch.device | str, has_bias: bool, dropout_p: float = 0.0) -> str:
+    """The backend that :func:`attend` runs: ``"flex"`` or ``"sdpa"``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if not has_bias:
+        return "sdpa"  # rotary / no bias: SDPA's fused kernels are the fast path
+    if backend == "auto":
+        return "flex" if torch.device(device).type == "cuda" and dropout_p == 0.0 else "sdpa"
+    return backend
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex attention compiled once per process (a new length recompiles; training uses one length)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_bias: RelativeBias | None = None,
+           dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
+    """Bidirectional attention over ``[batch, heads, frames, head_dim]`` tensors -> same shape.
+
+    ``dropout_p`` applies to attention probabilities (sdpa only; pass 0 outside training).
+    """
+    chosen = resolve_backend(backend, q.device, position_bias is not None, dropout_p)
+    if chosen == "sdpa":
+        mask = position_bias.materialise().to(q.dtype) if position_bias is not None else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if q.device.type != "cpu":
+        if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph
+            from torch.nn.attention.flex_attention import flex_attention
+
+            return flex_attention(q, k, v, score_mod=position_bias.score_mod())
+        return _compiled_flex_attention()(q, k, v, score_mod=position_bias.score_mod())
+    from torch.nn.attention.flex_attention import flex_attention  # CPU: torch's unfused reference, for checks
+
+    try:
+        return flex_attention(q, k, v, score_mod=position_bias.score_mod())
+    except NotImplementedError as err:  # torch 2.11: no flex backward on CPU
+        raise NotImplementedError(f"{err} (set model.attention_backend=auto or sdpa to train on CPU)") from err

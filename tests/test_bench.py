@@ -1,0 +1,23 @@
+"""The benchmark entry point runs end to end on CPU with a tiny model (--smoke)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_train_gpu_smoke_runs_every_configuration_on_cpu(tmp_path):
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--out", str(tmp_path), "train-gpu", "--smoke"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 6  # header + one row per configuration
+    assert any("FSDP2" in row for row in table) and any("checkpointing" in row for row in table)
+    assert (tmp_path / "train_gpu_smoke.md").read_text().count("\n| ") == 1 + 6
