@@ -6,15 +6,27 @@ import csv
 import math
 
 import hydra
+import numpy as np
+import torch
 
 from vampnet_pl.config import conf_dir
 from vampnet_pl.evaluation.app import run
+from vampnet_pl.masking.presets import build_prompt
 from vampnet_pl.model import save_exported
 
 from test_vamp import small_model
 
 
-def test_eval_app_writes_results_and_plots(prepared, codec, codec_path, tmp_path):
+def test_eval_app_writes_results_and_plots(prepared, codec, codec_path, tmp_path, monkeypatch):
+    import vampnet_pl.evaluation.app as app
+
+    audio_seen = []
+
+    def spy(spec, shape, audio, *args, **kwargs):
+        audio_seen.append((spec, shape[0], np.shape(audio)))
+        return build_prompt(spec, shape, audio, *args, **kwargs)
+
+    monkeypatch.setattr(app, "build_prompt", spy)
     save_exported(tmp_path / "coarse.pt", small_model(codec, 4, 0))
     save_exported(tmp_path / "c2f.pt", small_model(codec, 14, 4))
     overrides = [f"coarse={tmp_path / 'coarse.pt'}", f"c2f={tmp_path / 'c2f.pt'}", f"codec.source={codec_path}",
@@ -31,3 +43,24 @@ def test_eval_app_writes_results_and_plots(prepared, codec, codec_path, tmp_path
     assert all(math.isfinite(float(r["mel_distance"])) and math.isfinite(float(r["fad"])) for r in rows)
     assert float(rows[0]["mel_distance"]) < 1e-6  # the ceiling at full depth is the reference itself
     assert paths[0].name == "results.csv" and all(p.stat().st_size > 10_000 for p in paths[1:])
+    beat_calls = [(batch, shape) for spec, batch, shape in audio_seen if spec == "beat"]
+    assert beat_calls and all(shape[0] == batch == 2 for batch, shape in beat_calls)  # each window's own audio
+
+
+def test_training_callback_builds_beat_and_onset_prompts_per_window(codec):
+    from vampnet_pl.evaluation.callback import PromptEvalCallback
+    from vampnet_pl.masking import prompts
+
+    rate, hop = codec.sample_rate, codec.hop_length
+    frames = 4 * rate // hop
+    clicks = np.zeros(frames * hop, np.float32)
+    for start in range(0, clicks.size, rate // 2):
+        clicks[start : start + 600] = np.hanning(600) * np.sin(np.arange(600) * 0.3)
+    reference = torch.from_numpy(np.stack([clicks, np.roll(clicks, rate // 4)]))
+    callback = PromptEvalCallback(codec_source="unused")
+    callback.codec = codec
+    mask = callback._prompt("onset", torch.zeros(2, 4, frames, dtype=torch.long), reference)
+    for i in range(2):
+        alone = prompts.onset_prompt((1, 4, frames), reference[i].numpy(), rate, hop)
+        assert torch.equal(mask[i], alone[0])
+    assert not torch.equal(mask[0], mask[1])

@@ -65,19 +65,21 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     rows = []
 
     def add(name: str, passes: int | None, tokens_fn) -> None:
-        audio = torch.cat([codec.decode(tokens_fn(batch)) for batch in full.split(cfg.batch_size)])
+        batches = zip(full.split(cfg.batch_size), reference.split(cfg.batch_size))
+        audio = torch.cat([codec.decode(tokens_fn(batch, batch_audio)) for batch, batch_audio in batches])
         rows.append({"prompt": name, "coarse_passes": passes or "", **score(audio, reference, codec.sample_rate, embed)})
 
     def generated(spec: str):
-        def run(batch: torch.Tensor) -> torch.Tensor:
-            audio = codec.decode(batch[:1]).numpy()[0]
-            mask = build_prompt(spec, (batch.shape[0], n_coarse, batch.shape[-1]), audio, codec, generator)
+        def run(batch: torch.Tensor, batch_audio: torch.Tensor) -> torch.Tensor:
+            # beat / onset prompts are found in each window's own audio
+            mask = build_prompt(spec, (batch.shape[0], n_coarse, batch.shape[-1]), batch_audio.cpu().numpy(), codec,
+                                generator)
             return pipeline.generate(batch, mask)
         return run
 
-    jobs = [("ceiling_codec", None, lambda b: b[:, :depth]),
+    jobs = [("ceiling_codec", None, lambda b, _: b[:, :depth]),
             (f"baseline_noisy_{cfg.noisy_ratio}", None,
-             lambda b: noisy_tokens(b[:, :depth], cfg.noisy_ratio, codec.codebook_size, 0, generator))]
+             lambda b, _: noisy_tokens(b[:, :depth], cfg.noisy_ratio, codec.codebook_size, 0, generator))]
     jobs += [(spec, cfg.coarse_passes, generated(spec)) for spec in cfg.prompts]
     for name, passes, fn in tqdm(jobs, desc="prompts", unit="prompt"):
         add(name, passes, fn)

@@ -99,7 +99,8 @@ class PromptEvalCallback(L.Callback):
         return scores
 
     def _prompt(self, spec: str, codes: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        mask = build_prompt(spec, tuple(codes.shape), reference[0].cpu().numpy(), self.codec,
+        # beat / onset prompts are found in each window's own audio
+        mask = build_prompt(spec, tuple(codes.shape), reference.cpu().numpy(), self.codec,
                             torch.Generator().manual_seed(self.seed))
         return mask.to(codes.device)
 
