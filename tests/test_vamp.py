@@ -68,6 +68,97 @@ def test_pipeline_keeps_the_prompt_and_fills_every_codebook(codec, models):
     assert pipeline.to_audio(out).shape[-1] == codes.shape[-1] * codec.hop_length
 
 
+def test_c2f_keeps_the_input_fine_tokens_of_every_kept_frame(codec, models):
+    from vampnet_pl.masking.prompts import inpaint, keep_union, periodic
+    from vampnet_pl.model import load_exported
+
+    pipeline = VampPipeline(load_exported(models[0]), load_exported(models[1]), codec,
+                            GenerationConfig(coarse=SamplingConfig(passes=2, seed=0), c2f=SamplingConfig(passes=2, seed=0),
+                                             window_seconds=1.0, c2f_chunk_seconds=0.25))
+    codes = codec.encode(torch.randn(2, 44100) * 0.2, 44100).long()  # [2, 14, T]
+    frames = codes.shape[-1]
+    mask = keep_union(periodic((2, 4, frames), 7, width=3), inpaint((2, 4, frames), prefix_frames=5))
+    mask[1, 2, 40] = False  # one kept coarse token alone does not keep its frame
+    out = pipeline.generate(codes, mask)
+    kept = ~mask.any(1)  # [B, T] frames kept whole
+    assert kept.any() and (~kept).any()
+    for b in range(2):
+        assert torch.equal(out[b][:, kept[b]], codes[b][:, kept[b]])  # every codebook of every kept frame
+    assert not torch.equal(out[1, 4:, 40], codes[1, 4:, 40])
+    assert (out[:, 4:][~kept[:, None].expand(-1, 10, -1)] != codes[:, 4:][~kept[:, None].expand(-1, 10, -1)]).any()
+
+
+class ModelSpy(torch.nn.Module):
+    """A model stand-in recording what it is called with; logits favour token 1."""
+
+    def __init__(self, real: VampNet):
+        super().__init__()
+        self.cfg, self.weight, self.calls = real.cfg, torch.nn.Parameter(torch.zeros(1)), []
+
+    def forward(self, codes, mask):
+        self.calls.append((tuple(codes.shape), codes.device, mask.device))
+        logits = torch.zeros(codes.shape[0], self.cfg.n_predicted_codebooks, codes.shape[-1], 8, device=codes.device)
+        logits[..., 1] = 50.0
+        return logits
+
+
+def test_coarse_runs_in_its_window_and_c2f_in_its_chunks_as_one_batch(codec):
+    coarse, c2f = ModelSpy(small_model(codec, 4, 0)), ModelSpy(small_model(codec, 14, 4))
+    cfg = GenerationConfig(coarse=SamplingConfig(passes=2, seed=0), c2f=SamplingConfig(passes=3, seed=0),
+                           window_seconds=1.0, overlap_seconds=0.25, c2f_chunk_seconds=0.3)
+    pipeline = VampPipeline(coarse, c2f, codec, cfg)
+    frames = 200
+    codes = torch.randint(0, 8, (2, 14, frames))
+    out = pipeline.generate(codes, torch.ones(2, 4, frames, dtype=torch.bool))
+    window, chunk = codec.frames_for(1.0), codec.frames_for(0.3)
+    assert {shape[-1] for shape, *_ in coarse.calls} == {window} and {shape[0] for shape, *_ in coarse.calls} == {2}
+    n_chunks = -(-frames // chunk)
+    assert c2f.calls == [((2 * n_chunks, 14, chunk), torch.device("cpu"), torch.device("cpu"))] * 3
+    assert out[:, 4:].eq(1).all() and out.shape == (2, 14, frames)
+
+
+def test_everything_runs_on_the_pipelines_device(codec, monkeypatch):
+    """On the meta device: a tensor made on the CPU anywhere in the pipeline would fail to mix."""
+    import vampnet_pl.generation.pipeline as pipeline_module
+
+    seen = []
+
+    def spy_sample(model, codes, mask, cfg, n_conditioning=0):
+        devices = {codes.device, mask.device, *(p.device for p in model.parameters()), *(b.device for b in model.buffers())}
+        seen.append(devices)
+        return codes.clone()
+
+    monkeypatch.setattr(pipeline_module, "sample", spy_sample)
+    pipeline = VampPipeline(small_model(codec, 4, 0), small_model(codec, 14, 4), codec,
+                            GenerationConfig(window_seconds=1.0, c2f_chunk_seconds=0.3), device="meta")
+    assert {p.device.type for m in (pipeline.coarse, pipeline.c2f) for p in [*m.parameters(), *m.buffers()]} == {"meta"}
+    out = pipeline.generate(torch.randint(0, 8, (2, 14, 150)), torch.ones(2, 4, 150, dtype=torch.bool))
+    assert out.device.type == "meta" and len(seen) >= 2
+    assert all(devices == {torch.device("meta")} for devices in seen)
+
+
+def test_load_pipeline_puts_models_and_codec_on_the_device(codec_path, models):
+    from vampnet_pl.generation.vamp import load_pipeline
+
+    pipeline = load_pipeline(models[0], models[1], str(codec_path), "cpu")
+    tensors = [t for m in (pipeline.coarse, pipeline.c2f, pipeline.codec.model) for t in [*m.parameters(), *m.buffers()]]
+    assert pipeline.device == torch.device("cpu") and {t.device for t in tensors} == {torch.device("cpu")}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vamp_generates_on_the_gpu(codec_path, models):
+    from vampnet_pl.generation.vamp import load_pipeline
+
+    pipeline = load_pipeline(models[0], models[1], str(codec_path), "cuda",
+                             GenerationConfig(coarse=SamplingConfig(passes=2, seed=0), c2f=SamplingConfig(passes=2, seed=0)))
+    tensors = [t for m in (pipeline.coarse, pipeline.c2f, pipeline.codec.model) for t in [*m.parameters(), *m.buffers()]]
+    assert {t.device.type for t in tensors} == {"cuda"}
+    codes = torch.randint(0, pipeline.codec.codebook_size, (2, 14, 300))
+    out = pipeline.generate(codes, torch.ones(2, 4, 300, dtype=torch.bool))
+    assert out.device.type == "cuda" and out.shape == (2, 14, 300)
+
+
 def test_models_of_another_codec_are_refused(codec):
     with pytest.raises(CodecMismatch, match="coarse model was trained on codec"):
         VampPipeline(small_model(codec, 4, 0, fingerprint="0" * 64), None, codec)

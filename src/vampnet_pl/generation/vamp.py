@@ -32,7 +32,7 @@ def load_pipeline(coarse: Path, c2f: Path | None, codec_source: str, device: str
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"model not found: {path} (export one with `vampnet-pl export`)")
     codec = Codec.load(codec_source, device)
-    return VampPipeline(load_exported(coarse), load_exported(c2f) if c2f else None, codec, cfg)
+    return VampPipeline(load_exported(coarse), load_exported(c2f) if c2f else None, codec, cfg, device=codec.device)
 
 
 def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_specs: list[str], variations: int = 1,
