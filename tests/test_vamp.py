@@ -195,3 +195,54 @@ def test_vamp_command_errors_are_clear(tmp_path, codec_path, models, capsys):
     assert "unknown prompt" in capsys.readouterr().err
     assert main(["vamp", str(song), "--prompt", "periodic", *common]) == 2
     assert "needs more arguments" in capsys.readouterr().err
+
+
+def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models, monkeypatch):
+    import vampnet_pl.generation.vamp as vamp_module
+
+    captured = {}
+
+    def fake_vamp_file(pipeline, input_path, out_dir, prompts, variations, loops, seed, random_roll, loudness_match):
+        captured.update(cfg=pipeline.cfg, random_roll=random_roll, loudness_match=loudness_match)
+        return []
+
+    monkeypatch.setattr(vamp_module, "vamp_file", fake_vamp_file)
+    song = write_tone(tmp_path / "song.wav", 1.0)
+    assert main(["vamp", str(song), "--coarse", str(models[0]), "--c2f", str(models[1]), "--codec", str(codec_path),
+                 "--device", "cpu", "--mask-temperature", "3.5", "--typical-p", "0.2", "--typical-min-tokens", "64",
+                 "--sample-cutoff", "0.5", "--temperature", "0.8", "--random-roll", "--no-match-loudness",
+                 "--c2f-chunk-seconds", "2.0"]) == 0
+    cfg = captured["cfg"]
+    assert (cfg.coarse.mask_temperature, cfg.c2f.mask_temperature) == (3.5, 3.5)
+    assert (cfg.coarse.typical_p, cfg.coarse.typical_min_tokens) == (0.2, 64)
+    assert cfg.coarse.sample_cutoff == cfg.c2f.sample_cutoff == 0.5 and cfg.c2f.temperature == 0.8
+    assert cfg.c2f_chunk_seconds == 2.0 and captured["random_roll"] and not captured["loudness_match"]
+    assert main(["vamp", str(song), "--coarse", str(models[0]), "--codec", str(codec_path), "--device", "cpu"]) == 0
+    cfg = captured["cfg"]
+    assert (cfg.coarse.mask_temperature, cfg.c2f.mask_temperature) == (10.5, 1.0) and captured["loudness_match"]
+    assert not captured["random_roll"]
+
+
+def test_vamp_output_matches_the_input_loudness(tmp_path, codec_path, codec, models):
+    from vampnet_pl.audio_io import read_audio
+    from vampnet_pl.generation.vamp import load_pipeline, loudness, match_loudness, vamp_file
+
+    waves = torch.randn(2, 44100) * torch.tensor([[0.01], [0.05]])
+    matched = match_loudness(waves, -30.0, 44100)
+    assert torch.allclose(loudness(matched, 44100), torch.tensor([-30.0, -30.0]), atol=0.05)
+    assert torch.equal(match_loudness(torch.zeros(1, 44100), -30.0, 44100), torch.zeros(1, 44100))
+
+    song = write_tone(tmp_path / "quiet.wav", 1.5, 44100)
+    audio, _ = read_audio(song)
+    quiet = torch.from_numpy(audio.mean(0)) * 0.1
+    import soundfile as sf_
+
+    sf_.write(str(song), quiet.numpy(), 44100)
+    target = float(loudness(quiet, 44100))
+    pipeline = load_pipeline(models[0], models[1], str(codec_path), "cpu",
+                             GenerationConfig(coarse=SamplingConfig(passes=2), c2f=SamplingConfig(passes=2)))
+    out = {}
+    for match in (True, False):
+        [path] = vamp_file(pipeline, song, tmp_path / str(match), ["periodic:8"], loudness_match=match)
+        out[match] = float(loudness(torch.from_numpy(read_audio(path)[0].mean(0)), 44100))
+    assert abs(out[True] - target) < 0.5 and abs(out[False] - target) > 1.0

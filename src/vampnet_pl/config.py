@@ -185,6 +185,7 @@ class EvalConfig:
     dataset_dir: str = MISSING
     split: str = "test"  # test | val | train
     window_seconds: float = 10.0
+    c2f_chunk_seconds: float = 3.0  # c2f generates in chunks of this length (the original's 3 s)
     n_windows: int = 32
     batch_size: int = 8
     prompts: list[str] = field(default_factory=lambda: ["periodic:8", "periodic:16", "periodic:32", "prefix:1.0",

@@ -52,7 +52,7 @@ def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
 def evaluate(cfg: EvalConfig) -> list[dict]:
     generation = GenerationConfig(coarse=SamplingConfig(passes=cfg.coarse_passes, seed=cfg.seed),
                                   c2f=SamplingConfig(passes=cfg.c2f_passes, mask_temperature=1.0, seed=cfg.seed),
-                                  window_seconds=cfg.window_seconds)
+                                  window_seconds=cfg.window_seconds, c2f_chunk_seconds=cfg.c2f_chunk_seconds)
     pipeline = load_pipeline(Path(cfg.coarse), Path(cfg.c2f) if cfg.c2f else None, cfg.codec.source, cfg.codec.device,
                              generation)
     codec = pipeline.codec
