@@ -106,17 +106,14 @@ def sample_rows(logits: torch.Tensor, cfg: SamplingConfig, draw: bool,
     logits = filter_logits(logits.float(), cfg.top_k, cfg.top_p, cfg.typical_p, cfg.typical_min_tokens)
     if cfg.temperature > 0:
         logits = logits / cfg.temperature
-    peak = logits.max(-1, keepdim=True).values
-    weights = (logits - peak).exp_()  # unnormalised probabilities; filtered tokens are exactly 0
+    probs = logits.softmax(-1)  # filtered tokens are exactly 0
     if draw and cfg.temperature > 0:
-        cdf = weights.cumsum(-1)
+        cdf = probs.cumsum(-1)
         uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
         token = torch.searchsorted(cdf, uniform, right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
     else:
         token = logits.argmax(-1)
-        cdf = None
-    total = cdf[:, -1] if cdf is not None else weights.sum(-1)
-    confidence = weights.gather(-1, token[:, None]).squeeze(-1).log() - total.log()
+    confidence = probs.gather(-1, token[:, None]).squeeze(-1).log()
     return token, confidence
 
 
