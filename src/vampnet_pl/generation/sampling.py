@@ -159,7 +159,11 @@ def forward_for(model: Callable, codes: torch.Tensor, mask: torch.Tensor, cuda_g
     if codes.device.type != "cuda":
         log.info("cuda_graphs needs a CUDA device; running the model eagerly on %s", codes.device)
         return model
-    return _GraphedForward(model, codes, mask)
+    try:
+        return _GraphedForward(model, codes, mask)
+    except RuntimeError as err:  # e.g. a host synchronisation inside the forward pass cannot be captured
+        log.warning("cannot capture the model as a CUDA graph (%s); running it eagerly", err)
+        return model
 
 
 @torch.no_grad()
