@@ -97,7 +97,7 @@ def test_prompt_masks():
     assert prompts.seconds_to_frames(1.0, 86.13) == 86
     periodic = prompts.periodic(shape, period=8, width=2)
     kept_frames = torch.nonzero(~periodic[0, 0]).flatten().tolist()
-    assert kept_frames == [0, 1, 8, 9, 16, 17, 24, 25]
+    assert kept_frames == [0, 7, 8, 15, 16, 23, 24]  # centred: one frame before each centre, clipped at 0
     rolled = prompts.periodic((64, 1, 32), period=8, random_roll=True, generator=torch.Generator().manual_seed(0))
     assert len({tuple(torch.nonzero(~m[0]).flatten().tolist()) for m in rolled}) > 1
     assert (~rolled).sum(-1).eq(4).all()
@@ -111,6 +111,49 @@ def test_prompt_masks():
     assert not union[..., :4].any() and not union[..., -4:].any() and union[..., 4:-4].all()
     both = prompts.keep_intersection(prompts.inpaint(shape, prefix_frames=8), prompts.periodic(shape, 4))
     assert torch.nonzero(~both[0, 0]).flatten().tolist() == [0, 4]
+
+
+def test_periodic_prompt_width_is_centred_and_period_zero_is_unconditional():
+    shape = (1, 1, 20)
+    kept = lambda mask: torch.nonzero(~mask[0, 0]).flatten().tolist()  # noqa: E731
+    assert kept(prompts.periodic(shape, period=6, width=3)) == [0, 1, 5, 6, 7, 11, 12, 13, 17, 18, 19]
+    assert kept(prompts.periodic(shape, period=6, width=1)) == [0, 6, 12, 18]
+    assert prompts.periodic(shape, period=0, width=3).all()
+    assert prompts.periodic((3, 2, 20), period=0).all()
+    with pytest.raises(ValueError, match="period and width"):
+        prompts.periodic(shape, period=-1)
+    rolled = prompts.periodic((32, 1, 40), period=8, width=3, random_roll=True,
+                              generator=torch.Generator().manual_seed(0))
+    for row in rolled[:, 0]:
+        frames = torch.nonzero(~row).flatten().tolist()
+        centre = next(f for f in frames if f - 1 in frames and f + 1 in frames)
+        assert all(((f - centre + 1) % 8) < 3 for f in frames)  # width 3 around each rolled centre
+    assert len({tuple(torch.nonzero(~row).flatten().tolist()) for row in rolled[:, 0]}) > 1
+
+
+def test_presets_pass_the_random_roll_and_find_beats_per_example(codec):
+    from vampnet_pl.masking.presets import build_prompt
+
+    shape = (16, 2, 64)
+    plain = build_prompt("periodic:8", shape, np.zeros(100), codec)
+    assert len({tuple(r.tolist()) for r in plain[:, 0]}) == 1
+    rolled = build_prompt("periodic:8", shape, np.zeros(100), codec, torch.Generator().manual_seed(0), random_roll=True)
+    assert len({tuple(r.tolist()) for r in rolled[:, 0]}) > 1
+    assert build_prompt("periodic:0", shape, np.zeros(100), codec).all()
+
+
+def test_onset_prompt_is_computed_from_each_examples_own_audio():
+    audio, period = _clicks()
+    hop = 256
+    frames = audio.size // hop
+    shifted = np.roll(audio, period // 2)  # clicks half a beat later
+    mask = prompts.onset_prompt((2, 1, frames), np.stack([audio, shifted]), 22050, hop)
+    first, second = (torch.nonzero(~mask[i, 0]).flatten().numpy() for i in range(2))
+    assert len(first) and len(second) and not np.array_equal(first, second)
+    alone = torch.nonzero(~prompts.onset_prompt((1, 1, frames), shifted, 22050, hop)[0, 0]).flatten().numpy()
+    assert np.array_equal(second, alone)
+    with pytest.raises(ValueError, match="beat/onset prompt"):
+        prompts.onset_prompt((3, 1, frames), np.stack([audio, shifted]), 22050, hop)
 
 
 def _clicks(sample_rate=22050, bpm=120, seconds=8.0):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
-from vampnet_pl.generation.sampling import SamplingConfig, filter_logits, sample
+from sampler_toy import ToyModel, toy_tables
+from vampnet_pl.generation.sampling import SamplingConfig, filter_logits, sample, sample_rows
 
 
 class Recorder:
@@ -51,7 +55,7 @@ def test_seed_makes_it_deterministic_and_argmax_follows_the_model():
     a = sample(Recorder(2), codes, mask, SamplingConfig(passes=6, seed=3))
     b = sample(Recorder(2), codes, mask, SamplingConfig(passes=6, seed=3))
     assert torch.equal(a, b)
-    greedy = sample(Recorder(2), codes, mask, SamplingConfig(passes=6, argmax_from=0.0, seed=3))
+    greedy = sample(Recorder(2), codes, mask, SamplingConfig(passes=6, sample_cutoff=-1.0, seed=3))
     assert torch.equal(greedy[0, 0], torch.arange(16) % 16)
 
 
@@ -77,3 +81,128 @@ def test_sampling_with_the_real_model_on_a_periodic_prompt():
     out = sample(model, codes, mask, SamplingConfig(passes=12, top_k=8, seed=0), n_conditioning=2)
     assert out.shape == codes.shape and torch.equal(out[:, :2], codes[:, :2])
     assert torch.equal(out[~mask], codes[~mask])
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "sampler_original.pt"
+
+
+@pytest.mark.parametrize("case", ["plain", "conditioned_tempered_nucleus"])
+def test_same_tokens_as_the_original_generate_where_the_algorithms_agree(case):
+    """Argmax tokens, no re-masking noise, batch 1: the original's ``generate`` (fixture made by
+    scripts/make_sampler_fixture.py) and ours decode the toy model to the same tokens."""
+    data = torch.load(FIXTURE, weights_only=True)
+    spec = data["cases"][case]
+    predicted = spec["n_codebooks"] - spec["n_conditioning"]
+    model = ToyModel(toy_tables(spec["n_codebooks"], predicted, data["vocab"], spec["frames"], spec["table_seed"]))
+    cfg = SamplingConfig(passes=spec["passes"], temperature=spec["temperature"], top_p=spec["top_p"],
+                         mask_temperature=0.0, sample_cutoff=-1.0)
+    ours = sample(model, spec["codes"], spec["mask"], cfg, spec["n_conditioning"])
+    assert torch.equal(ours, spec["original_tokens"])
+    if spec["top_p"] is not None:  # re-masking by the raw distribution's confidence decodes differently
+        raw = _sample_with_raw_confidence(model, spec, cfg)
+        assert not torch.equal(raw, spec["original_tokens"])
+
+
+def _sample_with_raw_confidence(model, spec, cfg):
+    """Our sampler, but ranking re-masking by the model's unfiltered, untempered log-probabilities."""
+    import vampnet_pl.generation.sampling as sampling
+
+    original = sampling.sample_rows
+
+    def raw_rows(logits, cfg, draw, generator=None):
+        token, _ = original(logits, cfg, draw, generator)
+        return token, logits.float().log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+
+    sampling.sample_rows = raw_rows
+    try:
+        return sample(model, spec["codes"], spec["mask"], cfg, spec["n_conditioning"])
+    finally:
+        sampling.sample_rows = original
+
+
+def test_confidence_is_from_the_distribution_sampled_from():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    token, confidence = sample_rows(logits, SamplingConfig(temperature=0.5, top_k=2), draw=False)
+    expected = (logits[0, :2] / 0.5).log_softmax(-1)[0]
+    assert token.item() == 0 and confidence.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert confidence.item() != pytest.approx(logits.log_softmax(-1)[0, 0].item(), abs=1e-3)
+
+
+def test_drawn_tokens_follow_the_filtered_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(40000, 1)
+    generator = torch.Generator().manual_seed(0)
+    token, confidence = sample_rows(logits, SamplingConfig(top_k=3), draw=True, generator=generator)
+    frequencies = torch.bincount(token, minlength=4).float() / token.numel()
+    assert frequencies[3] == 0
+    assert torch.allclose(frequencies[:3], torch.tensor([0.5, 0.3, 0.15]) / 0.95, atol=0.01)
+    assert torch.allclose(confidence.exp(), (torch.tensor([0.5, 0.3, 0.15]) / 0.95)[token], atol=1e-5)
+
+
+def test_typical_filter_keeps_its_minimum_token_count():
+    logits = torch.log(torch.tensor([[0.9, 0.04, 0.03, 0.02, 0.01]]))
+    assert (~torch.isinf(filter_logits(logits, typical_p=0.1))).sum() == 1
+    kept = ~torch.isinf(filter_logits(logits, typical_p=0.1, typical_min_tokens=3))
+    assert kept.sum() == 3 and kept[0, 0]
+
+
+def test_sample_cutoff_switches_to_argmax():
+    codes = torch.zeros(1, 1, 16, dtype=torch.long)
+    mask = torch.ones(1, 1, 16, dtype=torch.bool)
+    flat = lambda c, m: torch.zeros(c.shape[0], 1, c.shape[-1], 16)  # noqa: E731 (uniform: argmax is token 0)
+    drawn = sample(flat, codes, mask, SamplingConfig(passes=4, seed=0))
+    greedy = sample(flat, codes, mask, SamplingConfig(passes=4, seed=0, sample_cutoff=-1.0))
+    assert drawn.unique().numel() > 1 and greedy.eq(0).all()
+
+
+def test_schedule_is_counted_per_example_and_every_pass_commits_a_token():
+    codes = torch.zeros(3, 1, 30, dtype=torch.long)
+    mask = torch.zeros(3, 1, 30, dtype=torch.bool)
+    mask[0, 0, :3] = True  # 3 masked over 6 passes: the floor would commit nothing early on
+    mask[1, 0, :] = True
+    model = Recorder(predicted=1)
+    sample(model, codes, mask, SamplingConfig(passes=6, seed=0))
+    counts = torch.stack([m.flatten(1).sum(1) for m in model.masks])  # [passes, batch]
+    assert counts[:, 2].eq(0).all()  # a fully prompted example stays untouched
+    assert counts[:3, 0].tolist() == [3, 2, 1] and counts[3:, 0].eq(1).all()  # >= 1 committed, >= 1 kept
+    expected = [30] + [int(torch.cos(torch.tensor(s / 6 * torch.pi / 2)) * 30) for s in range(1, 6)]
+    assert counts[:, 1].tolist() == expected
+
+
+def test_cuda_graphs_option_runs_eagerly_off_cuda():
+    codes = torch.randint(0, 16, (2, 2, 12))
+    mask = torch.ones(2, 2, 12, dtype=torch.bool)
+    a = sample(Recorder(2), codes, mask, SamplingConfig(passes=4, seed=0, cuda_graphs=True))
+    b = sample(Recorder(2), codes, mask, SamplingConfig(passes=4, seed=0))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_give_the_eager_tokens_on_cuda():
+    from vampnet_pl.model import VampNet, VampNetConfig
+
+    cfg = VampNetConfig(n_codebooks=4, codebook_size=32, latent_dim=8, d_model=32, n_layers=2, n_heads=4, dropout=0.0)
+    model = VampNet(cfg, torch.randn(4, 32, 8)).eval().cuda()
+    codes = torch.randint(0, 32, (2, 4, 40), device="cuda")
+    mask = torch.ones_like(codes, dtype=torch.bool)
+    eager = sample(model, codes, mask, SamplingConfig(passes=6, seed=0, sample_cutoff=-1.0, mask_temperature=0.0))
+    graphed = sample(model, codes, mask, SamplingConfig(passes=6, seed=0, sample_cutoff=-1.0, mask_temperature=0.0,
+                                                        cuda_graphs=True))
+    assert torch.equal(eager, graphed)
+
+
+def test_a_vampnet_is_range_checked_once_per_signal_not_per_pass(monkeypatch):
+    from vampnet_pl.model import VampNet, VampNetConfig
+    from vampnet_pl.model import vampnet as vampnet_module
+
+    model = VampNet(VampNetConfig(n_codebooks=2, codebook_size=16, latent_dim=4, d_model=16, n_layers=1, n_heads=2)).eval()
+    checks = []
+    original = vampnet_module.check_token_range
+    monkeypatch.setattr(vampnet_module, "check_token_range", lambda *a: checks.append(1) or original(*a))
+    codes, mask = torch.randint(0, 16, (1, 2, 12)), torch.ones(1, 2, 12, dtype=torch.bool)
+    sample(model, codes, mask, SamplingConfig(passes=4, seed=0))
+    assert len(checks) == 0  # the per-forward check is off: the sampler checked the signal itself
+    damaged = codes.clone()
+    damaged[0, 1, 3] = 16
+    with pytest.raises(ValueError, match="outside"):
+        sample(model, damaged, mask, SamplingConfig(passes=4, seed=0))

@@ -68,6 +68,97 @@ def test_pipeline_keeps_the_prompt_and_fills_every_codebook(codec, models):
     assert pipeline.to_audio(out).shape[-1] == codes.shape[-1] * codec.hop_length
 
 
+def test_c2f_keeps_the_input_fine_tokens_of_every_kept_frame(codec, models):
+    from vampnet_pl.masking.prompts import inpaint, keep_union, periodic
+    from vampnet_pl.model import load_exported
+
+    pipeline = VampPipeline(load_exported(models[0]), load_exported(models[1]), codec,
+                            GenerationConfig(coarse=SamplingConfig(passes=2, seed=0), c2f=SamplingConfig(passes=2, seed=0),
+                                             window_seconds=1.0, c2f_chunk_seconds=0.25))
+    codes = codec.encode(torch.randn(2, 44100) * 0.2, 44100).long()  # [2, 14, T]
+    frames = codes.shape[-1]
+    mask = keep_union(periodic((2, 4, frames), 7, width=3), inpaint((2, 4, frames), prefix_frames=5))
+    mask[1, 2, 40] = False  # one kept coarse token alone does not keep its frame
+    out = pipeline.generate(codes, mask)
+    kept = ~mask.any(1)  # [B, T] frames kept whole
+    assert kept.any() and (~kept).any()
+    for b in range(2):
+        assert torch.equal(out[b][:, kept[b]], codes[b][:, kept[b]])  # every codebook of every kept frame
+    assert not torch.equal(out[1, 4:, 40], codes[1, 4:, 40])
+    assert (out[:, 4:][~kept[:, None].expand(-1, 10, -1)] != codes[:, 4:][~kept[:, None].expand(-1, 10, -1)]).any()
+
+
+class ModelSpy(torch.nn.Module):
+    """A model stand-in recording what it is called with; logits favour token 1."""
+
+    def __init__(self, real: VampNet):
+        super().__init__()
+        self.cfg, self.weight, self.calls = real.cfg, torch.nn.Parameter(torch.zeros(1)), []
+
+    def forward(self, codes, mask):
+        self.calls.append((tuple(codes.shape), codes.device, mask.device))
+        logits = torch.zeros(codes.shape[0], self.cfg.n_predicted_codebooks, codes.shape[-1], 8, device=codes.device)
+        logits[..., 1] = 50.0
+        return logits
+
+
+def test_coarse_runs_in_its_window_and_c2f_in_its_chunks_as_one_batch(codec):
+    coarse, c2f = ModelSpy(small_model(codec, 4, 0)), ModelSpy(small_model(codec, 14, 4))
+    cfg = GenerationConfig(coarse=SamplingConfig(passes=2, seed=0), c2f=SamplingConfig(passes=3, seed=0),
+                           window_seconds=1.0, overlap_seconds=0.25, c2f_chunk_seconds=0.3)
+    pipeline = VampPipeline(coarse, c2f, codec, cfg)
+    frames = 200
+    codes = torch.randint(0, 8, (2, 14, frames))
+    out = pipeline.generate(codes, torch.ones(2, 4, frames, dtype=torch.bool))
+    window, chunk = codec.frames_for(1.0), codec.frames_for(0.3)
+    assert {shape[-1] for shape, *_ in coarse.calls} == {window} and {shape[0] for shape, *_ in coarse.calls} == {2}
+    n_chunks = -(-frames // chunk)
+    assert c2f.calls == [((2 * n_chunks, 14, chunk), torch.device("cpu"), torch.device("cpu"))] * 3
+    assert out[:, 4:].eq(1).all() and out.shape == (2, 14, frames)
+
+
+def test_everything_runs_on_the_pipelines_device(codec, monkeypatch):
+    """On the meta device: a tensor made on the CPU anywhere in the pipeline would fail to mix."""
+    import vampnet_pl.generation.pipeline as pipeline_module
+
+    seen = []
+
+    def spy_sample(model, codes, mask, cfg, n_conditioning=0):
+        devices = {codes.device, mask.device, *(p.device for p in model.parameters()), *(b.device for b in model.buffers())}
+        seen.append(devices)
+        return codes.clone()
+
+    monkeypatch.setattr(pipeline_module, "sample", spy_sample)
+    pipeline = VampPipeline(small_model(codec, 4, 0), small_model(codec, 14, 4), codec,
+                            GenerationConfig(window_seconds=1.0, c2f_chunk_seconds=0.3), device="meta")
+    assert {p.device.type for m in (pipeline.coarse, pipeline.c2f) for p in [*m.parameters(), *m.buffers()]} == {"meta"}
+    out = pipeline.generate(torch.randint(0, 8, (2, 14, 150)), torch.ones(2, 4, 150, dtype=torch.bool))
+    assert out.device.type == "meta" and len(seen) >= 2
+    assert all(devices == {torch.device("meta")} for devices in seen)
+
+
+def test_load_pipeline_puts_models_and_codec_on_the_device(codec_path, models):
+    from vampnet_pl.generation.vamp import load_pipeline
+
+    pipeline = load_pipeline(models[0], models[1], str(codec_path), "cpu")
+    tensors = [t for m in (pipeline.coarse, pipeline.c2f, pipeline.codec.model) for t in [*m.parameters(), *m.buffers()]]
+    assert pipeline.device == torch.device("cpu") and {t.device for t in tensors} == {torch.device("cpu")}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vamp_generates_on_the_gpu(codec_path, models):
+    from vampnet_pl.generation.vamp import load_pipeline
+
+    pipeline = load_pipeline(models[0], models[1], str(codec_path), "cuda",
+                             GenerationConfig(coarse=SamplingConfig(passes=2, seed=0), c2f=SamplingConfig(passes=2, seed=0)))
+    tensors = [t for m in (pipeline.coarse, pipeline.c2f, pipeline.codec.model) for t in [*m.parameters(), *m.buffers()]]
+    assert {t.device.type for t in tensors} == {"cuda"}
+    codes = torch.randint(0, pipeline.codec.codebook_size, (2, 14, 300))
+    out = pipeline.generate(codes, torch.ones(2, 4, 300, dtype=torch.bool))
+    assert out.device.type == "cuda" and out.shape == (2, 14, 300)
+
+
 def test_models_of_another_codec_are_refused(codec):
     with pytest.raises(CodecMismatch, match="coarse model was trained on codec"):
         VampPipeline(small_model(codec, 4, 0, fingerprint="0" * 64), None, codec)
@@ -104,3 +195,54 @@ def test_vamp_command_errors_are_clear(tmp_path, codec_path, models, capsys):
     assert "unknown prompt" in capsys.readouterr().err
     assert main(["vamp", str(song), "--prompt", "periodic", *common]) == 2
     assert "needs more arguments" in capsys.readouterr().err
+
+
+def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models, monkeypatch):
+    import vampnet_pl.generation.vamp as vamp_module
+
+    captured = {}
+
+    def fake_vamp_file(pipeline, input_path, out_dir, prompts, variations, loops, seed, random_roll, loudness_match):
+        captured.update(cfg=pipeline.cfg, random_roll=random_roll, loudness_match=loudness_match)
+        return []
+
+    monkeypatch.setattr(vamp_module, "vamp_file", fake_vamp_file)
+    song = write_tone(tmp_path / "song.wav", 1.0)
+    assert main(["vamp", str(song), "--coarse", str(models[0]), "--c2f", str(models[1]), "--codec", str(codec_path),
+                 "--device", "cpu", "--mask-temperature", "3.5", "--typical-p", "0.2", "--typical-min-tokens", "64",
+                 "--sample-cutoff", "0.5", "--temperature", "0.8", "--random-roll", "--no-match-loudness",
+                 "--c2f-chunk-seconds", "2.0"]) == 0
+    cfg = captured["cfg"]
+    assert (cfg.coarse.mask_temperature, cfg.c2f.mask_temperature) == (3.5, 3.5)
+    assert (cfg.coarse.typical_p, cfg.coarse.typical_min_tokens) == (0.2, 64)
+    assert cfg.coarse.sample_cutoff == cfg.c2f.sample_cutoff == 0.5 and cfg.c2f.temperature == 0.8
+    assert cfg.c2f_chunk_seconds == 2.0 and captured["random_roll"] and not captured["loudness_match"]
+    assert main(["vamp", str(song), "--coarse", str(models[0]), "--codec", str(codec_path), "--device", "cpu"]) == 0
+    cfg = captured["cfg"]
+    assert (cfg.coarse.mask_temperature, cfg.c2f.mask_temperature) == (10.5, 1.0) and captured["loudness_match"]
+    assert not captured["random_roll"]
+
+
+def test_vamp_output_matches_the_input_loudness(tmp_path, codec_path, codec, models):
+    from vampnet_pl.audio_io import read_audio
+    from vampnet_pl.generation.vamp import load_pipeline, loudness, match_loudness, vamp_file
+
+    waves = torch.randn(2, 44100) * torch.tensor([[0.01], [0.05]])
+    matched = match_loudness(waves, -30.0, 44100)
+    assert torch.allclose(loudness(matched, 44100), torch.tensor([-30.0, -30.0]), atol=0.05)
+    assert torch.equal(match_loudness(torch.zeros(1, 44100), -30.0, 44100), torch.zeros(1, 44100))
+
+    song = write_tone(tmp_path / "quiet.wav", 1.5, 44100)
+    audio, _ = read_audio(song)
+    quiet = torch.from_numpy(audio.mean(0)) * 0.1
+    import soundfile as sf_
+
+    sf_.write(str(song), quiet.numpy(), 44100)
+    target = float(loudness(quiet, 44100))
+    pipeline = load_pipeline(models[0], models[1], str(codec_path), "cpu",
+                             GenerationConfig(coarse=SamplingConfig(passes=2), c2f=SamplingConfig(passes=2)))
+    out = {}
+    for match in (True, False):
+        [path] = vamp_file(pipeline, song, tmp_path / str(match), ["periodic:8"], loudness_match=match)
+        out[match] = float(loudness(torch.from_numpy(read_audio(path)[0].mean(0)), 44100))
+    assert abs(out[True] - target) < 0.5 and abs(out[False] - target) > 1.0

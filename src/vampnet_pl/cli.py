@@ -120,13 +120,19 @@ def _cmd_vamp(args: argparse.Namespace) -> int:
     from vampnet_pl.generation.sampling import SamplingConfig
     from vampnet_pl.generation.vamp import load_pipeline, vamp_file
 
-    cfg = GenerationConfig(coarse=SamplingConfig(passes=args.coarse_passes, temperature=args.temperature, top_k=args.top_k,
-                                                 top_p=args.top_p, typical_p=args.typical_p),
-                           c2f=SamplingConfig(passes=args.c2f_passes, mask_temperature=1.0),
-                           window_seconds=args.window_seconds)
+    shared = dict(temperature=args.temperature, sample_cutoff=args.sample_cutoff, seed=args.seed,
+                  cuda_graphs=args.cuda_graphs)  # both stages, as the original's app
+    coarse_mask_temperature = 10.5 if args.mask_temperature is None else args.mask_temperature
+    c2f_mask_temperature = 1.0 if args.mask_temperature is None else args.mask_temperature
+    cfg = GenerationConfig(coarse=SamplingConfig(passes=args.coarse_passes, top_k=args.top_k, top_p=args.top_p,
+                                                 typical_p=args.typical_p, typical_min_tokens=args.typical_min_tokens,
+                                                 mask_temperature=coarse_mask_temperature, **shared),
+                           c2f=SamplingConfig(passes=args.c2f_passes, mask_temperature=c2f_mask_temperature, **shared),
+                           window_seconds=args.window_seconds, c2f_chunk_seconds=args.c2f_chunk_seconds)
     pipeline = load_pipeline(args.coarse, args.c2f, args.codec, args.device, cfg)
     try:
-        written = vamp_file(pipeline, args.input, args.out_dir, args.prompt, args.variations, args.loop, args.seed)
+        written = vamp_file(pipeline, args.input, args.out_dir, args.prompt, args.variations, args.loop, args.seed,
+                            random_roll=args.random_roll, loudness_match=args.match_loudness)
     except AudioReadError as err:
         raise UsageError(f"cannot read {args.input}: {err}") from None
     for path in written:
@@ -247,13 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     vamp.add_argument("--out-dir", type=Path, default=Path("vamps"))
     vamp.add_argument("--coarse-passes", type=int, default=24)
     vamp.add_argument("--c2f-passes", type=int, default=12)
-    vamp.add_argument("--temperature", type=float, default=1.0)
-    vamp.add_argument("--top-k", type=int, default=None)
-    vamp.add_argument("--top-p", type=float, default=None)
-    vamp.add_argument("--typical-p", type=float, default=None)
-    vamp.add_argument("--window-seconds", type=float, default=10.0)
+    vamp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, both stages (<= 0: greedy)")
+    vamp.add_argument("--mask-temperature", type=float, default=None,
+                      help="Gumbel noise on the re-masking confidences, both stages (default: coarse 10.5, c2f 1.0)")
+    vamp.add_argument("--sample-cutoff", type=float, default=1.0,
+                      help="sample tokens on passes up to this fraction of the passes, argmax after (both stages)")
+    vamp.add_argument("--top-k", type=int, default=None, help="coarse: sample from the k likeliest tokens")
+    vamp.add_argument("--top-p", type=float, default=None, help="coarse: nucleus sampling mass")
+    vamp.add_argument("--typical-p", type=float, default=None, help="coarse: locally typical sampling mass")
+    vamp.add_argument("--typical-min-tokens", type=int, default=1, help="coarse: typical filtering keeps at least this many")
+    vamp.add_argument("--random-roll", action="store_true", help="periodic prompts start at a random phase per variation")
+    vamp.add_argument("--match-loudness", action=argparse.BooleanOptionalAction, default=True,
+                      help="scale each output to the input's loudness (ITU-R BS.1770)")
+    vamp.add_argument("--window-seconds", type=float, default=10.0, help="the coarse model's window")
+    vamp.add_argument("--c2f-chunk-seconds", type=float, default=3.0, help="the c2f model's chunk")
+    vamp.add_argument("--cuda-graphs", action="store_true", help="replay each model pass as a CUDA graph (CUDA only)")
     vamp.add_argument("--seed", type=int, default=0)
-    vamp.add_argument("--device", default="auto")
+    vamp.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     vamp.set_defaults(func=_cmd_vamp)
 
     imp = commands.add_parser("import-vampnet", help="the original VampNet's checkpoints (coarse, c2f, LoRA, LAC codec) "

@@ -206,6 +206,7 @@ class EvalConfig:
     dataset_dir: str = MISSING
     split: str = "test"  # test | val | train
     window_seconds: float = 10.0
+    c2f_chunk_seconds: float = 3.0  # c2f generates in chunks of this length (the original's 3 s)
     n_windows: Optional[int] = None  # windows scored; None: eval_protocol.gen_windows (n_embeddings shows the count)
     batch_size: int = 8
     eval_protocol: EvalProtocolConfig = field(default_factory=EvalProtocolConfig)  # prompts, passes, sweep

@@ -27,12 +27,11 @@ from vampnet_pl.config import EvalConfig, conf_dir  # noqa: E402
 from vampnet_pl.data.datamodule import read_fixed_windows  # noqa: E402
 from vampnet_pl.data.windows import window_frames  # noqa: E402
 from vampnet_pl.evaluation.metrics import fad_embedding  # noqa: E402
-from vampnet_pl.evaluation.protocol import evaluate_generation, protocol_jobs  # noqa: E402
+from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, protocol_jobs  # noqa: E402
 from vampnet_pl.evaluation.scoring import SCORES, noisy_tokens  # noqa: E402
 from vampnet_pl.generation.pipeline import GenerationConfig  # noqa: E402
 from vampnet_pl.generation.sampling import SamplingConfig  # noqa: E402
 from vampnet_pl.generation.vamp import load_pipeline  # noqa: E402
-from vampnet_pl.masking.presets import build_prompt  # noqa: E402
 from vampnet_pl.prep.index import load_index  # noqa: E402
 from vampnet_pl.utils.atomic import write_text_atomic  # noqa: E402
 
@@ -57,7 +56,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     protocol = cfg.eval_protocol
     generation = GenerationConfig(coarse=SamplingConfig(passes=protocol.passes, seed=cfg.seed),
                                   c2f=SamplingConfig(passes=cfg.c2f_passes, mask_temperature=1.0, seed=cfg.seed),
-                                  window_seconds=cfg.window_seconds)
+                                  window_seconds=cfg.window_seconds, c2f_chunk_seconds=cfg.c2f_chunk_seconds)
     pipeline = load_pipeline(Path(cfg.coarse), Path(cfg.c2f) if cfg.c2f else None, cfg.codec.source, cfg.codec.device,
                              generation)
     codec = pipeline.codec
@@ -71,17 +70,11 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         pipeline.cfg.coarse.passes = passes
         return pipeline.generate(batch, mask)
 
-    def preset(spec: str):
-        def run(batch: torch.Tensor) -> torch.Tensor:
-            audio = codec.decode(batch[:1]).numpy()[0]
-            mask = build_prompt(spec, (batch.shape[0], n_coarse, batch.shape[-1]), audio, codec, generator)
-            return generate(batch, mask, protocol.passes)
-        return run
-
     jobs = [("ceiling_codec", None, lambda b: b[:, :depth]),
             ("baseline_noisy", None, lambda b: noisy_tokens(b[:, :depth], cfg.noisy_ratio, codec.codebook_size, 0, generator))]
     jobs += protocol_jobs(protocol, lambda b: (b.shape[0], n_coarse, b.shape[-1]), 0, generate)
-    jobs += [(spec, protocol.passes, preset(spec)) for spec in cfg.prompts]
+    jobs += preset_jobs(cfg.prompts, lambda b: (b.shape[0], n_coarse, b.shape[-1]), codec.decode, codec, generator,
+                        generate, protocol.passes)
     return evaluate_generation(protocol, full, jobs, codec.decode, codec.sample_rate, embed, cfg.batch_size, progress=True)
 
 

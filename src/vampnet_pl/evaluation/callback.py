@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from vampnet_pl.codec import Codec
 from vampnet_pl.data.datamodule import rank_share
 from vampnet_pl.evaluation.metrics import fad_embedding
-from vampnet_pl.evaluation.protocol import evaluate_generation, protocol_jobs, rows_to_metrics
+from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, protocol_jobs, rows_to_metrics
 from vampnet_pl.evaluation.scoring import noisy_tokens
 from vampnet_pl.generation.sampling import SamplingConfig, sample
 from vampnet_pl.masking.protocol import EvalProtocolConfig
@@ -41,8 +41,10 @@ def as_protocol(protocol) -> EvalProtocolConfig:
 class PromptEvalCallback(L.Callback):
     def __init__(self, codec_source: str, protocol: EvalProtocolConfig | dict | None = None, every_n_steps: int = 1000,
                  n_windows: int | None = None, noisy_ratio: float = 0.5, time_budget_seconds: float = 300.0,
-                 seed: int = 0, log_audio: bool = True, fad_backend: str = "logmel", fad_weights: str | None = None):
+                 seed: int = 0, log_audio: bool = True, fad_backend: str = "logmel", fad_weights: str | None = None,
+                 prompts: list[str] | None = None):
         self.codec_source, self.protocol = codec_source, as_protocol(protocol)
+        self.prompts = list(prompts or [])  # extra presets beside the protocol's (``beat`` ...), per window
         self.every_n_steps = every_n_steps
         self.n_windows = n_windows or self.protocol.gen_windows
         self.noisy_ratio, self.time_budget, self.seed, self.log_audio = noisy_ratio, time_budget_seconds, seed, log_audio
@@ -86,6 +88,7 @@ class PromptEvalCallback(L.Callback):
                                                                     cfg.n_conditioning_codebooks, generator))]
         jobs += protocol_jobs(self.protocol, lambda codes: (codes.shape[0], depth, codes.shape[-1]),
                               cfg.n_conditioning_codebooks, generate)
+        jobs += self.preset_jobs(generate, generator, cfg.n_conditioning_codebooks, depth)
 
         def over_budget(name: str) -> bool:
             spent = torch.tensor(float(time.perf_counter() - started > self.time_budget))
@@ -113,6 +116,15 @@ class PromptEvalCallback(L.Callback):
         log.info("protocol %s generation evaluation at step %d took %.1f s", self.protocol.id, trainer.global_step,
                  time.perf_counter() - started)
         return scores
+
+    def preset_jobs(self, generate, generator: torch.Generator, n_conditioning: int, depth: int) -> list:
+        """The extra presets' jobs; beat / onset prompts come from each window's own (full-depth) audio."""
+        def generate_prompted(codes: torch.Tensor, mask: torch.Tensor, passes: int) -> torch.Tensor:
+            mask[:, :n_conditioning] = False
+            return generate(codes, mask, passes)
+
+        return preset_jobs(self.prompts, lambda codes: (codes.shape[0], depth, codes.shape[-1]), self.codec.decode,
+                           self.codec, generator, generate_prompted, self.protocol.passes)
 
     @staticmethod
     def _log_table(trainer: L.Trainer, rows: list[dict]) -> None:

@@ -24,8 +24,8 @@ full-depth decoding of the real tokens: ``gen/<score>/<prompt>`` with score one 
   (embeddings per side behind FAD and KAD);
 
 for the protocol prompts, plus the reference points ``ceiling_codec`` (the real tokens at the
-model's depth) and ``baseline_noisy`` (real tokens with half replaced at random), and, in the
-eval app, its extra presets (``beat`` ...). Quality against passes: ``gen/<score>/passes_<n>``
+model's depth) and ``baseline_noisy`` (real tokens with half replaced at random), and the
+extra presets of the eval app and the callback (``beat`` ..., named by their spec). Quality against passes: ``gen/<score>/passes_<n>``
 for n in ``protocol.passes_sweep`` (1, 4, 12, 36), under ``protocol.sweep_prompt`` (periodic_16).
 """
 
@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from vampnet_pl.evaluation.scoring import score
+from vampnet_pl.masking.presets import build_prompt
 from vampnet_pl.masking.protocol import EvalProtocolConfig, prompt_mask
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,20 @@ def protocol_jobs(protocol: EvalProtocolConfig, mask_shape_of: Callable[[torch.T
     jobs = [(name, protocol.passes, generated(name, protocol.passes)) for name in protocol.prompt_names]
     jobs += [(passes_name(n), n, generated(protocol.sweep_prompt, n)) for n in protocol.passes_sweep]
     return jobs
+
+
+def preset_jobs(specs: list[str], mask_shape_of: Callable[[torch.Tensor], tuple], audio_of: TokensFn, codec,
+                generator: torch.Generator, generate: GenerateFn, passes: int) -> list[tuple[str, int, TokensFn]]:
+    """(spec, passes, tokens function) for extra prompt presets (``beat``, ``onset:2``, ``random:0.5`` ...):
+    audio-driven prompts are found in each window's own audio (``audio_of(codes)`` -> ``[B, samples]``)."""
+    def generated(spec: str) -> TokensFn:
+        def run(codes: torch.Tensor) -> torch.Tensor:
+            audio = audio_of(codes).cpu().numpy()
+            mask = build_prompt(spec, mask_shape_of(codes), audio, codec, generator).to(codes.device)
+            return generate(codes, mask, passes)
+        return run
+
+    return [(spec, passes, generated(spec)) for spec in specs]
 
 
 def evaluate_generation(

@@ -1,8 +1,10 @@
 """Generation: prompt -> coarse tokens -> fine tokens (c2f) -> audio. No Lightning here.
 
-Signals longer than a model's training window are generated in overlapping windows: each
+Coarse: signals longer than the coarse window are generated in overlapping windows: each
 window's first ``overlap`` frames are the end of the previous window's output, kept as prompt,
 so every token is written exactly once and no context is duplicated at the seams.
+c2f: independent chunks of its own length (3 s, as the original), all decoded as one batch;
+frames the prompt keeps whole keep the input's fine tokens.
 """
 
 from __future__ import annotations
@@ -45,14 +47,21 @@ def sample_windowed(model: VampNet, codes: torch.Tensor, mask: torch.Tensor, cfg
 class GenerationConfig:
     coarse: SamplingConfig = field(default_factory=lambda: SamplingConfig(passes=24))
     c2f: SamplingConfig = field(default_factory=lambda: SamplingConfig(passes=12, mask_temperature=1.0))
-    window_seconds: float = 10.0  # the models' training window
+    window_seconds: float = 10.0  # the coarse model's window; longer signals go in overlapping windows
     overlap_seconds: float = 2.0
+    c2f_chunk_seconds: float = 3.0  # the c2f model's chunk (the original trains and generates c2f on 3 s)
+    c2f_max_batch: int = 64  # c2f chunks decoded together (all chunks of all examples, up to this many)
 
 
 class VampPipeline:
-    """Coarse model + optional c2f model + codec: token prompts in, audio out."""
+    """Coarse model + optional c2f model + codec: token prompts in, audio out.
 
-    def __init__(self, coarse: VampNet, c2f: VampNet | None, codec: Codec, cfg: GenerationConfig | None = None):
+    Everything runs on ``device`` (default: the codec's): the models are moved there and every
+    tensor of :meth:`generate` is made there.
+    """
+
+    def __init__(self, coarse: VampNet, c2f: VampNet | None, codec: Codec, cfg: GenerationConfig | None = None,
+                 device: str | torch.device | None = None):
         for name, model in (("coarse", coarse), ("c2f", c2f)):
             if model is not None and model.cfg.codec_fingerprint != codec.fingerprint:
                 raise CodecMismatch(f"the {name} model was trained on codec {model.cfg.codec_fingerprint[:16]}, "
@@ -60,7 +69,10 @@ class VampPipeline:
         if c2f is not None and c2f.cfg.n_conditioning_codebooks != coarse.cfg.n_codebooks:
             raise ValueError(f"c2f is conditioned on {c2f.cfg.n_conditioning_codebooks} codebooks, "
                              f"the coarse model makes {coarse.cfg.n_codebooks}")
-        self.coarse, self.c2f, self.codec = coarse.eval(), c2f.eval() if c2f is not None else None, codec
+        self.device = torch.device(device) if device is not None else codec.device
+        self.coarse = coarse.to(self.device).eval()
+        self.c2f = c2f.to(self.device).eval() if c2f is not None else None
+        self.codec = codec
         self.cfg = cfg or GenerationConfig()
 
     @property
@@ -68,19 +80,53 @@ class VampPipeline:
         return (self.c2f or self.coarse).cfg.n_codebooks
 
     def generate(self, codes: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """``codes`` ``[B, >=n_codebooks, T]``, ``prompt_mask`` ``[B, K_coarse, T]`` -> ``[B, n_codebooks, T]``."""
+        """``codes`` ``[B, K, T]``, ``prompt_mask`` ``[B, >=K_coarse, T]`` (True = generate) -> ``[B, n_codebooks, T]``.
+
+        The coarse model generates the masked coarse tokens; c2f then generates the fine tokens of
+        every frame that is not kept whole: a frame whose coarse tokens are all kept keeps the
+        input's fine tokens too (``codes`` must then have them; codebooks ``codes`` lacks are generated).
+        """
+        codes, prompt_mask = codes.to(self.device).long(), prompt_mask.to(self.device)
         window = self.codec.frames_for(self.cfg.window_seconds)
         overlap = min(self.codec.frames_for(self.cfg.overlap_seconds), window - 1)
         n_coarse = self.coarse.cfg.n_codebooks
-        coarse = sample_windowed(self.coarse, codes[:, :n_coarse].long(), prompt_mask[:, :n_coarse], self.cfg.coarse,
+        coarse = sample_windowed(self.coarse, codes[:, :n_coarse], prompt_mask[:, :n_coarse], self.cfg.coarse,
                                  window, overlap)
         if self.c2f is None:
             return coarse
-        full = torch.zeros(codes.shape[0], self.c2f.cfg.n_codebooks, codes.shape[-1], dtype=torch.long)
+        batch, frames, depth = codes.shape[0], codes.shape[-1], self.c2f.cfg.n_codebooks
+        full = torch.zeros(batch, depth, frames, dtype=torch.long, device=self.device)
         full[:, :n_coarse] = coarse
-        fine_mask = torch.ones_like(full, dtype=torch.bool)
-        fine_mask[:, :n_coarse] = False
-        return sample_windowed(self.c2f, full, fine_mask, self.cfg.c2f, window, 0, n_conditioning=n_coarse)
+        given = min(codes.shape[1], depth)
+        full[:, n_coarse:given] = codes[:, n_coarse:given]
+        fine_mask = torch.zeros_like(full, dtype=torch.bool)
+        fine_mask[:, n_coarse:] = prompt_mask[:, :n_coarse].any(1, keepdim=True)  # frames not kept whole
+        fine_mask[:, given:] = True
+        return self.coarse_to_fine(full, fine_mask)
+
+    def coarse_to_fine(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """c2f over ``[B, K, T]`` in chunks of ``c2f_chunk_seconds``, all chunks decoded as one batch.
+
+        Chunks start every chunk length; the last one is the signal's last chunk-length frames
+        (it keeps only the frames no earlier chunk wrote).
+        """
+        frames = codes.shape[-1]
+        chunk = min(max(1, self.codec.frames_for(self.cfg.c2f_chunk_seconds)), frames)
+        starts = list(range(0, frames - chunk + 1, chunk))
+        if starts[-1] + chunk < frames:
+            starts.append(frames - chunk)
+        pieces = torch.cat([codes[..., s : s + chunk] for s in starts])  # [n_chunks * B, K, chunk]
+        piece_masks = torch.cat([mask[..., s : s + chunk] for s in starts])
+        n_conditioning = self.c2f.cfg.n_conditioning_codebooks
+        step = max(1, self.cfg.c2f_max_batch)
+        done = torch.cat([sample(self.c2f, pieces[i : i + step], piece_masks[i : i + step], self.cfg.c2f, n_conditioning)
+                          for i in range(0, pieces.shape[0], step)])
+        out, batch, written = codes.clone(), codes.shape[0], 0
+        for index, start in enumerate(starts):
+            piece = done[index * batch : (index + 1) * batch]
+            out[..., written : start + chunk] = piece[..., written - start :]
+            written = start + chunk
+        return out
 
     def to_audio(self, codes: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(codes)

@@ -1,64 +1,171 @@
 """Iterative parallel decoding (MaskGIT / VampNet): pure functions over a model, no Lightning.
 
-Each pass predicts every masked token, samples, then re-masks the least confident of the newly
-sampled tokens so that ``schedule(pass / passes)`` of each example's originally masked tokens
-stay masked. Gumbel noise on the confidences, annealed to zero over the passes, keeps early
-passes exploratory ("mask temperature"). Prompt (unmasked) tokens are never changed, and the
-schedule is computed per example, so a batch of prompts with different masked counts decodes
-correctly.
+Each pass runs the model once, samples a token for every masked position, then re-masks the
+least confident of them so that ``schedule(pass / passes)`` of each example's originally masked
+tokens stay masked. Prompt (unmasked) tokens are never changed.
+
+Per pass, for the masked positions only (their rows of the logits):
+
+1. **filters** on the model's distribution: top-k, nucleus (top-p), locally typical
+   (``typical_p`` with at least ``typical_min_tokens`` tokens kept);
+2. **temperature**: the filtered logits divided by ``temperature``; this is the distribution
+   sampled from;
+3. **token**: drawn from it (inverse CDF: one uniform number per position) while
+   ``pass / passes <= sample_cutoff``, its argmax afterwards (and always at ``temperature <= 0``);
+4. **confidence**: the log-probability of the token under that same distribution, plus Gumbel
+   noise scaled by ``mask_temperature * (1 - progress)`` (annealed to zero over the passes);
+5. **re-mask** the lowest-confidence tokens: ``floor(schedule(progress) * masked_at_start)`` of each
+   example; before the last pass at least one token is committed and at least one stays
+   masked (as the original does).
+
+Intended differences from the original VampNet ``generate`` (``vampnet/modules/transformer.py``):
+
+- the number of tokens re-masked is counted **per example**; the original sums the masked
+  tokens over the whole batch, so a batch of different prompts decodes on a wrong schedule;
+- the typical filter **filters** (the original computes it and discards the result);
+- tokens are drawn by inverse CDF from our own generator (``seed``), not ``torch.multinomial`` on
+  the global RNG: the same distribution, another random stream;
+- re-masking is by exact rank (ties broken by position); the original masks the tokens strictly
+  below a cut-off, so ties re-mask fewer;
+- ``temperature <= 0`` means greedy (argmax); the original then samples at temperature 1;
+- the nucleus keeps the smallest set whose mass reaches ``top_p`` (the original's, except that a
+  set reaching exactly ``top_p`` is not extended by one token).
+
+Where the algorithms are meant to agree (argmax tokens, ``mask_temperature=0``, batch 1, no
+ties) the tokens are the original's; ``tests/test_sampling.py`` checks this against a fixture
+made by running the original's ``generate``.
+
+Speed: filtering, the softmax, sampling and noise touch only the masked rows (the masked
+count shrinks every pass); the unmasked rows of the logits are never read. With
+``cuda_graphs=True`` on a CUDA device the model's fixed-shape forward pass is captured once
+per call and replayed on every pass (no effect, and a log line, elsewhere).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from vampnet_pl.masking.schedules import get_schedule
+from vampnet_pl.model.vampnet import VampNet, check_token_range
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class SamplingConfig:
     passes: int = 24
-    temperature: float = 1.0
+    temperature: float = 1.0  # <= 0: greedy
     top_k: Optional[int] = None
     top_p: Optional[float] = None
-    typical_p: Optional[float] = None  # locally typical sampling (Meister et al. 2022)
+    typical_p: Optional[float] = None  # locally typical sampling (Meister et al. 2022): the mass kept
+    typical_min_tokens: int = 1  # typical filtering keeps at least this many tokens
     mask_temperature: float = 10.5  # scale of the Gumbel noise on confidences at the first pass
     schedule: str = "cosine"
-    argmax_from: Optional[float] = None  # fraction of passes after which tokens are taken by argmax
+    sample_cutoff: float = 1.0  # tokens are sampled on passes i with i / passes <= sample_cutoff, argmax after
     seed: Optional[int] = None
+    cuda_graphs: bool = False  # replay the model's forward pass as a CUDA graph (CUDA devices only)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
-                  typical_p: float | None = None) -> torch.Tensor:
+                  typical_p: float | None = None, typical_min_tokens: int = 1) -> torch.Tensor:
     """Set to -inf every logit outside the top-k / nucleus (top-p) / typical set (last axis)."""
-    logits = logits.clone()
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         threshold = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits[logits < threshold] = -float("inf")
+        logits = logits.masked_fill(logits < threshold, -float("inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
-        logits.scatter_(-1, order, sorted_logits.masked_fill(remove, -float("inf")))
+        probs = sorted_logits.softmax(-1)
+        remove = probs.cumsum(-1) - probs >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), -float("inf"))
     if typical_p is not None and typical_p < 1.0:
         log_probs = logits.log_softmax(-1)
         probs = log_probs.exp()
-        entropy = -(probs * log_probs.nan_to_num(0.0)).sum(-1, keepdim=True)
-        surprise_gap = (-log_probs - entropy).abs()
-        gap_sorted, order = surprise_gap.sort(dim=-1)
-        cumulative = probs.gather(-1, order).cumsum(-1)
-        remove = cumulative - probs.gather(-1, order) >= typical_p
-        removed = torch.zeros_like(remove).scatter(-1, order, remove)
-        logits = logits.masked_fill(removed, -float("inf"))
+        entropy = -(probs * log_probs.nan_to_num(0.0, neginf=0.0)).sum(-1, keepdim=True)
+        order = (-log_probs - entropy).abs().argsort(dim=-1)  # most typical first
+        sorted_probs = probs.gather(-1, order)
+        remove = sorted_probs.cumsum(-1) - sorted_probs >= typical_p
+        remove[..., : max(1, typical_min_tokens)] = False
+        logits = logits.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), -float("inf"))
     return logits
 
 
-def _gumbel(shape, generator, device) -> torch.Tensor:
-    uniform = torch.rand(shape, generator=generator, device=device).clamp(1e-20, 1 - 1e-7)
+def gumbel(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    uniform = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1 - 1e-7)
     return -torch.log(-torch.log(uniform))
+
+
+def sample_rows(logits: torch.Tensor, cfg: SamplingConfig, draw: bool,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[N, V]`` -> (token ``[N]``, its log-probability under the distribution sampled from ``[N]``).
+
+    That distribution is softmax(filtered logits / temperature); ``draw=False`` takes its argmax.
+    """
+    logits = filter_logits(logits.float(), cfg.top_k, cfg.top_p, cfg.typical_p, cfg.typical_min_tokens)
+    if cfg.temperature > 0:
+        logits = logits / cfg.temperature
+    probs = logits.softmax(-1)  # filtered tokens are exactly 0
+    if draw and cfg.temperature > 0:
+        cdf = probs.cumsum(-1)
+        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, uniform, right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
+    else:
+        token = logits.argmax(-1)
+    confidence = probs.gather(-1, token[:, None]).squeeze(-1).log()
+    return token, confidence
+
+
+def tokens_to_keep_masked(schedule_value: torch.Tensor, initial: torch.Tensor, current: torch.Tensor,
+                          last_pass: bool) -> torch.Tensor:
+    """Per example: how many of the ``current`` masked tokens stay masked after a pass.
+
+    ``floor(schedule * initial)``; before the last pass clamped to ``[1, current - 1]`` so that
+    every pass commits at least one token and none ends early (0 where nothing is masked).
+    """
+    count = (schedule_value * initial).floor().long()
+    if last_pass:
+        return torch.minimum(count, current)
+    return torch.where(current > 0, torch.minimum(count, current - 1).clamp(min=1), torch.zeros_like(count))
+
+
+class _GraphedForward:
+    """The model's forward pass for one fixed input shape, captured as a CUDA graph and replayed."""
+
+    def __init__(self, model: Callable, codes: torch.Tensor, mask: torch.Tensor):
+        self.codes, self.mask = codes.clone(), mask.clone()
+        stream = torch.cuda.Stream(codes.device)
+        stream.wait_stream(torch.cuda.current_stream(codes.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up (allocator, cuBLAS workspaces) outside the graph
+                model(self.codes, self.mask)
+        torch.cuda.current_stream(codes.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.codes, self.mask)
+
+    def __call__(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.codes.copy_(codes)
+        self.mask.copy_(mask)
+        self.graph.replay()
+        return self.logits
+
+
+def forward_for(model: Callable, codes: torch.Tensor, mask: torch.Tensor, cuda_graphs: bool) -> Callable:
+    """The model itself, or, with ``cuda_graphs`` on a CUDA device, a graphed replay of it for this shape."""
+    if not cuda_graphs:
+        return model
+    if codes.device.type != "cuda":
+        log.info("cuda_graphs needs a CUDA device; running the model eagerly on %s", codes.device)
+        return model
+    try:
+        return _GraphedForward(model, codes, mask)
+    except RuntimeError as err:  # e.g. a host synchronisation inside the forward pass cannot be captured
+        log.warning("cannot capture the model as a CUDA graph (%s); running it eagerly", err)
+        return model
 
 
 @torch.no_grad()
@@ -72,7 +179,7 @@ def sample(
     """Fill the masked tokens of ``codes`` ``[B, K, T]`` (``mask`` True = generate) in ``cfg.passes`` passes.
 
     ``model(codes, mask)`` returns logits ``[B, K - n_conditioning, T, V]``. Conditioning codebooks
-    are never generated.
+    are never generated. See the module docstring for the semantics.
     """
     device = codes.device
     generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
@@ -81,25 +188,28 @@ def sample(
     mask[:, :n_conditioning] = False
     batch = codes.shape[0]
     initial = mask[:, n_conditioning:].flatten(1).sum(1)  # [B] masked count per example
+    if isinstance(model, VampNet):  # tokens checked once here: no host sync per pass (CUDA graphs can capture it)
+        check_token_range(codes, model.cfg.codebook_size)
+        model = functools.partial(model, check_range=False)
+    forward = forward_for(model, codes, mask, cfg.cuda_graphs)
     for step in range(cfg.passes):  # always every pass: sharded models need the same calls on every rank
         progress = (step + 1) / cfg.passes
-        logits = model(codes, mask).float()  # [B, P, T, V]
-        filtered = filter_logits(logits / max(cfg.temperature, 1e-5), cfg.top_k, cfg.top_p, cfg.typical_p)
-        if cfg.argmax_from is not None and progress > cfg.argmax_from:
-            sampled = filtered.argmax(-1)
-        else:
-            noise = _gumbel(filtered.shape, generator, device)
-            sampled = (filtered + noise).argmax(-1)  # Gumbel-max: a sample from softmax(filtered)
-        confidence = logits.log_softmax(-1).gather(-1, sampled[..., None]).squeeze(-1)  # [B, P, T]
-        predicted_mask = mask[:, n_conditioning:]
-        target = codes[:, n_conditioning:]
-        target[predicted_mask] = sampled[predicted_mask]
-        # How many stay masked after this pass, per example.
-        keep_masked = (schedule(torch.full((batch,), progress, device=device)) * initial).floor().long()
+        logits = forward(codes, mask)  # [B, P, T, V]
+        predicted = mask[:, n_conditioning:]  # [B, P, T]
+        rows = predicted.nonzero(as_tuple=True)
+        token, confidence = sample_rows(logits[rows], cfg, draw=step / cfg.passes <= cfg.sample_cutoff,
+                                        generator=generator)
+        codes[:, n_conditioning:][rows] = token.to(codes.dtype)
+        current = predicted.flatten(1).sum(1)
+        keep_masked = tokens_to_keep_masked(schedule(torch.full((batch,), progress, device=device)), initial,
+                                            current, step == cfg.passes - 1)
         anneal = cfg.mask_temperature * (1 - progress)
-        score = confidence + anneal * _gumbel(confidence.shape, generator, device)
-        score = score.masked_fill(~predicted_mask, float("inf")).flatten(1)  # prompt tokens never re-masked
-        rank = score.argsort(dim=1).argsort(dim=1)
-        remask = (rank < keep_masked[:, None]).view_as(predicted_mask) & predicted_mask
+        if anneal > 0:
+            confidence = confidence + anneal * gumbel(confidence.shape, generator, device)
+        score = torch.full(predicted.shape, float("inf"), device=device)  # prompt tokens never re-masked
+        score[rows] = confidence
+        order = score.flatten(1).argsort(dim=1, stable=True)
+        lowest = torch.arange(order.shape[1], device=device)[None] < keep_masked[:, None]
+        remask = torch.zeros_like(lowest).scatter_(1, order, lowest).view_as(predicted)
         mask[:, n_conditioning:] = remask
     return codes

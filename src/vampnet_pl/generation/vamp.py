@@ -32,12 +32,33 @@ def load_pipeline(coarse: Path, c2f: Path | None, codec_source: str, device: str
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"model not found: {path} (export one with `vampnet-pl export`)")
     codec = Codec.load(codec_source, device)
-    return VampPipeline(load_exported(coarse), load_exported(c2f) if c2f else None, codec, cfg)
+    return VampPipeline(load_exported(coarse), load_exported(c2f) if c2f else None, codec, cfg, device=codec.device)
+
+
+def loudness(waves: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """Integrated loudness (ITU-R BS.1770, LUFS) of mono waveforms ``[..., samples]``; -inf for silence."""
+    import torchaudio.functional as AF
+
+    min_samples = int(0.4 * sample_rate) + 1  # one gating block
+    if waves.shape[-1] < min_samples:
+        waves = torch.nn.functional.pad(waves, (0, min_samples - waves.shape[-1]))
+    flat = waves.reshape(-1, 1, waves.shape[-1]).float()
+    return torch.stack([AF.loudness(w, sample_rate) for w in flat]).reshape(waves.shape[:-1])
+
+
+def match_loudness(waves: torch.Tensor, target_lufs: float, sample_rate: int) -> torch.Tensor:
+    """Scale each waveform ``[B, samples]`` to ``target_lufs`` (silent outputs are left as they are)."""
+    gain_db = (target_lufs - loudness(waves, sample_rate)).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    return waves * (10 ** (gain_db / 20))[:, None]
 
 
 def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_specs: list[str], variations: int = 1,
-              loops: int = 0, seed: int = 0) -> list[Path]:
-    """Write ``variations`` WAV files (or, with ``loops`` > 0, one file of the input followed by ``loops`` vamps)."""
+              loops: int = 0, seed: int = 0, random_roll: bool = False, loudness_match: bool = True) -> list[Path]:
+    """Write ``variations`` WAV files (or, with ``loops`` > 0, one file of the input followed by ``loops`` vamps).
+
+    ``random_roll``: periodic prompts start at a random phase per variation. ``loudness_match``: each
+    output is scaled to the input's integrated loudness (as the original's app does).
+    """
     codec = pipeline.codec
     audio, rate = read_audio(input_path)
     mono = torch.from_numpy(audio.mean(0))
@@ -52,13 +73,17 @@ def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_sp
     batch = codes[None].repeat(count, 1, 1)
     shape = (count, pipeline.coarse.cfg.n_codebooks, codes.shape[-1])
     generator = torch.Generator().manual_seed(seed)
-    masks = [build_prompt(spec, shape, resampled.numpy(), codec, generator) for spec in prompt_specs or ["periodic:16"]]
+    masks = [build_prompt(spec, shape, resampled.numpy(), codec, generator, random_roll)
+             for spec in prompt_specs or ["periodic:16"]]
     mask = prompts.keep_union(*masks)
     pipeline.cfg.coarse.seed = seed
     pipeline.cfg.c2f.seed = seed
     generated = pipeline.generate(batch, mask)
     out_dir.mkdir(parents=True, exist_ok=True)
-    waves = pipeline.to_audio(generated).numpy()  # [count, samples]
+    waves = pipeline.to_audio(generated)  # [count, samples]
+    if loudness_match:
+        waves = match_loudness(waves, float(loudness(resampled, codec.sample_rate)), codec.sample_rate)
+    waves = waves.numpy()
     stem = Path(input_path).stem
     if loops:
         joined = np.concatenate([codec.decode(codes[: pipeline.n_codebooks]).numpy(), *waves])

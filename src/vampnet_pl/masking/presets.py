@@ -1,9 +1,11 @@
 """Named prompt presets (``periodic:16``, ``prefix:1.0``, ``beat:2`` ...), as the vamp command,
 the evaluation callback and the eval app take them.
 
-``periodic:P[:W]`` keep W frames every P; ``prefix:S`` / ``suffix:S`` keep the first / last S
-seconds; ``inpaint:S1:S2`` keep both; ``compression:N:P`` keep N codebooks every P frames;
-``random:R`` mask a fraction R; ``beat[:W]`` / ``onset[:W]`` keep W frames at each beat / onset.
+``periodic:P[:W]`` keep W frames centred on every P-th frame (P 0: unconditional); ``prefix:S`` /
+``suffix:S`` keep the first / last S seconds; ``inpaint:S1:S2`` keep both; ``compression:N:P`` keep
+N codebooks every P frames; ``random:R`` mask a fraction R; ``beat[:W]`` / ``onset[:W]`` keep W frames at each beat / onset,
+found in each example's own audio. With ``random_roll`` the periodic and compression prompts
+start at a random phase per example (the original's app always rolls).
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from vampnet_pl.masking import prompts
 
 
 def build_prompt(spec: str, shape: tuple[int, int, int], audio: np.ndarray, codec: Codec,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """One prompt preset (see the module docstring) as a mask ``[B, K, T]`` (True = generate)."""
+                 generator: torch.Generator | None = None, random_roll: bool = False) -> torch.Tensor:
+    """One prompt preset (see the module docstring) as a mask ``[B, K, T]`` (True = generate).
+
+    ``audio``: the examples' audio at the codec rate, ``[samples]`` (the same for all) or
+    ``[B, samples]``; only beat and onset prompts read it.
+    """
     name, *args = spec.split(":")
     try:
         values = [float(a) for a in args]
@@ -25,11 +31,12 @@ def build_prompt(spec: str, shape: tuple[int, int, int], audio: np.ndarray, code
         raise ValueError(f"bad prompt {spec!r}: arguments must be numbers") from None
     frames = lambda seconds: prompts.seconds_to_frames(seconds, codec.frame_rate)  # noqa: E731
     builders = {
-        "periodic": lambda: prompts.periodic(shape, int(values[0]), int(values[1]) if len(values) > 1 else 1),
+        "periodic": lambda: prompts.periodic(shape, int(values[0]), int(values[1]) if len(values) > 1 else 1,
+                                             random_roll, generator),
         "prefix": lambda: prompts.inpaint(shape, prefix_frames=frames(values[0])),
         "suffix": lambda: prompts.inpaint(shape, suffix_frames=frames(values[0])),
         "inpaint": lambda: prompts.inpaint(shape, frames(values[0]), frames(values[1])),
-        "compression": lambda: prompts.compression(shape, int(values[0]), int(values[1])),
+        "compression": lambda: prompts.compression(shape, int(values[0]), int(values[1]), random_roll, generator),
         "random": lambda: prompts.random_prompt(shape, values[0], generator),
         "beat": lambda: prompts.beat_prompt(shape, audio, codec.sample_rate, codec.hop_length, int(values[0]) if values else 1),
         "onset": lambda: prompts.onset_prompt(shape, audio, codec.sample_rate, codec.hop_length, int(values[0]) if values else 1),

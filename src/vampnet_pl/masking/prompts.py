@@ -37,15 +37,29 @@ def seconds_to_frames(seconds: float, frame_rate: float) -> int:
 def periodic(
     shape, period: int, width: int = 1, random_roll: bool = False, generator: torch.Generator | None = None, device=None
 ) -> torch.Tensor:
-    """Keep ``width`` frames every ``period`` frames (VampNet's periodic prompt), optionally at a random phase."""
-    if period < 1:
-        raise ValueError("period must be at least 1")
+    """Keep ``width`` frames centred on every ``period``-th frame (VampNet's periodic prompt).
+
+    The centres are frames 0, P, 2P, ... or, with ``random_roll``, shifted by a random phase in
+    [0, P) per example. ``width`` frames run from ``centre - width // 2`` (an even width has one
+    more frame before the centre than after; the original keeps ``width + 1`` frames then).
+    ``period`` 0 keeps nothing: unconditional generation.
+    """
+    if period < 0 or width < 0:
+        raise ValueError(f"period and width must be >= 0, got period={period}, width={width}")
     batch, _, frames = shape
+    if period == 0:
+        return full_mask(shape, device)
     phase = torch.zeros(batch, dtype=torch.long, device=device)
     if random_roll:
-        phase = torch.randint(0, period, (batch,), generator=generator, device=generator.device if generator else device).to(device)
-    position = (torch.arange(frames, device=device)[None] + phase[:, None]) % period
-    kept = position < width  # [batch, frames]
+        source = generator.device if generator is not None else device
+        phase = torch.randint(0, period, (batch,), generator=generator, device=source).to(device)
+    centre = (torch.arange(frames, device=device)[None] - phase[:, None]) % period == 0  # [batch, frames]
+    kept = torch.zeros_like(centre)
+    for offset in range(-(width // 2), width - width // 2):  # dilate each centre to its width, clipped at the ends
+        if offset < 0:
+            kept[:, : frames + offset] |= centre[:, -offset:]
+        else:
+            kept[:, offset:] |= centre[:, : frames - offset]
     return (~kept)[:, None, :].expand(shape).clone()
 
 
@@ -63,9 +77,11 @@ def mask_codebooks(mask: torch.Tensor, from_level: int) -> torch.Tensor:
     return mask
 
 
-def compression(shape, n_keep_codebooks: int, period: int, device=None) -> torch.Tensor:
+def compression(shape, n_keep_codebooks: int, period: int, random_roll: bool = False,
+                generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Keep ``n_keep_codebooks`` levels every ``period`` frames, generate the rest (VampNet's compression prompt)."""
-    return mask_codebooks(periodic(shape, period, device=device), n_keep_codebooks)
+    return mask_codebooks(periodic(shape, period, random_roll=random_roll, generator=generator, device=device),
+                          n_keep_codebooks)
 
 
 def dropout(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -90,13 +106,18 @@ def keep_intersection(*masks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def frames_to_mask(shape, kept_frames: np.ndarray | list[int], width: int = 1, device=None) -> torch.Tensor:
-    """Keep ``width`` frames starting at each of ``kept_frames``; the same for every example."""
+def frames_to_mask(shape, kept_frames, width: int = 1, device=None) -> torch.Tensor:
+    """Keep ``width`` frames starting at each of ``kept_frames``: one list for every example, or one
+    list per example (a list of ``batch`` arrays)."""
     batch, codebooks, frames = shape
-    kept = torch.zeros(frames, dtype=torch.bool, device=device)
-    for frame in np.asarray(kept_frames, dtype=int):
-        kept[max(0, frame) : max(0, frame) + width] = True
-    return (~kept)[None, None, :].expand(batch, codebooks, frames).clone()
+    per_example = isinstance(kept_frames, (list, tuple)) and len(kept_frames) == batch and all(
+        isinstance(f, (list, tuple, np.ndarray)) for f in kept_frames)
+    rows = kept_frames if per_example else [kept_frames] * batch
+    kept = torch.zeros(batch, frames, dtype=torch.bool, device=device)
+    for row, row_frames in enumerate(rows):
+        for frame in np.asarray(row_frames, dtype=int).reshape(-1):
+            kept[row, max(0, frame) : max(0, frame) + width] = True
+    return (~kept)[:, None, :].expand(batch, codebooks, frames).clone()
 
 
 def onset_frames(audio: np.ndarray, sample_rate: int, hop_length: int) -> np.ndarray:
@@ -114,9 +135,21 @@ def beat_frames(audio: np.ndarray, sample_rate: int, hop_length: int) -> np.ndar
     return np.asarray(beats, dtype=int)
 
 
+def _per_example(detect, shape, audio: np.ndarray, sample_rate: int, hop_length: int) -> list[np.ndarray]:
+    """``detect`` on each example's own audio: ``audio`` ``[samples]`` (the same for all) or ``[batch, samples]``."""
+    audio = np.asarray(audio, np.float32)
+    if audio.ndim == 1:
+        return [detect(audio, sample_rate, hop_length)] * shape[0]
+    if audio.ndim != 2 or audio.shape[0] != shape[0]:
+        raise ValueError(f"audio for a beat/onset prompt must be [samples] or [{shape[0]}, samples], got {audio.shape}")
+    return [detect(row, sample_rate, hop_length) for row in audio]
+
+
 def onset_prompt(shape, audio: np.ndarray, sample_rate: int, hop_length: int, width: int = 1, device=None) -> torch.Tensor:
-    return frames_to_mask(shape, onset_frames(audio, sample_rate, hop_length), width, device)
+    """Keep ``width`` frames at each onset of each example's audio (``[samples]`` or ``[batch, samples]``)."""
+    return frames_to_mask(shape, _per_example(onset_frames, shape, audio, sample_rate, hop_length), width, device)
 
 
 def beat_prompt(shape, audio: np.ndarray, sample_rate: int, hop_length: int, width: int = 1, device=None) -> torch.Tensor:
-    return frames_to_mask(shape, beat_frames(audio, sample_rate, hop_length), width, device)
+    """Keep ``width`` frames at each beat of each example's audio (``[samples]`` or ``[batch, samples]``)."""
+    return frames_to_mask(shape, _per_example(beat_frames, shape, audio, sample_rate, hop_length), width, device)
