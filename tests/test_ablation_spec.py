@@ -49,9 +49,9 @@ def test_explicit_baseline_and_logger_choice(tmp_path):
 
 
 @pytest.mark.parametrize("grid, message", [
-    ({"masking.schedule": ["cosnie", "cosine"]}, "unknown mask schedule 'cosnie'"),
+    ({"masking.schedule": ["cosnie", "cosine"]}, "unknown masking schedule 'cosnie'"),
     ({"masking.kind": ["spam", "random"]}, "unknown masking kind 'spam'"),
-    ({"masking.sampler": ["halton", "uniform"]}, "unknown r sampler 'halton'"),
+    ({"masking.sampler": ["halton", "uniform"]}, "unknown masking sampler 'halton'"),
     ({"masking.shedule": ["cosine"]}, "Could not override 'masking.shedule'"),
     ({"masking": ["nope", "cosine"]}, "Could not find 'masking/nope'"),
     ({"trainer.max_stesp": [4]}, "max_stesp"),

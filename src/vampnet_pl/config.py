@@ -295,5 +295,5 @@ def compose(config_name: str, overrides: list[str], typed: bool = True):
         with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = hydra.compose(config_name, overrides=overrides)
         return OmegaConf.to_object(cfg) if typed else cfg
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, ValueError) as err:  # ValueError: a schema's own check
         raise UsageError(f"bad configuration for {config_name}: {err}") from None

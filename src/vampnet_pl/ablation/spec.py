@@ -178,8 +178,8 @@ def check_run_config(run: Run, cfg: DictConfig) -> None:
     """Masking names against the registries, a CSV log, a validation at the last step."""
     from vampnet_pl.masking.config import TrainingMasker
 
-    schema = OmegaConf.to_object(cfg)
-    try:  # the masker looks every name up in its registry (schedules, kinds, samplers)
+    try:  # the schema and the masker look every name up in its registry (schedules, kinds, samplers)
+        schema = OmegaConf.to_object(cfg)
         TrainingMasker(schema.masking, schema.model.n_conditioning_codebooks)
     except (KeyError, ValueError) as err:
         message = err.args[0] if err.args else str(err)
