@@ -206,3 +206,20 @@ def test_a_vampnet_is_range_checked_once_per_signal_not_per_pass(monkeypatch):
     damaged[0, 1, 3] = 16
     with pytest.raises(ValueError, match="outside"):
         sample(model, damaged, mask, SamplingConfig(passes=4, seed=0))
+
+
+def test_the_head_on_masked_frames_only_gives_the_same_tokens_as_the_full_head():
+    from vampnet_pl.model import VampNet, VampNetConfig
+
+    torch.manual_seed(0)
+    model = VampNet(VampNetConfig(n_codebooks=3, n_conditioning_codebooks=1, codebook_size=16, latent_dim=4,
+                                  d_model=16, n_layers=1, n_heads=2)).eval()
+    codes = torch.randint(0, 16, (3, 3, 20))
+    mask = torch.rand(3, 3, 20) < 0.6
+    frames = mask[:, 1:].any(1)
+    packed = model(codes, mask, predict_frames=frames)
+    full = model(codes, mask)
+    assert torch.allclose(packed, full.permute(0, 2, 1, 3)[frames], atol=1e-6)
+    cfg = SamplingConfig(passes=5, seed=3, temperature=1.0, top_p=0.9)
+    full_head = sample(lambda c, m: model(c, m), codes, mask, cfg, n_conditioning=1)  # a plain callable: full head
+    assert torch.equal(sample(model, codes, mask, cfg, n_conditioning=1), full_head)

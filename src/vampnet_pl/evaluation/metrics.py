@@ -26,11 +26,34 @@ from torch import nn
 from torchmetrics import Metric
 
 
-class MelDistance(Metric):
-    """Mean over examples of sum over scales of L1(log10 mel(pred), log10 mel(target))."""
+class _PerExampleDistance(Metric):
+    """Mean over examples of a per-example waveform distance; subclasses give :meth:`distance`."""
 
     higher_is_better = False
     full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def distance(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-example distance of waveforms ``[B, T]`` (float64 ``[B]``)."""
+        raise NotImplementedError
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        if preds.shape != target.shape:
+            raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ")
+        distances = self.distance(preds.reshape(-1, preds.shape[-1]), target.reshape(-1, target.shape[-1]))
+        self.total += distances.sum()
+        self.count += distances.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp_min(1)).float()
+
+
+class MelDistance(_PerExampleDistance):
+    """Mean over examples of sum over scales of L1(log10 mel(pred), log10 mel(target))."""
 
     def __init__(self, sample_rate: int, window_lengths: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048),
                  n_mels: Sequence[int] = (5, 10, 20, 40, 80, 160, 320), clamp_eps: float = 1e-5, **kwargs):
@@ -43,11 +66,8 @@ class MelDistance(Metric):
             for w, m in zip(window_lengths, n_mels)
         )
         self.clamp_eps = clamp_eps
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def distance(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-example distance of waveforms ``[B, T]``."""
         if preds.shape != target.shape:
             raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ")
         total = torch.zeros(preds.shape[0], device=preds.device, dtype=torch.float64)
@@ -56,14 +76,6 @@ class MelDistance(Metric):
             b = mel(target.float()).clamp_min(self.clamp_eps).log10()
             total += (a - b).abs().flatten(1).mean(1).double()
         return total
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        distances = self.distance(preds.reshape(-1, preds.shape[-1]), target.reshape(-1, target.shape[-1]))
-        self.total += distances.sum()
-        self.count += distances.numel()
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp_min(1)).float()
 
 
 # audiotools.metrics.spectral.MelSpectrogramLoss arguments of the two papers' reports.
@@ -77,12 +89,10 @@ def _per_example_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().flatten(1).mean(1)
 
 
-class AudiotoolsMelDistance(Metric):
+class AudiotoolsMelDistance(_PerExampleDistance):
     """audiotools' ``MelSpectrogramLoss`` with ``config``, per example, averaged over examples
     (equal to the loss of the whole batch when the examples have one length)."""
 
-    higher_is_better = False
-    full_state_update = False
     config: dict = DAC_MEL_CONFIG
 
     def __init__(self, sample_rate: int, **kwargs):
@@ -91,11 +101,8 @@ class AudiotoolsMelDistance(Metric):
 
         self.sample_rate = sample_rate
         self.loss = MelSpectrogramLoss(loss_fn=_per_example_l1, **self.config)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def distance(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-example distance of waveforms ``[B, T]``."""
         from audiotools import AudioSignal
 
         if preds.shape != target.shape:
@@ -106,14 +113,6 @@ class AudiotoolsMelDistance(Metric):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="stft_data changed shape")  # audiotools' own, harmless
             return self.loss(signal(preds), signal(target)).double()
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        distances = self.distance(preds.reshape(-1, preds.shape[-1]), target.reshape(-1, target.shape[-1]))
-        self.total += distances.sum()
-        self.count += distances.numel()
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp_min(1)).float()
 
 
 class DACMelDistance(AudiotoolsMelDistance):

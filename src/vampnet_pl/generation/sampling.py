@@ -188,16 +188,23 @@ def sample(
     mask[:, :n_conditioning] = False
     batch = codes.shape[0]
     initial = mask[:, n_conditioning:].flatten(1).sum(1)  # [B] masked count per example
+    packed_head = isinstance(model, VampNet) and not cfg.cuda_graphs  # graphs need the fixed full-shape pass
     if isinstance(model, VampNet):  # tokens checked once here: no host sync per pass (CUDA graphs can capture it)
         check_token_range(codes, model.cfg.codebook_size)
         model = functools.partial(model, check_range=False)
     forward = forward_for(model, codes, mask, cfg.cuda_graphs)
     for step in range(cfg.passes):  # always every pass: sharded models need the same calls on every rank
         progress = (step + 1) / cfg.passes
-        logits = forward(codes, mask)  # [B, P, T, V]
         predicted = mask[:, n_conditioning:]  # [B, P, T]
         rows = predicted.nonzero(as_tuple=True)
-        token, confidence = sample_rows(logits[rows], cfg, draw=step / cfg.passes <= cfg.sample_cutoff,
+        if packed_head:  # the head only on frames with a masked token; the rows keep their (b, p, t) order
+            frames = predicted.any(1)  # [B, T]
+            packed = forward(codes, mask, predict_frames=frames)  # [N, P, V]
+            position = (frames.flatten().cumsum(0) - 1).view_as(frames)
+            row_logits = packed[position[rows[0], rows[2]], rows[1]]
+        else:
+            row_logits = forward(codes, mask)[rows]  # [B, P, T, V] -> the masked rows
+        token, confidence = sample_rows(row_logits, cfg, draw=step / cfg.passes <= cfg.sample_cutoff,
                                         generator=generator)
         codes[:, n_conditioning:][rows] = token.to(codes.dtype)
         current = predicted.flatten(1).sum(1)

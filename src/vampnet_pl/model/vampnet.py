@@ -242,12 +242,15 @@ class VampNet(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, codes: torch.Tensor, mask: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, mask: torch.Tensor, check_range: bool = True,
+                predict_frames: torch.Tensor | None = None) -> torch.Tensor:
         """``codes`` long ``[B, n_codebooks, T]``, ``mask`` bool (True = masked) -> logits ``[B, n_predicted, T, codebook_size]``.
 
         ``check_range=False`` skips the token-range check (a host sync on GPU) for callers that checked the
         codes already: the LightningModule checks each batch on the CPU before it moves to the device, the
-        sampler once per signal.
+        sampler once per signal. ``predict_frames`` (bool ``[B, T]``): the output head runs on those frames
+        only, and the logits come packed, ``[N, n_predicted, codebook_size]`` in row-major (example, frame)
+        order; the sampler asks for the frames it still has to fill.
         """
         batch, codebooks, frames = codes.shape
         if codebooks != self.cfg.n_codebooks:
@@ -264,6 +267,8 @@ class VampNet(nn.Module):
         rotary = rotary_tables(frames, head_dim, x.device) if self.cfg.position == "rotary" else None
         for block in self.blocks:
             x = block(x, bias, rotary)
+        if predict_frames is not None:
+            return self.head(self.norm(x[predict_frames])).view(-1, self.cfg.n_predicted_codebooks, self.cfg.codebook_size)
         logits = self.head(self.norm(x))  # [B, T, n_predicted * V]
         return logits.view(batch, frames, self.cfg.n_predicted_codebooks, self.cfg.codebook_size).permute(0, 2, 1, 3)
 
