@@ -81,7 +81,7 @@ def test_sweep_survives_a_killed_run_resumes_it_skips_finished_and_reports(prepa
     assert result["codec_fingerprint"] == codec.fingerprint and result["git_commit"]
     assert result["config"]["masking"]["schedule"] == "cosine" and result["config"]["seed"] == 0
     assert result["config"]["run_dir"] == str(victim)
-    assert {"val/loss", "val/top1_masked"} <= set(result["metrics"]) and not (victim / "failure.json").exists()
+    assert {"val/loss", "val/acc1", "val/acc1/ratio_0.50"} <= set(result["metrics"]) and not (victim / "failure.json").exists()
     # the curves join both attempts: the first one's steps before the kill and the resumed one's after
     assert (victim / "curves" / "attempt-0.csv").is_file()
     from vampnet_pl.ablation.results import read_curves

@@ -191,7 +191,7 @@ def test_prompt_evaluation_during_training_logs_the_protocol_scores(prepared, co
     callback = next(c for c in trainer.callbacks if type(c).__name__ == "PromptEvalCallback")
     scores = callback.last_scores
     conditions = ["ceiling_codec", "baseline_noisy", "periodic_8", "prefix", "suffix", "inpaint", "compression",
-                  "passes_1", "passes_2"]
+                  "passes_1", "passes_2", "beat"]  # beat: the callback's extra preset (conf/callbacks/with_eval.yaml)
     assert set(scores) == {f"gen/{s}/{c}" for s in ("mel", "mel_dac", "mel_vampnet", "fad", "kad", "n_embeddings")
                            for c in conditions}
     assert all(math.isfinite(v) for v in scores.values())
