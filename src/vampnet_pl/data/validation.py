@@ -2,8 +2,9 @@
 
 Prep writes ``codes_xxh3`` (the 64-bit XXH3 hash, hex, of the codes array's bytes, all codebooks,
 little-endian uint16, C order) into every sample's JSON. The reader checks dtype and shape, the codebook
-count, every token in ``[0, codebook_size)`` and, when present, that checksum. Shard sets
-written before the checksum existed are still read, with the other checks only.
+count and that checksum; prep range-checked every token against the codec's codebook size before
+writing it, so a matching checksum stands for the range check too. Shard sets written before the
+checksum existed are still read, with every token checked to lie in ``[0, codebook_size)``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def validate_codes(codes: np.ndarray, meta: dict, codebook_size: int | None = No
         raise SampleInvalid(CODEBOOKS, f"{codes.shape[0]} codebooks, its metadata says {expected}")
     if "frames" in meta and codes.shape[1] != meta["frames"]:
         raise SampleInvalid(FRAMES, f"{codes.shape[1]} frames, its metadata says {meta['frames']}")
-    if CHECKSUM_FIELD in meta and codes_checksum(codes) != meta[CHECKSUM_FIELD]:
-        raise SampleInvalid(CHECKSUM, f"codes XXH3 {codes_checksum(codes)}, written {meta[CHECKSUM_FIELD]}")
+    if CHECKSUM_FIELD in meta:
+        # Byte-identical to what prep wrote, and prep range-checked the codes before writing the checksum
+        # (the codec, hence its codebook size, is pinned by the fingerprint check): no second pass needed.
+        if codes_checksum(codes) != meta[CHECKSUM_FIELD]:
+            raise SampleInvalid(CHECKSUM, f"codes XXH3 {codes_checksum(codes)}, written {meta[CHECKSUM_FIELD]}")
+        return
     if codebook_size is not None and codes.size and int(codes.max()) >= codebook_size:  # uint16: never below 0
         raise SampleInvalid(TOKEN_RANGE, f"token {int(codes.max())} outside [0, {codebook_size})")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from vampnet_pl.audio_io import AudioReadError, iter_blocks, probe
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import ChannelMode, PrepConfig
-from vampnet_pl.data.validation import CHECKSUM_FIELD, codes_checksum
+from vampnet_pl.data.validation import CHECKSUM_FIELD, codes_checksum, validate_codes
 from vampnet_pl.prep.manifest import Failure, ManifestEntry, file_sha256, load_manifest
 from vampnet_pl.utils.atomic import write_json_atomic
 
@@ -190,6 +190,7 @@ def encode_file(entry: ManifestEntry, catalog: Path, cfg: PrepConfig, codec: Cod
             result.times.codec += t2 - t1
             channel_tag = "mix" if cfg.channels == ChannelMode.mono else channel
             key = f"{entry.sha256[:16]}_{int(round(offset * 1000)):09d}" + ("" if channel_tag == "mix" else f"_ch{channel}")
+            validate_codes(codes, {}, codec.codebook_size)  # the checksum below vouches for this range check
             meta = {
                 "source": entry.path,
                 "content_sha256": entry.sha256,
