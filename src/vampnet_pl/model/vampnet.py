@@ -110,14 +110,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.flatten(-2).type_as(x)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                        dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim) + bias) v with dropout on the weights; q, k, v ``[B, H, T, head_dim]``,
-    bias ``[1, H, T, T]`` or None. The one attention kernel call of the model."""
-    mask = bias.to(q.dtype) if bias is not None else None
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: VampNetConfig):
         super().__init__()
