@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ from vampnet_pl.data.datamodule import (
     TrainWindowStream,
     read_fixed_windows,
 )
-from vampnet_pl.data.validation import REASONS, SampleInvalid, codes_checksum, validate_codes
+from vampnet_pl.data.validation import (REASONS, SampleInvalid, codes_checksum, decode_npy, legacy_codes_checksum,
+                                        validate_codes)
 from vampnet_pl.model.vampnet import VampNet, VampNetConfig, check_token_range
 from vampnet_pl.prep.index import load_index, repair, verify
 from vampnet_pl.training.export import read_checkpoint
@@ -44,7 +46,7 @@ def write_shard(path: Path, lengths: list[int], n_codebooks: int = 4, seed: int 
             codes = rng.integers(0, 1024, size=(n_codebooks, frames), dtype=np.uint16)
             meta = {"codec_fingerprint": FINGERPRINT, "frames": frames, "n_codebooks": n_codebooks}
             if checksum:
-                meta["codes_xxh3"] = codes_checksum(codes)
+                meta["codes_crc32"] = codes_checksum(codes)
             writer.write({"__key__": f"s{seed}_{i:04d}", "codes.npy": codes, "json": meta})
     return path
 
@@ -90,8 +92,9 @@ def damaged_copy(prepared: Path, tmp_path: Path) -> Path:
 # -- validation, pure ------------------------------------------------------------------------------
 def test_validation_names_every_kind_of_damage():
     codes = np.arange(12, dtype=np.uint16).reshape(3, 4)
-    meta = {"n_codebooks": 3, "frames": 4, "codes_xxh3": codes_checksum(codes)}
+    meta = {"n_codebooks": 3, "frames": 4, "codes_crc32": codes_checksum(codes)}
     validate_codes(codes, meta, codebook_size=16)
+    assert meta["codes_crc32"] == zlib.crc32(codes.astype("<u2").tobytes())  # the standard CRC-32 (ISA-L's = zlib's)
     flipped = codes.copy()
     flipped[1, 2] ^= 1
 
@@ -112,6 +115,40 @@ def test_validation_names_every_kind_of_damage():
     assert reason(flipped, old, 8) == "token_out_of_range"
     with pytest.raises(SampleInvalid, match="codebook_count"):
         validate_codes(codes[:2], {}, expected_codebooks=3)  # the index's count when the sample has none
+    legacy = {"n_codebooks": 3, "frames": 4, "codes_xxh3": legacy_codes_checksum(codes)}  # sets of earlier versions
+    validate_codes(codes, legacy, codebook_size=16)
+    assert reason(flipped, legacy) == "checksum_mismatch"
+
+
+def npy_bytes(array: np.ndarray, version=None) -> bytes:
+    buffer = io.BytesIO()
+    if version is None:
+        np.save(buffer, array)
+    else:
+        np.lib.format.write_array(buffer, array, version=version)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("version", [None, (1, 0), (2, 0), (3, 0)])
+def test_decode_npy_equals_np_load_without_a_copy(version):
+    codes = np.random.default_rng(0).integers(0, 1024, size=(3, 7), dtype=np.uint16)
+    data = npy_bytes(codes, version)
+    decoded = decode_npy(data)
+    np.testing.assert_array_equal(decoded, np.load(io.BytesIO(data)))
+    assert decoded.dtype == np.uint16 and not decoded.flags.writeable  # a view of the member's bytes
+    fortran = np.asfortranarray(codes)
+    np.testing.assert_array_equal(decode_npy(npy_bytes(fortran)), codes)  # via np.load
+    assert decode_npy(npy_bytes(np.zeros((2, 0), np.uint16))).shape == (2, 0)
+
+
+def test_decode_npy_rejects_damaged_bytes():
+    data = npy_bytes(np.arange(12, dtype=np.uint16).reshape(3, 4))
+    for damaged, match in ((data[:-1], "data is 23 bytes, its header says 24"), (data + b"\0", "25 bytes"),
+                           (data[:20], "truncated .npy header"), (b"PK" + data[2:], "bad magic"), (b"", "bad magic")):
+        with pytest.raises(ValueError, match=match):
+            decode_npy(damaged)
+    with pytest.raises(ValueError):  # object arrays would need pickles
+        decode_npy(npy_bytes(np.array([None, 1], dtype=object)))
 
 
 def test_out_of_range_tokens_are_a_clear_error_at_the_model_not_clamped():

@@ -19,7 +19,6 @@ serves its fixed batch count). Too high a skip rate, or no readable shard, is a 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -35,7 +34,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vampnet_pl.data.validation import REASONS, UNDECODABLE, UNREADABLE_SHARD, SampleInvalid, validate_codes
+from vampnet_pl.data.validation import (REASONS, UNDECODABLE, UNREADABLE_SHARD, SampleInvalid, decode_npy,
+                                        validate_codes)
 from vampnet_pl.data.windows import (collate_windows, fixed_window_starts, random_window_starts, window_frames,
                                      window_loudness)
 from vampnet_pl.prep.index import load_index
@@ -155,7 +155,7 @@ def decode_samples(
         shard = str(sample.get("__url__", "?"))
         key = f"{shard}/{sample.get('__key__', '?')}"
         try:
-            codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
+            codes = decode_npy(sample["codes.npy"])
             meta = json.loads(sample["json"])
         except Exception as err:  # truncated bytes, missing member, bad JSON
             skips.skip(shard, key, UNDECODABLE, f"{type(err).__name__}: {err}")

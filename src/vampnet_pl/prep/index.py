@@ -6,19 +6,17 @@ every shard with its split, sample count, frame and duration totals and checksum
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import webdataset as wds
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import PrepConfig
-from vampnet_pl.data.validation import SampleInvalid, validate_codes
+from vampnet_pl.data.validation import SampleInvalid, decode_npy, validate_codes
 from vampnet_pl.prep.encode import plan_units, unit_is_done, unit_marker_path
 from vampnet_pl.prep.manifest import SPLITS, file_sha256, load_manifest, read_jsonl, scan_failures_path, write_jsonl
 from vampnet_pl.utils.atomic import write_json_atomic
@@ -89,7 +87,7 @@ def finalize(cfg: PrepConfig, codec: Codec) -> dict:
 def _check_sample(sample: dict, index: dict) -> str | None:
     """Everything the training readers check, on one raw sample: a problem, or None."""
     try:
-        codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
+        codes = decode_npy(sample["codes.npy"])
         meta = json.loads(sample["json"])
     except Exception as err:  # any undecodable member
         return f"undecodable sample: {type(err).__name__}: {err}"
