@@ -118,3 +118,15 @@ def test_codes_out_of_range_are_refused():
     codes[0, 2, 3] = 32
     with pytest.raises(ValueError, match=r"outside \[0, 32\)"):
         model(codes, torch.zeros(1, 6, 8, dtype=torch.bool))
+
+
+def test_position_bias_is_built_once_per_length_inside_position_bias_reused():
+    model = VampNet(VampNetConfig(n_codebooks=2, codebook_size=16, latent_dim=4, d_model=16, n_layers=2, n_heads=2)).eval()
+    bias = model.position_bias
+    assert bias(9) is not bias(9)  # outside the block: built on every call (training changes the table)
+    with torch.no_grad(), model.position_bias_reused():
+        assert bias(9) is bias(9) and bias(11) is not bias(9)
+        codes, mask = torch.randint(0, 16, (1, 2, 9)), torch.zeros(1, 2, 9, dtype=torch.bool)
+        inside = model(codes, mask)
+    assert bias.reused is None
+    assert torch.equal(inside, model(codes, mask))

@@ -109,8 +109,8 @@ def _sample_with_raw_confidence(model, spec, cfg):
 
     original = sampling.sample_rows
 
-    def raw_rows(logits, cfg, draw, generator=None):
-        token, _ = original(logits, cfg, draw, generator)
+    def raw_rows(logits, cfg, uniform=None):
+        token, _ = original(logits, cfg, uniform)
         return token, logits.float().log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
 
     sampling.sample_rows = raw_rows
@@ -122,7 +122,7 @@ def _sample_with_raw_confidence(model, spec, cfg):
 
 def test_confidence_is_from_the_distribution_sampled_from():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
-    token, confidence = sample_rows(logits, SamplingConfig(temperature=0.5, top_k=2), draw=False)
+    token, confidence = sample_rows(logits, SamplingConfig(temperature=0.5, top_k=2))
     expected = (logits[0, :2] / 0.5).log_softmax(-1)[0]
     assert token.item() == 0 and confidence.item() == pytest.approx(expected.item(), abs=1e-6)
     assert confidence.item() != pytest.approx(logits.log_softmax(-1)[0, 0].item(), abs=1e-3)
@@ -130,8 +130,8 @@ def test_confidence_is_from_the_distribution_sampled_from():
 
 def test_drawn_tokens_follow_the_filtered_distribution():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(40000, 1)
-    generator = torch.Generator().manual_seed(0)
-    token, confidence = sample_rows(logits, SamplingConfig(top_k=3), draw=True, generator=generator)
+    uniform = torch.rand(logits.shape[0], generator=torch.Generator().manual_seed(0))
+    token, confidence = sample_rows(logits, SamplingConfig(top_k=3), uniform)
     frequencies = torch.bincount(token, minlength=4).float() / token.numel()
     assert frequencies[3] == 0
     assert torch.allclose(frequencies[:3], torch.tensor([0.5, 0.3, 0.15]) / 0.95, atol=0.01)
@@ -208,8 +208,12 @@ def test_a_vampnet_is_range_checked_once_per_signal_not_per_pass(monkeypatch):
         sample(model, damaged, mask, SamplingConfig(passes=4, seed=0))
 
 
-def test_the_head_on_masked_frames_only_gives_the_same_tokens_as_the_full_head():
+@pytest.mark.parametrize("rows_per_block", [512, 3])
+def test_the_head_on_masked_frames_only_gives_the_same_tokens_as_the_full_head(rows_per_block, monkeypatch):
+    import vampnet_pl.generation.sampling as sampling
     from vampnet_pl.model import VampNet, VampNetConfig
+
+    monkeypatch.setattr(sampling, "ROWS_PER_BLOCK", rows_per_block)  # 3: a block of one frame, uneven row counts
 
     torch.manual_seed(0)
     model = VampNet(VampNetConfig(n_codebooks=3, n_conditioning_codebooks=1, codebook_size=16, latent_dim=4,
@@ -217,7 +221,7 @@ def test_the_head_on_masked_frames_only_gives_the_same_tokens_as_the_full_head()
     codes = torch.randint(0, 16, (3, 3, 20))
     mask = torch.rand(3, 3, 20) < 0.6
     frames = mask[:, 1:].any(1)
-    packed = model(codes, mask, predict_frames=frames)
+    packed = model.classify(model.features(codes, mask)[frames])
     full = model(codes, mask)
     assert torch.allclose(packed, full.permute(0, 2, 1, 3)[frames], atol=1e-6)
     cfg = SamplingConfig(passes=5, seed=3, temperature=1.0, top_p=0.9)

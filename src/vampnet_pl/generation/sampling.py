@@ -35,14 +35,16 @@ Where the algorithms are meant to agree (argmax tokens, ``mask_temperature=0``, 
 ties) the tokens are the original's; ``tests/test_sampling.py`` checks this against a fixture
 made by running the original's ``generate``.
 
-Speed: filtering, the softmax, sampling and noise touch only the masked rows (the masked
-count shrinks every pass); the unmasked rows of the logits are never read. With
+Speed: the output head runs only on frames with a masked token, and filtering, the softmax,
+sampling and noise touch only the masked rows (the masked count shrinks every pass). On the CPU
+the head and the draw go a cache-sized block of frames at a time (:func:`sample_by_frames`). With
 ``cuda_graphs=True`` on a CUDA device the model's fixed-shape forward pass is captured once
 per call and replayed on every pass (no effect, and a log line, elsewhere).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -99,20 +101,21 @@ def gumbel(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     return -torch.log(-torch.log(uniform))
 
 
-def sample_rows(logits: torch.Tensor, cfg: SamplingConfig, draw: bool,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(logits: torch.Tensor, cfg: SamplingConfig, uniform: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[N, V]`` -> (token ``[N]``, its log-probability under the distribution sampled from ``[N]``).
 
-    That distribution is softmax(filtered logits / temperature); ``draw=False`` takes its argmax.
+    That distribution is softmax(filtered logits / temperature). ``uniform`` ``[N]`` in [0, 1): the
+    token is drawn by inverse CDF; ``None`` (or ``temperature <= 0``) takes the argmax.
     """
     logits = filter_logits(logits.float(), cfg.top_k, cfg.top_p, cfg.typical_p, cfg.typical_min_tokens)
-    if cfg.temperature > 0:
+    if cfg.temperature > 0 and cfg.temperature != 1.0:
         logits = logits / cfg.temperature
     probs = logits.softmax(-1)  # filtered tokens are exactly 0
-    if draw and cfg.temperature > 0:
+    if uniform is not None and cfg.temperature > 0:
         cdf = probs.cumsum(-1)
-        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-        token = torch.searchsorted(cdf, uniform, right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
+        token = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
+        token = token.clamp_(max=logits.shape[-1] - 1).squeeze(-1)
     else:
         token = logits.argmax(-1)
     confidence = probs.gather(-1, token[:, None]).squeeze(-1).log()
@@ -154,6 +157,37 @@ class _GraphedForward:
         return self.logits
 
 
+ROWS_PER_BLOCK = 512  # CPU: the logits of this many rows (2 MB at 1024 tokens) stay in cache from head to draw
+
+
+def sample_by_frames(model: VampNet, codes: torch.Tensor, mask: torch.Tensor, predicted: torch.Tensor,
+                     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cfg: SamplingConfig,
+                     uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_rows` for the masked ``rows`` (``(b, p, t)``, in (example, frame, codebook) order),
+    running the model's head only on frames with a masked token. On the CPU the head, the filters and
+    the draw go a block of frames at a time, so that a batch's logits never leave the cache (at batch 8
+    they would be 100 MB, streamed through memory by every step)."""
+    frames = predicted.any(1)  # [B, T]
+    hidden = model.features(codes, mask, check_range=False)[frames]  # [F, d], (example, frame) order
+    b, p, t = rows
+    n_predicted = predicted.shape[1]
+    position = (frames.flatten().cumsum(0) - 1).view_as(frames)[b, t]  # each row's frame in ``hidden``: sorted
+    flat_row = position * n_predicted + p  # each row's row in the head's output, viewed [F * P, V]
+    per_block = hidden.shape[0] if codes.device.type != "cpu" else max(1, ROWS_PER_BLOCK // n_predicted)
+    starts = torch.arange(0, hidden.shape[0] + per_block, per_block, device=codes.device)
+    bounds = torch.searchsorted(position, starts).tolist()  # the rows of each block of frames
+    tokens, confidences = [], []
+    for block, first in enumerate(range(0, hidden.shape[0], per_block)):
+        lo, hi = bounds[block], bounds[block + 1]
+        logits = model.classify(hidden[first : first + per_block]).flatten(0, 1)  # [frames in block * P, V]
+        if hi - lo < logits.shape[0]:  # some codebooks of these frames are not masked: their rows only
+            logits = logits.index_select(0, flat_row[lo:hi] - first * n_predicted)
+        token, confidence = sample_rows(logits, cfg, None if uniform is None else uniform[lo:hi])
+        tokens.append(token)
+        confidences.append(confidence)
+    return torch.cat(tokens), torch.cat(confidences)
+
+
 def forward_for(model: Callable, codes: torch.Tensor, mask: torch.Tensor, cuda_graphs: bool) -> Callable:
     """The model itself, or, with ``cuda_graphs`` on a CUDA device, a graphed replay of it for this shape."""
     if not cuda_graphs:
@@ -188,35 +222,34 @@ def sample(
     mask[:, :n_conditioning] = False
     batch = codes.shape[0]
     initial = mask[:, n_conditioning:].flatten(1).sum(1)  # [B] masked count per example
-    packed_head = isinstance(model, VampNet) and not cfg.cuda_graphs  # graphs need the fixed full-shape pass
+    by_frames = model if isinstance(model, VampNet) and not cfg.cuda_graphs else None  # graphs: the fixed full pass
     if isinstance(model, VampNet):  # tokens checked once here: no host sync per pass (CUDA graphs can capture it)
         check_token_range(codes, model.cfg.codebook_size)
         model = functools.partial(model, check_range=False)
     forward = forward_for(model, codes, mask, cfg.cuda_graphs)
-    for step in range(cfg.passes):  # always every pass: sharded models need the same calls on every rank
-        progress = (step + 1) / cfg.passes
-        predicted = mask[:, n_conditioning:]  # [B, P, T]
-        rows = predicted.nonzero(as_tuple=True)
-        if packed_head:  # the head only on frames with a masked token; the rows keep their (b, p, t) order
-            frames = predicted.any(1)  # [B, T]
-            packed = forward(codes, mask, predict_frames=frames)  # [N, P, V]
-            position = (frames.flatten().cumsum(0) - 1).view_as(frames)
-            row_logits = packed[position[rows[0], rows[2]], rows[1]]
-        else:
-            row_logits = forward(codes, mask)[rows]  # [B, P, T, V] -> the masked rows
-        token, confidence = sample_rows(row_logits, cfg, draw=step / cfg.passes <= cfg.sample_cutoff,
-                                        generator=generator)
-        codes[:, n_conditioning:][rows] = token.to(codes.dtype)
-        current = predicted.flatten(1).sum(1)
-        keep_masked = tokens_to_keep_masked(schedule(torch.full((batch,), progress, device=device)), initial,
-                                            current, step == cfg.passes - 1)
-        anneal = cfg.mask_temperature * (1 - progress)
-        if anneal > 0:
-            confidence = confidence + anneal * gumbel(confidence.shape, generator, device)
-        score = torch.full(predicted.shape, float("inf"), device=device)  # prompt tokens never re-masked
-        score[rows] = confidence
-        order = score.flatten(1).argsort(dim=1, stable=True)
-        lowest = torch.arange(order.shape[1], device=device)[None] < keep_masked[:, None]
-        remask = torch.zeros_like(lowest).scatter_(1, order, lowest).view_as(predicted)
-        mask[:, n_conditioning:] = remask
+    with by_frames.position_bias_reused() if by_frames is not None else contextlib.nullcontext():
+        for step in range(cfg.passes):  # always every pass: sharded models need the same calls on every rank
+            progress = (step + 1) / cfg.passes
+            predicted = mask[:, n_conditioning:]  # [B, P, T]
+            b, t, p = predicted.permute(0, 2, 1).nonzero(as_tuple=True)  # rows in (example, frame, codebook) order
+            rows = (b, p, t)
+            draw = step / cfg.passes <= cfg.sample_cutoff and cfg.temperature > 0
+            uniform = torch.rand(b.shape[0], generator=generator, device=device) if draw else None
+            if by_frames is not None:
+                token, confidence = sample_by_frames(by_frames, codes, mask, predicted, rows, cfg, uniform)
+            else:
+                token, confidence = sample_rows(forward(codes, mask)[rows], cfg, uniform)  # [B, P, T, V] -> masked rows
+            codes[:, n_conditioning:][rows] = token.to(codes.dtype)
+            current = predicted.flatten(1).sum(1)
+            keep_masked = tokens_to_keep_masked(schedule(torch.full((batch,), progress, device=device)), initial,
+                                                current, step == cfg.passes - 1)
+            anneal = cfg.mask_temperature * (1 - progress)
+            if anneal > 0:
+                confidence = confidence + anneal * gumbel(confidence.shape, generator, device)
+            score = torch.full(predicted.shape, float("inf"), device=device)  # prompt tokens never re-masked
+            score[rows] = confidence
+            order = score.flatten(1).argsort(dim=1, stable=True)
+            lowest = torch.arange(order.shape[1], device=device)[None] < keep_masked[:, None]
+            remask = torch.zeros_like(lowest).scatter_(1, order, lowest).view_as(predicted)
+            mask[:, n_conditioning:] = remask
     return codes

@@ -18,6 +18,7 @@ project's variants (projected tables, wider feed-forward, fused qkv, rotary posi
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -89,13 +90,20 @@ class RelativePositionBias(nn.Module):
         super().__init__()
         self.n_buckets, self.max_distance = n_buckets, max_distance
         self.table = nn.Embedding(n_buckets, n_heads)
+        self.reused: dict | None = None  # see VampNet.position_bias_reused
 
     def bucket(self, relative: torch.Tensor) -> torch.Tensor:
         return relative_bucket(relative, self.n_buckets, self.max_distance)
 
     def forward(self, frames: int, materialise: bool = True) -> RelativeBias:
         """The bias for ``frames``; ``materialise``: also build the ``[1, heads, T, T]`` mask (sdpa path)."""
-        return RelativeBias.from_table(self.table.weight, frames, self.n_buckets, self.max_distance, materialise)
+        if self.reused is None:
+            return RelativeBias.from_table(self.table.weight, frames, self.n_buckets, self.max_distance, materialise)
+        key = (frames, materialise)
+        if key not in self.reused:
+            self.reused[key] = RelativeBias.from_table(self.table.weight.detach(), frames, self.n_buckets,
+                                                       self.max_distance, materialise)
+        return self.reused[key]
 
 
 def rotary_tables(frames: int, head_dim: int, device, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +212,7 @@ class CodeEmbedding(nn.Module):
         batch, codebooks, frames = codes.shape
         offsets = torch.arange(codebooks, device=codes.device)[None, :, None] * self.codebook_tables.shape[1]
         flat_tables = self.codebook_tables.flatten(0, 1)
-        latent = F.embedding(codes.long() + offsets, flat_tables)  # VampNet.forward checked the range; [B,K,T,D]
+        latent = F.embedding(codes.long() + offsets, flat_tables)  # VampNet.features checked the range; [B,K,T,D]
         latent = torch.where(mask[..., None], self.mask_embedding[None, :, None, :].to(latent.dtype), latent)
         return self.proj(latent.permute(0, 2, 1, 3).reshape(batch, frames, -1).to(self.proj.weight.dtype))
 
@@ -234,17 +242,19 @@ class VampNet(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, codes: torch.Tensor, mask: torch.Tensor, check_range: bool = True,
-                predict_frames: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, mask: torch.Tensor, check_range: bool = True) -> torch.Tensor:
         """``codes`` long ``[B, n_codebooks, T]``, ``mask`` bool (True = masked) -> logits ``[B, n_predicted, T, codebook_size]``.
 
         ``check_range=False`` skips the token-range check (a host sync on GPU) for callers that checked the
         codes already: the LightningModule checks each batch on the CPU before it moves to the device, the
-        sampler once per signal. ``predict_frames`` (bool ``[B, T]``): the output head runs on those frames
-        only, and the logits come packed, ``[N, n_predicted, codebook_size]`` in row-major (example, frame)
-        order; the sampler asks for the frames it still has to fill.
+        sampler once per signal.
         """
-        batch, codebooks, frames = codes.shape
+        logits = self.classify(self.features(codes, mask, check_range))  # [B, T, n_predicted, V]
+        return logits.permute(0, 2, 1, 3)
+
+    def features(self, codes: torch.Tensor, mask: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """The final normalised hidden states ``[B, T, d_model]``: all of the model but its output head."""
+        _, codebooks, frames = codes.shape
         if codebooks != self.cfg.n_codebooks:
             raise ValueError(f"model reads {self.cfg.n_codebooks} codebooks, got {codebooks}")
         if check_range:
@@ -259,10 +269,26 @@ class VampNet(nn.Module):
         rotary = rotary_tables(frames, head_dim, x.device) if self.cfg.position == "rotary" else None
         for block in self.blocks:
             x = block(x, bias, rotary)
-        if predict_frames is not None:
-            return self.head(self.norm(x[predict_frames])).view(-1, self.cfg.n_predicted_codebooks, self.cfg.codebook_size)
-        logits = self.head(self.norm(x))  # [B, T, n_predicted * V]
-        return logits.view(batch, frames, self.cfg.n_predicted_codebooks, self.cfg.codebook_size).permute(0, 2, 1, 3)
+        return self.norm(x)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """The output head: features ``[..., d_model]`` -> logits ``[..., n_predicted, codebook_size]``. The
+        sampler runs it on the frames it still has to fill, a cache-sized block of them at a time."""
+        return self.head(features).unflatten(-1, (self.cfg.n_predicted_codebooks, self.cfg.codebook_size))
+
+    @contextlib.contextmanager
+    def position_bias_reused(self):
+        """Within this block the relative position bias is built once per length and reused by every
+        forward pass: for the sampler's passes over one window, whose weights do not change (at batch 1
+        the dense bias costs as much as the rest of a tiny model's attention)."""
+        if self.position_bias is None:
+            yield
+            return
+        self.position_bias.reused = {}
+        try:
+            yield
+        finally:
+            self.position_bias.reused = None
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
