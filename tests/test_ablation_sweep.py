@@ -53,7 +53,11 @@ def test_sweep_survives_a_killed_run_resumes_it_skips_finished_and_reports(prepa
     sweep = subprocess.Popen([sys.executable, "-m", "vampnet_pl.cli", "ablate", "run", str(spec)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for((victim / "checkpoints" / "last.ckpt").exists, 300, "the first checkpoint")
+        # kill once a checkpoint exists and the CSV log has flushed rows (Lightning saves the checkpoint of a
+        # step before it logs that step, so the checkpoint alone can appear before any curve is on disk)
+        live_log = victim / "csv" / "metrics.csv"
+        wait_for(lambda: (victim / "checkpoints" / "last.ckpt").exists() and live_log.is_file()
+                 and live_log.stat().st_size > 0, 300, "the first checkpoint and curve rows")
         os.kill(json.loads((victim / "attempt.json").read_text())["pid"], signal.SIGKILL)
         out, _ = sweep.communicate(timeout=600)
     finally:
