@@ -118,6 +118,12 @@ def test_validation_names_every_kind_of_damage():
     legacy = {"n_codebooks": 3, "frames": 4, "codes_xxh3": legacy_codes_checksum(codes)}  # sets of earlier versions
     validate_codes(codes, legacy, codebook_size=16)
     assert reason(flipped, legacy) == "checksum_mismatch"
+    # arrays that are not C-contiguous (a Fortran-order .npy, a view) are hashed in C order: the same checksum
+    validate_codes(np.asfortranarray(codes), meta, codebook_size=16)
+    wide = np.zeros((3, 8), np.uint16)
+    wide[:, ::2] = codes
+    validate_codes(wide[:, ::2], meta, codebook_size=16)
+    assert reason(np.asfortranarray(flipped)) == "checksum_mismatch"
 
 
 def npy_bytes(array: np.ndarray, version=None) -> bytes:

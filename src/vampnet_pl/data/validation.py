@@ -78,7 +78,9 @@ def decode_npy(data: bytes) -> np.ndarray:
 
 def codes_checksum(codes: np.ndarray) -> int:
     """CRC-32 of the codes' bytes (little-endian uint16, C order), equal to ``zlib.crc32`` of them."""
-    return crc32(np.ascontiguousarray(codes, dtype=_UINT16_LE))
+    if codes.dtype != _UINT16_LE or not codes.flags.c_contiguous:  # a stream's arrays already are: no copy
+        codes = np.ascontiguousarray(codes, dtype=_UINT16_LE)
+    return crc32(codes)
 
 
 def legacy_codes_checksum(codes: np.ndarray) -> str:
@@ -93,18 +95,25 @@ def validate_codes(codes: np.ndarray, meta: dict, codebook_size: int | None = No
     ``expected_codebooks``: the shard set's codebook count (from ``index.json``); the sample's own
     ``n_codebooks`` metadata takes precedence. ``codebook_size``: tokens must be below it.
     """
-    if codes.ndim != 2 or codes.dtype != _UINT16:
-        raise SampleInvalid(BAD_ARRAY, f"codes {codes.dtype}{list(codes.shape)}, expected uint16[codebooks, frames]")
+    shape = codes.shape  # this runs for every streamed sample: each attribute read once
+    if len(shape) != 2 or codes.dtype != _UINT16:
+        raise SampleInvalid(BAD_ARRAY, f"codes {codes.dtype}{list(shape)}, expected uint16[codebooks, frames]")
     expected = meta.get("n_codebooks", expected_codebooks)
-    if expected is not None and codes.shape[0] != expected:
-        raise SampleInvalid(CODEBOOKS, f"{codes.shape[0]} codebooks, its metadata says {expected}")
-    if "frames" in meta and codes.shape[1] != meta["frames"]:
-        raise SampleInvalid(FRAMES, f"{codes.shape[1]} frames, its metadata says {meta['frames']}")
+    if expected is not None and shape[0] != expected:
+        raise SampleInvalid(CODEBOOKS, f"{shape[0]} codebooks, its metadata says {expected}")
+    frames = meta.get("frames")
+    if frames is not None and shape[1] != frames:
+        raise SampleInvalid(FRAMES, f"{shape[1]} frames, its metadata says {frames}")
     # A matching checksum: byte-identical to what prep wrote, and prep range-checked the codes before writing
     # it (the codec, hence its codebook size, is pinned by the fingerprint check): no range pass needed.
-    if CHECKSUM_FIELD in meta:
-        if (found := codes_checksum(codes)) != meta[CHECKSUM_FIELD]:
-            raise SampleInvalid(CHECKSUM, f"codes CRC-32 {found:#010x}, written {meta[CHECKSUM_FIELD]!r}")
+    written = meta.get(CHECKSUM_FIELD)
+    if written is not None:
+        try:  # uint16 checked above; a C-contiguous array (what decode_npy gives) is hashed in place
+            found = crc32(codes)
+        except ValueError:  # not C-contiguous (a Fortran-order .npy): hashed in C order
+            found = codes_checksum(codes)
+        if found != written:
+            raise SampleInvalid(CHECKSUM, f"codes CRC-32 {found:#010x}, written {written!r}")
         return
     if LEGACY_CHECKSUM_FIELD in meta:
         if (found := legacy_codes_checksum(codes)) != meta[LEGACY_CHECKSUM_FIELD]:
