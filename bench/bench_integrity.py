@@ -4,9 +4,10 @@
 
 1. Validation: shards as prep writes them (14 codebooks, 60 s samples, per-sample CRC-32 checksum), streamed by
    the training reader (read tar, decode, validate, cut windows, shuffle, batch) in-line, ``--rounds`` times;
-   the time spent in :func:`validate_codes` (less the timer's own cost, calibrated in the same run) is
-   set against the loader's time per sample, both in CPU time of the reading thread (other load on the
-   machine does not count). The median round is reported, every round's share beside it.
+   the time spent in :func:`validate_codes` (wall time by ``perf_counter_ns``, less the timer's own cost,
+   calibrated in the same run) is set against the loader's CPU time per sample (``thread_time`` of the
+   reading thread, once per round: other load on the machine does not count). A preempted validation
+   call counts in full, so the share errs high. The median round is reported, every round's share beside it.
    The model-boundary token check (one ``aminmax``) is timed against one forward of the tiny model.
 2. Prep balance: one catalog of uneven files (a few long, many short), encoded by 2 local processes with
    ``balance=static`` (the old fixed ``u % workers`` shares) and ``balance=queue`` (one shared queue,
@@ -57,16 +58,16 @@ def write_prep_like_shards(folder: Path, shards: int, per_shard: int, frames: in
 
 
 def empty_timing_seconds(repeats: int = 100_000) -> float:
-    """What timing an empty region with ``time.thread_time`` reads (the two calls' own cost)."""
-    total = 0.0
+    """What timing an empty region with ``time.perf_counter_ns`` reads (the two calls' own cost), in s."""
+    total = 0
     for _ in range(repeats):
-        started = time.thread_time()
-        total += time.thread_time() - started
-    return total / repeats
+        started = time.perf_counter_ns()
+        total += time.perf_counter_ns() - started
+    return total / repeats / 1e9
 
 
 def bench_validation(work: Path, batches: int, rounds: int) -> list[tuple[str, str]]:
-    """Stream the training reader ``rounds`` times; in each, the CPU time of every :func:`validate_codes` call
+    """Stream the training reader ``rounds`` times; in each, the time of every :func:`validate_codes` call
     (less the timer's own cost) against the loader's CPU time. The median round is reported."""
     urls = write_prep_like_shards(work, shards=4, per_shard=16, frames=5168)  # 60 s at 44.1 kHz, hop 512
     real = datamodule.validate_codes
@@ -74,11 +75,11 @@ def bench_validation(work: Path, batches: int, rounds: int) -> list[tuple[str, s
     spent: list[float] = []
 
     def timed(*args, **kwargs):
-        started = time.thread_time()
+        started = time.perf_counter_ns()
         try:
             return real(*args, **kwargs)
         finally:
-            spent.append(time.thread_time() - started - timer_cost)
+            spent.append((time.perf_counter_ns() - started) / 1e9 - timer_cost)
 
     measured = []  # (validation share, loader s per sample, validation s per sample)
     datamodule.validate_codes = timed
