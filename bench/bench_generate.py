@@ -48,16 +48,17 @@ class BenchCodec:
     def __init__(self, device: torch.device, decoder=None):
         self.device, self.decoder = device, decoder
         self.sample_rate, self.hop_length = SAMPLE_RATE, HOP
+        if decoder is not None:  # decoded as the framework decodes (vampnet_pl.codec.Codec.decode)
+            from vampnet_pl.codec import Codec
+
+            self.codec = Codec(decoder, "bench", str(device))
 
     def frames_for(self, seconds: float) -> int:
         return int(round(seconds * SAMPLE_RATE / HOP))
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor | None:
-        if self.decoder is None:
-            return None
-        latent, _, _ = self.decoder.quantizer.from_codes(codes)
-        return self.decoder.decode(latent)
+        return None if self.decoder is None else self.codec.decode(codes)
 
     @classmethod
     def build(cls, device: torch.device, synthetic: bool) -> "BenchCodec":

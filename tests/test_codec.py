@@ -83,6 +83,15 @@ def test_decode_returns_waveform_of_whole_frames(codec):
     assert coarse_only.shape == audio.shape
 
 
+def test_batched_decode_equals_one_signal_at_a_time(codec):
+    codes = torch.randint(0, 1024, (2, 3, 14, 20))  # any leading shape; on the CPU decoded signal by signal
+    audio = codec.decode(codes)
+    assert audio.shape == (2, 3, 20 * codec.hop_length)
+    torch.testing.assert_close(audio[1, 2], codec.decode(codes[1, 2]))
+    torch.testing.assert_close(audio[0, 1], codec.decode(codes[0, 1]))
+    assert not torch.equal(audio[0, 0], audio[0, 1])
+
+
 def test_codebook_tables_are_the_projected_quantizer_codebooks(codec):
     tables = codec.codebook_tables()
     assert tables.shape == (14, 1024, codec.model.latent_dim)
