@@ -132,7 +132,7 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="run the models under bf16 autocast (GPU)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
     parser.add_argument("--eval-share", action="store_true", help="also time one evaluation round (needs the full env)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     codec = BenchCodec.build(device, synthetic=device.type == "cpu")
     frames = codec.frames_for(args.seconds)
@@ -166,7 +166,8 @@ def main() -> None:
         pipeline = VampPipeline(models["coarse"], models["c2f"], codec, gen_cfg, device=device)
         original = build_original(args.original, size, codec.decoder) if args.original and device.type == "cpu" else None
         warm = torch.randint(0, VOCAB, (1, 14, codec.frames_for(1.0)), device=device)  # one-time start-up costs
-        pipeline.generate(warm, periodic(tuple(warm[:, :4].shape), 16, device=device))
+        warm_tokens = pipeline.generate(warm, periodic(tuple(warm[:, :4].shape), 16, device=device))
+        codec.decode(warm_tokens[:, :9] if device.type == "cuda" else warm_tokens)
         per_example_b1, original_b1 = None, None
         for batch in args.batches:
             torch.manual_seed(batch)

@@ -3,6 +3,11 @@
     PYTHONPATH=src python bench/run.py train-gpu                     # one GPU: paper coarse, bf16, 10 s windows
     PYTHONPATH=src python bench/run.py train-gpu --smoke             # any machine: tiny model, checks the code path
     PYTHONPATH=src python bench/run.py train-cpu --original /work/orig/vampnet-ismir   # CPU step vs the original
+    PYTHONPATH=src python bench/run.py generate --device cuda --sizes paper --batches 1 2 4 8 16 --cuda-graphs --bf16
+    PYTHONPATH=src:/work/orig/lac:/work/orig/deps python bench/run.py generate --sizes tiny --batches 1 8 \
+        --original /work/orig/vampnet-ismir                          # CPU generation vs the original
+
+``generate`` takes the options of ``bench/bench_generate.py`` and writes ``generate.md``.
 
 Each command imports only what it needs (train-gpu: torch + lightning + this project).
 
@@ -89,6 +94,13 @@ def train_cpu(args) -> None:
     print(f"\nwritten: {write(args.out, 'train_cpu_vs_original.md', header, rows)}")
 
 
+def generate(args) -> None:
+    sys.path.insert(0, str(HERE))
+    from bench_generate import main as generate_main
+
+    generate_main([*args.options, "--out", str(args.out / "generate.md")])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the result tables (bench/results)")
@@ -108,8 +120,12 @@ def main(argv=None) -> None:
     cpu.add_argument("--steps", type=int, default=10)
     cpu.add_argument("--warmup", type=int, default=2)
     cpu.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args(argv)
-    {"train-gpu": train_gpu, "train-cpu": train_cpu}[args.command](args)
+    commands.add_parser("generate", help="generation speed: takes bench/bench_generate.py's options", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "generate":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.options = rest
+    {"train-gpu": train_gpu, "train-cpu": train_cpu, "generate": generate}[args.command](args)
 
 
 if __name__ == "__main__":

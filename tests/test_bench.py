@@ -1,4 +1,4 @@
-"""The benchmark entry point runs end to end on CPU with a tiny model (--smoke)."""
+"""The benchmark entry point runs end to end on CPU with tiny models (train-gpu --smoke, generate)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,14 @@ def test_train_gpu_smoke_runs_every_configuration_on_cpu(tmp_path):
     assert len(table) == 1 + 6  # header + one row per configuration
     assert any("FSDP2" in row for row in table) and any("checkpointing" in row for row in table)
     assert (tmp_path / "train_gpu_smoke.md").read_text().count("\n| ") == 1 + 6
+
+
+def test_generate_writes_its_table(tmp_path):
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--out", str(tmp_path), "generate", "--sizes",
+                           "tiny", "--batches", "1", "2", "--seconds", "1", "--repeats", "1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in (tmp_path / "generate.md").read_text().splitlines() if line.startswith("| tiny |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["1", "2"]
+    assert "synthetic DAC" in done.stdout and all(float(row.split("|")[4]) > 0 for row in rows)  # decode timed
