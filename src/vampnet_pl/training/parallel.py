@@ -64,8 +64,8 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         try:
             super().save_checkpoint(checkpoint, partial, storage_options)
         except OSError as err:  # disk full, quota: the previous folder is untouched; drop the partial one
-            if self.global_rank == 0:
-                shutil.rmtree(partial, ignore_errors=True)
+            # every failing rank, after its own writes: a rank still writing when rank 0 failed would re-create it
+            shutil.rmtree(partial, ignore_errors=True)
             raise checkpoint_write_error(path, err) from err
         self.barrier("checkpoint.partial.written")
         if self.global_rank == 0:
