@@ -253,7 +253,7 @@ class Codec:
         signals = codes.reshape(-1, k, frames)
         if self.device.type == "cpu" and signals.shape[0] > 1:
             # one signal per call: batched convolutions gain nothing on a CPU and spill its caches
-            # (8 signals of 10 s: 3x faster one by one, BENCHMARKS.md "Generation")
+            # (8 signals of 10 s: 3x faster one by one; BENCHMARKS.md, "Generation speed")
             audio = torch.cat([decode_signals(signals[i : i + 1]) for i in range(signals.shape[0])])
         else:
             audio = decode_signals(signals)
