@@ -78,9 +78,12 @@ def decode_npy(data: bytes) -> np.ndarray:
 
 def codes_checksum(codes: np.ndarray) -> int:
     """CRC-32 of the codes' bytes (little-endian uint16, C order), equal to ``zlib.crc32`` of them."""
-    if codes.dtype != _UINT16_LE or not codes.flags.c_contiguous:  # a stream's arrays already are: no copy
-        codes = np.ascontiguousarray(codes, dtype=_UINT16_LE)
-    return crc32(codes)
+    if codes.dtype == _UINT16_LE:
+        try:  # a C-contiguous array (what decode_npy gives) is hashed in place
+            return crc32(codes)
+        except ValueError:  # not C-contiguous (a Fortran-order .npy, a view)
+            pass
+    return crc32(np.ascontiguousarray(codes, dtype=_UINT16_LE))
 
 
 def legacy_codes_checksum(codes: np.ndarray) -> str:
@@ -108,11 +111,7 @@ def validate_codes(codes: np.ndarray, meta: dict, codebook_size: int | None = No
     # it (the codec, hence its codebook size, is pinned by the fingerprint check): no range pass needed.
     written = meta.get(CHECKSUM_FIELD)
     if written is not None:
-        try:  # uint16 checked above; a C-contiguous array (what decode_npy gives) is hashed in place
-            found = crc32(codes)
-        except ValueError:  # not C-contiguous (a Fortran-order .npy): hashed in C order
-            found = codes_checksum(codes)
-        if found != written:
+        if (found := codes_checksum(codes)) != written:
             raise SampleInvalid(CHECKSUM, f"codes CRC-32 {found:#010x}, written {written!r}")
         return
     if LEGACY_CHECKSUM_FIELD in meta:
