@@ -11,7 +11,10 @@ from the learned ``[buckets, heads]`` table. Nothing of size ``T x T`` is ever s
 gradients reach the table through flex attention's captured-buffer gradient. Compiled on CUDA.
 
 Backend choice (``backend="auto"``): ``flex`` on CUDA when there is a relative bias and no
-attention dropout, ``sdpa`` otherwise. flex attention has no dropout on attention
+attention dropout, ``sdpa`` otherwise. On the CPU, with attention dropout (training), ``sdpa`` runs
+the same math as SDPA's CPU path (scores, bias, softmax, dropout, values) written out here, so that
+the dropout mask comes from :mod:`vampnet_pl.model.dropout` (SDPA's CPU dropout draws it with
+``bernoulli_``, several times slower, and checks every row for -inf on top). flex attention has no dropout on attention
 probabilities (VampNet trains with it), so ``auto`` keeps the exact behaviour; ``backend="flex"``
 trades that dropout for speed (residual and feed-forward dropout stay). torch 2.11 has no flex
 attention backward on CPU (and compiles its CPU forward slowly), so ``auto`` uses ``sdpa`` there.
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from vampnet_pl.model.dropout import keep_mask
 
 BACKENDS = ("auto", "flex", "sdpa")
 
@@ -95,6 +100,18 @@ def resolve_backend(backend: str, device: torch.device | str, has_bias: bool, dr
     return backend
 
 
+def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                           dropout_p: float) -> torch.Tensor:
+    """SDPA's math, ``dropout(softmax(q k^T / sqrt(d) + mask)) v``, with the mask of
+    :func:`~vampnet_pl.model.dropout.keep_mask`. The ``1 / (1 - p)`` scale is applied to the (smaller)
+    output, and only the bool mask is kept for the backward pass."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores.add_(mask)  # in place: the product's backward does not read it
+    probs = scores.softmax(-1)
+    return (torch.where(keep_mask(probs.shape, dropout_p), probs, 0.0) @ v) * (1.0 / (1.0 - dropout_p))
+
+
 @functools.cache
 def _compiled_flex_attention():
     """flex attention compiled once per process (a new length recompiles; training uses one length)."""
@@ -112,6 +129,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_bias: 
     chosen = resolve_backend(backend, q.device, position_bias is not None, dropout_p)
     if chosen == "sdpa":
         mask = position_bias.materialise().to(q.dtype) if position_bias is not None else None
+        if dropout_p > 0.0 and q.device.type == "cpu":
+            return attention_with_dropout(q, k, v, mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if q.device.type != "cpu":
         if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph

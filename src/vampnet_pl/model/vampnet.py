@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vampnet_pl.model.attention import BACKENDS, RelativeBias, attend, relative_bucket, resolve_backend
+from vampnet_pl.model.dropout import Dropout
 
 
 @dataclass
@@ -156,7 +157,7 @@ class GEGLU(nn.Module):
         self.approximate = cfg.gelu_approximate
         self.ffn_in = nn.Linear(cfg.d_model, 2 * hidden, bias=False)
         self.ffn_out = nn.Linear(hidden, cfg.d_model, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.ffn_in(x).chunk(2, dim=-1)
@@ -172,7 +173,7 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = GEGLU(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, bias: RelativeBias | None = None, rotary: tuple | None = None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), bias, rotary))
