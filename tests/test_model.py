@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from vampnet_pl.config import conf_dir
 from vampnet_pl.model import VampNet, VampNetConfig, load_exported, save_exported
+from vampnet_pl.model.vampnet import packed
 
 
 def tiny(**overrides) -> VampNet:
@@ -130,3 +131,33 @@ def test_position_bias_is_built_once_per_length_inside_position_bias_reused():
         inside = model(codes, mask)
     assert bias.reused is None
     assert torch.equal(inside, model(codes, mask))
+
+
+def test_packed_order_is_codebook_then_example_then_frame():
+    values = torch.arange(2 * 3 * 5).view(2, 3, 5)  # [example, codebook, frame]
+    select = torch.rand(2, 3, 5) < 0.6
+    order = [(c, b, t) for c in range(3) for b in range(2) for t in range(5) if select[b, c, t]]
+    assert packed(values, select).tolist() == [values[b, c, t].item() for c, b, t in order]
+
+
+@pytest.mark.parametrize("switch", [{}, dict(io_bias=True), dict(lora_head=True)])
+def test_selected_logits_are_the_full_logits_of_the_selected_tokens(switch):
+    model = tiny(**{k: v for k, v in switch.items() if k != "lora_head"})
+    if switch.get("lora_head"):  # an adapted head: its own forward must run (the LoRA delta is not zero here)
+        import peft
+
+        config = peft.LoraConfig(r=2, target_modules=["head"], init_lora_weights=False)
+        model = peft.inject_adapter_in_model(config, model)
+        assert type(model.head) is not torch.nn.Linear
+    codes = torch.randint(0, 32, (3, 6, 17))
+    mask = torch.rand(3, 6, 17) < 0.5
+    select = mask[:, 2:]
+    full, selected = model(codes, mask), model(codes, mask, select=select)
+    assert selected.shape == (int(select.sum()), 32)
+    torch.testing.assert_close(selected, packed(full, select))
+    weights = torch.randn_like(selected)
+    params = [p for p in model.parameters() if p.requires_grad]
+    by_selected = torch.autograd.grad((selected * weights).sum(), params, allow_unused=True)
+    by_full = torch.autograd.grad((packed(full, select) * weights).sum(), params, allow_unused=True)
+    for got, want in zip(by_selected, by_full):
+        torch.testing.assert_close(got, want)

@@ -243,15 +243,20 @@ class VampNet(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, codes: torch.Tensor, mask: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, mask: torch.Tensor, check_range: bool = True,
+                select: torch.Tensor | None = None) -> torch.Tensor:
         """``codes`` long ``[B, n_codebooks, T]``, ``mask`` bool (True = masked) -> logits ``[B, n_predicted, T, codebook_size]``.
 
-        ``check_range=False`` skips the token-range check (a host sync on GPU) for callers that checked the
-        codes already: the LightningModule checks each batch on the CPU before it moves to the device, the
-        sampler once per signal.
+        ``select`` (bool ``[B, n_predicted, T]``): return only the logits of these tokens, ``[N, codebook_size]``
+        in :func:`packed` order; the head then runs on them alone (training: the masked tokens, the only ones
+        with a loss). ``check_range=False`` skips the token-range check (a host sync on GPU) for callers that
+        checked the codes already: the LightningModule checks each batch on the CPU before it moves to the
+        device, the sampler once per signal.
         """
-        logits = self.classify(self.features(codes, mask, check_range))  # [B, T, n_predicted, V]
-        return logits.permute(0, 2, 1, 3)
+        features = self.features(codes, mask, check_range)
+        if select is not None:
+            return self.classify_selected(features, select)
+        return self.classify(features).permute(0, 2, 1, 3)  # [B, T, n_predicted, V] -> [B, n_predicted, T, V]
 
     def features(self, codes: torch.Tensor, mask: torch.Tensor, check_range: bool = True) -> torch.Tensor:
         """The final normalised hidden states ``[B, T, d_model]``: all of the model but its output head."""
@@ -277,6 +282,18 @@ class VampNet(nn.Module):
         sampler runs it on the frames it still has to fill, a cache-sized block of them at a time."""
         return self.head(features).unflatten(-1, (self.cfg.n_predicted_codebooks, self.cfg.codebook_size))
 
+    def classify_selected(self, features: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """The head on the selected tokens only: features ``[B, T, d_model]``, ``select`` bool
+        ``[B, n_predicted, T]`` -> logits ``[N, codebook_size]`` in :func:`packed` order. Each codebook's rows
+        of the head weight multiply the features of the frames where that codebook is selected."""
+        n_predicted, vocab = self.cfg.n_predicted_codebooks, self.cfg.codebook_size
+        if type(self.head) is not nn.Linear:  # an adapted head (LoRA on "head"): its own forward, then select
+            return packed(self.classify(features).transpose(1, 2), select)
+        weight = self.head.weight.unflatten(0, (n_predicted, vocab))
+        bias = self.head.bias.unflatten(0, (n_predicted, vocab)) if self.head.bias is not None else None
+        return torch.cat([F.linear(features[select[:, k]], weight[k], None if bias is None else bias[k])
+                          for k in range(n_predicted)])
+
     @contextlib.contextmanager
     def position_bias_reused(self):
         """Within this block the relative position bias is built once per length and reused by every
@@ -298,6 +315,12 @@ class VampNet(nn.Module):
         """Training FLOPs per token (forward + backward, 6N + attention), as in the PaLM appendix."""
         n = sum(p.numel() for name, p in self.named_parameters() if "mask_embedding" not in name)
         return 6 * n + 12 * self.cfg.n_layers * self.cfg.d_model * frames
+
+
+def packed(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """The entries of ``values`` (``[B, n_predicted, T, ...]``) where ``select`` (bool ``[B, n_predicted, T]``)
+    is True, codebook-major (codebook, then example, then frame): the order of ``VampNet(..., select=)``."""
+    return values.transpose(0, 1)[select.transpose(0, 1)]
 
 
 def save_exported(path, model: VampNet) -> None:

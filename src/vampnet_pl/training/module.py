@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
 from vampnet_pl.masking.protocol import EvalProtocolConfig, protocol_masks
 from vampnet_pl.model import VampNet, VampNetConfig, load_exported
-from vampnet_pl.model.vampnet import check_token_range
+from vampnet_pl.model.vampnet import check_token_range, packed
 from vampnet_pl.training.optim import OptimConfig, build_optimizer
 
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0)
@@ -146,7 +146,9 @@ class MaskedTokenModule(L.LightningModule):
             check_token_range(batch["codes"], self.cfg.codebook_size)
         return batch
 
-    def _step(self, batch: dict, stage: str = "train", batch_idx: int = 0) -> torch.Tensor:
+    def _step(self, batch: dict, stage: str = "train", batch_idx: int = 0, sampled: bool | None = None) -> torch.Tensor:
+        """Masks, loss and metrics of one batch. ``sampled``: also the top-k metrics (they need every token's
+        logits); by default on every ``train_metrics_every_n_steps``-th training step and in other stages."""
         codes = batch["codes"]
         cfg = self.cfg
         if self.hparams.loss_weighting == "diffusion":
@@ -154,24 +156,27 @@ class MaskedTokenModule(L.LightningModule):
             mask, ratios, weights = draw.mask, draw.ratios, self.masker.loss_weights(draw.r)
         else:
             (mask, ratios), weights = self.masker(codes), None
-        logits = self.model(codes, mask, check_range=False)  # [B, P, T, V], a view of the head's [B, T, P * V] output
         target = codes[:, cfg.n_conditioning_codebooks :]
         masked = mask[:, cfg.n_conditioning_codebooks :]
-        # Select frame-major (the head's own layout): the gradient then reaches the head without a transposing copy.
-        frame_major = masked.transpose(1, 2)
-        selected_logits = logits.transpose(1, 2)[frame_major].float()
-        selected_target = target.transpose(1, 2)[frame_major]
+        if sampled is None:  # top-k metrics are costly: sample train steps
+            sampled = stage != "train" or self.global_step % max(1, self.hparams.train_metrics_every_n_steps) == 0
+        # The loss is on masked tokens only, in packed order; the head runs on them alone unless metrics need it all.
+        if sampled:
+            logits = self.model(codes, mask, check_range=False)  # [B, P, T, V]
+            selected_logits = packed(logits, masked).float()
+        else:
+            logits = None
+            selected_logits = self.model(codes, mask, check_range=False, select=masked).float()
+        selected_target = packed(target, masked)
         if weights is None:
             loss = F.cross_entropy(selected_logits, selected_target, label_smoothing=self.hparams.label_smoothing)
         else:  # per example: |gamma'(r)| x the mean CE of its masked tokens; then the batch mean
             per_token = F.cross_entropy(selected_logits, selected_target, label_smoothing=self.hparams.label_smoothing,
                                         reduction="none")
-            example = torch.arange(codes.shape[0], device=codes.device)[:, None, None].expand_as(frame_major)[frame_major]
+            example = packed(torch.arange(codes.shape[0], device=codes.device)[:, None, None].expand_as(masked), masked)
             per_example = torch.zeros(codes.shape[0], device=codes.device).index_add(0, example, per_token)
             per_example = per_example / masked.flatten(1).sum(1).clamp_min(1)
             loss = (weights.to(per_example) * per_example).mean()
-        every = max(1, self.hparams.train_metrics_every_n_steps)
-        sampled = stage != "train" or self.global_step % every == 0  # top-k metrics are costly: sample train steps
         # The finiteness check reads the loss on the host: on an accelerator only on sampled steps (no sync per step).
         if (sampled or loss.device.type == "cpu") and not torch.isfinite(loss):
             raise FloatingPointError(
