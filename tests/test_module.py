@@ -38,6 +38,22 @@ def test_loss_ignores_unmasked_targets():
     assert torch.allclose(m._step({"codes": changed}, "train"), loss, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss_weighting", ["none", "diffusion"])
+def test_steps_without_top_k_metrics_give_the_same_loss_and_gradients(loss_weighting):
+    """Unsampled steps run the head on masked tokens only; sampled ones on every token, then select."""
+    m = module(loss_weighting=loss_weighting)
+    codes = torch.randint(0, 64, (3, 4, 24))
+    results = []
+    for sampled in (True, False):
+        torch.manual_seed(3)  # the same masks
+        loss = m._step({"codes": codes}, "train", sampled=sampled)
+        results.append((loss, torch.autograd.grad(loss, list(m.model.parameters()))))
+    (loss_all, grads_all), (loss_masked, grads_masked) = results
+    torch.testing.assert_close(loss_masked, loss_all)
+    for got, want in zip(grads_masked, grads_all):
+        torch.testing.assert_close(got, want)
+
+
 def test_no_weight_decay_on_norms_embeddings_and_mask_vectors():
     m = module()
     decay, no_decay = parameter_groups(m.model, 0.1)
@@ -158,16 +174,18 @@ def test_run_dir_is_keyed_on_the_slurm_job(monkeypatch, prepared):
     assert cfg.run_dir == "/r/vampnet-4242"
 
 
-def test_gpu_defaults_compile_and_fused_adamw_stay_off_on_cpu():
+def test_compile_stays_off_on_cpu_and_fused_adamw_is_the_default_for_plain_tensors():
     from vampnet_pl.training.optim import build_optimizer, use_fused
 
     assert module().compile_blocks is False  # None: on only when training on CUDA
     assert module(compile=True).compile_blocks is True
     m = module()
-    assert not use_fused(m.model, None)  # CPU parameters: foreach AdamW
-    assert use_fused(m.model, True)
+    assert use_fused(m.model, None)  # plain CPU parameters: fused AdamW
+    assert not use_fused(m.model, False)
     optimizer, _ = build_optimizer(m.model, OptimConfig(), 100, 32)
-    assert not optimizer.defaults["fused"]
+    assert optimizer.defaults["fused"]
+    m.model.head.to("meta")  # a parameter on another device: foreach
+    assert not use_fused(m.model, None)
 
 
 def test_a_non_finite_loss_is_caught_on_cpu_steps_and_sampled_accelerator_steps(monkeypatch):
