@@ -125,7 +125,7 @@ def our_step_fn(size: str, batch: int, frames: int, seed: int = 0):
     optimizer, scheduler = build_optimizer(module.model, module.optim_cfg, 10_000, module.cfg.d_model)
 
     def step(i: int) -> None:
-        loss = module._step(batches[i % len(batches)], "train")
+        loss = module._step(batches[i % len(batches)], "train", sampled=False)  # a step without top-k metrics
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.model.parameters(), 1.0)
         optimizer.step()
