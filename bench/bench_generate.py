@@ -142,9 +142,12 @@ def main(argv=None) -> None:
     parser.add_argument("--original", type=Path, default=None, help="checkout of hugofloresgarcia/vampnet to time too")
     parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="run the models under bf16 autocast (GPU)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
     parser.add_argument("--eval-share", action="store_true", help="also time one evaluation round (needs the full env)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     codec = BenchCodec.build(device, synthetic=device.type == "cpu")
     frames = codec.frames_for(args.seconds)

@@ -7,10 +7,10 @@ Each (size, loop) runs in its own process (peak RSS is per process). Tokens are 
 positions (frames) x batch. Prints a Markdown table for BENCHMARKS.md.
 
 ``--original PATH`` (a checkout of the original VampNet, its dependencies importable: audiotools,
-einops, loralib) adds a side-by-side, in-process comparison of one training step at the same size:
-masking, embedding, forward, masked cross-entropy (label smoothing 0.1), backward, gradient
-clipping, AdamW and the learning-rate schedule, no metrics on either side. Rounds alternate
-between the two, and the median step time of each is reported.
+einops, loralib) adds a side-by-side comparison of one training step at the same size: masking,
+embedding, forward, masked cross-entropy (label smoothing 0.1), backward, gradient clipping, AdamW
+and the learning-rate schedule, no metrics on either side. Each side runs in its own process,
+alternating ours / original for ``--rounds`` rounds; see :func:`compare_with_original`.
 """
 
 from __future__ import annotations
@@ -135,28 +135,68 @@ def our_step_fn(size: str, batch: int, frames: int, seed: int = 0):
     return step, module.model.num_parameters()
 
 
-def compare_with_original(path: str, sizes, batch: int, frames: int, steps: int, warmup: int) -> list[str]:
+def time_steps(sides: list[str], size: str, batch: int, frames: int, steps: int, warmup: int,
+               original: str | None) -> dict:
+    """Median wall and process-CPU seconds of ``steps`` training steps after ``warmup``, per side; with two
+    sides, both in this process, their steps alternating."""
+    import statistics
+
+    built = {side: our_step_fn(size, batch, frames) if side == "ours" else original_step_fn(original, size, batch, frames)
+             for side in sides}
+    wall, cpu = {side: [] for side in sides}, {side: [] for side in sides}
+    for i in range(warmup + steps):
+        for side, (step, _) in built.items():
+            started, cpu_started = time.perf_counter(), time.process_time()
+            step(i)
+            if i >= warmup:
+                wall[side].append(time.perf_counter() - started)
+                cpu[side].append(time.process_time() - cpu_started)
+    return {side: {"wall": statistics.median(wall[side]), "cpu": statistics.median(cpu[side]),
+                   "parameters": built[side][1]} for side in sides}
+
+
+def compare_with_original(path: str | None, sizes, batch: int, frames: int, steps: int, warmup: int,
+                          rounds: int = 3, threads: int = 0) -> list[str]:
+    """Our training step against the original's. Each side runs in its own process (so neither inherits the
+    other's heap), alternating ours / original ``rounds`` times: per side the median over rounds of each
+    round's median step, and the median of the per-round ratios. Then one more process runs both, their steps
+    alternating (the method of earlier runs of this benchmark): its ratio is the last column. Without
+    ``path``: our column only."""
     import statistics
 
     rows = ["| size | parameters ours / original | ours s/step | original s/step | tokens/s ours / original | speed-up | "
-            "CPU-time speed-up |", "|---|---|---|---|---|---|---|"]
+            "CPU-time speed-up | speed-up per round | speed-up, one process |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def run(sides: list[str], size: str) -> dict:
+        command = [sys.executable, __file__, "--time-steps", *sides, "--size", size, "--batch", str(batch),
+                   "--frames", str(frames), "--steps", str(steps), "--warmup", str(warmup),
+                   "--threads", str(threads)] + (["--original", path] if path else [])
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' + '.join(sides)} {size} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    tokens = batch * frames
     for size in sizes:
-        ours, ours_params = our_step_fn(size, batch, frames)
-        original, original_params = original_step_fn(path, size, batch, frames)
-        times = {"ours": [], "original": []}
-        cpu_times = {"ours": [], "original": []}  # process CPU time: robust to other load on a shared machine
-        for i in range(warmup + steps):  # alternate, so load on the machine hits both alike
-            for name, step in (("ours", ours), ("original", original)):
-                started, cpu_started = time.perf_counter(), time.process_time()
-                step(i)
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - started)
-                    cpu_times[name].append(time.process_time() - cpu_started)
-        mine, theirs = statistics.median(times["ours"]), statistics.median(times["original"])
-        cpu_ratio = statistics.median(cpu_times["original"]) / statistics.median(cpu_times["ours"])
-        tokens = batch * frames
-        rows.append(f"| {size} | {ours_params / 1e6:.1f} M / {original_params / 1e6:.1f} M | {mine:.3f} | {theirs:.3f} | "
-                    f"{tokens / mine:,.0f} / {tokens / theirs:,.0f} | **{theirs / mine:.2f}x** | {cpu_ratio:.2f}x |")
+        if not path:
+            ours = [run(["ours"], size)["ours"] for _ in range(rounds)]
+            mine = statistics.median(r["wall"] for r in ours)
+            rows.append(f"| {size} | {ours[0]['parameters'] / 1e6:.1f} M / - | {mine:.3f} | - | {tokens / mine:,.0f} / - "
+                        "| - | - | - | - |")
+            print(rows[-1], flush=True)
+            continue
+        ours, theirs_runs = [], []
+        for _ in range(rounds):
+            ours.append(run(["ours"], size)["ours"])
+            theirs_runs.append(run(["original"], size)["original"])
+        together = run(["ours", "original"], size)
+        mine, theirs = statistics.median(r["wall"] for r in ours), statistics.median(r["wall"] for r in theirs_runs)
+        ratios = [t["wall"] / o["wall"] for o, t in zip(ours, theirs_runs)]
+        cpu_ratio = statistics.median(t["cpu"] / o["cpu"] for o, t in zip(ours, theirs_runs))
+        rows.append(f"| {size} | {ours[0]['parameters'] / 1e6:.1f} M / {theirs_runs[0]['parameters'] / 1e6:.1f} M | "
+                    f"{mine:.3f} | {theirs:.3f} | {tokens / mine:,.0f} / {tokens / theirs:,.0f} | "
+                    f"**{statistics.median(ratios):.2f}x** | {cpu_ratio:.2f}x | {', '.join(f'{r:.2f}' for r in ratios)} | "
+                    f"{together['original']['wall'] / together['ours']['wall']:.2f}x |")
         print(rows[-1], flush=True)
     return rows
 
@@ -176,10 +216,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--frames", type=int, default=344)  # 4 s of DAC 44.1 kHz frames
     parser.add_argument("--child", choices=["plain", "lightning"])
+    parser.add_argument("--time-steps", nargs="+", choices=["ours", "original"], help="(internal) time these sides")
+    parser.add_argument("--rounds", type=int, default=3, help="with --original: alternating processes per side")
     parser.add_argument("--size")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--original", help="checkout of the original VampNet: compare training steps side by side")
     args = parser.parse_args()
+    if args.time_steps:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = time_steps(args.time_steps, args.size, args.batch, args.frames, args.steps, args.warmup, args.original)
+        return print(json.dumps(result))
     if args.child:
         args.loop = args.child
         return child(args)
@@ -187,8 +234,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.original:
         print(f"training step, ours vs the original VampNet: batch {args.batch} x {args.frames} frames, 4 codebooks, "
-              f"median of {args.steps} alternating steps after {args.warmup}, {torch.get_num_threads()} threads\n")
-        compare_with_original(args.original, args.sizes, args.batch, args.frames, args.steps, args.warmup)
+              f"{args.rounds} rounds of one process per side, median of {args.steps} steps after {args.warmup}\n")
+        compare_with_original(args.original, args.sizes, args.batch, args.frames, args.steps, args.warmup, args.rounds,
+                              args.threads)
         return
     print(f"batch {args.batch} x {args.frames} frames, 4 codebooks, {args.steps} timed steps after {args.warmup}, "
           f"{torch.get_num_threads()} threads\n")

@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python bench/run.py train-gpu                     # one GPU: paper coarse, bf16, 10 s windows
     PYTHONPATH=src python bench/run.py train-gpu --smoke             # any machine: tiny model, checks the code path
-    PYTHONPATH=src python bench/run.py train-cpu --original /work/orig/vampnet-ismir   # CPU step vs the original
+    PYTHONPATH=src:/work/orig/lac:/work/orig/deps python bench/run.py train-cpu --original /work/orig/vampnet-ismir \
+        --sizes tiny small                                           # CPU step vs the original
     PYTHONPATH=src python bench/run.py generate --device cuda --sizes paper --batches 1 2 4 8 16 --cuda-graphs --bf16
     PYTHONPATH=src:/work/orig/lac:/work/orig/deps python bench/run.py generate --sizes tiny --batches 1 8 \
         --original /work/orig/vampnet-ismir                          # CPU generation vs the original
@@ -21,6 +22,7 @@ token against 989 TFLOP/s of dense bf16 (H100/H200).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -79,18 +81,21 @@ def train_gpu(args) -> None:
 
 
 def train_cpu(args) -> None:
+    import platform
+
     import torch
 
     sys.path.insert(0, str(HERE))
     from bench_train import compare_with_original
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    header = (f"training step, ours vs the original VampNet ({args.original}): batch {args.batch} x {args.frames} "
-              f"frames, 4 codebooks, median of {args.steps} alternating steps after {args.warmup}, "
-              f"{torch.get_num_threads()} threads\n")
+    threads = args.threads or torch.get_num_threads()
+    header = (f"training step, ours vs the original VampNet ({args.original or 'not given: our column only'}): "
+              f"batch {args.batch} x {args.frames} frames, 4 codebooks, {threads} threads, {args.rounds} rounds of one "
+              f"process per side (alternating), each the median of {args.steps} steps after {args.warmup}; "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
     print(header, flush=True)
-    rows = compare_with_original(args.original, args.sizes, args.batch, args.frames, args.steps, args.warmup)
+    rows = compare_with_original(args.original, args.sizes, args.batch, args.frames, args.steps, args.warmup,
+                                 args.rounds, args.threads)
     print(f"\nwritten: {write(args.out, 'train_cpu_vs_original.md', header, rows)}")
 
 
@@ -113,7 +118,8 @@ def main(argv=None) -> None:
     gpu.add_argument("--steps", type=int, default=30)
     gpu.add_argument("--warmup", type=int, default=5)
     cpu = commands.add_parser("train-cpu", help="CPU training step vs the original VampNet, side by side")
-    cpu.add_argument("--original", required=True, help="checkout of the original VampNet (ismir-2023 branch)")
+    cpu.add_argument("--original", help="checkout of the original VampNet (ismir-2023 branch); without it, ours only")
+    cpu.add_argument("--rounds", type=int, default=3, help="processes per side, alternating")
     cpu.add_argument("--sizes", nargs="+", default=["small"])
     cpu.add_argument("--batch", type=int, default=8)
     cpu.add_argument("--frames", type=int, default=344)

@@ -32,3 +32,15 @@ def test_generate_writes_its_table(tmp_path):
     rows = [line for line in (tmp_path / "generate.md").read_text().splitlines() if line.startswith("| tiny |")]
     assert [row.split("|")[2].strip() for row in rows] == ["1", "2"]
     assert "synthetic DAC" in done.stdout and all(float(row.split("|")[4]) > 0 for row in rows)  # decode timed
+
+
+def test_train_cpu_times_our_step_in_its_own_processes_without_the_original(tmp_path):
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--out", str(tmp_path), "train-cpu", "--sizes",
+                           "tiny", "--steps", "1", "--warmup", "1", "--rounds", "2", "--batch", "2", "--frames", "40"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = next(line for line in (tmp_path / "train_cpu_vs_original.md").read_text().splitlines() if line.startswith("| tiny"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert float(cells[2]) > 0 and cells[3] == "-"  # our s/step; no original column
+    assert "our column only" in done.stdout
