@@ -159,5 +159,5 @@ def test_selected_logits_are_the_full_logits_of_the_selected_tokens(switch):
     params = [p for p in model.parameters() if p.requires_grad]
     by_selected = torch.autograd.grad((selected * weights).sum(), params, allow_unused=True)
     by_full = torch.autograd.grad((packed(full, select) * weights).sum(), params, allow_unused=True)
-    for got, want in zip(by_selected, by_full):
-        torch.testing.assert_close(got, want)
+    for got, want in zip(by_selected, by_full):  # sums of the same terms in another order
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

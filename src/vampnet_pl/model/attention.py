@@ -109,7 +109,7 @@ def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     if mask is not None:
         scores.add_(mask)  # in place: the product's backward does not read it
     probs = scores.softmax(-1)
-    return (torch.where(keep_mask(probs.shape, dropout_p), probs, 0.0) @ v) * (1.0 / (1.0 - dropout_p))
+    return (probs * keep_mask(probs.shape, dropout_p) @ v) * (1.0 / (1.0 - dropout_p))
 
 
 @functools.cache

@@ -291,8 +291,11 @@ class VampNet(nn.Module):
             return packed(self.classify(features).transpose(1, 2), select)
         weight = self.head.weight.unflatten(0, (n_predicted, vocab))
         bias = self.head.bias.unflatten(0, (n_predicted, vocab)) if self.head.bias is not None else None
-        return torch.cat([F.linear(features[select[:, k]], weight[k], None if bias is None else bias[k])
-                          for k in range(n_predicted)])
+        # the number of selected tokens decides the shapes: on GPU a host sync, as any boolean selection
+        where = select.transpose(0, 1).nonzero()  # [N, 3]: (codebook, example, frame), packed order
+        per_codebook = torch.bincount(where[:, 0], minlength=n_predicted).tolist()
+        rows = features[where[:, 1], where[:, 2]].split(per_codebook)
+        return torch.cat([F.linear(rows[k], weight[k], None if bias is None else bias[k]) for k in range(n_predicted)])
 
     @contextlib.contextmanager
     def position_bias_reused(self):
