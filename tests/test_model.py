@@ -140,15 +140,32 @@ def test_packed_order_is_codebook_then_example_then_frame():
     assert packed(values, select).tolist() == [values[b, c, t].item() for c, b, t in order]
 
 
-@pytest.mark.parametrize("switch", [{}, dict(io_bias=True), dict(lora_head=True)])
+def gather_head_weight_in_its_forward(model: VampNet) -> None:
+    """As DeepSpeed ZeRO-3 holds a weight: an empty placeholder, made whole by a hook of its own module."""
+    whole = model.head.weight
+    model.head.weight = torch.nn.Parameter(torch.empty(0))
+
+    def gather(module, args):
+        module.weight = whole
+
+    def release(module, args, output):
+        module.weight = torch.nn.Parameter(torch.empty(0))
+
+    model.head.register_forward_pre_hook(gather)
+    model.head.register_forward_hook(release)
+
+
+@pytest.mark.parametrize("switch", [{}, dict(io_bias=True), dict(lora_head=True), dict(partitioned_head=True)])
 def test_selected_logits_are_the_full_logits_of_the_selected_tokens(switch):
-    model = tiny(**{k: v for k, v in switch.items() if k != "lora_head"})
+    model = tiny(**{k: v for k, v in switch.items() if k not in ("lora_head", "partitioned_head")})
     if switch.get("lora_head"):  # an adapted head: its own forward must run (the LoRA delta is not zero here)
         import peft
 
         config = peft.LoraConfig(r=2, target_modules=["head"], init_lora_weights=False)
         model = peft.inject_adapter_in_model(config, model)
         assert type(model.head) is not torch.nn.Linear
+    if switch.get("partitioned_head"):
+        gather_head_weight_in_its_forward(model)
     codes = torch.randint(0, 32, (3, 6, 17))
     mask = torch.rand(3, 6, 17) < 0.5
     select = mask[:, 2:]

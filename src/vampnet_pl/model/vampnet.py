@@ -287,7 +287,9 @@ class VampNet(nn.Module):
         ``[B, n_predicted, T]`` -> logits ``[N, codebook_size]`` in :func:`packed` order. Each codebook's rows
         of the head weight multiply the features of the frames where that codebook is selected."""
         n_predicted, vocab = self.cfg.n_predicted_codebooks, self.cfg.codebook_size
-        if type(self.head) is not nn.Linear:  # an adapted head (LoRA on "head"): its own forward, then select
+        if type(self.head) is not nn.Linear or self.head.weight.shape != (n_predicted * vocab, self.cfg.d_model):
+            # an adapted head (LoRA on "head"), or a weight that exists whole only inside the head's own forward
+            # (DeepSpeed ZeRO-3 gathers it there): the head's forward on every token, then the selection
             return packed(self.classify(features).transpose(1, 2), select)
         weight = self.head.weight.unflatten(0, (n_predicted, vocab))
         bias = self.head.bias.unflatten(0, (n_predicted, vocab)) if self.head.bias is not None else None
