@@ -11,13 +11,13 @@ from the learned ``[buckets, heads]`` table. Nothing of size ``T x T`` is ever s
 gradients reach the table through flex attention's captured-buffer gradient. Compiled on CUDA.
 
 Backend choice (``backend="auto"``): ``flex`` on CUDA when there is a relative bias and no
-attention dropout, ``sdpa`` otherwise. On the CPU, with attention dropout (training), ``sdpa`` runs
-the same math as SDPA's CPU path (scores, bias, softmax, dropout, values) written out here, so that
-the dropout mask comes from :mod:`vampnet_pl.model.dropout` (SDPA's CPU dropout draws it with
-``bernoulli_``, several times slower, and checks every row for -inf on top). flex attention has no dropout on attention
-probabilities (VampNet trains with it), so ``auto`` keeps the exact behaviour; ``backend="flex"``
-trades that dropout for speed (residual and feed-forward dropout stay). torch 2.11 has no flex
-attention backward on CPU (and compiles its CPU forward slowly), so ``auto`` uses ``sdpa`` there.
+attention dropout, ``sdpa`` otherwise. flex attention has no dropout on attention probabilities
+(VampNet trains with it), so ``auto`` keeps the exact behaviour; ``backend="flex"`` trades that
+dropout for speed (residual and feed-forward dropout stay). torch 2.11 has no flex attention
+backward on CPU (and compiles its CPU forward slowly), so ``auto`` uses ``sdpa`` there. On the CPU,
+with attention dropout (training), ``sdpa`` runs SDPA's math written out
+(:func:`attention_with_dropout`), so that the mask comes from :mod:`vampnet_pl.model.dropout`: SDPA's
+CPU dropout draws it with ``bernoulli_``, several times slower, and checks every row for -inf.
 """
 
 from __future__ import annotations
