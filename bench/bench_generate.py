@@ -202,7 +202,9 @@ def main(argv=None) -> None:
             print(line, flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+        from run import command_line
+
+        args.out.write_text("\n".join([command_line(), *lines]) + "\n")
     if args.eval_share:
         eval_share(frames)
 

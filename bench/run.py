@@ -40,11 +40,17 @@ TRAIN_GPU_ROWS = [
 ]
 
 
+def command_line() -> str:
+    """The command that made a results file, as its first line."""
+    pythonpath = os.environ.get("PYTHONPATH")
+    return f"# {'PYTHONPATH=' + pythonpath + ' ' if pythonpath else ''}python {' '.join(sys.argv)}"
+
+
 def write(out: Path, name: str, header: str, rows: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
     tmp = path.with_suffix(".md.partial")
-    tmp.write_text(header + "\n" + "\n".join(rows) + "\n")
+    tmp.write_text(command_line() + "\n" + header + "\n" + "\n".join(rows) + "\n")
     tmp.replace(path)
     return path
 

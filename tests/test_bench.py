@@ -32,6 +32,8 @@ def test_generate_writes_its_table(tmp_path):
     rows = [line for line in (tmp_path / "generate.md").read_text().splitlines() if line.startswith("| tiny |")]
     assert [row.split("|")[2].strip() for row in rows] == ["1", "2"]
     assert "synthetic DAC" in done.stdout and all(float(row.split("|")[4]) > 0 for row in rows)  # decode timed
+    first = (tmp_path / "generate.md").read_text().splitlines()[0]
+    assert first.startswith("# PYTHONPATH=") and "run.py --out" in first and "--batches 1 2" in first  # its command
 
 
 def test_train_cpu_times_our_step_in_its_own_processes_without_the_original(tmp_path):
