@@ -91,6 +91,47 @@ def test_attention_dropout_drops_probabilities_forward_and_backward():
         torch.testing.assert_close(got, want)
 
 
+def test_attention_dropout_without_a_mask_with_a_frozen_mask_and_non_contiguous_inputs():
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 21, 3, 3, 8, requires_grad=True)  # [batch, frames, 3, heads, head_dim], as the model
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    frozen = torch.randn(1, 3, 21, 21)
+    for mask in (None, frozen):
+        torch.manual_seed(3)
+        ours = attention_with_dropout(q, k, v, mask, 0.4)
+        torch.manual_seed(3)
+        keep = keep_mask((2, 3, 21, 21), 0.4)
+        expected = reference_attention(q, k, v, 0.0 if mask is None else mask, keep, 0.4)
+        torch.testing.assert_close(ours, expected)
+        grad = torch.randn_like(ours)
+        torch.testing.assert_close(torch.autograd.grad(ours, qkv, grad)[0], torch.autograd.grad(expected, qkv, grad)[0])
+
+
+def test_attention_dropout_refuses_a_second_backward_through_a_retained_graph():
+    q, k, v = (torch.randn(1, 2, 9, 4, requires_grad=True) for _ in range(3))
+    out = attention_with_dropout(q, k, v, None, 0.2).sum()
+    out.backward(retain_graph=True)  # the backward pass drops the saved probabilities in place
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+def test_attention_dropout_under_cpu_autocast_matches_the_bf16_reference():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 17, 8, requires_grad=True) for _ in range(3))
+    mask = torch.randn(1, 2, 17, 17, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(4)
+        ours = attention_with_dropout(q, k, v, mask, 0.3)
+        torch.manual_seed(4)
+        expected = reference_attention(q, k, v, mask, keep_mask((2, 2, 17, 17), 0.3), 0.3)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), expected.float(), atol=0.05, rtol=0.05)
+    grad = torch.randn_like(ours)
+    for got, want in zip(torch.autograd.grad(ours, (q, k, v, mask), grad), torch.autograd.grad(expected, (q, k, v, mask), grad)):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=0.1, rtol=0.1)
+
+
 def test_attend_on_cpu_with_dropout_is_unbiased_and_equals_sdpa_without():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 16, 4) for _ in range(3))

@@ -103,13 +103,53 @@ def resolve_backend(backend: str, device: torch.device | str, has_bias: bool, dr
 def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                            dropout_p: float) -> torch.Tensor:
     """SDPA's math, ``dropout(softmax(q k^T / sqrt(d) + mask)) v``, with the mask of
-    :func:`~vampnet_pl.model.dropout.keep_mask`. The ``1 / (1 - p)`` scale is applied to the (smaller)
-    output, and only the bool mask is kept for the backward pass."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    if mask is not None:
-        scores.add_(mask)  # in place: the product's backward does not read it
-    probs = scores.softmax(-1)
-    return (probs * keep_mask(probs.shape, dropout_p) @ v) * (1.0 / (1.0 - dropout_p))
+    :func:`~vampnet_pl.model.dropout.keep_mask` (see :class:`_AttentionWithDropout`)."""
+    return _AttentionWithDropout.apply(q, k, v, mask, keep_mask((*q.shape[:-1], k.shape[-2]), dropout_p), dropout_p)
+
+
+class _AttentionWithDropout(torch.autograd.Function):
+    """Attention with dropout on its probabilities, written for few passes over ``T x T`` memory.
+
+    Autograd's version of the same math allocates about eight ``batch x heads x T x T`` tensors a layer
+    (scores, probabilities, a float copy of the mask, dropped probabilities, and their gradients), each a
+    fresh pass over memory. Here the forward pass keeps one (the probabilities, softmax in place over the
+    scores) and one temporary (the dropped probabilities); the backward pass computes the gradient in one
+    buffer (drop, softmax backward, both in place) and drops the saved probabilities in place for ``v``'s
+    gradient. Saved for backward: q, k, v, the probabilities and the bool keep mask (applied with
+    ``torch.where``, which reads it as it is; a product with a bool tensor first copies it to floats). The
+    ``1 / (1 - p)``
+    scale is applied to the (smaller) output. Once differentiable; a second backward through a retained
+    graph raises (the saved probabilities were modified).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, q, k, v, mask, keep, dropout_p):
+        scale = q.shape[-1] ** -0.5
+        probs = (q * scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            probs.add_(mask)
+        torch.ops.aten._softmax.out(probs, -1, False, out=probs)
+        ctx.save_for_backward(q, k, v, probs, keep)
+        ctx.scale, ctx.keep_scale = scale, 1.0 / (1.0 - dropout_p)
+        ctx.mask_shape = mask.shape if mask is not None else None
+        return (torch.where(keep, probs, probs.new_zeros(())) @ v).mul_(ctx.keep_scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out):
+        q, k, v, probs, keep = ctx.saved_tensors
+        zero = probs.new_zeros(())
+        grad_out = grad_out * ctx.keep_scale
+        grad = grad_out @ v.transpose(-2, -1)  # d loss / d (dropped probabilities)
+        torch.where(keep, grad, zero, out=grad)  # / d probabilities
+        torch.ops.aten._softmax_backward_data.out(grad, probs, -1, probs.dtype, grad_input=grad)  # / d scores
+        grad_v = torch.where(keep, probs, zero, out=probs).transpose(-2, -1) @ grad_out  # the probabilities are used up
+        grad_q = (grad @ k).mul_(ctx.scale)
+        grad_k = (grad.transpose(-2, -1) @ q).mul_(ctx.scale)
+        grad_mask = grad.sum_to_size(ctx.mask_shape) if ctx.needs_input_grad[3] else None
+        return grad_q, grad_k, grad_v, grad_mask, None, None
 
 
 @functools.cache
