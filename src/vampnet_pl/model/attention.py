@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vampnet_pl.model.dropout import keep_mask
+from vampnet_pl.model.dropout import keep_factors, random_lanes
 
 BACKENDS = ("auto", "flex", "sdpa")
 
@@ -104,7 +104,7 @@ def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
                            dropout_p: float) -> torch.Tensor:
     """SDPA's math, ``dropout(softmax(q k^T / sqrt(d) + mask)) v``, with the mask of
     :func:`~vampnet_pl.model.dropout.keep_mask` (see :class:`_AttentionWithDropout`)."""
-    return _AttentionWithDropout.apply(q, k, v, mask, keep_mask((*q.shape[:-1], k.shape[-2]), dropout_p), dropout_p)
+    return _AttentionWithDropout.apply(q, k, v, mask, random_lanes((*q.shape[:-1], k.shape[-2])), dropout_p)
 
 
 class _AttentionWithDropout(torch.autograd.Function):
@@ -115,37 +115,37 @@ class _AttentionWithDropout(torch.autograd.Function):
     fresh pass over memory. Here the forward pass keeps one (the probabilities, softmax in place over the
     scores) and one temporary (the dropped probabilities); the backward pass computes the gradient in one
     buffer (drop, softmax backward, both in place) and drops the saved probabilities in place for ``v``'s
-    gradient. Saved for backward: q, k, v, the probabilities and the bool keep mask (applied with
-    ``torch.where``, which reads it as it is; a product with a bool tensor first copies it to floats). The
-    ``1 / (1 - p)``
-    scale is applied to the (smaller) output. Once differentiable; a second backward through a retained
-    graph raises (the saved probabilities were modified).
+    gradient. Saved for backward: q, k, v, the probabilities and the mask's 16-bit random lanes (2 bytes an
+    element), from which each pass rebuilds the mask as 0/1 factors: a vectorised product, where a bool
+    mask would be copied to floats or go through the slower ``torch.where``. The ``1 / (1 - p)`` scale is
+    applied to the (smaller) output. Once differentiable; a second backward through a retained graph raises
+    (the saved probabilities were modified).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, q, k, v, mask, keep, dropout_p):
+    def forward(ctx, q, k, v, mask, lanes, dropout_p):
         scale = q.shape[-1] ** -0.5
         probs = (q * scale) @ k.transpose(-2, -1)
         if mask is not None:
             probs.add_(mask)
         torch.ops.aten._softmax.out(probs, -1, False, out=probs)
-        ctx.save_for_backward(q, k, v, probs, keep)
-        ctx.scale, ctx.keep_scale = scale, 1.0 / (1.0 - dropout_p)
+        ctx.save_for_backward(q, k, v, probs, lanes)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
         ctx.mask_shape = mask.shape if mask is not None else None
-        return (torch.where(keep, probs, probs.new_zeros(())) @ v).mul_(ctx.keep_scale)
+        return (probs * keep_factors(lanes, dropout_p, probs.dtype) @ v).mul_(1.0 / (1.0 - dropout_p))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out):
-        q, k, v, probs, keep = ctx.saved_tensors
-        zero = probs.new_zeros(())
-        grad_out = grad_out * ctx.keep_scale
+        q, k, v, probs, lanes = ctx.saved_tensors
+        keep = keep_factors(lanes, ctx.dropout_p, probs.dtype)
+        grad_out = grad_out * (1.0 / (1.0 - ctx.dropout_p))
         grad = grad_out @ v.transpose(-2, -1)  # d loss / d (dropped probabilities)
-        torch.where(keep, grad, zero, out=grad)  # / d probabilities
+        grad.mul_(keep)  # / d probabilities
         torch.ops.aten._softmax_backward_data.out(grad, probs, -1, probs.dtype, grad_input=grad)  # / d scores
-        grad_v = torch.where(keep, probs, zero, out=probs).transpose(-2, -1) @ grad_out  # the probabilities are used up
+        grad_v = probs.mul_(keep).transpose(-2, -1) @ grad_out  # the probabilities are used up
         grad_q = (grad @ k).mul_(ctx.scale)
         grad_k = (grad.transpose(-2, -1) @ q).mul_(ctx.scale)
         grad_mask = grad.sum_to_size(ctx.mask_shape) if ctx.needs_input_grad[3] else None

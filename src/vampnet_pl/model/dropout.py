@@ -31,12 +31,24 @@ def drop_threshold(p: float) -> int:
     return round(p * _LANES) - _LANES // 2
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A CPU bool tensor of ``shape``: True (keep) with probability ``1 - p`` per element, independently."""
+def random_lanes(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """A CPU int16 tensor of ``shape``, uniform over all 2**16 values: SFC64 words seeded from torch's
+    generator, four lanes a word."""
     count = math.prod(shape)
     seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
     words = np.random.SFC64(seed).random_raw((count + 3) // 4)
-    return (torch.from_numpy(words.view(np.int16)[:count]) >= drop_threshold(p)).view(shape)
+    return torch.from_numpy(words.view(np.int16)[:count]).view(shape)
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A CPU bool tensor of ``shape``: True (keep) with probability ``1 - p`` per element, independently."""
+    return random_lanes(shape, generator) >= drop_threshold(p)
+
+
+def keep_factors(lanes: torch.Tensor, p: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``keep_mask``'s mask from its ``lanes``, as 1.0 (keep) and 0.0 (drop) of ``dtype``: written in one pass,
+    and a product with it is vectorised (a product with a bool tensor first copies it to floats)."""
+    return torch.ge(lanes, drop_threshold(p), out=torch.empty(lanes.shape, dtype=dtype))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -45,7 +57,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or p == 1.0:
         return F.dropout(x, p, training)
-    return x * keep_mask(x.shape, p).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * keep_factors(random_lanes(x.shape), p, x.dtype).mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Module):
