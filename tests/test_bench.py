@@ -46,3 +46,12 @@ def test_train_cpu_times_our_step_in_its_own_processes_without_the_original(tmp_
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert float(cells[2]) > 0 and cells[3] == "-"  # our s/step; no original column
     assert "our column only" in done.stdout
+
+
+def test_cpu_attention_bench_times_every_path():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_cpu_attention import main
+
+    lines = main(["--batch", "1", "--heads", "2", "--frames", "17", "--head-dim", "4", "--repeats", "1"])
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in lines if line.startswith("| ") and "ms" not in line}
+    assert set(rows) == {"sdpa", "autograd", "ours", "F.dropout", "ours: dropout"} and all(t > 0 for t in rows.values())

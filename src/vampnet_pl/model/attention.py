@@ -15,9 +15,10 @@ attention dropout, ``sdpa`` otherwise. flex attention has no dropout on attentio
 (VampNet trains with it), so ``auto`` keeps the exact behaviour; ``backend="flex"`` trades that
 dropout for speed (residual and feed-forward dropout stay). torch 2.11 has no flex attention
 backward on CPU (and compiles its CPU forward slowly), so ``auto`` uses ``sdpa`` there. On the CPU,
-with attention dropout (training), ``sdpa`` runs SDPA's math written out
-(:func:`attention_with_dropout`), so that the mask comes from :mod:`vampnet_pl.model.dropout`: SDPA's
-CPU dropout draws it with ``bernoulli_``, several times slower, and checks every row for -inf.
+with attention dropout (training), ``sdpa`` runs SDPA's math as one autograd function
+(:func:`attention_with_dropout`), so that the mask comes from :mod:`vampnet_pl.model.dropout` (SDPA's
+CPU dropout draws it with ``bernoulli_``, several times slower, and checks every row for -inf) and
+few ``T x T`` tensors are allocated.
 """
 
 from __future__ import annotations
