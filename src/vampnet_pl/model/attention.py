@@ -134,7 +134,8 @@ class _AttentionWithDropout(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, probs, lanes)
         ctx.scale, ctx.dropout_p = scale, dropout_p
         ctx.mask_shape = mask.shape if mask is not None else None
-        return (probs * keep_factors(lanes, dropout_p, probs.dtype) @ v).mul_(1.0 / (1.0 - dropout_p))
+        dropped = keep_factors(lanes, dropout_p, probs.dtype).mul_(probs)  # the factors' buffer, reused
+        return (dropped @ v).mul_(1.0 / (1.0 - dropout_p))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
