@@ -28,6 +28,7 @@ from torch import nn
 
 from vampnet_pl.model.attention import BACKENDS, RelativeBias, attend, relative_bucket, resolve_backend
 from vampnet_pl.model.dropout import Dropout
+from vampnet_pl.model.linear import CPU_MATMUL, Linear, linear
 
 
 @dataclass
@@ -55,6 +56,7 @@ class VampNetConfig:
     gelu_approximate: str = "none"  # "none" (exact GELU) or "tanh" (the original's GELU)
     norm_eps: Optional[float] = None  # RMSNorm epsilon (None: the dtype's eps; the original uses 1e-6)
     attention_backend: str = "auto"  # auto (flex on CUDA for the relative bias) | flex | sdpa: model/attention.py
+    cpu_matmul: str = "auto"  # auto (oneDNN on x86 CPUs) | onednn | aten: the CPU fp32 linear kernel, model/linear.py
     codec_fingerprint: str = ""
 
     def __post_init__(self) -> None:
@@ -69,6 +71,8 @@ class VampNetConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
+        if self.cpu_matmul not in CPU_MATMUL:
+            raise ValueError(f"cpu_matmul must be one of {CPU_MATMUL}, got {self.cpu_matmul!r}")
 
     @property
     def ffn_hidden(self) -> int:
@@ -124,12 +128,12 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.dropout, self.backend = cfg.n_heads, cfg.dropout, cfg.attention_backend
         if cfg.qkv == "fused":
-            self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+            self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, bias=False, cpu_matmul=cfg.cpu_matmul)
         else:
-            self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-            self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-            self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            self.q = Linear(cfg.d_model, cfg.d_model, bias=False, cpu_matmul=cfg.cpu_matmul)
+            self.k = Linear(cfg.d_model, cfg.d_model, bias=False, cpu_matmul=cfg.cpu_matmul)
+            self.v = Linear(cfg.d_model, cfg.d_model, bias=False, cpu_matmul=cfg.cpu_matmul)
+        self.out = Linear(cfg.d_model, cfg.d_model, bias=False, cpu_matmul=cfg.cpu_matmul)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as ``[B, heads, T, head_dim]``."""
@@ -155,8 +159,8 @@ class GEGLU(nn.Module):
         super().__init__()
         hidden = cfg.ffn_hidden
         self.approximate = cfg.gelu_approximate
-        self.ffn_in = nn.Linear(cfg.d_model, 2 * hidden, bias=False)
-        self.ffn_out = nn.Linear(hidden, cfg.d_model, bias=False)
+        self.ffn_in = Linear(cfg.d_model, 2 * hidden, bias=False, cpu_matmul=cfg.cpu_matmul)
+        self.ffn_out = Linear(hidden, cfg.d_model, bias=False, cpu_matmul=cfg.cpu_matmul)
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +211,7 @@ class CodeEmbedding(nn.Module):
             raise ValueError(f"codebook tables {tuple(codebook_tables.shape)} do not fit the config {shape}")
         self.register_buffer("codebook_tables", codebook_tables.float().clone())
         self.mask_embedding = nn.Parameter(torch.randn(cfg.n_codebooks, cfg.latent_dim) * 0.02)
-        self.proj = nn.Linear(cfg.n_codebooks * cfg.latent_dim, cfg.d_model, bias=cfg.io_bias)
+        self.proj = Linear(cfg.n_codebooks * cfg.latent_dim, cfg.d_model, bias=cfg.io_bias, cpu_matmul=cfg.cpu_matmul)
 
     def forward(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, codebooks, frames = codes.shape
@@ -231,7 +235,8 @@ class VampNet(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # rows: codebook-major (row c * codebook_size + v); the original's classifier is vocab-major
-        self.head = nn.Linear(cfg.d_model, cfg.n_predicted_codebooks * cfg.codebook_size, bias=cfg.io_bias)
+        self.head = Linear(cfg.d_model, cfg.n_predicted_codebooks * cfg.codebook_size, bias=cfg.io_bias,
+                           cpu_matmul=cfg.cpu_matmul)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -287,7 +292,7 @@ class VampNet(nn.Module):
         ``[B, n_predicted, T]`` -> logits ``[N, codebook_size]`` in :func:`packed` order. Each codebook's rows
         of the head weight multiply the features of the frames where that codebook is selected."""
         n_predicted, vocab = self.cfg.n_predicted_codebooks, self.cfg.codebook_size
-        if type(self.head) is not nn.Linear or self.head.weight.shape != (n_predicted * vocab, self.cfg.d_model):
+        if type(self.head) is not Linear or self.head.weight.shape != (n_predicted * vocab, self.cfg.d_model):
             # an adapted head (LoRA on "head"), or a weight that exists whole only inside the head's own forward
             # (DeepSpeed ZeRO-3 gathers it there): the head's forward on every token, then the selection
             return packed(self.classify(features).transpose(1, 2), select)
@@ -297,7 +302,8 @@ class VampNet(nn.Module):
         where = select.transpose(0, 1).nonzero()  # [N, 3]: (codebook, example, frame), packed order
         per_codebook = torch.bincount(where[:, 0], minlength=n_predicted).tolist()
         rows = features[where[:, 1], where[:, 2]].split(per_codebook)
-        return torch.cat([F.linear(rows[k], weight[k], None if bias is None else bias[k]) for k in range(n_predicted)])
+        return torch.cat([linear(rows[k], weight[k], None if bias is None else bias[k], self.head.onednn)
+                          for k in range(n_predicted)])
 
     @contextlib.contextmanager
     def position_bias_reused(self):
