@@ -114,12 +114,13 @@ def original_step_fn(path: str, size: str, batch: int, frames: int, seed: int = 
     return step, sum(p.numel() for p in model.parameters())
 
 
-def our_step_fn(size: str, batch: int, frames: int, seed: int = 0):
-    """Our training step: MaskedTokenModule._step (masking, loss) + backward, clipping, AdamW, schedule."""
+def our_step_fn(size: str, batch: int, frames: int, seed: int = 0, **model_kwargs):
+    """Our training step: MaskedTokenModule._step (masking, loss) + backward, clipping, AdamW, schedule.
+    ``model_kwargs``: further ``VampNetConfig`` fields (``bench/bench_cpu_linear.py`` sets ``cpu_matmul``)."""
     from vampnet_pl.training.optim import build_optimizer
 
     # GEGLU hidden width 2 d_model, as the original's feed-forward: the same size, parameter for parameter
-    module, batches = make(size, batch, frames, seed, latent_dim=8, ffn_mult=3.0)
+    module, batches = make(size, batch, frames, seed, latent_dim=8, ffn_mult=3.0, **model_kwargs)
     module.log = lambda *a, **k: None
     module._update_metrics = lambda *a, **k: None  # the original's step is timed without its metrics too
     optimizer, scheduler = build_optimizer(module.model, module.optim_cfg, 10_000, module.cfg.d_model)

@@ -55,3 +55,16 @@ def test_cpu_attention_bench_times_every_path():
     lines = main(["--batch", "1", "--heads", "2", "--frames", "17", "--head-dim", "4", "--repeats", "1"])
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in lines if line.startswith("| ") and "ms" not in line}
     assert set(rows) == {"sdpa", "autograd", "ours", "F.dropout", "ours: dropout"} and all(t > 0 for t in rows.values())
+
+
+def test_cpu_linear_bench_times_every_product_and_a_step():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_cpu_linear import SMALL_LAYERS, layer_rows, step_rows
+    from vampnet_pl.model.linear import onednn_available
+
+    if not onednn_available():
+        pytest.skip("needs oneDNN on an x86 CPU")
+    lines = layer_rows(300, 1, layers=SMALL_LAYERS[:1])
+    assert lines[-1].startswith("| qkv | 300 x 512 -> 1536 |") and lines[-1].endswith("x |")
+    lines = step_rows("tiny", 2, 16, steps=1, warmup=0)
+    assert lines[-1].startswith("| tiny |") and "x**" in lines[-1]

@@ -1,0 +1,118 @@
+"""CPU fp32 linear layers: MKL (torch's ``F.linear``) against oneDNN (``vampnet_pl.model.linear``).
+
+    PYTHONPATH=src .venv/bin/python bench/bench_cpu_linear.py            # the small model's layers
+    PYTHONPATH=src .venv/bin/python bench/bench_cpu_linear.py --step     # and whole training steps
+
+Per layer shape of the small coarse model (batch 8 x 344 frames), each product of a training step:
+forward ``x @ W.T``, input gradient ``g @ W``, weight gradient ``g.T @ x``, in GFLOP/s by MKL (aten) and
+by oneDNN, then a whole layer forward + backward, ``F.linear`` against ``linear``. Medians of
+``--repeats``, every row alternating in one process (this machine's speed drifts by 10% over minutes).
+
+``--step``: whole training steps of the small model as ``bench/bench_train.py`` times them, two modules
+with the same weights, ``cpu_matmul=aten`` and ``auto``, their steps alternating: the median of the
+per-pair ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vampnet_pl.model.linear import linear, onednn_available
+
+SMALL_LAYERS = [("qkv", 512, 1536, 1.0), ("attention out", 512, 512, 1.0), ("ffn in", 512, 1536, 1.0),
+                ("ffn out", 768, 512, 1.0), ("head, masked tokens of one codebook", 512, 1024, 0.6)]
+
+
+def timed(rows: dict, repeats: int) -> dict:
+    for run in rows.values():
+        run()  # warm-up
+    times = {name: [] for name in rows}
+    for _ in range(repeats):
+        for name, run in rows.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def onednn_product(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+
+
+def layer_rows(tokens: int, repeats: int, layers=SMALL_LAYERS) -> list[str]:
+    lines = ["| layer | rows x in -> out | forward MKL / oneDNN GFLOP/s | input grad MKL / oneDNN | "
+             "weight grad MKL / oneDNN | layer fwd+bwd F.linear ms | ours ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for name, width_in, width_out, share in layers:
+        rows = int(tokens * share)
+        x = torch.randn(rows, width_in, requires_grad=True)
+        w = (torch.randn(width_out, width_in) / width_in ** 0.5).requires_grad_()
+        g = torch.randn(rows, width_out)
+        xd, wd = x.detach(), w.detach()
+
+        def layer(fn):
+            def run():
+                fn(x, w).backward(g)
+                x.grad = w.grad = None
+            return run
+
+        t = timed({"fwd mkl": lambda: xd @ wd.t(), "fwd onednn": lambda: onednn_product(xd, wd),
+                   "dx mkl": lambda: g @ wd, "dx onednn": lambda: onednn_product(g, wd.t()),
+                   "dw mkl": lambda: g.t() @ xd, "dw onednn": lambda: onednn_product(g.t(), xd.t()),
+                   "F.linear": layer(F.linear), "ours": layer(linear)}, repeats)
+        gflops = lambda key: 2 * rows * width_in * width_out / t[key] / 1e9  # noqa: E731
+        lines.append(f"| {name} | {rows} x {width_in} -> {width_out} | {gflops('fwd mkl'):.0f} / {gflops('fwd onednn'):.0f} | "
+                     f"{gflops('dx mkl'):.0f} / {gflops('dx onednn'):.0f} | {gflops('dw mkl'):.0f} / {gflops('dw onednn'):.0f} | "
+                     f"{t['F.linear'] * 1e3:.1f} | {t['ours'] * 1e3:.1f} | {t['F.linear'] / t['ours']:.2f}x |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def step_rows(size: str, batch: int, frames: int, steps: int, warmup: int) -> list[str]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import our_step_fn
+
+    sides = {choice: our_step_fn(size, batch, frames, cpu_matmul=choice)[0] for choice in ("aten", "auto")}
+    times = {choice: [] for choice in sides}
+    for i in range(warmup + steps):
+        for choice, step in sides.items():
+            started = time.perf_counter()
+            step(i)
+            if i >= warmup:
+                times[choice].append(time.perf_counter() - started)
+    ratios = [a / b for a, b in zip(times["aten"], times["auto"])]
+    line = (f"| {size} | {statistics.median(times['aten']):.3f} | {statistics.median(times['auto']):.3f} | "
+            f"**{statistics.median(ratios):.2f}x** | {min(ratios):.2f}–{max(ratios):.2f} |")
+    print(line, flush=True)
+    return ["| size | s/step, cpu_matmul=aten (MKL) | s/step, auto (oneDNN) | speed-up (median of pairs) | range |",
+            "|---|---|---|---|---|", line]
+
+
+def main(argv=None) -> list[str]:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=8 * 344)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--step", action="store_true", help="also time whole training steps, aten against auto")
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    if not onednn_available():
+        raise SystemExit("this torch has no oneDNN linear kernel for this CPU: nothing to compare")
+    torch.manual_seed(0)
+    print(f"CPU fp32 linear layers, {args.tokens} tokens, median of {args.repeats}, {torch.get_num_threads()} threads\n")
+    lines = layer_rows(args.tokens, args.repeats)
+    if args.step:
+        print(f"\ntraining steps, batch 8 x 344 frames, median of {args.steps} pairs after {args.warmup}\n")
+        lines += [""] + step_rows(args.size, 8, 344, args.steps, args.warmup)
+    return lines
+
+
+if __name__ == "__main__":
+    main()
