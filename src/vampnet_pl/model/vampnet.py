@@ -29,6 +29,7 @@ from torch import nn
 from vampnet_pl.model.attention import BACKENDS, RelativeBias, attend, relative_bucket, resolve_backend
 from vampnet_pl.model.dropout import Dropout
 from vampnet_pl.model.linear import CPU_MATMUL, Linear, linear
+from vampnet_pl.model.norm import RMSNorm
 
 
 @dataclass
@@ -173,9 +174,9 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: VampNetConfig):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = GEGLU(cfg)
         self.dropout = Dropout(cfg.dropout)
 
@@ -233,7 +234,7 @@ class VampNet(nn.Module):
             else None
         )
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # rows: codebook-major (row c * codebook_size + v); the original's classifier is vocab-major
         self.head = Linear(cfg.d_model, cfg.n_predicted_codebooks * cfg.codebook_size, bias=cfg.io_bias,
                            cpu_matmul=cfg.cpu_matmul)
