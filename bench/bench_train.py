@@ -116,7 +116,7 @@ def original_step_fn(path: str, size: str, batch: int, frames: int, seed: int = 
 
 def our_step_fn(size: str, batch: int, frames: int, seed: int = 0, **model_kwargs):
     """Our training step: MaskedTokenModule._step (masking, loss) + backward, clipping, AdamW, schedule.
-    ``model_kwargs``: further ``VampNetConfig`` fields (``bench/bench_cpu_linear.py`` sets ``cpu_matmul``)."""
+    ``model_kwargs``: further ``VampNetConfig`` fields (``bench/bench_cpu_layers.py`` sets ``cpu_matmul``)."""
     from vampnet_pl.training.optim import build_optimizer
 
     # GEGLU hidden width 2 d_model, as the original's feed-forward: the same size, parameter for parameter

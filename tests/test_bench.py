@@ -57,14 +57,15 @@ def test_cpu_attention_bench_times_every_path():
     assert set(rows) == {"sdpa", "autograd", "ours", "F.dropout", "ours: dropout"} and all(t > 0 for t in rows.values())
 
 
-def test_cpu_linear_bench_times_every_product_and_a_step():
+def test_cpu_layers_bench_times_every_product_the_norm_and_a_step():
     sys.path.insert(0, str(ROOT / "bench"))
-    from bench_cpu_linear import SMALL_LAYERS, layer_rows, step_rows
+    from bench_cpu_layers import SMALL_LAYERS, layer_rows, norm_rows, step_rows
     from vampnet_pl.model.linear import onednn_available
 
     if not onednn_available():
         pytest.skip("needs oneDNN on an x86 CPU")
     lines = layer_rows(300, 1, layers=SMALL_LAYERS[:1])
     assert lines[-1].startswith("| qkv | 300 x 512 -> 1536 |") and lines[-1].endswith("x |")
+    assert norm_rows(30, 1, width=16)[-1].startswith("| RMSNorm, 30 x 16 |")
     lines = step_rows("tiny", 2, 16, steps=1, warmup=0)
     assert lines[-1].startswith("| tiny |") and "x**" in lines[-1]

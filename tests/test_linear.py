@@ -85,6 +85,15 @@ def test_cpu_matmul_choice_is_validated():
     assert isinstance(Linear(4, 4), torch.nn.Linear)  # init, peft and FSDP see an nn.Linear
 
 
+def test_onednn_requested_where_torch_lacks_it_warns_and_uses_f_linear(monkeypatch):
+    import vampnet_pl.model.linear as module
+
+    monkeypatch.setattr(module, "onednn_available", lambda: False)
+    with pytest.warns(UserWarning, match="no oneDNN linear kernel"):
+        layer = Linear(256, 512, cpu_matmul="onednn")
+    assert layer.onednn is False and not takes_onednn(layer(torch.randn(MIN_ROWS, 256)))
+
+
 @needs_onednn
 def test_model_with_onednn_equals_the_aten_model():
     """Logits of selected tokens and every parameter's gradient, one training-mode step with frozen dropout."""

@@ -3,10 +3,11 @@
 torch 2.11 has no fused RMSNorm kernel on the CPU. There ``nn.RMSNorm`` is composed of ``pow``, ``mean``,
 ``add``, ``rsqrt`` and two products, and its backward pass of about ten more ops, most of them a pass over
 the whole activation. ``_RMSNorm`` computes the same ``x * rsqrt(mean(x^2) + eps) * weight`` with one
-reduction and two passes forward, and two reductions and four passes backward, writing in place where it
-owns the tensor. On a ``[2752, 512]`` activation, forward and backward: 10.4 ms composite, 3.2 ms here
-(BENCHMARKS.md). It applies to float32 CPU tensors outside autocast, tracing and ``torch.compile``; all
-else (GPU, bf16, tensor subclasses) is ``nn.RMSNorm``'s own forward. No double backward on that path.
+reduction and two passes forward, and two reductions and five passes backward, writing in place where it
+owns the tensor: on a ``[2752, 512]`` activation, forward and backward take 2-3x less time
+(BENCHMARKS.md, ``bench/bench_cpu_layers.py``). It applies to float32 CPU tensors outside autocast,
+tracing and ``torch.compile``; all else (GPU, bf16, tensor subclasses) is ``nn.RMSNorm``'s own forward.
+No double backward on that path.
 """
 
 from __future__ import annotations

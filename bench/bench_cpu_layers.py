@@ -1,11 +1,13 @@
-"""CPU fp32 linear layers: MKL (torch's ``F.linear``) against oneDNN (``vampnet_pl.model.linear``).
+"""CPU fp32 layers: linear products in MKL (torch's ``F.linear``) against oneDNN (``vampnet_pl.model.linear``),
+and ``nn.RMSNorm`` against ``vampnet_pl.model.norm.RMSNorm``.
 
-    PYTHONPATH=src .venv/bin/python bench/bench_cpu_linear.py            # the small model's layers
-    PYTHONPATH=src .venv/bin/python bench/bench_cpu_linear.py --step     # and whole training steps
+    PYTHONPATH=src .venv/bin/python bench/bench_cpu_layers.py            # the small model's layers
+    PYTHONPATH=src .venv/bin/python bench/bench_cpu_layers.py --step     # and whole training steps
 
 Per layer shape of the small coarse model (batch 8 x 344 frames), each product of a training step:
 forward ``x @ W.T``, input gradient ``g @ W``, weight gradient ``g.T @ x``, in GFLOP/s by MKL (aten) and
-by oneDNN, then a whole layer forward + backward, ``F.linear`` against ``linear``. Medians of
+by oneDNN, then a whole layer forward + backward, ``F.linear`` against ``linear``; then RMSNorm forward +
+backward on a ``[tokens, 512]`` activation, torch's composite ops against our function. Medians of
 ``--repeats``, every row alternating in one process (this machine's speed drifts by 10% over minutes).
 
 ``--step``: whole training steps of the small model as ``bench/bench_train.py`` times them, two modules
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from vampnet_pl.model.linear import linear, onednn_available
+from vampnet_pl.model.norm import RMSNorm
 
 SMALL_LAYERS = [("qkv", 512, 1536, 1.0), ("attention out", 512, 512, 1.0), ("ffn in", 512, 1536, 1.0),
                 ("ffn out", 768, 512, 1.0), ("head, masked tokens of one codebook", 512, 1024, 0.6)]
@@ -74,11 +77,29 @@ def layer_rows(tokens: int, repeats: int, layers=SMALL_LAYERS) -> list[str]:
     return lines
 
 
+def norm_rows(tokens: int, repeats: int, width: int = 512) -> list[str]:
+    x = (torch.randn(tokens, width) * 2).requires_grad_()
+    g = torch.randn(tokens, width)
+    ours, composite = RMSNorm(width), torch.nn.RMSNorm(width)
+
+    def row(norm):
+        def run():
+            norm(x).backward(g)
+            x.grad = norm.weight.grad = None
+        return run
+
+    t = timed({"nn.RMSNorm": row(composite), "ours": row(ours)}, repeats)
+    line = (f"| RMSNorm, {tokens} x {width} | {t['nn.RMSNorm'] * 1e3:.1f} | {t['ours'] * 1e3:.1f} | "
+            f"{t['nn.RMSNorm'] / t['ours']:.2f}x |")
+    print(line, flush=True)
+    return ["| layer, forward + backward | nn.RMSNorm ms | ours ms | speed-up |", "|---|---|---|---|", line]
+
+
 def step_rows(size: str, batch: int, frames: int, steps: int, warmup: int) -> list[str]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_train import our_step_fn
 
-    sides = {choice: our_step_fn(size, batch, frames, cpu_matmul=choice)[0] for choice in ("aten", "auto")}
+    sides = {choice: our_step_fn(size, batch, frames, cpu_matmul=choice)[0] for choice in ("aten", "auto")}  # same seed
     times = {choice: [] for choice in sides}
     for i in range(warmup + steps):
         for choice, step in sides.items():
@@ -108,6 +129,8 @@ def main(argv=None) -> list[str]:
     torch.manual_seed(0)
     print(f"CPU fp32 linear layers, {args.tokens} tokens, median of {args.repeats}, {torch.get_num_threads()} threads\n")
     lines = layer_rows(args.tokens, args.repeats)
+    print()
+    lines += [""] + norm_rows(args.tokens, args.repeats)
     if args.step:
         print(f"\ntraining steps, batch 8 x 344 frames, median of {args.steps} pairs after {args.warmup}\n")
         lines += [""] + step_rows(args.size, 8, 344, args.steps, args.warmup)
