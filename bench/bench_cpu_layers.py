@@ -52,6 +52,7 @@ def onednn_product(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def layer_rows(tokens: int, repeats: int, layers=SMALL_LAYERS) -> list[str]:
     lines = ["| layer | rows x in -> out | forward MKL / oneDNN GFLOP/s | input grad MKL / oneDNN | "
              "weight grad MKL / oneDNN | layer fwd+bwd F.linear ms | ours ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for name, width_in, width_out, share in layers:
         rows = int(tokens * share)
         x = torch.randn(rows, width_in, requires_grad=True)
@@ -89,10 +90,11 @@ def norm_rows(tokens: int, repeats: int, width: int = 512) -> list[str]:
         return run
 
     t = timed({"nn.RMSNorm": row(composite), "ours": row(ours)}, repeats)
-    line = (f"| RMSNorm, {tokens} x {width} | {t['nn.RMSNorm'] * 1e3:.1f} | {t['ours'] * 1e3:.1f} | "
-            f"{t['nn.RMSNorm'] / t['ours']:.2f}x |")
-    print(line, flush=True)
-    return ["| layer, forward + backward | nn.RMSNorm ms | ours ms | speed-up |", "|---|---|---|---|", line]
+    lines = ["| layer, forward + backward | nn.RMSNorm ms | ours ms | speed-up |", "|---|---|---|---|",
+             f"| RMSNorm, {tokens} x {width} | {t['nn.RMSNorm'] * 1e3:.1f} | {t['ours'] * 1e3:.1f} | "
+             f"{t['nn.RMSNorm'] / t['ours']:.2f}x |"]
+    print("\n".join(lines), flush=True)
+    return lines
 
 
 def step_rows(size: str, batch: int, frames: int, steps: int, warmup: int) -> list[str]:
@@ -108,11 +110,12 @@ def step_rows(size: str, batch: int, frames: int, steps: int, warmup: int) -> li
             if i >= warmup:
                 times[choice].append(time.perf_counter() - started)
     ratios = [a / b for a, b in zip(times["aten"], times["auto"])]
-    line = (f"| {size} | {statistics.median(times['aten']):.3f} | {statistics.median(times['auto']):.3f} | "
-            f"**{statistics.median(ratios):.2f}x** | {min(ratios):.2f}–{max(ratios):.2f} |")
-    print(line, flush=True)
-    return ["| size | s/step, cpu_matmul=aten (MKL) | s/step, auto (oneDNN) | speed-up (median of pairs) | range |",
-            "|---|---|---|---|---|", line]
+    lines = ["| size | s/step, cpu_matmul=aten (MKL) | s/step, auto (oneDNN) | speed-up (median of pairs) | range |",
+             "|---|---|---|---|---|",
+             f"| {size} | {statistics.median(times['aten']):.3f} | {statistics.median(times['auto']):.3f} | "
+             f"**{statistics.median(ratios):.2f}x** | {min(ratios):.2f}–{max(ratios):.2f} |"]
+    print("\n".join(lines), flush=True)
+    return lines
 
 
 def main(argv=None) -> list[str]:

@@ -27,14 +27,19 @@ def grads(layer_fn, x, weight, bias, upstream):
     return y, x.grad, weight.grad, None if bias is None else bias.grad
 
 
+INPUTS = {"contiguous": lambda: torch.randn(3, 100, 256), "2-d": lambda: torch.randn(300, 256),
+          "sliced": lambda: torch.randn(3, 5, 120, 256)[:, :, :100],
+          "transposed": lambda: torch.randn(3, 256, 100).transpose(1, 2)}
+
+
 @needs_onednn
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("layout", list(INPUTS))
 def test_onednn_linear_equals_f_linear_forward_and_backward(with_bias, layout):
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 120, 256)[:, :, :100] if layout == "contiguous" else torch.randn(3, 256, 100).transpose(1, 2)
+    x = INPUTS[layout]()
     weight, bias = torch.randn(384, 256) / 16, torch.randn(384) if with_bias else None
-    upstream = torch.randn(*x.shape[:-1], 384)
+    upstream = torch.randn(384, *x.shape[:-1]).movedim(0, -1)  # a non-contiguous incoming gradient
     ours = grads(linear, x, weight, bias, upstream)
     reference = grads(F.linear, x, weight, bias, upstream)
     assert takes_onednn(ours[0]) and not takes_onednn(reference[0])
@@ -60,6 +65,25 @@ def test_frozen_weight_and_double_backward():
 
     torch.testing.assert_close(hessian_vector(linear), hessian_vector(F.linear), rtol=1e-4, atol=1e-2)
 
+    def weight_grad_by_input(fn):  # d/dx of <dL/dW, v>: the weight gradient's dependence on x
+        inputs, w = x.detach().clone().requires_grad_(), weight.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(fn(inputs, w).square().sum(), w, create_graph=True)
+        return torch.autograd.grad(gw.sum(), inputs)[0]
+
+    torch.testing.assert_close(weight_grad_by_input(linear), weight_grad_by_input(F.linear), rtol=1e-4, atol=1e-2)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(MIN_ROWS, 256), (2, MIN_ROWS, 256)])
+def test_the_output_may_be_modified_in_place(shape):
+    x, weight = torch.randn(shape, requires_grad=True), torch.randn(512, 256, requires_grad=True)
+    y = linear(x, weight)
+    assert takes_onednn(y)
+    y.add_(1.0).relu_()  # as nn.Linear's output allows (peft variants add into it)
+    y.sum().backward()
+    reference = F.linear(x, weight).add_(1.0).relu_()
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-4)
+
 
 @needs_onednn
 def test_onednn_is_taken_only_where_it_pays():
@@ -69,6 +93,8 @@ def test_onednn_is_taken_only_where_it_pays():
     assert not takes_onednn(linear(big[: MIN_ROWS - 1], weight))  # few rows: MKL is faster
     assert not takes_onednn(linear(torch.randn(4096, 64), torch.randn(192, 64, requires_grad=True)))  # small weight
     assert not takes_onednn(linear(big, weight, onednn=False))
+    assert not takes_onednn(Linear(256, 512, cpu_matmul="aten")(big))
+    assert takes_onednn(Linear(256, 512, cpu_matmul="auto")(big))
     assert not takes_onednn(linear(big.double(), weight.double()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = linear(big, weight)
@@ -104,11 +130,15 @@ def test_model_with_onednn_equals_the_aten_model():
     reference.load_state_dict(ours.state_dict())
     codes = torch.randint(0, 1024, (4, 4, 100))
     mask = torch.rand(4, 4, 100) < 0.7
+    taken = []
+    ours.blocks[0].ffn.ffn_in.register_forward_hook(lambda m, i, o: taken.append(takes_onednn(o)))
+    ours.blocks[0].attn_norm.register_forward_hook(lambda m, i, o: taken.append("RMSNorm" in type(o.grad_fn).__name__))
     outputs = []
     for model in (ours, reference):
         logits = model(codes, mask, select=mask)
         logits.logsumexp(-1).sum().backward()
         outputs.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    assert taken == [True, True]  # the model's layers took the CPU functions (its norm: model/norm.py)
     torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-4, atol=1e-4)
     for name, grad in outputs[1][1].items():
         torch.testing.assert_close(outputs[0][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)

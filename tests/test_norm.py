@@ -25,11 +25,20 @@ def test_cpu_rmsnorm_equals_torch_forward_and_backward(eps, layout):
         ours.weight.normal_()
     reference.load_state_dict(ours.state_dict())
     x = torch.randn(3, 20, 48) * 3 if layout == "contiguous" else torch.randn(3, 48, 20).transpose(1, 2)
-    upstream = torch.randn(3, 20, 48)
+    upstream = torch.randn(3, 20, 48) if layout == "contiguous" else torch.randn(48, 3, 20).permute(1, 2, 0)
     got, want = run(ours, x, upstream), run(reference, x, upstream)
     assert "RMSNorm" in type(got[0].grad_fn).__name__ and "RMSNorm" not in type(want[0].grad_fn).__name__
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_output_may_be_modified_in_place():
+    norm, x = RMSNorm(16), torch.randn(4, 16, requires_grad=True)
+    y = norm(x)
+    assert "RMSNorm" in type(y.grad_fn).__name__
+    y.add_(1.0).relu_().sum().backward()
+    reference = torch.nn.RMSNorm(16)(x.detach()).add_(1.0).relu_()
+    torch.testing.assert_close(y, reference)
 
 
 def test_frozen_weight_input_without_grad_and_fallbacks():

@@ -10,7 +10,8 @@ operand is transposed, is as fast as oneDNN's or faster. BENCHMARKS.md has the n
 oneDNN only where it pays: float32 tensors on the CPU, at least ``MIN_ROWS`` rows, a weight of at least
 ``MIN_WEIGHT`` entries, no autocast. Small products run faster in MKL. Everything else is plain ``F.linear``:
 GPU, bf16, autocast, tensor subclasses (DTensor), tracing and ``torch.compile``. The results are fp32
-products (no reduced-precision accumulation), equal to MKL's within float rounding.
+products (no reduced-precision accumulation), equal to MKL's within float rounding. Activation-checkpoint
+policies that pick ops to save by name see ``mkldnn._linear_pointwise``, not ``aten.mm``.
 
 ``VampNetConfig.cpu_matmul`` chooses: ``auto`` (oneDNN where torch has it on an x86 CPU), ``onednn`` (the
 same, with a warning where torch lacks it) or ``aten`` (always ``F.linear``).
@@ -54,8 +55,9 @@ def use_onednn(cpu_matmul: str) -> bool:
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+        return False  # before anything dynamo cannot trace (onednn_available reads the platform)
+    return (onednn_available() and x.device.type == weight.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32
             and type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter)
             and (bias is None or (type(bias) in (torch.Tensor, nn.Parameter) and bias.dtype == torch.float32))
             and weight.dim() == 2 and weight.numel() >= MIN_WEIGHT and x.dim() >= 2
@@ -77,26 +79,27 @@ def _product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 class _OneDnnLinear(torch.autograd.Function):
     """``x @ weight.T + bias``: forward and input gradient by oneDNN, weight gradient by aten's ``mm``.
 
-    The backward pass is itself differentiable (double backward works), as ``nn.Linear``'s is."""
+    The backward pass is made of differentiable ops on the saved inputs, so double backward works, as
+    ``nn.Linear``'s does. The output is not a view (``_unsafe_view``): callers may modify it in place."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        ctx.save_for_backward(rows, weight)
-        ctx.input_shape, ctx.has_bias = x.shape, bias is not None
-        return _product(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        out = _product(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
+        return out if x.dim() == 2 else torch.ops.aten._unsafe_view(out, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")  # autocast as in the forward pass: off
     def backward(ctx, grad: torch.Tensor):
-        rows, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:  # grad @ weight, as a linear layer with weight.T (oneDNN reads it transposed)
-            grad_x = linear(grad_rows, weight.t()).view(ctx.input_shape)
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_rows.t() @ rows
+            grad_x = linear(grad_rows, weight.t()).reshape(x.shape)
+        if ctx.needs_input_grad[1]:  # rows from x here, not saved, so that a double backward reaches x
+            grad_weight = grad_rows.t() @ x.reshape(-1, x.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)
         return grad_x, grad_weight, grad_bias
@@ -105,8 +108,8 @@ class _OneDnnLinear(torch.autograd.Function):
 class Linear(nn.Linear):
     """``nn.Linear`` whose CPU fp32 forward and input gradient may run in oneDNN (``cpu_matmul``)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, cpu_matmul: str = "auto",
-                 device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 cpu_matmul: str = "auto"):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.onednn = use_onednn(cpu_matmul)
 

@@ -1,10 +1,10 @@
 """RMSNorm: ``nn.RMSNorm``, with a CPU autograd function that makes fewer passes over memory.
 
-torch 2.11 has no fused RMSNorm kernel on the CPU. There ``nn.RMSNorm`` is composed of ``pow``, ``mean``,
+In torch 2.11 ``nn.RMSNorm`` on the CPU is composite (its autograd graph shows the ops): ``pow``, ``mean``,
 ``add``, ``rsqrt`` and two products, and its backward pass of about ten more ops, most of them a pass over
 the whole activation. ``_RMSNorm`` computes the same ``x * rsqrt(mean(x^2) + eps) * weight`` with one
 reduction and two passes forward, and two reductions and five passes backward, writing in place where it
-owns the tensor: on a ``[2752, 512]`` activation, forward and backward take 2-3x less time
+owns the tensor: on a ``[2752, 512]`` activation, forward and backward take about half the time
 (BENCHMARKS.md, ``bench/bench_cpu_layers.py``). It applies to float32 CPU tensors outside autocast,
 tracing and ``torch.compile``; all else (GPU, bf16, tensor subclasses) is ``nn.RMSNorm``'s own forward.
 No double backward on that path.
@@ -20,37 +20,34 @@ from torch.autograd.function import once_differentiable
 def _applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    return (weight is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter)
-            and not torch.is_autocast_enabled("cpu"))
+    return (weight is not None and x.device.type == weight.device.type == "cpu" and x.dim() >= 2
+            and x.dtype == weight.dtype == torch.float32 and type(x) is torch.Tensor
+            and type(weight) in (torch.Tensor, nn.Parameter) and not torch.is_autocast_enabled("cpu"))
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        width = x.shape[-1]
-        rows = x.reshape(-1, width)
-        rstd = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().div_(width).add_(eps).rsqrt_()
-        ctx.save_for_backward(rows, weight, rstd)
-        ctx.input_shape = x.shape
-        return torch.mul(rows, rstd).mul_(weight).view(x.shape)
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.mul(x, rstd).mul_(weight)  # not a view of an intermediate: callers may modify it in place
 
     @staticmethod
     @once_differentiable
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad: torch.Tensor):
-        rows, weight, rstd = ctx.saved_tensors
-        width = rows.shape[-1]
-        grad = grad.reshape(-1, width)
+        x, weight, rstd = ctx.saved_tensors
         grad_normed = grad * weight  # the gradient with respect to x * rstd
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.mul(rows, rstd).mul_(grad).sum(0)
+            grad_weight = torch.mul(x, rstd).mul_(grad).sum(dim=tuple(range(x.dim() - 1)))
         if not ctx.needs_input_grad[0]:
             return None, grad_weight, None
         # d/dx of x * rstd: rstd * (g - x * rstd^2 * mean(g * x))
-        coefficient = torch.linalg.vecdot(grad_normed, rows, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(width)
-        grad_x = grad_normed.mul_(rstd).addcmul_(rows, coefficient, value=-1)
-        return grad_x.view(ctx.input_shape), grad_weight, None
+        coefficient = torch.linalg.vecdot(grad_normed, x, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
+        grad_x = grad_normed.mul_(rstd).addcmul_(x, coefficient, value=-1)
+        return grad_x, grad_weight, None
 
 
 class RMSNorm(nn.RMSNorm):
