@@ -24,6 +24,21 @@ from vampnet_pl.model.attention import attention_with_dropout
 from vampnet_pl.model.dropout import dropout, keep_mask
 
 
+def alternating(runs: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` calls per run, the runs alternating (this machine's speed drifts over
+    minutes, so alternation keeps their ratios fair), after ``warmup`` untimed rounds."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
 def composed_attention(q, k, v, mask, p):
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     probs = (scores + mask).softmax(-1)
@@ -63,14 +78,7 @@ def main(argv=None) -> list[str]:
             "ours": attention_row(attention_with_dropout),
             "F.dropout": dropout_row(lambda x, p: F.dropout(x, p)),
             "ours: dropout": dropout_row(dropout)}
-    times = {name: [] for name in rows}
-    for name, run in rows.items():
-        run()  # warm-up
-    for _ in range(args.repeats):
-        for name, run in rows.items():
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
+    times = alternating(rows, args.repeats)
     lines = [f"CPU attention with dropout p={args.p}, q/k/v {list(shape)}, forward + backward; dropout on "
              f"{list(activation.shape)}; median of {args.repeats}, {torch.get_num_threads()} threads", "",
              "| path | ms |", "|---|---|"]

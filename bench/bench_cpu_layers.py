@@ -18,9 +18,9 @@ per-pair ratios.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,20 +29,15 @@ import torch.nn.functional as F
 from vampnet_pl.model.linear import linear, onednn_available
 from vampnet_pl.model.norm import RMSNorm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_attention import alternating  # noqa: E402
+
 SMALL_LAYERS = [("qkv", 512, 1536, 1.0), ("attention out", 512, 512, 1.0), ("ffn in", 512, 1536, 1.0),
                 ("ffn out", 768, 512, 1.0), ("head, masked tokens of one codebook", 512, 1024, 0.6)]
 
 
-def timed(rows: dict, repeats: int) -> dict:
-    for run in rows.values():
-        run()  # warm-up
-    times = {name: [] for name in rows}
-    for _ in range(repeats):
-        for name, run in rows.items():
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(t) for name, t in times.items()}
+def timed(runs: dict, repeats: int) -> dict[str, float]:
+    return {name: statistics.median(t) for name, t in alternating(runs, repeats).items()}
 
 
 def onednn_product(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -98,17 +93,13 @@ def norm_rows(tokens: int, repeats: int, width: int = 512) -> list[str]:
 
 
 def step_rows(size: str, batch: int, frames: int, steps: int, warmup: int) -> list[str]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_train import our_step_fn
 
-    sides = {choice: our_step_fn(size, batch, frames, cpu_matmul=choice)[0] for choice in ("aten", "auto")}  # same seed
-    times = {choice: [] for choice in sides}
-    for i in range(warmup + steps):
-        for choice, step in sides.items():
-            started = time.perf_counter()
-            step(i)
-            if i >= warmup:
-                times[choice].append(time.perf_counter() - started)
+    sides = {}
+    for choice in ("aten", "auto"):  # the same seed: the same weights and batches
+        step, index = our_step_fn(size, batch, frames, cpu_matmul=choice)[0], itertools.count()
+        sides[choice] = lambda step=step, index=index: step(next(index))
+    times = alternating(sides, steps, warmup)
     ratios = [a / b for a, b in zip(times["aten"], times["auto"])]
     lines = ["| size | s/step, cpu_matmul=aten (MKL) | s/step, auto (oneDNN) | speed-up (median of pairs) | range |",
              "|---|---|---|---|---|",

@@ -7,8 +7,9 @@ numbers a layer). On the CPU this module draws 64-bit words from NumPy's SFC64 g
 generator (so ``torch.manual_seed`` and the per-step seeding govern it, as before), cuts each word
 into four signed 16-bit lanes and keeps an element when its lane is at or above
 :func:`drop_threshold` (``round(p * 2**16) - 2**15``): the same Bernoulli keep mask, at about a
-seventh of the cost. :func:`keep_factors` writes that mask as 0/1 floats, the form the model multiplies by. The drop probability is ``p`` rounded to a
-multiple of ``2**-16`` (0.1 becomes 0.100006); kept values are scaled by ``1 / (1 - p)`` as in
+seventh of the cost. :func:`keep_factors` writes that mask as 0/1 floats, the form the model
+multiplies by. The drop probability is ``p`` rounded to a multiple of ``2**-16`` (0.1 becomes
+0.100006); kept values are scaled by ``1 / (1 - p)`` as in
 ``F.dropout``. Other devices use ``F.dropout`` (its fused kernels). The random stream is not
 ``F.dropout``'s, so a CPU run is reproducible against itself, not bit for bit against torch's dropout.
 """

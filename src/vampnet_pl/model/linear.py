@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vampnet_pl.model.cpu_path import eager_cpu_float32
+
 CPU_MATMUL = ("auto", "onednn", "aten")
 MIN_ROWS = 256  # below: oneDNN is slower than MKL (measured at 32–192 rows: 0.4–0.9x)
 MIN_WEIGHT = 1 << 16  # below (the tiny model's 64 x 192 qkv): no gain at any row count
@@ -54,14 +56,9 @@ def use_onednn(cpu_matmul: str) -> bool:
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False  # before anything dynamo cannot trace (onednn_available reads the platform)
-    return (onednn_available() and x.device.type == weight.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32
-            and type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter)
-            and (bias is None or (type(bias) in (torch.Tensor, nn.Parameter) and bias.dtype == torch.float32))
+    return (eager_cpu_float32(x, weight, bias) and onednn_available()  # in this order: see eager_cpu_float32
             and weight.dim() == 2 and weight.numel() >= MIN_WEIGHT and x.dim() >= 2
-            and x.numel() >= MIN_ROWS * weight.shape[1] and not torch.is_autocast_enabled("cpu"))
+            and x.numel() >= MIN_ROWS * weight.shape[1])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

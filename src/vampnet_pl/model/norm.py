@@ -16,13 +16,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-
-def _applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
-    return (weight is not None and x.device.type == weight.device.type == "cpu" and x.dim() >= 2
-            and x.dtype == weight.dtype == torch.float32 and type(x) is torch.Tensor
-            and type(weight) in (torch.Tensor, nn.Parameter) and not torch.is_autocast_enabled("cpu"))
+from vampnet_pl.model.cpu_path import eager_cpu_float32
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -54,7 +48,8 @@ class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` (same parameters and state dict) whose CPU fp32 path is one autograd function."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.normalized_shape) == 1 and _applies(x, self.weight):
+        if (self.weight is not None and len(self.normalized_shape) == 1 and x.dim() >= 2
+                and eager_cpu_float32(x, self.weight)):
             eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
             return _RMSNorm.apply(x, self.weight, eps)
         return super().forward(x)
