@@ -86,6 +86,7 @@ def test_vampnet_recipes_are_the_originals(name, model, window, cutoff, lora):
     assert (cfg.optim.scheduler, cfg.optim.lr, cfg.trainer.gradient_clip_val) == ("noam", 2.0, 5.0)
     fine_tune = name in ("vampnet_finetune", "vampnet_lora")
     assert (cfg.optim.warmup_steps, cfg.data.batch_size) == ((500, 6) if fine_tune else (10000, 8))
+    assert cfg.batch_sizing.global_batch == cfg.data.batch_size  # over all GPUs, as audiotools divides it
     assert (cfg.lora is not None) == lora
     if lora:
         assert (cfg.lora.r, cfg.lora.alpha, list(cfg.lora.target_modules)) == (8, 1, ["q", "v", "out", "ffn_in", "ffn_out"])

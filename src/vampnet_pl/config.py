@@ -163,6 +163,27 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["qkv", "out", "ffn_in", "ffn_out"])
 
 
+class BatchSizing(str, Enum):
+    fixed = "fixed"  # micro-batches of data.batch_size
+    auto = "auto"  # on CUDA: the largest micro-batch that fits, measured (training/batch_size.py); elsewhere as fixed
+
+
+@dataclass
+class BatchSizingConfig:
+    """How the global batch (examples per optimiser step over all ranks) is split into micro-batches."""
+
+    mode: BatchSizing = BatchSizing.auto
+    # None: data.batch_size x trainer.accumulate_grad_batches x ranks
+    global_batch: Optional[int] = None
+    memory_fraction: float = 0.85  # of the GPU's memory a training step may reserve (auto)
+
+    def __post_init__(self):
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"batch_sizing.memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ValueError(f"batch_sizing.global_batch must be >= 1, got {self.global_batch}")
+
+
 class LossWeighting(str, Enum):
     none = "none"  # mean cross-entropy over the batch's masked tokens (VampNet)
     diffusion = "diffusion"  # masked-diffusion ELBO style: per example |d gamma/d r| x mean CE of its masked tokens
@@ -184,6 +205,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    batch_sizing: BatchSizingConfig = field(default_factory=BatchSizingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     strategy: Any = None  # a _target_ node from conf/strategy/
     logger: Any = None  # a _target_ node from conf/logger/

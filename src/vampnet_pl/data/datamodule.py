@@ -389,6 +389,8 @@ class CodesDataModule(L.LightningDataModule):
         if missing:
             raise ValueError(f"without a dataset_dir (index.json), set {', '.join(missing)}")
         self.window_frames = window_frames(window_seconds, self.sample_rate, self.hop_length)
+        # Training batches as served (AutoBatchSize may split each batch into micro-batches).
+        self.train_batch_size, self.train_batches_per_epoch = batch_size, batches_per_epoch
         self.val_windows: list[np.ndarray] | None = None
         self.val_skips = self._skip_counter("validation data")
 
@@ -445,8 +447,8 @@ class CodesDataModule(L.LightningDataModule):
             self.train_urls,
             self.window_frames,
             self.n_codebooks,
-            self.hparams.batch_size,
-            batches_per_worker=max(1, self.hparams.batches_per_epoch // workers),
+            self.train_batch_size,
+            batches_per_worker=max(1, self.train_batches_per_epoch // workers),
             fingerprint=self.fingerprint,
             max_windows_per_sample=self.hparams.max_windows_per_sample,
             shuffle_buffer=self.hparams.shuffle_buffer,
@@ -462,6 +464,18 @@ class CodesDataModule(L.LightningDataModule):
             max_skip_rate=self.hparams.max_skip_rate,
             skip_rate_min_samples=self.hparams.skip_rate_min_samples,
         )
+
+    def serve_micro_batches(self, micro_batch: int, accumulation: int) -> None:
+        """Serve training batches of ``micro_batch`` windows, ``accumulation`` of them per optimiser step.
+
+        An epoch keeps its ``batch_size x batches_per_epoch`` windows, rounded to whole optimiser steps.
+        Call before the train dataloader is built.
+        """
+        if micro_batch < 1 or accumulation < 1:
+            raise ValueError(f"micro_batch and accumulation must be >= 1, got {micro_batch} and {accumulation}")
+        windows = self.hparams.batch_size * self.hparams.batches_per_epoch
+        steps = max(1, round(windows / (micro_batch * accumulation)))
+        self.train_batch_size, self.train_batches_per_epoch = micro_batch, steps * accumulation
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()

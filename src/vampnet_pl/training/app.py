@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import TrainConfig, conf_dir
+from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth
 from vampnet_pl.training.checkpointing import AtomicCheckpointIO, remove_checkpoint_leftovers
 from vampnet_pl.training.slurm import SlurmRequeue, cluster_plugins, describe, requeue_enabled, slurm_layout
@@ -73,6 +74,7 @@ def build(cfg: DictConfig):
         codebook_tables=codec.codebook_tables(model_cfg.embedding)[: model_cfg.n_codebooks],
     )
     callbacks = [hydra.utils.instantiate(node) for node in (cfg.callbacks or {}).values()]
+    callbacks.append(AutoBatchSize(schema.batch_sizing))  # micro-batch and accumulation, before the data loads
     callbacks.append(DataHealth())  # skip counts as metrics, the skip-rate limit over all ranks, the closing summary
     if requeue_enabled(schema.slurm.requeue):
         callbacks.append(SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -32,6 +32,18 @@ from vampnet_pl.training.optim import OptimConfig, build_optimizer
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0)
 LOSS_WEIGHTINGS = ("none", "diffusion")
 VAL_METRICS = ("loss", "acc1", "acc25")
+
+
+class MaskedLoss(NamedTuple):
+    """One batch's loss and what its metrics read (``logits``: every token's, on sampled steps only)."""
+
+    loss: torch.Tensor
+    selected_logits: torch.Tensor  # [masked tokens, V], packed order
+    selected_target: torch.Tensor
+    logits: torch.Tensor | None  # [B, P, T, V]
+    target: torch.Tensor  # [B, P, T]
+    masked: torch.Tensor  # [B, P, T] bool
+    ratios: torch.Tensor  # [B] mask ratio of each example
 
 
 def _as(cls, value):
@@ -149,7 +161,21 @@ class MaskedTokenModule(L.LightningModule):
     def _step(self, batch: dict, stage: str = "train", batch_idx: int = 0, sampled: bool | None = None) -> torch.Tensor:
         """Masks, loss and metrics of one batch. ``sampled``: also the top-k metrics (they need every token's
         logits); by default on every ``train_metrics_every_n_steps``-th training step and in other stages."""
-        codes = batch["codes"]
+        if sampled is None:  # top-k metrics are costly: sample train steps
+            sampled = stage != "train" or self.global_step % max(1, self.hparams.train_metrics_every_n_steps) == 0
+        out = self.masked_loss(batch["codes"], sampled)
+        # The finiteness check reads the loss on the host: on an accelerator only on sampled steps (no sync per step).
+        if (sampled or out.loss.device.type == "cpu") and not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"{stage} loss is {out.loss.item()} at global step {self.global_step}: lower optim.lr, check the data, "
+                "or try trainer.precision=32"
+            )
+        self._update_metrics(stage, *out, sampled)
+        return out.loss
+
+    def masked_loss(self, codes: torch.Tensor, sampled: bool) -> MaskedLoss:
+        """Draw the training masks for ``codes`` and compute the loss (no metrics, no logging).
+        ``sampled``: the model makes every token's logits (top-k metrics need them), not only the masked ones."""
         cfg = self.cfg
         if self.hparams.loss_weighting == "diffusion":
             draw = self.masker.draw(codes)
@@ -158,8 +184,6 @@ class MaskedTokenModule(L.LightningModule):
             (mask, ratios), weights = self.masker(codes), None
         target = codes[:, cfg.n_conditioning_codebooks :]
         masked = mask[:, cfg.n_conditioning_codebooks :]
-        if sampled is None:  # top-k metrics are costly: sample train steps
-            sampled = stage != "train" or self.global_step % max(1, self.hparams.train_metrics_every_n_steps) == 0
         # The loss is on masked tokens only, in packed order; the head runs on them alone unless metrics need it all.
         if sampled:
             logits = self.model(codes, mask, check_range=False)  # [B, P, T, V]
@@ -177,14 +201,7 @@ class MaskedTokenModule(L.LightningModule):
             per_example = torch.zeros(codes.shape[0], device=codes.device).index_add(0, example, per_token)
             per_example = per_example / masked.flatten(1).sum(1).clamp_min(1)
             loss = (weights.to(per_example) * per_example).mean()
-        # The finiteness check reads the loss on the host: on an accelerator only on sampled steps (no sync per step).
-        if (sampled or loss.device.type == "cpu") and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{stage} loss is {loss.item()} at global step {self.global_step}: lower optim.lr, check the data, "
-                "or try trainer.precision=32"
-            )
-        self._update_metrics(stage, loss, selected_logits, selected_target, logits, target, masked, ratios, sampled)
-        return loss
+        return MaskedLoss(loss, selected_logits, selected_target, logits, target, masked, ratios)
 
     @torch.no_grad()
     def _update_metrics(self, stage, loss, selected_logits, selected_target, logits, target, masked, ratios,

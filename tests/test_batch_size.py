@@ -1,0 +1,192 @@
+"""Batch sizing: the micro-batch search, the split of the global batch, and the callback in real runs.
+
+Device memory is simulated on the CPU (``memory_probe_train.FakeMemory``); the probes themselves are real
+training steps. ``test_auto_batch_size_on_cuda`` measures a real GPU where one is present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+from memory_probe_train import GIB, FakeMemory
+from test_train import compose, overrides
+from vampnet_pl.config import BatchSizingConfig, UsageError
+from vampnet_pl.config import compose as compose_checked
+from vampnet_pl.training.app import build
+from vampnet_pl.training.batch_size import (AutoBatchSize, BatchDoesNotFit, BatchSplit, fit_micro_batch,
+                                            largest_divisor, optimizer_state_bytes, probe_supported,
+                                            split_for)
+
+
+def affine(base: float, per_example: float, out_of_memory_above: float = float("inf")):
+    probed = []
+
+    def measure(batch: int):
+        probed.append(batch)
+        peak = base + per_example * batch
+        return None if peak > out_of_memory_above else int(peak)
+
+    return measure, probed
+
+
+def test_the_whole_batch_is_one_probe_when_it_fits():
+    measure, probed = affine(10, 3)
+    assert fit_micro_batch(8, 100, measure).micro_batch == 8 and probed == [8]
+
+
+def test_the_largest_divisor_under_the_budget_is_found_from_a_line_and_verified():
+    measure, probed = affine(10, 3, out_of_memory_above=150)
+    fit = fit_micro_batch(64, 100, measure)  # 10 + 3 b <= 100: b <= 30; the divisors of 64 below: 16
+    assert fit.micro_batch == 16 and probed == [64, 1, 2, 16]
+    assert fit.peaks == {64: None, 1: 13, 2: 16, 16: 58}
+    measure, probed = affine(10, 3)
+    assert fit_micro_batch(64, 100, measure, largest_first=False).micro_batch == 16 and probed == [1, 2, 16]
+    measure, probed = affine(10, 3)
+    assert fit_micro_batch(12, 30, measure, largest_first=False).micro_batch == 6  # 28 bytes; 12 would need 46
+
+
+def test_a_prediction_that_does_not_fit_steps_down_and_one_that_undershoots_steps_up():
+    def superlinear(batch):  # grows faster than the line through 1 and 2 predicts
+        return 10 + 3 * batch + batch * batch
+
+    fit = fit_micro_batch(32, 200, superlinear, largest_first=False)
+    assert fit.micro_batch == 8 and superlinear(8) <= 200 < superlinear(16)
+
+    def fixed_overhead_at_one(batch):  # the first example costs more: the line from 1 and 2 is too steep
+        return 100 + 10 * batch + (50 if batch == 1 else 0)
+
+    fit = fit_micro_batch(64, 450, fixed_overhead_at_one, largest_first=False)
+    assert fit.micro_batch == 32 and fixed_overhead_at_one(32) <= 450 < fixed_overhead_at_one(64)
+
+
+def test_nothing_fits_is_a_clear_error_and_one_example_a_rank_needs_one_probe():
+    measure, _ = affine(50, 60)
+    with pytest.raises(BatchDoesNotFit, match="1 example"):
+        fit_micro_batch(8, 100, measure)
+    measure, _ = affine(0, 0, out_of_memory_above=-1)
+    with pytest.raises(BatchDoesNotFit, match="more memory than the device has"):
+        fit_micro_batch(4, 100, measure)
+    measure, probed = affine(10, 3)
+    assert fit_micro_batch(1, 100, measure).micro_batch == 1 and probed == [1]
+
+
+def test_the_global_batch_is_split_exactly_or_refused():
+    assert split_for(64, 4, 8) == BatchSplit(8, 2, 4) and split_for(64, 4, 8).global_batch == 64
+    with pytest.raises(ValueError, match="multiple of the 3 ranks"):
+        split_for(64, 3, 8)
+    with pytest.raises(ValueError, match="do not divide"):
+        split_for(24, 1, 16)
+    assert largest_divisor(12, 8) == 6 and largest_divisor(8, 8) == 8 and largest_divisor(7, 4) == 1
+
+
+def test_batch_sizing_settings_are_checked_at_compose_time():
+    cfg = compose_checked("train", ["batch_sizing.global_batch=64", "batch_sizing.mode=fixed"])
+    assert cfg.batch_sizing.global_batch == 64 and cfg.batch_sizing.mode.value == "fixed"
+    for bad in ("batch_sizing.mode=largest", "batch_sizing.memory_fraction=1.5", "batch_sizing.global_batch=0",
+                "batch_sizing.budget=3"):
+        with pytest.raises(UsageError):
+            compose_checked("train", [bad])
+
+
+def test_probes_run_only_under_strategies_whose_model_they_can_call():
+    assert probe_supported(SingleDeviceStrategy("cpu")) and probe_supported(DDPStrategy())
+    assert not probe_supported(FSDPStrategy()) and not probe_supported(DeepSpeedStrategy())
+
+
+def test_optimizer_state_is_counted_until_it_exists():
+    weights = torch.nn.Linear(10, 10)
+    optimizer = torch.optim.AdamW(weights.parameters())
+    assert optimizer_state_bytes([optimizer]) == 2 * 110 * 4
+    weights(torch.ones(2, 10)).sum().backward()
+    optimizer.step()
+    assert optimizer_state_bytes([optimizer]) == 0
+    assert optimizer_state_bytes([torch.optim.SGD(weights.parameters(), lr=0.1)]) == 0
+
+
+def _runs(tmp_path, prepared, codec_path, *extra):
+    return build(compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=2", *extra)))
+
+
+def _sizer(trainer) -> AutoBatchSize:
+    (sizer,) = [c for c in trainer.callbacks if isinstance(c, AutoBatchSize)]
+    return sizer
+
+
+def test_a_run_trains_on_the_micro_batch_that_fits_with_accumulation_making_up_the_batch(prepared, codec_path,
+                                                                                          tmp_path):
+    module, datamodule, trainer, _ = _runs(tmp_path, prepared, codec_path, "data.batches_per_epoch=4")
+    sizer = _sizer(trainer)
+    sizer.memory = FakeMemory(GIB, GIB, 8 * GIB)  # budget 0.85 x 8 GiB: 1 + b <= 6.8, and 8 examples run out
+    seen = []
+    trainer.callbacks.append(L.Callback())
+    trainer.callbacks[-1].on_train_batch_start = lambda trainer, module, batch, index: seen.append(len(batch["codes"]))
+    trainer.fit(module, datamodule=datamodule)
+    assert sizer.memory.started == [8, 1, 2, 4]
+    assert sizer.split == BatchSplit(4, 2, 1) and trainer.accumulate_grad_batches == 2
+    assert seen == [4, 4, 4, 4] and trainer.global_step == 2  # two optimiser steps of 8 examples
+    assert datamodule.train_batch_size == 4 and datamodule.train_batches_per_epoch == 8  # 32 windows an epoch, kept
+
+
+def test_probes_leave_no_gradients_and_the_random_state_as_it_was(prepared, codec_path, tmp_path):
+    module, datamodule, trainer, _ = _runs(tmp_path, prepared, codec_path)
+    datamodule.setup("fit")
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    state = torch.get_rng_state()
+    peak = AutoBatchSize._probe(trainer, module, FakeMemory(0, 1, 100), 2, datamodule.window_frames)
+    assert peak == 2
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in module.parameters())
+    out_of_memory = AutoBatchSize._probe(trainer, module, FakeMemory(0, 1, 1), 2, datamodule.window_frames)
+    assert out_of_memory is None and all(p.grad is None for p in module.parameters())
+
+
+def test_fixed_sizing_and_cpu_runs_keep_the_micro_batch_and_make_up_a_global_batch(prepared, codec_path, tmp_path):
+    module, datamodule, trainer, _ = _runs(tmp_path, prepared, codec_path, "data.batches_per_epoch=4",
+                                           "batch_sizing.global_batch=16")
+    trainer.fit(module, datamodule=datamodule)  # auto, but no CUDA: nothing is measured
+    assert _sizer(trainer).split == BatchSplit(8, 2, 1) and trainer.accumulate_grad_batches == 2
+    module, datamodule, trainer, _ = _runs(tmp_path / "b", prepared, codec_path, "batch_sizing.global_batch=12",
+                                           "batch_sizing.mode=fixed", "trainer.max_steps=1")
+    trainer.fit(module, datamodule=datamodule)  # at most data.batch_size=8 a micro-batch, dividing 12
+    assert _sizer(trainer).split == BatchSplit(6, 2, 1) and datamodule.train_batch_size == 6
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_agree_on_the_split_the_busier_one_allows(prepared, codec_path, tmp_path):
+    args = overrides(prepared, codec_path, tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.max_steps=2",
+                     "data.batches_per_epoch=4", "data.val_max_windows=8", "batch_sizing.global_batch=32")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PROBE_OUT=str(tmp_path))
+    script = Path(__file__).with_name("memory_probe_train.py")
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # rank 1 needs 1 + 2b GiB (rank 0: 1 + b) of a 13.6 GiB budget: 4 examples, where rank 0 alone would take 8
+    for record in ranks:
+        assert record["probed"] == [16, 1, 2, 4]
+        assert record["split"] == [4, 4, 2] and record["accumulate_grad_batches"] == 4
+        assert record["batches"] == [4] * 8 and record["global_step"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_batch_size_on_cuda(prepared, codec_path, tmp_path):
+    module, datamodule, trainer, _ = _runs(tmp_path, prepared, codec_path, "trainer=gpu", "trainer.devices=1",
+                                           "batch_sizing.global_batch=64", "data.batches_per_epoch=8")
+    trainer.fit(module, datamodule=datamodule)
+    sizer = _sizer(trainer)
+    assert sizer.split.global_batch == 64 and sizer.fit.peaks[sizer.split.micro_batch] is not None
+    budget = BatchSizingConfig().memory_fraction * torch.cuda.get_device_properties(0).total_memory
+    assert sizer.fit.peaks[sizer.split.micro_batch] <= budget
