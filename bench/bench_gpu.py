@@ -27,8 +27,7 @@ from vampnet_pl.training import parallel  # noqa: E402
 from vampnet_pl.training.export import export_checkpoint  # noqa: E402
 from vampnet_pl.model import load_exported  # noqa: E402
 from vampnet_pl.training.module import MaskedTokenModule  # noqa: E402
-
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
+from vampnet_pl.training.performance import dense_bf16_tflops  # noqa: E402
 
 
 def module_and_loader(size: str, batch: int, frames: int, steps: int, n_codebooks: int = 4, position: str = "relative",
@@ -109,7 +108,7 @@ def measure(size: str, batch: int, frames: int, steps: int, warmup: int, positio
     tokens_per_s = steps * batch * frames / timer.seconds
     flops = module.model.flops_per_token(frames) * tokens_per_s
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = dense_bf16_tflops(name)
     memory = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"parameters": module.model.num_parameters(), "tokens_per_s": tokens_per_s, "tflops": flops / 1e12,
             "mfu": flops / (peak * 1e12) if peak else None, "peak_gib": memory / 2**30,
@@ -127,7 +126,7 @@ def throughput(size: str, batch: int, frames: int, steps: int, warmup: int, posi
     tokens_per_s = steps * batch * frames / timer.seconds
     flops = module.model.flops_per_token(frames) * tokens_per_s
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = dense_bf16_tflops(name)
     mfu = f"{100 * flops / (peak * 1e12):.1f}%" if peak else "n/a"
     memory = torch.cuda.max_memory_allocated() / 2**30
     print(f"| {size}, {position}{', compiled' if compile else ''} | {module.model.num_parameters() / 1e6:.0f} M | {batch} x {frames} | {tokens_per_s:,.0f} | "
