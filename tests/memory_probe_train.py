@@ -44,9 +44,9 @@ class FakeMemory:
 
 
 class RecordingAutoBatchSize(AutoBatchSize):
-    def __init__(self, config):
+    def __init__(self, config, record=None, resuming=False):
         rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-        super().__init__(config, memory=FakeMemory(GIB, (1 + rank) * GIB, 16 * GIB))
+        super().__init__(config, record, resuming, memory=FakeMemory(GIB, (1 + rank) * GIB, 16 * GIB))
         self.batches: list[int] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -49,23 +50,60 @@ def test_the_largest_divisor_under_the_budget_is_found_from_a_line_and_verified(
     assert fit.micro_batch == 16 and probed == [64, 1, 2, 16]
     assert fit.peaks == {64: None, 1: 13, 2: 16, 16: 58}
     measure, probed = affine(10, 3)
-    assert fit_micro_batch(64, 100, measure, largest_first=False).micro_batch == 16 and probed == [1, 2, 16]
+    assert fit_micro_batch(12, 30, measure).micro_batch == 6  # 28 bytes; 12 would need 46
+
+
+def test_cautious_growth_at_most_doubles_and_never_tries_the_whole_batch_first():
     measure, probed = affine(10, 3)
-    assert fit_micro_batch(12, 30, measure, largest_first=False).micro_batch == 6  # 28 bytes; 12 would need 46
+    assert fit_micro_batch(64, 100, measure, cautious=True).micro_batch == 16 and probed == [1, 2, 4, 8, 16]
+
+    def quadratic(batch):  # far above the budget at a size the line from small sizes would jump to
+        return 100 + 10 * batch + batch * batch // 4
+
+    probed = []
+    fit = fit_micro_batch(720, 1200, lambda b: probed.append(b) or quadratic(b), cautious=True)
+    assert quadratic(fit.micro_batch) <= 1200 < quadratic(min(d for d in range(fit.micro_batch + 1, 721) if 720 % d == 0))
+    grown = [b for b in probed if quadratic(b) <= 1200]
+    assert all(b <= 2 * max([1, *[g for g in grown if g < b]]) for b in probed)
 
 
 def test_a_prediction_that_does_not_fit_steps_down_and_one_that_undershoots_steps_up():
     def superlinear(batch):  # grows faster than the line through 1 and 2 predicts
         return 10 + 3 * batch + batch * batch
 
-    fit = fit_micro_batch(32, 200, superlinear, largest_first=False)
+    fit = fit_micro_batch(32, 200, superlinear)
     assert fit.micro_batch == 8 and superlinear(8) <= 200 < superlinear(16)
 
     def fixed_overhead_at_one(batch):  # the first example costs more: the line from 1 and 2 is too steep
         return 100 + 10 * batch + (50 if batch == 1 else 0)
 
-    fit = fit_micro_batch(64, 450, fixed_overhead_at_one, largest_first=False)
+    fit = fit_micro_batch(64, 450, fixed_overhead_at_one)
     assert fit.micro_batch == 32 and fixed_overhead_at_one(32) <= 450 < fixed_overhead_at_one(64)
+
+    def steps(batch):  # allocator rounding: the line through 1 and 2 overestimates what 8 needs
+        return 266 + 79 * batch + 50 * (79 * batch // 128)
+
+    assert fit_micro_batch(8, 1104, steps, cautious=True).micro_batch == 8
+
+
+def test_random_measurements_never_give_a_size_that_did_not_fit_nor_miss_the_best():
+    generator = random.Random(0)
+    for _ in range(2000):
+        per_rank = generator.choice([1, 6, 8, 12, 32, 96, 720])
+        base, slope, curve = generator.uniform(0, 500), generator.uniform(0, 50), generator.uniform(0, 1)
+        limit, budget = generator.uniform(100, 3000), generator.uniform(100, 3000)
+
+        def measure(batch):
+            peak = base + slope * batch + curve * batch * batch
+            return None if peak > limit else int(peak)
+
+        sizes = [d for d in range(1, per_rank + 1) if per_rank % d == 0 and measure(d) is not None and measure(d) <= budget]
+        for cautious in (False, True):
+            if not sizes:
+                with pytest.raises(BatchDoesNotFit):
+                    fit_micro_batch(per_rank, budget, measure, cautious)
+                continue
+            assert fit_micro_batch(per_rank, budget, measure, cautious).micro_batch == max(sizes)
 
 
 def test_nothing_fits_is_a_clear_error_and_one_example_a_rank_needs_one_probe():
@@ -136,18 +174,30 @@ def test_a_run_trains_on_the_micro_batch_that_fits_with_accumulation_making_up_t
     assert datamodule.train_batch_size == 4 and datamodule.train_batches_per_epoch == 8  # 32 windows an epoch, kept
 
 
-def test_probes_leave_no_gradients_and_the_random_state_as_it_was(prepared, codec_path, tmp_path):
+def test_probes_leave_no_gradients_and_the_random_state_and_modes_as_they_were(prepared, codec_path, tmp_path,
+                                                                              monkeypatch):
     module, datamodule, trainer, _ = _runs(tmp_path, prepared, codec_path)
     datamodule.setup("fit")
     trainer.strategy.connect(module)
     module.trainer = trainer
+    module.eval()
+    module.model.blocks[0].train()
+    modes = [m.training for m in module.modules()]
     state = torch.get_rng_state()
     peak = AutoBatchSize._probe(trainer, module, FakeMemory(0, 1, 100), 2, datamodule.window_frames)
     assert peak == 2
     assert torch.equal(torch.get_rng_state(), state)
-    assert all(p.grad is None for p in module.parameters())
+    assert all(p.grad is None for p in module.parameters()) and [m.training for m in module.modules()] == modes
     out_of_memory = AutoBatchSize._probe(trainer, module, FakeMemory(0, 1, 1), 2, datamodule.window_frames)
     assert out_of_memory is None and all(p.grad is None for p in module.parameters())
+
+    def runs_out_in_backward(grad):  # the forward has run and some gradients exist when memory runs out
+        raise RuntimeError("CUDA out of memory (simulated, mid-backward)")
+
+    module.model.blocks[0].attn_norm.weight.register_hook(runs_out_in_backward)
+    assert AutoBatchSize._probe(trainer, module, FakeMemory(0, 1, 100), 2, datamodule.window_frames) is None
+    assert all(p.grad is None for p in module.parameters()) and [m.training for m in module.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_fixed_sizing_and_cpu_runs_keep_the_micro_batch_and_make_up_a_global_batch(prepared, codec_path, tmp_path):
@@ -159,6 +209,36 @@ def test_fixed_sizing_and_cpu_runs_keep_the_micro_batch_and_make_up_a_global_bat
                                            "batch_sizing.mode=fixed", "trainer.max_steps=1")
     trainer.fit(module, datamodule=datamodule)  # at most data.batch_size=8 a micro-batch, dividing 12
     assert _sizer(trainer).split == BatchSplit(6, 2, 1) and datamodule.train_batch_size == 6
+
+
+def test_a_resumed_run_keeps_its_split_where_a_new_one_would_differ(prepared, codec_path, tmp_path):
+    def run(runs_dir, max_steps, memory):
+        module, datamodule, trainer, resume_from = _runs(runs_dir, prepared, codec_path, "data.batches_per_epoch=3",
+                                                         "checkpoint.every_n_train_steps=2",
+                                                         f"trainer.max_steps={max_steps}")
+        _sizer(trainer).memory = memory
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        return module, _sizer(trainer)
+
+    small, large = (lambda: FakeMemory(GIB, GIB, 8 * GIB)), (lambda: FakeMemory(GIB, GIB, 80 * GIB))
+    straight, _ = run(tmp_path / "straight", 4, small())
+    run(tmp_path / "stopped", 2, small())
+    resumed, sizer = run(tmp_path / "stopped", 4, large())  # alone, the larger memory would take all 8 at once
+    assert sizer.kept and sizer.split == BatchSplit(4, 2, 1) and sizer.memory.started == [4]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    record = tmp_path / "stopped" / "demo_coarse-local" / "checkpoints" / "batch_split.json"
+    assert json.loads(record.read_text()) == {"micro_batch": 4, "accumulation": 2, "ranks": 1}
+    with pytest.raises(BatchDoesNotFit, match="kept on resume"):
+        run(tmp_path / "stopped", 6, FakeMemory(GIB, GIB, 5 * GIB))
+
+
+def test_an_epoch_is_whole_optimiser_steps_shared_evenly_by_the_loader_workers(prepared, codec_path, tmp_path):
+    _, datamodule, _, _ = _runs(tmp_path, prepared, codec_path, "data.num_workers=2", "data.batches_per_epoch=10")
+    datamodule.serve_micro_batches(8, 3)  # 80 windows an epoch: 2 steps of 3 micro-batches per worker pair
+    assert datamodule.train_batches_per_epoch == 12 and len(datamodule.train_dataset()) == 12
+    datamodule.serve_micro_batches(4, 1)
+    assert datamodule.train_batches_per_epoch == 20
 
 
 @pytest.mark.slow
@@ -190,5 +270,5 @@ def test_auto_batch_size_on_cuda(prepared, codec_path, tmp_path):
     trainer.fit(module, datamodule=datamodule)
     sizer = _sizer(trainer)
     assert sizer.split.global_batch == 64 and sizer.fit.peaks[sizer.split.micro_batch] is not None
-    budget = BatchSizingConfig().memory_fraction * torch.cuda.get_device_properties(0).total_memory
-    assert sizer.fit.peaks[sizer.split.micro_batch] <= budget
+    assert sizer.budget <= BatchSizingConfig().memory_fraction * torch.cuda.get_device_properties(0).total_memory
+    assert sizer.fit.peaks[sizer.split.micro_batch] <= sizer.budget

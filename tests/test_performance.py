@@ -71,3 +71,14 @@ def test_a_run_logs_consistent_throughput(prepared, codec_path, tmp_path):
         assert float(row["perf/examples_per_s"]) * frames == pytest.approx(tokens_per_s)
         assert float(row["perf/tflops_per_device"]) == pytest.approx(tokens_per_s * flops_per_token / 1e12)
         assert float(row["perf/mfu"]) == pytest.approx(float(row["perf/tflops_per_device"]) / 0.5)
+
+
+def test_frozen_weights_cost_four_of_the_six_flops_per_parameter():
+    from vampnet_pl.model import VampNet, VampNetConfig
+
+    model = VampNet(VampNetConfig(n_codebooks=4, codebook_size=32, latent_dim=8, d_model=32, n_layers=2, n_heads=4))
+    counted = sum(p.numel() for name, p in model.named_parameters() if "mask_embedding" not in name)
+    attention = 12 * 2 * 32 * 100
+    assert model.flops_per_token(100) == 6 * counted + attention
+    model.requires_grad_(False)
+    assert model.flops_per_token(100) == 4 * counted + attention

@@ -468,14 +468,15 @@ class CodesDataModule(L.LightningDataModule):
     def serve_micro_batches(self, micro_batch: int, accumulation: int) -> None:
         """Serve training batches of ``micro_batch`` windows, ``accumulation`` of them per optimiser step.
 
-        An epoch keeps its ``batch_size x batches_per_epoch`` windows, rounded to whole optimiser steps.
-        Call before the train dataloader is built.
+        An epoch keeps its ``batch_size x batches_per_epoch`` windows, rounded to whole optimiser steps that
+        the loader workers share evenly. Call before the train dataloader is built.
         """
         if micro_batch < 1 or accumulation < 1:
             raise ValueError(f"micro_batch and accumulation must be >= 1, got {micro_batch} and {accumulation}")
+        unit = math.lcm(accumulation, max(1, self.hparams.num_workers))  # micro-batches
         windows = self.hparams.batch_size * self.hparams.batches_per_epoch
-        steps = max(1, round(windows / (micro_batch * accumulation)))
-        self.train_batch_size, self.train_batches_per_epoch = micro_batch, steps * accumulation
+        self.train_batch_size = micro_batch
+        self.train_batches_per_epoch = max(1, round(windows / (micro_batch * unit))) * unit
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()

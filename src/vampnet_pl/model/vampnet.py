@@ -324,9 +324,11 @@ class VampNet(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def flops_per_token(self, frames: int) -> float:
-        """Training FLOPs per token (forward + backward, 6N + attention), as in the PaLM appendix."""
-        n = sum(p.numel() for name, p in self.named_parameters() if "mask_embedding" not in name)
-        return 6 * n + 12 * self.cfg.n_layers * self.cfg.d_model * frames
+        """Training FLOPs per token, as in the PaLM appendix: 6N + attention when every weight trains. A frozen
+        weight (LoRA) costs 4 of the 6 (forward and the input's gradient, no weight gradient)."""
+        counted = [p for name, p in self.named_parameters() if "mask_embedding" not in name]
+        return (4 * sum(p.numel() for p in counted) + 2 * sum(p.numel() for p in counted if p.requires_grad)
+                + 12 * self.cfg.n_layers * self.cfg.d_model * frames)
 
 
 def packed(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,11 @@ def build(cfg: DictConfig):
         codebook_tables=codec.codebook_tables(model_cfg.embedding)[: model_cfg.n_codebooks],
     )
     callbacks = [hydra.utils.instantiate(node) for node in (cfg.callbacks or {}).values()]
-    callbacks.append(AutoBatchSize(schema.batch_sizing))  # micro-batch and accumulation, before the data loads
+    remove_checkpoint_leftovers(last_checkpoint_path(schema.run_dir).parent)  # of a write killed mid-way
+    resume_from = last_checkpoint(schema.run_dir) if schema.resume else None
+    # micro-batch and accumulation, before the data loads; a resumed run keeps its own
+    callbacks.append(AutoBatchSize(schema.batch_sizing, last_checkpoint_path(schema.run_dir).parent / "batch_split.json",
+                                   resuming=resume_from is not None))
     callbacks.append(DataHealth())  # skip counts as metrics, the skip-rate limit over all ranks, the closing summary
     if requeue_enabled(schema.slurm.requeue):
         callbacks.append(SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal))
@@ -91,8 +95,6 @@ def build(cfg: DictConfig):
         default_root_dir=schema.run_dir,
         use_distributed_sampler=False,  # the DataModule splits by rank itself
     )
-    remove_checkpoint_leftovers(last_checkpoint_path(schema.run_dir).parent)  # of a write killed mid-way
-    resume_from = last_checkpoint(schema.run_dir) if schema.resume else None
     return module, datamodule, trainer, resume_from
 
 

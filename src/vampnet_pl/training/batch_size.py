@@ -19,9 +19,12 @@ takes the same decisions: each measurement is the maximum over ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -30,6 +33,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from vampnet_pl.config import BatchSizing, BatchSizingConfig
+from vampnet_pl.utils.atomic import write_json_atomic
 
 
 class BatchDoesNotFit(RuntimeError):
@@ -73,14 +77,15 @@ class MicroBatchFit:
 
 
 def fit_micro_batch(per_rank: int, budget: int, measure: Callable[[int], Optional[int]],
-                    largest_first: bool = True) -> MicroBatchFit:
+                    cautious: bool = False) -> MicroBatchFit:
     """The largest divisor of ``per_rank`` whose measured peak memory stays within ``budget`` bytes.
 
     ``measure(b)``: the peak bytes of a training step on ``b`` examples, or None when it ran out of memory.
-    ``largest_first``: try ``per_rank`` itself first (one probe when it fits). Otherwise, and when it does not
-    fit, the peak is extrapolated linearly from the smallest sizes, and each prediction is verified by a
-    probe: the line through the smallest size and the largest verified one predicts the next, until it
-    predicts nothing larger or a probe fails.
+    It first tries ``per_rank`` itself (one probe when it fits), then grows from the smallest size: the line
+    through the two largest sizes that fit predicts the largest next one, which a probe verifies; a size
+    that does not fit bounds the search from above. ``cautious`` (when running out of memory mid-probe is
+    risky, as under FSDP2, where the other ranks would wait in a collective): no first try of ``per_rank``,
+    and at most double the largest size that fits per probe.
     """
     sizes = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
     found = MicroBatchFit(0)
@@ -92,30 +97,32 @@ def fit_micro_batch(per_rank: int, budget: int, measure: Callable[[int], Optiona
         return peak is not None and peak <= budget
 
     failed = None  # the smallest size that did not fit
-    if largest_first:
+    if not cautious:
         if fits(sizes[-1]):
             found.micro_batch = sizes[-1]
             return found
         failed = sizes[-1]
-    smallest = best = sizes[0]
-    if not fits(smallest):
-        raise BatchDoesNotFit(f"a training step on {smallest} example(s) needs {_gib(found.peaks[smallest])}, "
+    if not fits(sizes[0]):
+        raise BatchDoesNotFit(f"a training step on {sizes[0]} example(s) needs {_gib(found.peaks[sizes[0]])}, "
                               f"over the budget of {_gib(budget)}")
-    while candidates := [s for s in sizes if best < s and (failed is None or s < failed)]:
-        if best == smallest:
+    fitting = [sizes[0]]
+    while candidates := [s for s in sizes if fitting[-1] < s and (failed is None or s < failed)]:
+        best = fitting[-1]
+        if len(fitting) == 1:
             guess = candidates[0]  # a second point for the line
         else:
-            slope = (found.peaks[best] - found.peaks[smallest]) / (best - smallest)
-            room = budget - found.peaks[smallest]
-            within = [s for s in candidates if slope <= 0 or slope * (s - smallest) <= room]
+            previous = fitting[-2]
+            slope = (found.peaks[best] - found.peaks[previous]) / (best - previous)
+            within = [s for s in candidates if (not cautious or s <= 2 * best)
+                      and found.peaks[best] + slope * (s - best) <= budget]
             if not within:
                 break
             guess = within[-1]
         if fits(guess):
-            best = guess
+            fitting.append(guess)
         else:
             failed = guess
-    found.micro_batch = best
+    found.micro_batch = fitting[-1]
     return found
 
 
@@ -174,79 +181,143 @@ def probe_supported(strategy) -> bool:
 
 
 class AutoBatchSize(L.Callback):
-    """Sets the run's micro-batch and gradient accumulation at the start of fit (see the module docstring).
+    """Sets the run's micro-batch and gradient accumulation before training (see the module docstring).
 
-    The probe runs the heaviest training step (every token's logits, as on metric steps) on random tokens of
-    the training window, forward and backward, under the run's precision, compile and checkpointing, then
-    frees the gradients and restores the random state. With ``torch.compile`` on and several sizes probed,
-    compiled graphs are reset afterwards, so that training compiles once, for its own shape. ``memory``: how peaks are read (default:
-    :class:`CudaMemory` on CUDA; tests pass their own).
+    ``setup`` settles the split that needs no measurement (before the strategy builds anything from
+    ``trainer.accumulate_grad_batches``, as DeepSpeed does); ``on_fit_start``, with the model on its device,
+    measures. The probe runs the heaviest training step (every token's logits, as on metric steps) on random
+    tokens of the training window, forward and backward, under the run's precision, compile and checkpointing,
+    then frees the gradients and restores the random state and the modules' modes. With ``torch.compile`` on
+    and several sizes probed, compiled graphs are reset afterwards, so that training compiles once, for its
+    own shape.
+
+    ``record``: a JSON file where the split is kept (``checkpoints/batch_split.json``). A resumed run
+    (``resuming``) keeps the split it started with, since its step and epoch counters are in its micro-batches;
+    when the recorded micro-batch no longer fits, it stops with the bytes it needs. ``memory``: how peaks are
+    read (default: :class:`CudaMemory` on CUDA; tests pass their own).
     """
 
-    def __init__(self, config: BatchSizingConfig | None = None, memory=None):
+    def __init__(self, config: BatchSizingConfig | None = None, record: str | Path | None = None,
+                 resuming: bool = False, memory=None):
         self.config = config or BatchSizingConfig()
+        self.record = Path(record) if record is not None else None
+        self.resuming = resuming
         self.memory = memory
         self.split: BatchSplit | None = None
         self.fit: MicroBatchFit | None = None
+        self.budget: int | None = None
+        self.configured: tuple[int, int] | None = None  # (data.batch_size, accumulate_grad_batches) as set
+        self.kept = False  # the split is a resumed run's own
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if stage != "fit" or not hasattr(datamodule, "serve_micro_batches"):
+            if stage == "fit":
+                rank_zero_warn("batch sizing needs the CodesDataModule; the batch is left as the loader serves it")
+            return
+        if self.configured is None:
+            self.configured = (datamodule.hparams.batch_size, trainer.accumulate_grad_batches)
+        micro, accumulation = self.configured
+        ranks = trainer.world_size
+        global_batch = self.config.global_batch or micro * accumulation * ranks
+        split = BatchSplit(micro, accumulation, ranks)
+        if self.config.global_batch:  # micro-batches of at most data.batch_size that divide a rank's share
+            split = split_for(global_batch, ranks, largest_divisor(per_rank_batch(global_batch, ranks), micro))
+        self.kept = False
+        if self.resuming:
+            recorded = self._recorded()
+            if recorded is None:
+                split, self.kept = BatchSplit(micro, accumulation, ranks), True  # runs from before the record
+            elif (recorded.global_batch, recorded.ranks) == (global_batch, ranks):
+                split, self.kept = recorded, True
+            else:
+                rank_zero_warn(f"resuming with {global_batch} examples a step over {ranks} rank(s), not the "
+                               f"recorded {recorded.global_batch} over {recorded.ranks}: the batch is split anew, the "
+                               "data stream does not continue exactly, and the first step may take another number "
+                               "of examples")
+        if split.global_batch != global_batch:
+            raise ValueError(f"the run was split as {split}, which is not {global_batch} examples a step; set "
+                             "batch_sizing.global_batch to the run's own or start a new run directory")
+        self._apply(trainer, split)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        if not hasattr(datamodule, "serve_micro_batches"):
-            rank_zero_warn("batch sizing needs the CodesDataModule; the batch is left as the data loader serves it")
+        if self.split is None:
             return
-        configured = datamodule.hparams.batch_size
-        ranks = trainer.world_size
-        global_batch = self.config.global_batch or configured * trainer.accumulate_grad_batches * ranks
-        split = None
-        if self.config.global_batch:  # micro-batches of at most data.batch_size that divide the rank's share
-            split = split_for(global_batch, ranks, largest_divisor(per_rank_batch(global_batch, ranks), configured))
         memory = self.memory
         if memory is None and trainer.strategy.root_device.type == "cuda":
             memory = CudaMemory(trainer.strategy.root_device)
         if self.config.mode == BatchSizing.auto and memory is not None:
-            if probe_supported(trainer.strategy):
-                split = self._measure(trainer, pl_module, memory, global_batch, ranks)
-            else:
+            if not probe_supported(trainer.strategy):
                 rank_zero_warn(f"batch_sizing.mode=auto cannot probe under {type(trainer.strategy).__name__}; "
-                               f"micro-batches of data.batch_size={configured}")
-        split = split or BatchSplit(configured, trainer.accumulate_grad_batches, ranks)
-        if (split.micro_batch, split.accumulation) != (configured, trainer.accumulate_grad_batches):
-            datamodule.serve_micro_batches(split.micro_batch, split.accumulation)
-            trainer.accumulate_grad_batches = split.accumulation
-        self.split = split
-        rank_zero_info(f"batch: {split.global_batch} examples per optimiser step = micro-batch {split.micro_batch} "
-                       f"x accumulation {split.accumulation} x {ranks} rank(s)")
+                               f"micro-batches of {self.split.micro_batch}")
+            else:
+                self._apply(trainer, self._measure(trainer, pl_module, memory))
+        if self.record is not None and trainer.is_global_zero:
+            write_json_atomic(self.record, dataclasses.asdict(self.split))
+        rank_zero_info(f"batch: {self.split.global_batch} examples per optimiser step = micro-batch "
+                       f"{self.split.micro_batch} x accumulation {self.split.accumulation} x {self.split.ranks} rank(s)"
+                       + (" (the run's own, resumed)" if self.kept else ""))
 
-    def _measure(self, trainer, pl_module, memory, global_batch: int, ranks: int) -> BatchSplit:
+    def _recorded(self) -> BatchSplit | None:
+        if self.record is None or not self.record.is_file():
+            return None
+        return BatchSplit(**json.loads(self.record.read_text()))
+
+    def _apply(self, trainer: L.Trainer, split: BatchSplit) -> None:
+        trainer.datamodule.serve_micro_batches(split.micro_batch, split.accumulation)
+        trainer.accumulate_grad_batches = split.accumulation
+        self.split = split
+
+    def _measure(self, trainer, pl_module, memory) -> BatchSplit:
         strategy = trainer.strategy
         frames = trainer.datamodule.window_frames
         extra = optimizer_state_bytes(trainer.optimizers)
         budget = int(self.config.memory_fraction * memory.capacity())
-        budget = int(strategy.reduce(torch.tensor(budget, device=strategy.root_device), reduce_op="min").item())
-        never_fits = 2**62
+        self.budget = budget = int(strategy.reduce(torch.tensor(budget, device=strategy.root_device),
+                                                   reduce_op="min").item())
+        out_of_memory, failed = 2**62, 2**62 + 1
 
         def measure(batch_size: int) -> int | None:
-            peak = self._probe(trainer, pl_module, memory, batch_size, frames)
-            local = never_fits if peak is None else peak + extra
+            """The largest peak over ranks; every rank learns of a failed probe, so none waits for another."""
+            error = None
+            try:
+                peak = self._probe(trainer, pl_module, memory, batch_size, frames)
+                local = out_of_memory if peak is None else peak + extra
+            except Exception as err:  # noqa: BLE001 (re-raised below, after the other ranks are told)
+                error, local = err, failed
             worst = int(strategy.reduce(torch.tensor(local, device=strategy.root_device), reduce_op="max").item())
-            return None if worst >= never_fits else worst
+            if error is not None:
+                raise error
+            if worst == failed:
+                raise RuntimeError(f"a batch probe of {batch_size} example(s) failed on another rank; see its log")
+            return None if worst >= out_of_memory else worst
 
+        split = self.split
+        if self.kept:  # a resumed run's own split: check that it still fits
+            peak = measure(split.micro_batch)
+            if peak is None or peak > budget:
+                raise BatchDoesNotFit(
+                    f"this run's micro-batch of {split.micro_batch} (kept on resume: its progress counts those "
+                    f"micro-batches) needs {_gib(peak)}, over the budget of {_gib(budget)} on this device; resume "
+                    "on a device with more memory, raise batch_sizing.memory_fraction, or start a new run directory")
+            self.fit = MicroBatchFit(split.micro_batch, {split.micro_batch: peak})
+            return split
         # Under FSDP2 a probe runs collectives, and one rank running out of memory mid-step would leave the
-        # others waiting: grow from the smallest size instead of trying the largest first.
-        sharded = isinstance(strategy, ModelParallelStrategy)
-        self.fit = fit_micro_batch(per_rank_batch(global_batch, ranks), budget, measure, largest_first=not sharded)
+        # others waiting: grow cautiously from the smallest size instead of trying the largest first.
+        self.fit = fit_micro_batch(split.micro_batch * split.accumulation, budget, measure,
+                                   cautious=isinstance(strategy, ModelParallelStrategy))
         if len(self.fit.peaks) > 1 and getattr(pl_module, "compile_blocks", False):
             torch._dynamo.reset()  # several shapes made the graphs dynamic; training compiles for its one shape
         for size, peak in sorted(self.fit.peaks.items()):
             rank_zero_info(f"batch probe: micro-batch {size} needs {_gib(peak)} (budget {_gib(budget)})")
-        return split_for(global_batch, ranks, self.fit.micro_batch)
+        return split_for(split.global_batch, split.ranks, self.fit.micro_batch)
 
     @staticmethod
     def _probe(trainer, pl_module, memory, batch_size: int, frames: int) -> int | None:
         """Peak bytes of one forward and backward on ``batch_size`` windows, or None when out of memory."""
         cfg = pl_module.cfg
         device = trainer.strategy.root_device
-        was_training = pl_module.training
+        modes = {module: module.training for module in pl_module.modules()}
         pl_module.train()
         devices = [device] if device.type == "cuda" else []
         try:
@@ -264,7 +335,8 @@ class AutoBatchSize(L.Callback):
             return None
         finally:
             pl_module.zero_grad(set_to_none=True)
-            pl_module.train(was_training)
+            for module, training in modes.items():
+                module.training = training
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

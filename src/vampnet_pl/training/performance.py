@@ -3,7 +3,7 @@
 FLOPs are counted as the benchmarks count them (:meth:`VampNet.flops_per_token`: 6N + attention, as for full
 training), against the device's dense bf16 peak. Measured between log points, every
 ``trainer.log_every_n_steps`` optimiser steps, with one host synchronisation there and none in between;
-validation time is left out.
+validation time is left out (checkpoint writes and generation scores taken during training are not).
 """
 
 from __future__ import annotations
