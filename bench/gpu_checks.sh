@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, as one command for the lent machine (about 9 minutes; results under $OUT):
+# Every check that needs a GPU, as one command for the lent machine (at most 9 minutes: each part has a time limit; results under $OUT):
 #   here:  bash scripts/device_wheels.sh            # once: .whl/ with what that machine lacks
 #   there: bash bench/gpu_checks.sh                 # device run, carry [".whl"], timeout_s 600
 # 1. bench/run.py train-gpu: tokens/s, MFU and peak GiB of the paper-size coarse model per configuration
