@@ -30,6 +30,9 @@ class FakeMemory:
     def capacity(self) -> int:
         return self._capacity
 
+    def in_use(self) -> int:
+        return self.base
+
     def start(self, batch_size: int) -> None:
         self.started.append(batch_size)
         if self.base + self.per_example * batch_size > self._capacity:
@@ -44,9 +47,12 @@ class FakeMemory:
 
 
 class RecordingAutoBatchSize(AutoBatchSize):
-    def __init__(self, config, record=None, resuming=False):
+    def __init__(self, config, resume_from=None):
         rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-        super().__init__(config, record, resuming, memory=FakeMemory(GIB, (1 + rank) * GIB, 16 * GIB))
+        memory = FakeMemory(GIB, (1 + rank) * GIB, 16 * GIB)
+        if os.environ.get("PROBE_FAILS_ON_RANK") == str(rank):
+            memory.start = lambda batch_size: (_ for _ in ()).throw(ValueError("a probe bug (simulated)"))
+        super().__init__(config, resume_from, memory=memory)
         self.batches: list[int] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

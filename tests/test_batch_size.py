@@ -25,7 +25,7 @@ from vampnet_pl.config import compose as compose_checked
 from vampnet_pl.training.app import build
 from vampnet_pl.training.batch_size import (AutoBatchSize, BatchDoesNotFit, BatchSplit, fit_micro_batch,
                                             largest_divisor, optimizer_state_bytes, probe_supported,
-                                            split_for)
+                                            recorded_split, split_for)
 
 
 def affine(base: float, per_example: float, out_of_memory_above: float = float("inf")):
@@ -47,24 +47,27 @@ def test_the_whole_batch_is_one_probe_when_it_fits():
 def test_the_largest_divisor_under_the_budget_is_found_from_a_line_and_verified():
     measure, probed = affine(10, 3, out_of_memory_above=150)
     fit = fit_micro_batch(64, 100, measure)  # 10 + 3 b <= 100: b <= 30; the divisors of 64 below: 16
-    assert fit.micro_batch == 16 and probed == [64, 1, 2, 16]
-    assert fit.peaks == {64: None, 1: 13, 2: 16, 16: 58}
+    assert fit.micro_batch == 16 and probed == [64, 1, 2, 16, 32]  # 32, predicted over, is verified all the same
+    assert fit.peaks == {64: None, 1: 13, 2: 16, 16: 58, 32: 106}
     measure, probed = affine(10, 3)
     assert fit_micro_batch(12, 30, measure).micro_batch == 6  # 28 bytes; 12 would need 46
 
 
-def test_cautious_growth_at_most_doubles_and_never_tries_the_whole_batch_first():
+def test_cautious_growth_only_tries_sizes_that_an_affine_bound_allows():
     measure, probed = affine(10, 3)
-    assert fit_micro_batch(64, 100, measure, cautious=True).micro_batch == 16 and probed == [1, 2, 4, 8, 16]
+    assert fit_micro_batch(64, 100, measure, cautious=True).micro_batch == 16 and probed == [1, 4, 16]
+    measure, probed = affine(10, 3)  # knowing the 10 held whatever the size, the bound is exact
+    assert fit_micro_batch(64, 100, measure, cautious=True, fixed=10).micro_batch == 16 and probed == [1, 16]
+    measure, probed = affine(10, 3)  # few divisors: the jump to 11 is allowed when its bound fits
+    assert fit_micro_batch(22, 1000, measure, cautious=True, fixed=10).micro_batch == 22 and probed == [1, 22]
 
-    def quadratic(batch):  # far above the budget at a size the line from small sizes would jump to
+    def quadratic(batch):  # grows faster than any line: the bound is exceeded only by a little
         return 100 + 10 * batch + batch * batch // 4
 
     probed = []
     fit = fit_micro_batch(720, 1200, lambda b: probed.append(b) or quadratic(b), cautious=True)
-    assert quadratic(fit.micro_batch) <= 1200 < quadratic(min(d for d in range(fit.micro_batch + 1, 721) if 720 % d == 0))
-    grown = [b for b in probed if quadratic(b) <= 1200]
-    assert all(b <= 2 * max([1, *[g for g in grown if g < b]]) for b in probed)
+    assert fit.micro_batch == 48 and quadratic(60) > 1200  # 60, the next divisor, does not fit
+    assert all(quadratic(b) <= 1200 for b in probed)
 
 
 def test_a_prediction_that_does_not_fit_steps_down_and_one_that_undershoots_steps_up():
@@ -83,27 +86,35 @@ def test_a_prediction_that_does_not_fit_steps_down_and_one_that_undershoots_step
     def steps(batch):  # allocator rounding: the line through 1 and 2 overestimates what 8 needs
         return 266 + 79 * batch + 50 * (79 * batch // 128)
 
-    assert fit_micro_batch(8, 1104, steps, cautious=True).micro_batch == 8
+    assert fit_micro_batch(16, 1104, steps).micro_batch == 8
+
+    def jump_after_one(batch):  # a workspace from 2 examples on: the line through 1 and 2 predicts nothing more
+        return 100 + 400 * (batch > 1) + 10 * batch
+
+    assert fit_micro_batch(64, 900, jump_after_one).micro_batch == 32
 
 
 def test_random_measurements_never_give_a_size_that_did_not_fit_nor_miss_the_best():
     generator = random.Random(0)
     for _ in range(2000):
-        per_rank = generator.choice([1, 6, 8, 12, 32, 96, 720])
-        base, slope, curve = generator.uniform(0, 500), generator.uniform(0, 50), generator.uniform(0, 1)
-        limit, budget = generator.uniform(100, 3000), generator.uniform(100, 3000)
+        per_rank = generator.choice([1, 6, 7, 8, 12, 22, 32, 96, 720])
+        base, slope, curve = generator.uniform(0, 500), generator.uniform(0, 50), generator.choice([0, generator.uniform(0, 1)])
+        jump, limit, budget = generator.choice([0, generator.uniform(0, 400)]), generator.uniform(100, 3000), generator.uniform(100, 3000)
 
         def measure(batch):
-            peak = base + slope * batch + curve * batch * batch
+            peak = base + jump * (batch > 1) + slope * batch + curve * batch * batch
             return None if peak > limit else int(peak)
 
         sizes = [d for d in range(1, per_rank + 1) if per_rank % d == 0 and measure(d) is not None and measure(d) <= budget]
         for cautious in (False, True):
             if not sizes:
                 with pytest.raises(BatchDoesNotFit):
-                    fit_micro_batch(per_rank, budget, measure, cautious)
+                    fit_micro_batch(per_rank, budget, measure, cautious, fixed=int(base))
                 continue
-            assert fit_micro_batch(per_rank, budget, measure, cautious).micro_batch == max(sizes)
+            fit = fit_micro_batch(per_rank, budget, measure, cautious, fixed=int(base))
+            assert fit.micro_batch in sizes
+            if not cautious or (curve == 0 and jump == 0):  # cautious: exact for affine peaks
+                assert fit.micro_batch == max(sizes), (per_rank, base, slope, curve, jump, budget, cautious)
 
 
 def test_nothing_fits_is_a_clear_error_and_one_example_a_rank_needs_one_probe():
@@ -211,26 +222,57 @@ def test_fixed_sizing_and_cpu_runs_keep_the_micro_batch_and_make_up_a_global_bat
     assert _sizer(trainer).split == BatchSplit(6, 2, 1) and datamodule.train_batch_size == 6
 
 
-def test_a_resumed_run_keeps_its_split_where_a_new_one_would_differ(prepared, codec_path, tmp_path):
-    def run(runs_dir, max_steps, memory):
-        module, datamodule, trainer, resume_from = _runs(runs_dir, prepared, codec_path, "data.batches_per_epoch=3",
-                                                         "checkpoint.every_n_train_steps=2",
-                                                         f"trainer.max_steps={max_steps}")
+def _fit(runs_dir, prepared, codec_path, max_steps, memory=None, *extra):
+    module, datamodule, trainer, resume_from = _runs(runs_dir, prepared, codec_path, "data.batches_per_epoch=3",
+                                                     "checkpoint.every_n_train_steps=2", f"trainer.max_steps={max_steps}",
+                                                     *extra)
+    if memory is not None:
         _sizer(trainer).memory = memory
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
-        return module, _sizer(trainer)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    return module, _sizer(trainer)
 
+
+def test_a_resumed_run_keeps_its_split_where_a_new_one_would_differ(prepared, codec_path, tmp_path):
     small, large = (lambda: FakeMemory(GIB, GIB, 8 * GIB)), (lambda: FakeMemory(GIB, GIB, 80 * GIB))
-    straight, _ = run(tmp_path / "straight", 4, small())
-    run(tmp_path / "stopped", 2, small())
-    resumed, sizer = run(tmp_path / "stopped", 4, large())  # alone, the larger memory would take all 8 at once
+    straight, _ = _fit(tmp_path / "straight", prepared, codec_path, 4, small())
+    _fit(tmp_path / "stopped", prepared, codec_path, 2, small())
+    last = tmp_path / "stopped" / "demo_coarse-local" / "checkpoints" / "last.ckpt"
+    assert recorded_split(last) == BatchSplit(4, 2, 1)  # the checkpoint carries its split
+    resumed, sizer = _fit(tmp_path / "stopped", prepared, codec_path, 4, large())  # alone, 80 GiB would take all 8
     assert sizer.kept and sizer.split == BatchSplit(4, 2, 1) and sizer.memory.started == [4]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
-    record = tmp_path / "stopped" / "demo_coarse-local" / "checkpoints" / "batch_split.json"
-    assert json.loads(record.read_text()) == {"micro_batch": 4, "accumulation": 2, "ranks": 1}
     with pytest.raises(BatchDoesNotFit, match="kept on resume"):
-        run(tmp_path / "stopped", 6, FakeMemory(GIB, GIB, 5 * GIB))
+        _fit(tmp_path / "stopped", prepared, codec_path, 6, FakeMemory(GIB, GIB, 5 * GIB))
+
+
+def test_a_checkpoint_without_a_split_resumes_with_the_configured_one(prepared, codec_path, tmp_path):
+    _fit(tmp_path, prepared, codec_path, 2, None, "batch_sizing.global_batch=16")
+    last = tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    del checkpoint["batch_split"]  # as written before checkpoints carried it
+    torch.save(checkpoint, last)
+    assert recorded_split(last) is None
+    _, sizer = _fit(tmp_path, prepared, codec_path, 4, None, "batch_sizing.global_batch=16")
+    assert sizer.kept and sizer.split == BatchSplit(8, 2, 1)
+
+
+def test_a_sharded_checkpoint_folder_gives_its_split_from_its_metadata(tmp_path):
+    (tmp_path / "last.ckpt").mkdir()
+    torch.save({"global_step": 3, "batch_split": {"micro_batch": 2, "accumulation": 4, "ranks": 2}},
+               tmp_path / "last.ckpt" / "meta.pt")
+    assert recorded_split(tmp_path / "last.ckpt") == BatchSplit(2, 4, 2)
+    assert recorded_split(tmp_path / "missing.ckpt") is None
+
+
+def test_the_accumulation_is_set_before_the_strategy_is(prepared, codec_path, tmp_path):
+    module, datamodule, trainer, _ = _runs(tmp_path, prepared, codec_path, "batch_sizing.global_batch=16",
+                                           "trainer.max_steps=1")
+    seen = []
+    setup = trainer.strategy.setup
+    trainer.strategy.setup = lambda trainer: (seen.append(trainer.accumulate_grad_batches), setup(trainer))[1]
+    trainer.fit(module, datamodule=datamodule)
+    assert seen == [2]  # DeepSpeed copies it into its engine's configuration there
 
 
 def test_an_epoch_is_whole_optimiser_steps_shared_evenly_by_the_loader_workers(prepared, codec_path, tmp_path):
@@ -243,7 +285,7 @@ def test_an_epoch_is_whole_optimiser_steps_shared_evenly_by_the_loader_workers(p
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy, probed", [("ddp", [16, 1, 2, 4]), ("fsdp2", [1, 2, 4])])
+@pytest.mark.parametrize("strategy, probed", [("ddp", [16, 1, 2, 4, 8]), ("fsdp2", [1, 4])])
 def test_two_ranks_agree_on_the_split_the_busier_one_allows(strategy, probed, prepared, codec_path, tmp_path):
     args = overrides(prepared, codec_path, tmp_path, "trainer.devices=2", f"strategy={strategy}", "trainer.max_steps=2",
                      "data.batches_per_epoch=4", "data.val_max_windows=8", "batch_sizing.global_batch=32")
@@ -255,11 +297,24 @@ def test_two_ranks_agree_on_the_split_the_busier_one_allows(strategy, probed, pr
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # rank 1 needs 1 + 2b GiB (rank 0: 1 + b) of a 13.6 GiB budget: 4 examples, where rank 0 alone would take 8.
-    # FSDP2 (collectives inside a probe) grows from the smallest size rather than trying all 16 first.
+    # FSDP2 (collectives inside a probe) grows from the smallest size, within a bound, rather than trying 16 first.
     for record in ranks:
         assert record["probed"] == probed
         assert record["split"] == [4, 4, 2] and record["accumulate_grad_batches"] == 4
         assert record["batches"] == [4] * 8 and record["global_step"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_probe_failing_on_one_rank_stops_every_rank(prepared, codec_path, tmp_path):
+    args = overrides(prepared, codec_path, tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.max_steps=2")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PROBE_OUT=str(tmp_path), PROBE_FAILS_ON_RANK="1")
+    script = Path(__file__).with_name("memory_probe_train.py")
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "a probe bug (simulated)" in output and "failed on another rank" in output
 
 
 @pytest.mark.gpu

@@ -468,15 +468,22 @@ class CodesDataModule(L.LightningDataModule):
     def serve_micro_batches(self, micro_batch: int, accumulation: int) -> None:
         """Serve training batches of ``micro_batch`` windows, ``accumulation`` of them per optimiser step.
 
-        An epoch keeps its ``batch_size x batches_per_epoch`` windows, rounded to whole optimiser steps that
-        the loader workers share evenly. Call before the train dataloader is built.
+        An epoch keeps the windows of an epoch of ``batch_size`` batches, so a split of the same global batch
+        keeps its optimiser steps (and the validation cadence). Its micro-batches are whole optimiser steps
+        that the loader workers share evenly (rounded up where they cannot be). Call before the train
+        dataloader is built.
         """
         if micro_batch < 1 or accumulation < 1:
             raise ValueError(f"micro_batch and accumulation must be >= 1, got {micro_batch} and {accumulation}")
-        unit = math.lcm(accumulation, max(1, self.hparams.num_workers))  # micro-batches
-        windows = self.hparams.batch_size * self.hparams.batches_per_epoch
-        self.train_batch_size = micro_batch
-        self.train_batches_per_epoch = max(1, round(windows / (micro_batch * unit))) * unit
+        workers = max(1, self.hparams.num_workers)
+        windows = self.hparams.batch_size * max(1, self.hparams.batches_per_epoch // workers) * workers
+        batches = max(1, round(windows / (micro_batch * accumulation))) * accumulation
+        unit = math.lcm(accumulation, workers)
+        self.train_batch_size, self.train_batches_per_epoch = micro_batch, -(-batches // unit) * unit
+
+    def serve_configured_batches(self) -> None:
+        """Serve training batches of ``batch_size``, ``batches_per_epoch`` an epoch (the default)."""
+        self.train_batch_size, self.train_batches_per_epoch = self.hparams.batch_size, self.hparams.batches_per_epoch
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()

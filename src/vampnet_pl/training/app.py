@@ -77,8 +77,7 @@ def build(cfg: DictConfig):
     remove_checkpoint_leftovers(last_checkpoint_path(schema.run_dir).parent)  # of a write killed mid-way
     resume_from = last_checkpoint(schema.run_dir) if schema.resume else None
     # micro-batch and accumulation, before the data loads; a resumed run keeps its own
-    callbacks.append(AutoBatchSize(schema.batch_sizing, last_checkpoint_path(schema.run_dir).parent / "batch_split.json",
-                                   resuming=resume_from is not None))
+    callbacks.append(AutoBatchSize(schema.batch_sizing, resume_from))
     callbacks.append(DataHealth())  # skip counts as metrics, the skip-rate limit over all ranks, the closing summary
     if requeue_enabled(schema.slurm.requeue):
         callbacks.append(SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal))

@@ -13,15 +13,16 @@ ranks``. The split is hardware. ``batch_sizing.mode``:
   On other devices, and under strategies whose model a probe cannot call (Lightning's FSDP, DeepSpeed), it
   acts as ``fixed``.
 
-An epoch keeps its ``data.batch_size x data.batches_per_epoch`` windows whatever the split. Every rank
-takes the same decisions: each measurement is the maximum over ranks.
+An epoch keeps its windows, and so its optimiser steps, whatever the split
+(:meth:`CodesDataModule.serve_micro_batches`). Every rank takes the same decisions: each measurement is
+the maximum over ranks, and a probe that fails on one rank stops all. Checkpoints carry their split, and a
+resumed run keeps it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,6 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from vampnet_pl.config import BatchSizing, BatchSizingConfig
-from vampnet_pl.utils.atomic import write_json_atomic
 
 
 class BatchDoesNotFit(RuntimeError):
@@ -77,15 +77,18 @@ class MicroBatchFit:
 
 
 def fit_micro_batch(per_rank: int, budget: int, measure: Callable[[int], Optional[int]],
-                    cautious: bool = False) -> MicroBatchFit:
+                    cautious: bool = False, fixed: int = 0) -> MicroBatchFit:
     """The largest divisor of ``per_rank`` whose measured peak memory stays within ``budget`` bytes.
 
     ``measure(b)``: the peak bytes of a training step on ``b`` examples, or None when it ran out of memory.
     It first tries ``per_rank`` itself (one probe when it fits), then grows from the smallest size: the line
-    through the two largest sizes that fit predicts the largest next one, which a probe verifies; a size
-    that does not fit bounds the search from above. ``cautious`` (when running out of memory mid-probe is
-    risky, as under FSDP2, where the other ranks would wait in a collective): no first try of ``per_rank``,
-    and at most double the largest size that fits per probe.
+    through the two largest sizes that fit predicts the largest next one, which a probe verifies (where the
+    line predicts none, the next size is tried all the same); a size that does not fit bounds the search.
+    ``cautious`` (when running out of memory mid-probe is risky, as under FSDP2, where the other ranks would
+    wait in a collective): no first try of ``per_rank``, and only sizes ``s`` whose bound
+    ``fixed + (peak(best) - fixed) x s / best`` stays within the budget, ``best`` the largest size that fits
+    and ``fixed`` the bytes held whatever the size (weights, optimiser state). A peak that is ``fixed``, a
+    step's own constant and an amount per example never exceeds that bound.
     """
     sizes = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
     found = MicroBatchFit(0)
@@ -108,20 +111,19 @@ def fit_micro_batch(per_rank: int, budget: int, measure: Callable[[int], Optiona
     fitting = [sizes[0]]
     while candidates := [s for s in sizes if fitting[-1] < s and (failed is None or s < failed)]:
         best = fitting[-1]
-        if len(fitting) == 1:
-            guess = candidates[0]  # a second point for the line
+        if cautious:
+            within = [s for s in candidates if fixed * best + (found.peaks[best] - fixed) * s <= budget * best]
+        elif len(fitting) == 1:
+            within = candidates[:1]  # a second point for the line
         else:
-            previous = fitting[-2]
-            slope = (found.peaks[best] - found.peaks[previous]) / (best - previous)
-            within = [s for s in candidates if (not cautious or s <= 2 * best)
-                      and found.peaks[best] + slope * (s - best) <= budget]
-            if not within:
-                break
-            guess = within[-1]
-        if fits(guess):
-            fitting.append(guess)
+            slope = (found.peaks[best] - found.peaks[fitting[-2]]) / (best - fitting[-2])
+            within = [s for s in candidates if found.peaks[best] + slope * (s - best) <= budget] or candidates[:1]
+        if not within:
+            break
+        if fits(within[-1]):
+            fitting.append(within[-1])
         else:
-            failed = guess
+            failed = within[-1]
     found.micro_batch = fitting[-1]
     return found
 
@@ -142,6 +144,11 @@ class CudaMemory:
         free, total = torch.cuda.mem_get_info(self.device)
         outside = total - free - torch.cuda.memory_reserved(self.device)
         return total - max(0, outside)
+
+    def in_use(self) -> int:
+        """Bytes held before a probe (weights, the optimiser's state once allocated)."""
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved(self.device)
 
     def start(self, batch_size: int) -> None:
         torch.cuda.empty_cache()
@@ -180,6 +187,17 @@ def probe_supported(strategy) -> bool:
     return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy))
 
 
+def recorded_split(checkpoint: str | Path) -> BatchSplit | None:
+    """The split a checkpoint was trained with (``checkpoint["batch_split"]``; a file, or a sharded folder's
+    ``meta.pt``); None for checkpoints written without one."""
+    path = Path(checkpoint)
+    path = path / "meta.pt" if path.is_dir() else path
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # our own; tensors left unread
+    return BatchSplit(**state["batch_split"]) if "batch_split" in state else None
+
+
 class AutoBatchSize(L.Callback):
     """Sets the run's micro-batch and gradient accumulation before training (see the module docstring).
 
@@ -191,17 +209,14 @@ class AutoBatchSize(L.Callback):
     and several sizes probed, compiled graphs are reset afterwards, so that training compiles once, for its
     own shape.
 
-    ``record``: a JSON file where the split is kept (``checkpoints/batch_split.json``). A resumed run
-    (``resuming``) keeps the split it started with, since its step and epoch counters are in its micro-batches;
-    when the recorded micro-batch no longer fits, it stops with the bytes it needs. ``memory``: how peaks are
-    read (default: :class:`CudaMemory` on CUDA; tests pass their own).
+    Checkpoints carry the split (``batch_split``). A run resumed from one (``resume_from``) keeps it, since its
+    step and epoch counters are in those micro-batches; if the micro-batch no longer fits, it stops with the
+    bytes it needs. ``memory``: how peaks are read (default: :class:`CudaMemory` on CUDA; tests pass their own).
     """
 
-    def __init__(self, config: BatchSizingConfig | None = None, record: str | Path | None = None,
-                 resuming: bool = False, memory=None):
+    def __init__(self, config: BatchSizingConfig | None = None, resume_from: str | Path | None = None, memory=None):
         self.config = config or BatchSizingConfig()
-        self.record = Path(record) if record is not None else None
-        self.resuming = resuming
+        self.resume_from = resume_from
         self.memory = memory
         self.split: BatchSplit | None = None
         self.fit: MicroBatchFit | None = None
@@ -219,25 +234,23 @@ class AutoBatchSize(L.Callback):
             self.configured = (datamodule.hparams.batch_size, trainer.accumulate_grad_batches)
         micro, accumulation = self.configured
         ranks = trainer.world_size
-        global_batch = self.config.global_batch or micro * accumulation * ranks
         split = BatchSplit(micro, accumulation, ranks)
         if self.config.global_batch:  # micro-batches of at most data.batch_size that divide a rank's share
-            split = split_for(global_batch, ranks, largest_divisor(per_rank_batch(global_batch, ranks), micro))
+            per_rank = per_rank_batch(self.config.global_batch, ranks)
+            split = split_for(self.config.global_batch, ranks, largest_divisor(per_rank, micro))
         self.kept = False
-        if self.resuming:
-            recorded = self._recorded()
-            if recorded is None:
-                split, self.kept = BatchSplit(micro, accumulation, ranks), True  # runs from before the record
-            elif (recorded.global_batch, recorded.ranks) == (global_batch, ranks):
+        if self.resume_from is not None:
+            # one reading for all ranks: they must agree on the accumulation
+            recorded = trainer.strategy.broadcast(recorded_split(self.resume_from) if trainer.is_global_zero else None)
+            if recorded is not None and recorded.global_batch == split.global_batch and recorded.ranks == ranks:
                 split, self.kept = recorded, True
+            elif recorded is not None:
+                rank_zero_warn(f"resuming with {split.global_batch} examples a step over {ranks} rank(s), not the "
+                               f"checkpoint's {recorded.global_batch} over {recorded.ranks}: the batch is split anew, "
+                               "the data stream does not continue exactly, and the first step may take another "
+                               "number of examples")
             else:
-                rank_zero_warn(f"resuming with {global_batch} examples a step over {ranks} rank(s), not the "
-                               f"recorded {recorded.global_batch} over {recorded.ranks}: the batch is split anew, the "
-                               "data stream does not continue exactly, and the first step may take another number "
-                               "of examples")
-        if split.global_batch != global_batch:
-            raise ValueError(f"the run was split as {split}, which is not {global_batch} examples a step; set "
-                             "batch_sizing.global_batch to the run's own or start a new run directory")
+                self.kept = True  # written before checkpoints carried their split: the split without measuring
         self._apply(trainer, split)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -252,19 +265,20 @@ class AutoBatchSize(L.Callback):
                                f"micro-batches of {self.split.micro_batch}")
             else:
                 self._apply(trainer, self._measure(trainer, pl_module, memory))
-        if self.record is not None and trainer.is_global_zero:
-            write_json_atomic(self.record, dataclasses.asdict(self.split))
         rank_zero_info(f"batch: {self.split.global_batch} examples per optimiser step = micro-batch "
                        f"{self.split.micro_batch} x accumulation {self.split.accumulation} x {self.split.ranks} rank(s)"
-                       + (" (the run's own, resumed)" if self.kept else ""))
+                       + (" (the checkpoint's, resumed)" if self.kept else ""))
 
-    def _recorded(self) -> BatchSplit | None:
-        if self.record is None or not self.record.is_file():
-            return None
-        return BatchSplit(**json.loads(self.record.read_text()))
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self.split is not None:
+            checkpoint["batch_split"] = dataclasses.asdict(self.split)
 
     def _apply(self, trainer: L.Trainer, split: BatchSplit) -> None:
-        trainer.datamodule.serve_micro_batches(split.micro_batch, split.accumulation)
+        """Serve ``split``'s micro-batches; the configured split leaves the loader as configured."""
+        if (split.micro_batch, split.accumulation) == self.configured:
+            trainer.datamodule.serve_configured_batches()
+        else:
+            trainer.datamodule.serve_micro_batches(split.micro_batch, split.accumulation)
         trainer.accumulate_grad_batches = split.accumulation
         self.split = split
 
@@ -293,7 +307,9 @@ class AutoBatchSize(L.Callback):
             return None if worst >= out_of_memory else worst
 
         split = self.split
-        if self.kept:  # a resumed run's own split: check that it still fits
+        if self.kept:  # a resumed run's own split: check that it still fits (under FSDP2 a probe that runs out of
+            if isinstance(strategy, ModelParallelStrategy):  # memory would leave the other ranks waiting: not there)
+                return split
             peak = measure(split.micro_batch)
             if peak is None or peak > budget:
                 raise BatchDoesNotFit(
@@ -304,8 +320,10 @@ class AutoBatchSize(L.Callback):
             return split
         # Under FSDP2 a probe runs collectives, and one rank running out of memory mid-step would leave the
         # others waiting: grow cautiously from the smallest size instead of trying the largest first.
+        fixed = int(strategy.reduce(torch.tensor(memory.in_use() + extra, device=strategy.root_device),
+                                    reduce_op="min").item())
         self.fit = fit_micro_batch(split.micro_batch * split.accumulation, budget, measure,
-                                   cautious=isinstance(strategy, ModelParallelStrategy))
+                                   cautious=isinstance(strategy, ModelParallelStrategy), fixed=fixed)
         if len(self.fit.peaks) > 1 and getattr(pl_module, "compile_blocks", False):
             torch._dynamo.reset()  # several shapes made the graphs dynamic; training compiles for its one shape
         for size, peak in sorted(self.fit.peaks.items()):
