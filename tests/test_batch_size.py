@@ -263,6 +263,9 @@ def test_a_sharded_checkpoint_folder_gives_its_split_from_its_metadata(tmp_path)
                tmp_path / "last.ckpt" / "meta.pt")
     assert recorded_split(tmp_path / "last.ckpt") == BatchSplit(2, 4, 2)
     assert recorded_split(tmp_path / "missing.ckpt") is None
+    (tmp_path / "damaged.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="could not read the batch split"):
+        assert recorded_split(tmp_path / "damaged.ckpt") is None
 
 
 def test_the_accumulation_is_set_before_the_strategy_is(prepared, codec_path, tmp_path):

@@ -194,8 +194,12 @@ def recorded_split(checkpoint: str | Path) -> BatchSplit | None:
     path = path / "meta.pt" if path.is_dir() else path
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # our own; tensors left unread
-    return BatchSplit(**state["batch_split"]) if "batch_split" in state else None
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # our own; tensors left unread
+        return BatchSplit(**state["batch_split"]) if "batch_split" in state else None
+    except Exception as err:  # noqa: BLE001 (the resume itself reports a damaged checkpoint)
+        rank_zero_warn(f"could not read the batch split of {checkpoint}: {err}")
+        return None
 
 
 class AutoBatchSize(L.Callback):
