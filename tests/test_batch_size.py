@@ -7,10 +7,7 @@ training steps. ``test_auto_batch_size_on_cuda`` measures a real GPU where one i
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -19,13 +16,16 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 
 from memory_probe_train import GIB, FakeMemory
-from test_train import compose, overrides
+from test_train import compose, overrides, training_process
 from vampnet_pl.config import BatchSizingConfig, UsageError
 from vampnet_pl.config import compose as compose_checked
 from vampnet_pl.training.app import build
 from vampnet_pl.training.batch_size import (AutoBatchSize, BatchDoesNotFit, BatchSplit, fit_micro_batch,
                                             largest_divisor, optimizer_state_bytes, probe_supported,
                                             recorded_split, split_for)
+
+
+PROBE_SCRIPT = Path(__file__).with_name("memory_probe_train.py")
 
 
 def affine(base: float, per_example: float, out_of_memory_above: float = float("inf")):
@@ -292,11 +292,7 @@ def test_an_epoch_is_whole_optimiser_steps_shared_evenly_by_the_loader_workers(p
 def test_two_ranks_agree_on_the_split_the_busier_one_allows(strategy, probed, prepared, codec_path, tmp_path):
     args = overrides(prepared, codec_path, tmp_path, "trainer.devices=2", f"strategy={strategy}", "trainer.max_steps=2",
                      "data.batches_per_epoch=4", "data.val_max_windows=8", "batch_sizing.global_batch=32")
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE",
-                                                             "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PROBE_OUT=str(tmp_path))
-    script = Path(__file__).with_name("memory_probe_train.py")
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600, env=env)
+    done = training_process([str(PROBE_SCRIPT), *args], PROBE_OUT=str(tmp_path))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # rank 1 needs 1 + 2b GiB (rank 0: 1 + b) of a 13.6 GiB budget: 4 examples, where rank 0 alone would take 8.
@@ -311,11 +307,7 @@ def test_two_ranks_agree_on_the_split_the_busier_one_allows(strategy, probed, pr
 @pytest.mark.distributed
 def test_a_probe_failing_on_one_rank_stops_every_rank(prepared, codec_path, tmp_path):
     args = overrides(prepared, codec_path, tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.max_steps=2")
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE",
-                                                             "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PROBE_OUT=str(tmp_path), PROBE_FAILS_ON_RANK="1")
-    script = Path(__file__).with_name("memory_probe_train.py")
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=env)
+    done = training_process([str(PROBE_SCRIPT), *args], 300, PROBE_OUT=str(tmp_path), PROBE_FAILS_ON_RANK="1")
     output = done.stdout + done.stderr
     assert done.returncode != 0 and "a probe bug (simulated)" in output and "failed on another rank" in output
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -33,7 +31,7 @@ from vampnet_pl.model.vampnet import VampNet, VampNetConfig, check_token_range
 from vampnet_pl.prep.index import load_index, repair, verify
 from vampnet_pl.training.export import read_checkpoint
 
-from test_train import overrides, train
+from test_train import overrides, train, training_process
 
 FINGERPRINT = "f" * 64
 
@@ -296,12 +294,9 @@ def test_repair_re_encodes_only_the_units_whose_shards_fail(prepared, tmp_path, 
 
 # -- checkpoints under faults ----------------------------------------------------------------------------
 def _fault_train(args: list[str], fault: str | None) -> subprocess.CompletedProcess:
-    launcher_vars = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", FAULT=fault or "")
     script = Path(__file__).with_name("fault_train.py")
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600, env=env,
-                          start_new_session=True)  # the kill takes the run's whole process group, not pytest
+    # a session of its own: the kill takes the run's whole process group, not pytest
+    return training_process([str(script), *args], start_new_session=True, FAULT=fault or "")
 
 
 def _leftovers(folder: Path) -> list[Path]:

@@ -140,12 +140,21 @@ def test_nan_loss_stops_with_the_step(prepared, codec_path, tmp_path):
         module._step({"codes": torch.randint(0, 1024, (2, 4, 30))}, "train")
 
 
+LAUNCHER_VARS = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+
+
+def training_process(command: list[str], timeout: int = 600, start_new_session: bool = False,
+                     **env: str) -> subprocess.CompletedProcess:
+    """``python COMMAND`` in a process of its own, with ``env`` added and without the launcher variables that
+    in-process runs of this session leave behind (Lightning relaunches the command for every rank)."""
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    environment.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=timeout,
+                          env=environment, start_new_session=start_new_session)
+
+
 def _cli_train(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    launcher_vars = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}  # in-process runs of this session set them
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, "-m", "vampnet_pl.training.app", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    done = training_process(["-m", "vampnet_pl.training.app", *args], timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
 

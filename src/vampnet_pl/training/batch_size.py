@@ -128,6 +128,11 @@ def fit_micro_batch(per_rank: int, budget: int, measure: Callable[[int], Optiona
     return found
 
 
+def _over_ranks(strategy, value: int, op: str) -> int:
+    """``value`` reduced over all ranks (``op``: min or max)."""
+    return int(strategy.reduce(torch.tensor(value, device=strategy.root_device), reduce_op=op).item())
+
+
 def _gib(value: Optional[int]) -> str:
     return "more memory than the device has" if value is None else f"{value / 2**30:.2f} GiB"
 
@@ -291,8 +296,7 @@ class AutoBatchSize(L.Callback):
         frames = trainer.datamodule.window_frames
         extra = optimizer_state_bytes(trainer.optimizers)
         budget = int(self.config.memory_fraction * memory.capacity())
-        self.budget = budget = int(strategy.reduce(torch.tensor(budget, device=strategy.root_device),
-                                                   reduce_op="min").item())
+        self.budget = budget = _over_ranks(strategy, budget, "min")
         out_of_memory, failed = 2**62, 2**62 + 1
 
         def measure(batch_size: int) -> int | None:
@@ -303,7 +307,7 @@ class AutoBatchSize(L.Callback):
                 local = out_of_memory if peak is None else peak + extra
             except Exception as err:  # noqa: BLE001 (re-raised below, after the other ranks are told)
                 error, local = err, failed
-            worst = int(strategy.reduce(torch.tensor(local, device=strategy.root_device), reduce_op="max").item())
+            worst = _over_ranks(strategy, local, "max")
             if error is not None:
                 raise error
             if worst == failed:
@@ -324,8 +328,7 @@ class AutoBatchSize(L.Callback):
             return split
         # Under FSDP2 a probe runs collectives, and one rank running out of memory mid-step would leave the
         # others waiting: grow cautiously from the smallest size instead of trying the largest first.
-        fixed = int(strategy.reduce(torch.tensor(memory.in_use() + extra, device=strategy.root_device),
-                                    reduce_op="min").item())
+        fixed = _over_ranks(strategy, memory.in_use() + extra, "min")
         self.fit = fit_micro_batch(split.micro_batch * split.accumulation, budget, measure,
                                    cautious=isinstance(strategy, ModelParallelStrategy), fixed=fixed)
         if len(self.fit.peaks) > 1 and getattr(pl_module, "compile_blocks", False):
