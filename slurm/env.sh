@@ -17,5 +17,6 @@ if ! command -v vampnet-pl >/dev/null; then
 fi
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 export PYTHONUNBUFFERED=1
+export PYTHONFAULTHANDLER=1  # a hard crash (segfault, abort) prints every thread's Python stack to the log
 echo "[$(date -Is)] job ${SLURM_JOB_ID:-?}${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID}" \
   "restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}: $*"

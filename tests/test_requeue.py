@@ -9,12 +9,13 @@ import signal
 
 import lightning as L
 import pytest
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from test_train import compose, overrides
 from vampnet_pl.config import RequeueMode
 from vampnet_pl.training.export import read_checkpoint
-from vampnet_pl.training.slurm import cluster_plugins, describe, requeue_enabled, slurm_layout
+from vampnet_pl.training.slurm import cluster_plugins, describe, record_sigterm_only, requeue_enabled, slurm_layout
 from vampnet_pl.training.app import build, last_checkpoint
 from vampnet_pl.training.callbacks import batch_seed
 from vampnet_pl.utils.atomic import previous_folder, replace_folder
@@ -61,14 +62,18 @@ def test_batch_seeds_differ_by_rank_and_batch_and_repeat_exactly():
 
 
 class SignalAtStep(L.Callback):
-    """Sends the requeue signal to this process while step ``step`` is under way."""
+    """Sends the requeue signal to this process while step ``step`` is under way; counts validation runs after."""
 
     def __init__(self, step: int):
         self.step = step
+        self.validations_after = 0
 
     def on_before_backward(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGUSR1)
+
+    def on_validation_start(self, trainer, *args) -> None:
+        self.validations_after += trainer.global_step > self.step
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -77,17 +82,39 @@ def test_signal_checkpoints_at_the_step_boundary_and_stops(accumulate, prepared,
                             "checkpoint.every_n_train_steps=100", "slurm.requeue=on",
                             f"trainer.accumulate_grad_batches={accumulate}"))
     module, datamodule, trainer, _ = build(cfg)
-    trainer.callbacks.append(SignalAtStep(5))
+    trainer.callbacks.append(signaller := SignalAtStep(5))
     previous = signal.getsignal(signal.SIGUSR1)
     with caplog.at_level(logging.INFO, logger="vampnet_pl.training.slurm"):
         trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 6  # the step under way when the signal came was finished, not cut
+    assert signaller.validations_after == 0  # no validation pass in the grace time before the job is killed
     last = tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == 6
     assert "SIGUSR1 received" in caplog.text and "not a SLURM job" in caplog.text
     # after training, a late signal is ignored rather than killing the finished process
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_IGN, previous)
     signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("recorded_only", [False, True])
+def test_sigterm_handler_runs_no_collective(recorded_only, monkeypatch):
+    """Lightning's own SIGTERM handler broadcasts inside the handler, possibly in the middle of another
+    collective (the ranks' operations then mismatch: abort or heap corruption); ours only records the signal."""
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    if recorded_only:
+        record_sigterm_only(trainer)
+    broadcasts = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda *args, **kwargs: broadcasts.append(args))
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))  # as if one of two ranks
+    trainer._signal_connector.register_signal_handlers()  # what fit does first
+    try:
+        signal.raise_signal(signal.SIGTERM)
+    finally:
+        trainer._signal_connector.teardown()
+    assert trainer.received_sigterm
+    assert (broadcasts == []) == recorded_only  # False: Lightning's handler still broadcasts (else drop ours)
 
 
 def test_checkpoint_folders_are_swapped_whole(tmp_path):

@@ -19,7 +19,8 @@ from vampnet_pl.config import TrainConfig, conf_dir
 from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth
 from vampnet_pl.training.checkpointing import AtomicCheckpointIO, remove_checkpoint_leftovers
-from vampnet_pl.training.slurm import SlurmRequeue, cluster_plugins, describe, requeue_enabled, slurm_layout
+from vampnet_pl.training.slurm import (SlurmRequeue, cluster_plugins, describe, record_sigterm_only, requeue_enabled,
+                                      slurm_layout)
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.utils.atomic import previous_folder
 
@@ -94,6 +95,7 @@ def build(cfg: DictConfig):
         default_root_dir=schema.run_dir,
         use_distributed_sampler=False,  # the DataModule splits by rank itself
     )
+    record_sigterm_only(trainer)
     return module, datamodule, trainer, resume_from
 
 

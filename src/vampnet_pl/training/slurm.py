@@ -9,6 +9,9 @@ is the same and it resumes from that checkpoint: no step is lost, none is applie
 Lightning's own ``auto_requeue`` saves from inside the signal handler, wherever each rank happens
 to be (mid-step, or inside a collective the other rank has not reached), so it is switched off here.
 Under Hydra's submitit launcher, submitit owns the signal and the requeue; this callback stays out.
+
+SIGTERM (``scancel``, the kill that follows ``scontrol requeue``, a preemption) only sets a flag:
+see :func:`record_sigterm_only`.
 """
 
 from __future__ import annotations
@@ -72,6 +75,28 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def record_sigterm_only(trainer: L.Trainer) -> None:
+    """Make Lightning's SIGTERM handler record the signal and nothing more (no collective inside it).
+
+    Lightning 2.6's handler also broadcasts a tensor from rank 0, inside the handler: at whatever point the
+    signal interrupted the main thread. When that is inside another collective (DDP's buffer broadcast, a
+    gradient all-reduce), the ranks' operations stop pairing up: under gloo a rank aborts ("op.preamble.length
+    <= op.nbytes") or its heap is corrupted, both seen in this project's SLURM requeue tests; NCCL would hang.
+    Lightning's training loop already shares rank 0's flag at the start of every batch, outside any other
+    collective, and stops all ranks together, so recording it is enough. Call before ``fit``."""
+    connector = trainer._signal_connector
+    if not callable(getattr(connector, "_sigterm_notifier_fn", None)):  # a Lightning without this handler
+        log.debug("Lightning has no SIGTERM notifier to replace")
+        return
+
+    def record(signum, frame) -> None:  # no logging either: a write it interrupted would be re-entered
+        if not connector.received_sigterm and (launcher := trainer.strategy.launcher) is not None:
+            launcher.kill(signum)  # processes Lightning started itself, as its own handler does
+        connector.received_sigterm = True
+
+    connector._sigterm_notifier_fn = record  # read when Lightning registers its handlers, at the start of fit
+
+
 class SlurmRequeue(L.Callback):
     """Checkpoint at the next step boundary after ``signal_name``, then ``scontrol requeue`` the job."""
 
@@ -113,6 +138,7 @@ class SlurmRequeue(L.Callback):
         if trainer.is_global_zero:
             self.requeue()
         trainer.should_stop = True
+        trainer.limit_val_batches = 0  # Lightning validates before an early stop; the requeue is killing this job
 
     @staticmethod
     def requeue() -> None:
