@@ -31,9 +31,10 @@ from vampnet_pl.training.performance import dense_bf16_tflops  # noqa: E402
 
 
 def module_and_loader(size: str, batch: int, frames: int, steps: int, n_codebooks: int = 4, position: str = "relative",
-                      compile: bool | None = False, attention_backend: str = "auto", activation_checkpointing: bool = False):
+                      compile: bool | None = False, attention_backend: str = "auto", activation_checkpointing: bool = False,
+                      dropout: float = 0.0):
     torch.manual_seed(0)
-    cfg = dict(n_codebooks=n_codebooks, codebook_size=1024, latent_dim=1024, dropout=0.0, position=position,
+    cfg = dict(n_codebooks=n_codebooks, codebook_size=1024, latent_dim=1024, dropout=dropout, position=position,
                attention_backend=attention_backend, **SIZES[size])
     module = MaskedTokenModule(cfg, optim={"lr": 3e-4, "warmup_steps": 10}, compile=compile,
                                activation_checkpointing=activation_checkpointing,
@@ -85,7 +86,7 @@ def synchronize() -> None:
 
 def measure(size: str, batch: int, frames: int, steps: int, warmup: int, position: str = "relative",
             compile: bool | None = None, attention_backend: str = "auto", activation_checkpointing: bool = False,
-            strategy: str = "auto") -> dict:
+            strategy: str = "auto", dropout: float = 0.0) -> dict:
     """Tokens/s, model TFLOP/s, MFU and peak memory of the Lightning training step (bf16-mixed on a GPU).
 
     Without CUDA (``--smoke``) it runs on CPU in fp32: the code path is checked, the numbers mean nothing.
@@ -95,7 +96,7 @@ def measure(size: str, batch: int, frames: int, steps: int, warmup: int, positio
     cuda = torch.cuda.is_available()
     module, loader = module_and_loader(size, batch, frames, steps + warmup, position=position, compile=compile,
                                        attention_backend=attention_backend,
-                                       activation_checkpointing=activation_checkpointing)
+                                       activation_checkpointing=activation_checkpointing, dropout=dropout)
     if cuda:
         torch.set_float32_matmul_precision("high")
         torch.cuda.reset_peak_memory_stats()

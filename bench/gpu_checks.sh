@@ -16,8 +16,8 @@ fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
-timeout 270 python3 bench/run.py --out "$OUT" train-gpu 2>&1 | tee "$OUT/train_gpu.log"
-timeout 120 python3 bench/run.py --out "$OUT" generate --device cuda --sizes paper --batches 1 2 4 8 16 --cuda-graphs \
+timeout 320 python3 bench/run.py --out "$OUT" train-gpu 2>&1 | tee "$OUT/train_gpu.log"
+timeout 105 python3 bench/run.py --out "$OUT" generate --device cuda --sizes paper --batches 1 2 4 8 16 --cuda-graphs \
     --bf16 2>&1 | tee "$OUT/generate.log"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_size.py tests/test_sampling.py \
+timeout 115 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_size.py tests/test_sampling.py \
     tests/test_vamp.py tests/test_train.py 2>&1 | tee "$OUT/pytest_gpu.log"

@@ -13,8 +13,9 @@
 Each command imports only what it needs (train-gpu: torch + lightning + this project).
 
 train-gpu rows (paper-size coarse model, batch x 861 frames, bf16-mixed): the T5 relative bias
-through flex attention and through the materialised-mask SDPA reference, rotary embeddings,
-each with and without activation checkpointing, and flex attention under FSDP2 on one GPU.
+through flex attention and through the materialised-mask SDPA reference, both also with VampNet's
+dropout of 0.1 (attention probabilities included), rotary embeddings, with and without activation
+checkpointing, and flex attention under FSDP2 on one GPU.
 Blocks are compiled (regional compile, the GPU default). MFU counts 6 N + attention FLOPs per
 token against 989 TFLOP/s of dense bf16 (H100/H200).
 """
@@ -29,14 +30,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-# (label, position, attention backend, activation checkpointing, strategy)
+# (label, position, attention backend, activation checkpointing, strategy, dropout)
 TRAIN_GPU_ROWS = [
-    ("relative bias, flex attention", "relative", "flex", False, "auto"),
-    ("relative bias, flex attention, activation checkpointing", "relative", "flex", True, "auto"),
-    ("relative bias, SDPA + materialised mask (reference)", "relative", "sdpa", False, "auto"),
-    ("rotary, SDPA (flash)", "rotary", "auto", False, "auto"),
-    ("rotary, SDPA (flash), activation checkpointing", "rotary", "auto", True, "auto"),
-    ("relative bias, flex attention, FSDP2 on one GPU", "relative", "flex", False, "fsdp2"),
+    ("relative bias, flex attention", "relative", "flex", False, "auto", 0.0),
+    ("relative bias, flex attention, activation checkpointing", "relative", "flex", True, "auto", 0.0),
+    ("relative bias, SDPA + materialised mask (reference)", "relative", "sdpa", False, "auto", 0.0),
+    ("relative bias, flex attention, dropout 0.1 (VampNet's, attention included)", "relative", "flex", False, "auto",
+     0.1),
+    ("relative bias, SDPA + materialised mask, dropout 0.1", "relative", "sdpa", False, "auto", 0.1),
+    ("rotary, SDPA (flash)", "rotary", "auto", False, "auto", 0.0),
+    ("rotary, SDPA (flash), activation checkpointing", "rotary", "auto", True, "auto", 0.0),
+    ("relative bias, flex attention, FSDP2 on one GPU", "relative", "flex", False, "fsdp2", 0.0),
 ]
 
 
@@ -73,11 +77,12 @@ def train_gpu(args) -> None:
               "|---|---|---|---|---|---|---|")
     print(header, flush=True)
     rows = []
-    for label, position, backend, checkpointing, strategy in TRAIN_GPU_ROWS:
+    for label, position, backend, checkpointing, strategy, dropout in TRAIN_GPU_ROWS:
         if not cuda and backend == "flex":
             backend = "auto"  # no flex attention backward on CPU (torch 2.11)
         result = measure(size, batch, frames, steps, warmup, position=position, compile=None if cuda else False,
-                         attention_backend=backend, activation_checkpointing=checkpointing, strategy=strategy)
+                         attention_backend=backend, activation_checkpointing=checkpointing, strategy=strategy,
+                         dropout=dropout)
         mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
         rows.append(f"| {label} | {result['parameters'] / 1e6:.0f} M | {'yes' if result['compiled'] else 'no'} | "
                     f"{result['tokens_per_s']:,.0f} | {result['tflops']:.0f} | {mfu} | {result['peak_gib']:.1f} |")

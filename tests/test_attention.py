@@ -12,7 +12,8 @@ import yaml
 
 import torch.nn.attention.flex_attention as flex_module
 from vampnet_pl.model import VampNet, VampNetConfig
-from vampnet_pl.model.attention import RelativeBias, attend, dense_bias, relative_bucket, resolve_backend
+from vampnet_pl.model.attention import (RelativeBias, attend, attention_keep, dense_bias, draw_dropout_seed,
+                                        keep_threshold, relative_bucket, resolve_backend)
 
 PRESETS = sorted((Path(__file__).parents[1] / "conf" / "model").glob("*.yaml"))
 
@@ -64,20 +65,42 @@ def leaves(batch, heads, frames, head_dim, n_buckets=32, seed=0):
     return q, k, v, table
 
 
-def forward_backward(backend, q, k, v, table, n_buckets=32, max_distance=128):
+def hashed_keep_mask(seed, batch, heads, frames, dropout_p):
+    """flex attention's dropout keep mask, materialised: ``[batch, heads, frames, frames]`` bools."""
+    index = [torch.arange(n).view([n if axis == i else 1 for axis in range(4)])
+             for i, n in enumerate((batch, heads, frames, frames))]
+    return attention_keep(seed, *index, heads, frames, keep_threshold(dropout_p))
+
+
+def masked_reference(q, k, v, bias, keep, dropout_p):
+    """``dropout(softmax(q k^T / sqrt(d) + bias)) v`` with the given keep mask, written out."""
+    probs = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + bias.materialise(), dim=-1)
+    return (probs * keep / (1 - dropout_p)) @ v
+
+
+def forward_backward(backend, q, k, v, table, n_buckets=32, max_distance=128, dropout_p=0.0):
+    """``backend`` "flex" or "sdpa", or "masked": the written-out math with flex's dropout mask."""
     for leaf in (q, k, v, table):
         leaf.grad = None
-    frames = q.shape[-2]
+    batch, heads, frames, _ = q.shape
     bias = RelativeBias.from_table(table, frames, n_buckets, max_distance, materialise=backend == "sdpa")
-    out = attend(q, k, v, position_bias=bias, backend=backend)
+    torch.manual_seed(7)
+    if backend == "masked":
+        keep = hashed_keep_mask(draw_dropout_seed("cpu"), batch, heads, frames, dropout_p)
+        out = masked_reference(q, k, v, bias, keep, dropout_p)
+    else:
+        out = attend(q, k, v, position_bias=bias, backend=backend, dropout_p=dropout_p)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     (out * weights).sum().backward()
     return out.detach(), [leaf.grad.clone() for leaf in (q, k, v, table)]
 
 
-def assert_flex_equals_reference(q, k, v, table, n_buckets=32, max_distance=128):
-    flex_out, flex_grads = forward_backward("flex", q, k, v, table, n_buckets, max_distance)
-    ref_out, ref_grads = forward_backward("sdpa", q, k, v, table, n_buckets, max_distance)
+def assert_flex_equals_reference(q, k, v, table, n_buckets=32, max_distance=128, dropout_p=0.0):
+    """flex against the materialised-bias SDPA reference; with dropout, against the written-out math with
+    flex's own mask (SDPA draws another)."""
+    flex_out, flex_grads = forward_backward("flex", q, k, v, table, n_buckets, max_distance, dropout_p)
+    ref_out, ref_grads = forward_backward("sdpa" if dropout_p == 0 else "masked", q, k, v, table, n_buckets,
+                                          max_distance, dropout_p)
     torch.testing.assert_close(flex_out, ref_out, rtol=1e-5, atol=1e-5)
     for name, flex_grad, ref_grad in zip("qkv", flex_grads, ref_grads):
         torch.testing.assert_close(flex_grad, ref_grad, rtol=1e-4, atol=1e-5, msg=f"grad {name}")
@@ -85,23 +108,81 @@ def assert_flex_equals_reference(q, k, v, table, n_buckets=32, max_distance=128)
     assert flex_grads[3].abs().sum() > 0
 
 
-def test_flex_equals_reference_forward_and_backward_at_861_frames(flex_backward_on_cpu):
-    assert_flex_equals_reference(*leaves(batch=2, heads=2, frames=861, head_dim=8))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_flex_equals_reference_forward_and_backward_at_861_frames(dropout_p, flex_backward_on_cpu):
+    assert_flex_equals_reference(*leaves(batch=2, heads=2, frames=861, head_dim=8), dropout_p=dropout_p)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_flex_equals_reference_for_every_preset(preset, flex_backward_on_cpu):
+def test_flex_equals_reference_for_every_preset(preset, dropout_p, flex_backward_on_cpu):
     values = {k: v for k, v in yaml.safe_load(preset.read_text()).items() if k != "defaults"}
     cfg = VampNetConfig(**values)  # the preset's heads and bucket settings
     frames = 2 * cfg.relative_max_distance + 3  # odd, and past the last log bucket
     q, k, v, table = leaves(1, cfg.n_heads, frames, head_dim=4, n_buckets=cfg.relative_buckets)
-    assert_flex_equals_reference(q, k, v, table, cfg.relative_buckets, cfg.relative_max_distance)
+    assert_flex_equals_reference(q, k, v, table, cfg.relative_buckets, cfg.relative_max_distance, dropout_p)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_flex_dropout_mask_drops_its_share_independently(dropout_p):
+    batch, heads, frames = 2, 4, 301
+    keep = hashed_keep_mask(torch.tensor(123), batch, heads, frames, dropout_p).float()
+    n = keep.numel()
+    assert abs(1 - keep.mean().item() - dropout_p) < 5 * (dropout_p * (1 - dropout_p) / n) ** 0.5
+    centred = keep - keep.mean()
+
+    def correlation(a, b):
+        return ((a * b).mean() / (a.std() * b.std())).item()
+
+    for axis in range(4):  # neighbours along batch, head, query and key
+        first, second = centred.narrow(axis, 0, keep.shape[axis] - 1), centred.narrow(axis, 1, keep.shape[axis] - 1)
+        assert abs(correlation(first, second)) < 0.02, axis
+    assert abs(correlation(centred, centred.transpose(-2, -1))) < 0.02  # (q, k) and (k, q)
+    other = hashed_keep_mask(torch.tensor(124), batch, heads, frames, dropout_p).float()
+    assert abs(correlation(centred, other - other.mean())) < 0.02  # the next seed: a new mask
+    assert torch.equal(keep, hashed_keep_mask(torch.tensor(123), batch, heads, frames, dropout_p).float())
+
+
+def test_flex_dropout_follows_the_torch_seed_and_dropping_everything_gives_zeros(flex_backward_on_cpu):
+    q, k, v, table = leaves(1, 2, 40, 4)
+    bias = RelativeBias.from_table(table, 40, 32, 128)
+    outputs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outputs.append(attend(q, k, v, position_bias=bias, backend="flex", dropout_p=0.2))
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
+    assert torch.equal(attend(q, k, v, position_bias=bias, backend="flex", dropout_p=1.0), torch.zeros_like(q))
+
+
+def test_flex_dropout_recomputes_the_same_mask_under_activation_checkpointing(flex_backward_on_cpu):
+    """Checkpointing reruns the forward pass in backward; the mask (and so the gradients) must not change.
+    Reentrant here: the non-reentrant form (``checkpoint_wrapper``'s) would rerun the forward pass inside the
+    CPU reference backward's vmap, which refuses random ops; on a GPU flex's backward is compiled, no vmap."""
+    torch.manual_seed(0)
+    model = VampNet(VampNetConfig(codebook_size=64, latent_dim=8, d_model=32, n_layers=1, n_heads=4, dropout=0.2,
+                                  attention_backend="flex")).train()
+    block, x = model.blocks[0], torch.randn(2, 45, 32, requires_grad=True)
+
+    def gradients(checkpointed):
+        block.zero_grad()
+        bias = model.position_bias(45, materialise=False)
+        torch.manual_seed(3)
+        out = (torch.utils.checkpoint.checkpoint(block, x, bias, None, use_reentrant=True) if checkpointed
+               else block(x, bias, None))
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in block.parameters()]
+
+    (plain_out, plain), (checkpointed_out, checkpointed) = gradients(False), gradients(True)
+    torch.testing.assert_close(checkpointed_out, plain_out, rtol=0, atol=0)
+    for a, b in zip(checkpointed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_backend_choice():
     assert resolve_backend("auto", "cpu", has_bias=True) == "sdpa"  # no flex backward on CPU
     assert resolve_backend("auto", "cuda", has_bias=True) == "flex"
-    assert resolve_backend("auto", "cuda", has_bias=True, dropout_p=0.1) == "sdpa"  # flex has no attention dropout
+    assert resolve_backend("auto", "cuda", has_bias=True, dropout_p=0.1) == "sdpa"  # flex dropout: not yet measured
+    assert resolve_backend("flex", "cuda", has_bias=True, dropout_p=0.1) == "flex"
     assert resolve_backend("flex", "cuda", has_bias=False) == "sdpa"  # rotary / no bias: fused SDPA
     assert resolve_backend("flex", "cpu", has_bias=True) == "flex"
     with pytest.raises(ValueError, match="attention backend"):
@@ -155,3 +236,24 @@ def test_a_block_compiles_whole_with_the_bias_object(backend):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         torch.testing.assert_close(compiled(x, bias), block(x, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_flex_dropout_score_mod_compiles_to_the_eager_values():
+    """Inductor lowers the keep-bit hash (int64 shifts, xors, masked products) as eager computes it: here its
+    CPU flex kernel (forward; a GPU compiles the same score_mod to Triton)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from vampnet_pl.model.attention import flex_dropout_inputs
+
+    q, k, v, table = (t.detach() for t in leaves(2, 4, 128, 16))
+    score_mod = RelativeBias.from_table(table, 128, 32, 128).score_mod()
+    k2, v2, with_dropout = flex_dropout_inputs(q, k, v, score_mod, 0.1, torch.tensor(12345))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        eager = flex_attention(q, k2, v2, score_mod=with_dropout)
+    compiled = torch.compile(flex_attention, dynamic=False)(q, k2, v2, score_mod=with_dropout)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    keep = hashed_keep_mask(torch.tensor(12345), 2, 4, 128, 0.1)
+    torch.testing.assert_close(eager, masked_reference(q, k, v, RelativeBias.from_table(table, 128, 32, 128), keep,
+                                                       0.1) * 0.9, rtol=1e-5, atol=1e-5)

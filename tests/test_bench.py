@@ -18,9 +18,10 @@ def test_train_gpu_smoke_runs_every_configuration_on_cpu(tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 6  # header + one row per configuration
+    assert len(table) == 1 + 8  # header + one row per configuration
     assert any("FSDP2" in row for row in table) and any("checkpointing" in row for row in table)
-    assert (tmp_path / "train_gpu_smoke.md").read_text().count("\n| ") == 1 + 6
+    assert sum("dropout 0.1" in row for row in table) == 2
+    assert (tmp_path / "train_gpu_smoke.md").read_text().count("\n| ") == 1 + 8
 
 
 def test_generate_writes_its_table(tmp_path):

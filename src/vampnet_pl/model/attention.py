@@ -10,10 +10,19 @@ SDPA uses its fused flash kernels.
 from the learned ``[buckets, heads]`` table. Nothing of size ``T x T`` is ever stored, and
 gradients reach the table through flex attention's captured-buffer gradient. Compiled on CUDA.
 
+Dropout on attention probabilities (VampNet trains with 0.1) under ``flex``: flex attention has no
+dropout of its own, and a score of -inf would also take the dropped key out of the softmax's
+denominator. So the keys are given twice and the values once, then zeros: ``[k; k]`` and ``[v; 0]``.
+A kept key scores in the first copy (-inf in the second), a dropped one in the second (-inf in the
+first), so every key counts once in the denominator and only kept keys reach the output: exactly
+``dropout(softmax(scores)) v`` (times ``1 / (1 - p)``), at twice the attention work. The keep mask is
+a hash of (seed, batch, head, query, key) (:func:`attention_keep`), computed inside the kernel and again
+in its backward pass; nothing ``T x T`` is stored. The seed is drawn from torch's generator, so
+``torch.manual_seed`` and activation checkpointing's recompute reproduce the mask.
+
 Backend choice (``backend="auto"``): ``flex`` on CUDA when there is a relative bias and no
-attention dropout, ``sdpa`` otherwise. flex attention has no dropout on attention probabilities
-(VampNet trains with it), so ``auto`` keeps the exact behaviour; ``backend="flex"`` trades that
-dropout for speed (residual and feed-forward dropout stay). torch 2.11 has no flex attention
+attention dropout, ``sdpa`` otherwise (until flex with dropout is measured faster on a GPU:
+BENCHMARKS.md). torch 2.11 has no flex attention
 backward on CPU (and compiles its CPU forward slowly), so ``auto`` uses ``sdpa`` there. On the CPU,
 with attention dropout (training), ``sdpa`` runs SDPA's math as one autograd function
 (:func:`attention_with_dropout`), so that the mask comes from :mod:`vampnet_pl.model.dropout` (SDPA's
@@ -81,6 +90,53 @@ class RelativeBias:
             return score + by_offset[key - query + last, head].to(score.dtype)
 
         return add_relative_bias
+
+
+_UINT32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (two multiply-xorshift rounds) of int64 tensors holding uint32 values."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _UINT32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _UINT32
+    return (x >> 16) ^ x
+
+
+def keep_threshold(dropout_p: float) -> int:
+    """The hash value from which :func:`attention_keep` keeps an element: P(drop) = round(p * 2**32) / 2**32."""
+    return round(dropout_p * 2**32)
+
+
+def attention_keep(seed: torch.Tensor, batch: torch.Tensor, head: torch.Tensor, query: torch.Tensor,
+                   key: torch.Tensor, heads: int, queries: int, threshold: int) -> torch.Tensor:
+    """Whether flex attention's dropout keeps the probability of (``batch``, ``head``, ``query``, ``key``): a
+    hash of the indices and ``seed`` at or above ``threshold`` (:func:`keep_threshold`). Elementwise on
+    integer tensors (broadcast), so the kernel's ``score_mod`` and a materialised mask compute the same bits."""
+    row = ((batch.long() * heads + head.long()) * queries + query.long()) & _UINT32
+    return _mix32(_mix32(row ^ seed) ^ key.long()) >= threshold
+
+
+def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
+    """The seed of one flex attention dropout mask: a 0-dim int64 tensor on ``device``, from torch's generator
+    (no host synchronisation on a GPU)."""
+    return torch.randint(0, 2**31 - 1, (), device=device)
+
+
+def flex_dropout_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod, dropout_p: float,
+                        seed: torch.Tensor):
+    """Keys, values and ``score_mod`` for flex attention with dropout on its probabilities (module docstring):
+    ``[k; k]``, ``[v; 0]``, and the score of a key in the copy that matches its keep bit (-inf in the other).
+    The output is then ``dropout(softmax) v`` without the ``1 / (1 - p)`` scale."""
+    heads, queries, keys = q.shape[1], q.shape[-2], k.shape[-2]
+    threshold = keep_threshold(dropout_p)  # an int here: inside score_mod a float p would be traced as a tensor
+
+    def score_with_dropout(score, b, h, query, key_copy):
+        first = key_copy < keys
+        key = torch.where(first, key_copy, key_copy - keys)
+        keep = attention_keep(seed, b, h, query, key, heads, queries, threshold)
+        return torch.where(keep == first, score_mod(score, b, h, query, key), float("-inf"))
+
+    return torch.cat([k, k], dim=-2), torch.cat([v, torch.zeros_like(v)], dim=-2), score_with_dropout
 
 
 def dense_bias(by_offset: torch.Tensor, frames: int) -> torch.Tensor:
@@ -166,7 +222,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_bias: 
            dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
     """Bidirectional attention over ``[batch, heads, frames, head_dim]`` tensors -> same shape.
 
-    ``dropout_p`` applies to attention probabilities (sdpa only; pass 0 outside training).
+    ``dropout_p`` applies to attention probabilities (pass 0 outside training).
     """
     chosen = resolve_backend(backend, q.device, position_bias is not None, dropout_p)
     if chosen == "sdpa":
@@ -174,15 +230,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_bias: 
         if dropout_p > 0.0 and q.device.type == "cpu":
             return attention_with_dropout(q, k, v, mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if dropout_p >= 1.0:
+        return torch.zeros_like(q)  # every probability dropped, as F.dropout(p=1) gives
+    score_mod = position_bias.score_mod()
+    if dropout_p > 0.0:
+        k, v, score_mod = flex_dropout_inputs(q, k, v, score_mod, dropout_p, draw_dropout_seed(q.device))
+    out = _flex(q, k, v, score_mod)
+    return out if dropout_p == 0.0 else out * (1.0 / (1.0 - dropout_p))
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod) -> torch.Tensor:
     if q.device.type != "cpu":
         if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph
             from torch.nn.attention.flex_attention import flex_attention
 
-            return flex_attention(q, k, v, score_mod=position_bias.score_mod())
-        return _compiled_flex_attention()(q, k, v, score_mod=position_bias.score_mod())
+            return flex_attention(q, k, v, score_mod=score_mod)
+        return _compiled_flex_attention()(q, k, v, score_mod=score_mod)
     from torch.nn.attention.flex_attention import flex_attention  # CPU: torch's unfused reference, for checks
 
     try:
-        return flex_attention(q, k, v, score_mod=position_bias.score_mod())
+        return flex_attention(q, k, v, score_mod=score_mod)
     except NotImplementedError as err:  # torch 2.11: no flex backward on CPU
         raise NotImplementedError(f"{err} (set model.attention_backend=auto or sdpa to train on CPU)") from err

@@ -56,7 +56,7 @@ class VampNetConfig:
     io_bias: bool = False  # biases on the input projection and the output head (the original has them)
     gelu_approximate: str = "none"  # "none" (exact GELU) or "tanh" (the original's GELU)
     norm_eps: Optional[float] = None  # RMSNorm epsilon (None: the dtype's eps; the original uses 1e-6)
-    attention_backend: str = "auto"  # auto (flex on CUDA for the relative bias) | flex | sdpa: model/attention.py
+    attention_backend: str = "auto"  # auto (flex on CUDA for the relative bias, no dropout) | flex | sdpa: attention.py
     cpu_matmul: str = "auto"  # auto (oneDNN on x86 CPUs) | onednn | aten: the CPU fp32 linear kernel, model/linear.py
     codec_fingerprint: str = ""
 
