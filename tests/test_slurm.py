@@ -71,6 +71,20 @@ def assert_completed(cluster: LocalSlurm, job_id: str, env: dict, timeout: float
         raise AssertionError(f"{err}\n{job_logs(env, 4000)}") from None
     states = {j.id: j.state for j in jobs}
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n{job_logs(env, 4000)}"
+    assert_no_crash(env, job_id)
+
+
+# What a process that died hard leaves in its job log (slurm/env.sh sets PYTHONFAULTHANDLER): a job
+# requeued after its checkpoint completes even when a rank crashed on the way out, so look.
+CRASH_MARKERS = ("Fatal Python error", "terminate called", "corrupted", "double free", "Segmentation fault")
+
+
+def assert_no_crash(env: dict, job_id: str) -> None:
+    """No process of job ``job_id`` (all its runs and array tasks: one log, opened for appending) crashed."""
+    for path in sorted(Path(env["LOG_DIR"]).glob(f"*-{job_id}[._]*out")):
+        log = path.read_text(errors="replace")
+        crashes = [marker for marker in CRASH_MARKERS if marker in log]
+        assert not crashes, f"a process of job {job_id} crashed ({', '.join(crashes)}):\n{log[-6000:]}"
 
 
 def long_stereo_wav(path: Path, minutes: int, sample_rate: int = 44100) -> Path:
