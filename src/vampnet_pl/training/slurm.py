@@ -81,9 +81,10 @@ def record_sigterm_only(trainer: L.Trainer) -> None:
     Lightning 2.6's handler also broadcasts a tensor from rank 0, inside the handler: at whatever point the
     signal interrupted the main thread. When that is inside another collective (DDP's buffer broadcast, a
     gradient all-reduce), the ranks' operations stop pairing up: under gloo a rank aborts ("op.preamble.length
-    <= op.nbytes") or its heap is corrupted, both seen in this project's SLURM requeue tests; NCCL would hang.
-    Lightning's training loop already shares rank 0's flag at the start of every batch, outside any other
-    collective, and stops all ranks together, so recording it is enough. Call before ``fit``."""
+    <= op.nbytes") or its heap is corrupted, both seen in this project's SLURM requeue tests; NCCL does not
+    check sizes, so ranks would hang or exchange wrong data. Lightning's training loop already shares rank 0's
+    flag at the start of every batch, outside any other collective, and stops all ranks together, so
+    recording it is enough. Call before ``fit``."""
     connector = trainer._signal_connector
     if not callable(getattr(connector, "_sigterm_notifier_fn", None)):  # a Lightning without this handler
         log.debug("Lightning has no SIGTERM notifier to replace")
