@@ -88,6 +88,7 @@ def test_signal_checkpoints_at_the_step_boundary_and_stops(accumulate, prepared,
         trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 6  # the step under way when the signal came was finished, not cut
     assert signaller.validations_after == 0  # no validation pass in the grace time before the job is killed
+    assert trainer.limit_val_batches == cfg.trainer.limit_val_batches  # and the trainer as it was, after fit
     last = tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == 6
     assert "SIGUSR1 received" in caplog.text and "not a SLURM job" in caplog.text

@@ -107,6 +107,7 @@ class SlurmRequeue(L.Callback):
         self.signalled = False
         self._previous_handler = None
         self._step_at_batch_start = -1
+        self._limit_val_batches = None  # the trainer's, while validation is switched off for the requeue
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True  # acted on at the step boundary, never here
@@ -121,6 +122,8 @@ class SlurmRequeue(L.Callback):
             keep = self._previous_handler not in (signal.SIG_DFL, None)
             signal.signal(self.signum, self._previous_handler if keep else signal.SIG_IGN)
             self._previous_handler = None
+        if self._limit_val_batches is not None:
+            trainer.limit_val_batches, self._limit_val_batches = self._limit_val_batches, None
 
     def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
         self._step_at_batch_start = trainer.global_step
@@ -139,7 +142,8 @@ class SlurmRequeue(L.Callback):
         if trainer.is_global_zero:
             self.requeue()
         trainer.should_stop = True
-        trainer.limit_val_batches = 0  # Lightning validates before an early stop; the requeue is killing this job
+        # Lightning validates before an early stop; the requeue is killing this job (restored in teardown)
+        self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
 
     @staticmethod
     def requeue() -> None:
