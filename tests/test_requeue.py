@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from test_train import compose, overrides
+from test_train import compose, overrides, training_process
 from vampnet_pl.config import RequeueMode
 from vampnet_pl.training.export import read_checkpoint
 from vampnet_pl.training.slurm import cluster_plugins, describe, record_sigterm_only, requeue_enabled, slurm_layout
@@ -97,25 +100,75 @@ def test_signal_checkpoints_at_the_step_boundary_and_stops(accumulate, prepared,
     signal.signal(signal.SIGUSR1, previous)
 
 
-@pytest.mark.parametrize("recorded_only", [False, True])
-def test_sigterm_handler_runs_no_collective(recorded_only, monkeypatch):
-    """Lightning's own SIGTERM handler broadcasts inside the handler, possibly in the middle of another
-    collective (the ranks' operations then mismatch: abort or heap corruption); ours only records the signal."""
+@pytest.fixture
+def sigterm_trainer(monkeypatch):
+    """A trainer as one of two ranks, whose collectives are recorded: ``(trainer, collectives)``."""
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    if recorded_only:
-        record_sigterm_only(trainer)
-    broadcasts = []
+    collectives = []
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "broadcast", lambda *args, **kwargs: broadcasts.append(args))
-    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))  # as if one of two ranks
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda *args, **kwargs: collectives.append("broadcast"))
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))
+    return trainer, collectives
+
+
+def raise_sigterm(trainer) -> None:
     trainer._signal_connector.register_signal_handlers()  # what fit does first
     try:
         signal.raise_signal(signal.SIGTERM)
     finally:
         trainer._signal_connector.teardown()
+
+
+def test_lightning_sigterm_handler_runs_a_collective(sigterm_trainer):
+    """Why record_sigterm_only exists: Lightning's handler broadcasts inside the handler, possibly in the middle of
+    another collective (the ranks' operations then mismatch: abort or heap corruption). When this fails,
+    Lightning has changed: check whether record_sigterm_only is still needed."""
+    trainer, collectives = sigterm_trainer
+    raise_sigterm(trainer)
+    assert trainer.received_sigterm and collectives == ["broadcast"]
+
+
+@pytest.mark.parametrize("other_rank_signalled", [False, True])
+def test_sigterm_is_recorded_then_shared_by_all_ranks_at_a_batch_start(other_rank_signalled, sigterm_trainer,
+                                                                       monkeypatch):
+    trainer, collectives = sigterm_trainer
+    record_sigterm_only(trainer)
+    signalled_here = not other_rank_signalled
+    if signalled_here:
+        raise_sigterm(trainer)
+    assert collectives == [] and not trainer.received_sigterm  # not acted on before the ranks agree
+
+    shared = []  # reduce_boolean_decision(any rank): this rank's value, or the other rank's True
+    monkeypatch.setattr(trainer.strategy, "reduce_boolean_decision",
+                        lambda decision, all=True: shared.append(decision) or decision or other_rank_signalled)
+    with pytest.raises(SIGTERMException):
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor()  # where Lightning shares it, every batch start
+    assert shared == [signalled_here] and trainer.received_sigterm
+
+
+def test_one_process_stops_on_sigterm_as_lightning_stops_it():
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    record_sigterm_only(trainer)
+    raise_sigterm(trainer)
     assert trainer.received_sigterm
-    assert (broadcasts == []) == recorded_only  # False: Lightning's handler still broadcasts (else drop ours)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_rank_signalled_mid_step_stops_with_the_others_at_one_batch(prepared, codec_path, tmp_path):
+    """Two DDP processes on CPU; rank 1 gets SIGTERM between forward and backward. Both stop at the next batch
+    start together, no process crashes, no checkpoint is involved."""
+    args = overrides(prepared, codec_path, tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.max_steps=8",
+                     "data.batches_per_epoch=8", "data.val_max_windows=8", "checkpoint.every_n_train_steps=100")
+    done = training_process([str(Path(__file__).with_name("sigterm_train.py")), *args], 180,
+                            SIGTERM_OUT=str(tmp_path), SIGTERM_RANK="1", SIGTERM_STEP="3")
+    output = done.stdout + done.stderr
+    assert done.returncode >= 0, output[-4000:]  # not killed by a signal (an abort is -6)
+    assert not any(marker in output for marker in ("Fatal Python error", "terminate called", "corrupted")), output[-4000:]
+    ends = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ends[0] == ends[1] == {"ended": "SIGTERMException", "global_step": 4}, ends
 
 
 def test_checkpoint_folders_are_swapped_whole(tmp_path):

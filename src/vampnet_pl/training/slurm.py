@@ -10,8 +10,8 @@ Lightning's own ``auto_requeue`` saves from inside the signal handler, wherever 
 to be (mid-step, or inside a collective the other rank has not reached), so it is switched off here.
 Under Hydra's submitit launcher, submitit owns the signal and the requeue; this callback stays out.
 
-SIGTERM (``scancel``, the kill that follows ``scontrol requeue``, a preemption) only sets a flag:
-see :func:`record_sigterm_only`.
+SIGTERM (``scancel``, the kill that follows ``scontrol requeue``, a preemption): its handler only sets a
+flag, which the ranks share at the next training batch and stop together (:func:`record_sigterm_only`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vampnet_pl.config import RequeueMode
 
@@ -76,26 +77,48 @@ def slurm_job_id() -> str | None:
 
 
 def record_sigterm_only(trainer: L.Trainer) -> None:
-    """Make Lightning's SIGTERM handler record the signal and nothing more (no collective inside it).
+    """Lightning's SIGTERM handling without a collective inside the signal handler. Call before ``fit``.
 
-    Lightning 2.6's handler also broadcasts a tensor from rank 0, inside the handler: at whatever point the
+    Lightning 2.6's handler broadcasts a tensor from rank 0 inside the handler, that is at whatever point the
     signal interrupted the main thread. When that is inside another collective (DDP's buffer broadcast, a
     gradient all-reduce), the ranks' operations stop pairing up: under gloo a rank aborts ("op.preamble.length
     <= op.nbytes") or its heap is corrupted, both seen in this project's SLURM requeue tests; NCCL does not
-    check sizes, so ranks would hang or exchange wrong data. Lightning's training loop already shares rank 0's
-    flag at the start of every batch, outside any other collective, and stops all ranks together, so
-    recording it is enough. Call before ``fit``."""
-    connector = trainer._signal_connector
-    if not callable(getattr(connector, "_sigterm_notifier_fn", None)):  # a Lightning without this handler
-        log.debug("Lightning has no SIGTERM notifier to replace")
+    check sizes, so ranks would hang or exchange wrong data. Lightning also acts on each rank's own flag at
+    several points, so ranks that got the signal at different moments could stop at different batches.
+
+    Here the handler only records the signal (:class:`_SharedSigterm`). One process stops as Lightning stops
+    it. Several processes share it at the start of every training batch, where Lightning broadcast rank 0's
+    flag: one all-reduce (did any rank get it?), then every rank stops at that same batch."""
+    connector, epoch_loop = trainer._signal_connector, trainer.fit_loop.epoch_loop
+    if not (callable(getattr(connector, "_sigterm_notifier_fn", None))
+            and callable(getattr(epoch_loop, "_broadcast_sigterm_tensor", None))):
+        log.warning("this Lightning handles SIGTERM in another way than record_sigterm_only expects; left as it is")
         return
+    shared = _SharedSigterm(trainer)
+    connector._sigterm_notifier_fn = shared.record  # read when Lightning registers its handlers, at the start of fit
+    epoch_loop._broadcast_sigterm_tensor = shared.share  # called at each training batch start, on several ranks
 
-    def record(signum, frame) -> None:  # no logging either: a write it interrupted would be re-entered
-        if not connector.received_sigterm and (launcher := trainer.strategy.launcher) is not None:
+
+class _SharedSigterm:
+    """SIGTERM recorded by the handler and shared between ranks at a training batch start."""
+
+    def __init__(self, trainer: L.Trainer):
+        self.trainer = trainer
+        self.received = False
+
+    def record(self, signum, frame) -> None:  # the handler: no collective, no logging (it would re-enter a write)
+        if not self.received and (launcher := self.trainer.strategy.launcher) is not None:
             launcher.kill(signum)  # processes Lightning started itself, as its own handler does
-        connector.received_sigterm = True
+        self.received = True
+        if self.trainer.world_size == 1:
+            self.trainer._signal_connector.received_sigterm = True  # Lightning's loops stop at their next check
 
-    connector._sigterm_notifier_fn = record  # read when Lightning registers its handlers, at the start of fit
+    def share(self) -> None:
+        if self.trainer.strategy.reduce_boolean_decision(self.received, all=False):  # any rank
+            self.trainer._signal_connector.received_sigterm = True
+            if self.trainer.is_global_zero:
+                log.info("SIGTERM received: training stops at this batch on every rank")
+            raise SIGTERMException
 
 
 class SlurmRequeue(L.Callback):
@@ -143,7 +166,8 @@ class SlurmRequeue(L.Callback):
             self.requeue()
         trainer.should_stop = True
         # Lightning validates before an early stop; the requeue is killing this job (restored in teardown)
-        self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
+        if self._limit_val_batches is None:
+            self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
 
     @staticmethod
     def requeue() -> None:
