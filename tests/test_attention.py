@@ -66,8 +66,8 @@ def leaves(batch, heads, frames, head_dim, n_buckets=32, seed=0):
 
 
 def hashed_keep_mask(seed, batch, heads, frames, dropout_p):
-    """flex attention's dropout keep mask, materialised: ``[batch, heads, frames, frames]`` bools."""
-    index = [torch.arange(n).view([n if axis == i else 1 for axis in range(4)])
+    """flex attention's dropout keep mask, materialised: ``[batch, heads, frames, frames]`` bools (seed's device)."""
+    index = [torch.arange(n, device=seed.device).view([n if axis == i else 1 for axis in range(4)])
              for i, n in enumerate((batch, heads, frames, frames))]
     return attention_keep(seed, *index, heads, frames, keep_threshold(dropout_p))
 
@@ -151,7 +151,8 @@ def test_flex_dropout_follows_the_torch_seed_and_dropping_everything_gives_zeros
         torch.manual_seed(seed)
         outputs.append(attend(q, k, v, position_bias=bias, backend="flex", dropout_p=0.2))
     assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
-    assert torch.equal(attend(q, k, v, position_bias=bias, backend="flex", dropout_p=1.0), torch.zeros_like(q))
+    everything_dropped = attend(q, k, v, position_bias=bias, backend="flex", dropout_p=1.0)
+    assert torch.equal(everything_dropped, torch.zeros_like(q)) and everything_dropped.grad_fn is not None  # for DDP
 
 
 def test_flex_dropout_recomputes_the_same_mask_under_activation_checkpointing(flex_backward_on_cpu):
@@ -257,3 +258,50 @@ def test_flex_dropout_score_mod_compiles_to_the_eager_values():
     keep = hashed_keep_mask(torch.tensor(12345), 2, 4, 128, 0.1)
     torch.testing.assert_close(eager, masked_reference(q, k, v, RelativeBias.from_table(table, 128, 32, 128), keep,
                                                        0.1) * 0.9, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_flex_dropout_on_cuda_equals_the_math_with_its_mask():
+    """The Triton kernel's keep bits (forward and backward) are the mask the eager hash gives."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    q, k, v, table = (t.detach().cuda().requires_grad_() for t in leaves(2, 4, 861, 64))
+    weights = torch.randn(2, 4, 861, 64, device="cuda")
+    bias = RelativeBias.from_table(table, 861, 32, 128)
+    torch.manual_seed(7)
+    out = attend(q, k, v, position_bias=bias, backend="flex", dropout_p=0.1)
+    flex_grads = torch.autograd.grad((out * weights).sum(), (q, k, v, table))
+    torch.manual_seed(7)
+    keep = hashed_keep_mask(draw_dropout_seed("cuda"), 2, 4, 861, 0.1)
+    ref = masked_reference(q, k, v, RelativeBias.from_table(table, 861, 32, 128), keep, 0.1)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v, table))
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+    for name, got, expected in zip(("q", "k", "v", "table"), flex_grads, ref_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3, msg=f"grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_checkpointed_block_with_flex_dropout_differentiates_its_own_forward_on_cuda():
+    """Compiled and activation-checkpointed, as training runs it: the backward pass uses the forward's masks
+    (checked against a central difference, the masks fixed by the torch seed)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = VampNet(VampNetConfig(codebook_size=64, latent_dim=8, d_model=64, n_layers=1, n_heads=4, dropout=0.2,
+                                  attention_backend="flex")).cuda().train()
+    block = torch.compile(checkpoint_wrapper(model.blocks[0]))
+    bias = model.position_bias(203, materialise=False)
+    x, direction, weights = (torch.randn(2, 203, 64, device="cuda") for _ in range(3))
+
+    def loss(inputs):
+        torch.manual_seed(3)
+        return (block(inputs, bias, None) * weights).sum()
+
+    x.requires_grad_()
+    (grad,) = torch.autograd.grad(loss(x), x)
+    with torch.no_grad():
+        eps = 1e-2
+        numeric = (loss(x + eps * direction) - loss(x - eps * direction)) / (2 * eps)
+    torch.testing.assert_close((grad * direction).sum(), numeric, rtol=2e-2, atol=1e-2)

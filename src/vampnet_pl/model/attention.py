@@ -230,13 +230,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_bias: 
         if dropout_p > 0.0 and q.device.type == "cpu":
             return attention_with_dropout(q, k, v, mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    if dropout_p >= 1.0:
-        return torch.zeros_like(q)  # every probability dropped, as F.dropout(p=1) gives
     score_mod = position_bias.score_mod()
     if dropout_p > 0.0:
         k, v, score_mod = flex_dropout_inputs(q, k, v, score_mod, dropout_p, draw_dropout_seed(q.device))
     out = _flex(q, k, v, score_mod)
-    return out if dropout_p == 0.0 else out * (1.0 / (1.0 - dropout_p))
+    if dropout_p == 0.0:
+        return out
+    return out * (1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)  # p = 1: zeros, as F.dropout gives
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod) -> torch.Tensor:
