@@ -81,7 +81,9 @@ CRASH_MARKERS = ("Fatal Python error", "terminate called", "corrupted", "double 
 
 def assert_no_crash(env: dict, job_id: str) -> None:
     """No process of job ``job_id`` (all its runs and array tasks: one log, opened for appending) crashed."""
-    for path in sorted(Path(env["LOG_DIR"]).glob(f"*-{job_id}[._]*out")):
+    logs = sorted(Path(env["LOG_DIR"]).glob(f"*-{job_id}[._]*out"))
+    assert logs, f"no log of job {job_id} in {env['LOG_DIR']}"
+    for path in logs:
         log = path.read_text(errors="replace")
         crashes = [marker for marker in CRASH_MARKERS if marker in log]
         assert not crashes, f"a process of job {job_id} crashed ({', '.join(crashes)}):\n{log[-6000:]}"
@@ -114,6 +116,8 @@ def test_prep_array_then_dependent_finalize_and_verify(cluster, jobs_env, tmp_pa
     assert_completed(cluster, finalize, jobs_env, timeout=600)
     tasks = cluster.jobs(encode)
     assert len(tasks) == 2 and {t.state for t in tasks} == {"COMPLETED"}
+    assert_no_crash(jobs_env, scan)
+    assert_no_crash(jobs_env, encode)
     logs = job_logs(jobs_env)
     assert "task 0/2" in logs and "task 1/2" in logs  # each array task took its own share
     assert "verify: OK" in logs
