@@ -76,7 +76,8 @@ def assert_completed(cluster: LocalSlurm, job_id: str, env: dict, timeout: float
 
 # What a process that died hard leaves in its job log (slurm/env.sh sets PYTHONFAULTHANDLER): a job
 # requeued after its checkpoint completes even when a rank crashed on the way out, so look.
-CRASH_MARKERS = ("Fatal Python error", "terminate called", "corrupted", "double free", "Segmentation fault")
+CRASH_MARKERS = ("Fatal Python error", "terminate called", "Segmentation fault", "double free or corruption",
+                 "corrupted size vs", "corrupted double-linked list", "malloc(): ", "free(): invalid")
 
 
 def assert_no_crash(env: dict, job_id: str) -> None:
