@@ -13,6 +13,11 @@ from vampnet_pl.codec import Codec, SyntheticCodecSpec, make_synthetic_codec
 from vampnet_pl.config import ChannelMode, CodecConfig, PrepConfig, SplitConfig
 
 DEBIAN_MP3 = sorted(glob.glob("/usr/share/games/asc/music/*.mp3"))
+# What a process that died hard prints (with PYTHONFAULTHANDLER, which slurm/env.sh sets): faulthandler, a C++
+# terminate, glibc's heap checks.
+CRASH_MARKERS = ("Fatal Python error", "terminate called", "Segmentation fault", "double free or corruption",
+                 "corrupted size vs", "corrupted double-linked list", "malloc(): ", "free(): invalid")
+
 DEBIAN_OGG = sorted(glob.glob("/usr/share/scummvm/drascula/audio/*.ogg"))
 
 

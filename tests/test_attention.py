@@ -248,16 +248,16 @@ def test_flex_dropout_score_mod_compiles_to_the_eager_values():
     from vampnet_pl.model.attention import flex_dropout_inputs
 
     q, k, v, table = (t.detach() for t in leaves(2, 4, 128, 16))
-    score_mod = RelativeBias.from_table(table, 128, 32, 128).score_mod()
-    k2, v2, with_dropout = flex_dropout_inputs(q, k, v, score_mod, 0.1, torch.tensor(12345))
+    bias = RelativeBias.from_table(table, 128, 32, 128)
+    k2, v2, with_dropout = flex_dropout_inputs(q, k, v, bias.score_mod(), 0.1, torch.tensor(12345))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         eager = flex_attention(q, k2, v2, score_mod=with_dropout)
     compiled = torch.compile(flex_attention, dynamic=False)(q, k2, v2, score_mod=with_dropout)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     keep = hashed_keep_mask(torch.tensor(12345), 2, 4, 128, 0.1)
-    torch.testing.assert_close(eager, masked_reference(q, k, v, RelativeBias.from_table(table, 128, 32, 128), keep,
-                                                       0.1) * 0.9, rtol=1e-5, atol=1e-5)
+    unscaled = masked_reference(q, k, v, bias, keep, 0.1) * (1 - 0.1)  # flex_dropout_inputs leaves out 1 / (1 - p)
+    torch.testing.assert_close(eager, unscaled, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ import torch
 from slurm_cluster import ClusterError, LocalSlurm, missing_binaries
 from vampnet_pl.prep.index import load_index, verify
 
-from conftest import write_tone
+from conftest import CRASH_MARKERS, write_tone
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -74,14 +74,9 @@ def assert_completed(cluster: LocalSlurm, job_id: str, env: dict, timeout: float
     assert_no_crash(env, job_id)
 
 
-# What a process that died hard leaves in its job log (slurm/env.sh sets PYTHONFAULTHANDLER): a job
-# requeued after its checkpoint completes even when a rank crashed on the way out, so look.
-CRASH_MARKERS = ("Fatal Python error", "terminate called", "Segmentation fault", "double free or corruption",
-                 "corrupted size vs", "corrupted double-linked list", "malloc(): ", "free(): invalid")
-
-
 def assert_no_crash(env: dict, job_id: str) -> None:
-    """No process of job ``job_id`` (all its runs and array tasks: one log, opened for appending) crashed."""
+    """No process of job ``job_id`` (all its runs and array tasks: one log, opened for appending) crashed. A job
+    requeued after its checkpoint completes even when a rank crashed on the way out, so look."""
     logs = sorted(Path(env["LOG_DIR"]).glob(f"*-{job_id}[._]*out"))
     assert logs, f"no log of job {job_id} in {env['LOG_DIR']}"
     for path in logs:
