@@ -12,12 +12,13 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import TrainConfig, conf_dir
 from vampnet_pl.training.batch_size import AutoBatchSize
-from vampnet_pl.training.callbacks import DataHealth
+from vampnet_pl.training.callbacks import DataHealth, LogPointProgressBar
 from vampnet_pl.training.checkpointing import AtomicCheckpointIO, remove_checkpoint_leftovers
 from vampnet_pl.training.slurm import (SlurmRequeue, cluster_plugins, describe, record_sigterm_only, requeue_enabled,
                                       slurm_layout)
@@ -80,6 +81,8 @@ def build(cfg: DictConfig):
     # micro-batch and accumulation, before the data loads; a resumed run keeps its own
     callbacks.append(AutoBatchSize(schema.batch_sizing, resume_from))
     callbacks.append(DataHealth())  # skip counts as metrics, the skip-rate limit over all ranks, the closing summary
+    if schema.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(LogPointProgressBar())  # Lightning's own bar reads the training metrics every step
     if requeue_enabled(schema.slurm.requeue):
         callbacks.append(SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal))
     trainer_args = dataclasses.asdict(schema.trainer)

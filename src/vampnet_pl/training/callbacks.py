@@ -1,5 +1,6 @@
 """Training callbacks: random streams addressed by (seed, rank, batch), so a resumed run draws what an
-uninterrupted one would have drawn, on any number of ranks; data-integrity metrics and limits."""
+uninterrupted one would have drawn, on any number of ranks; data-integrity metrics and limits; a progress
+bar that reads the training metrics on the host only at log points."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import random
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from vampnet_pl.data.datamodule import DataIntegrityError, check_skip_rate
 from vampnet_pl.data.validation import REASONS
@@ -19,6 +21,27 @@ log = logging.getLogger(__name__)
 def batch_seed(seed: int, rank: int, batch_index: int) -> int:
     """A well-mixed 63-bit seed for one rank's one batch."""
     return int(np.random.SeedSequence([seed, rank, batch_index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class LogPoints:
+    """Which training batches end at a log point: the batch that completes an optimiser step that is a multiple
+    of ``trainer.log_every_n_steps``, as for Lightning's loggers. Every host read of the training loop's
+    metrics belongs there: on a GPU each read waits for the step to finish."""
+
+    def __init__(self) -> None:
+        self.last_step: int | None = None
+
+    def start(self, trainer: L.Trainer) -> None:
+        self.last_step = trainer.global_step  # a resumed run starts at its checkpoint's step
+
+    def stepped(self, trainer: L.Trainer) -> bool:
+        """Whether the optimiser stepped since the previous call (not inside a gradient accumulation)."""
+        stepped, self.last_step = trainer.global_step != self.last_step, trainer.global_step
+        return stepped
+
+    def __call__(self, trainer: L.Trainer) -> bool:
+        every = trainer.log_every_n_steps
+        return self.stepped(trainer) and every > 0 and trainer.global_step % every == 0
 
 
 class StepSeedCallback(L.Callback):
@@ -44,7 +67,7 @@ class DataHealth(L.Callback):
     """What the data readers skipped, as metrics summed over ranks, with the skip-rate limit and a closing summary.
 
     Train batches carry their DataLoader worker's cumulative :meth:`SkipCounter.report` (``batch["data_health"]``:
-    the counts live in worker processes). Every ``trainer.log_every_n_steps`` batches, and at the end, the
+    the counts live in worker processes). Every ``trainer.log_every_n_steps`` optimiser steps, and at the end, the
     latest report of each worker is summed, all-reduced over ranks and logged as ``data/skipped/<reason>``,
     ``data/samples_read`` and ``data/skip_rate``; ``data.max_skip_rate`` is applied to those sums (all ranks
     decide together, so none is left waiting). Validation skips (every rank reads the same windows) are
@@ -54,12 +77,16 @@ class DataHealth(L.Callback):
     def __init__(self) -> None:
         self.reports: dict[int, dict] = {}
         self.summary: dict | None = None
+        self.log_points = LogPoints()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.log_points.start(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         report = batch.get("data_health") if isinstance(batch, dict) else None
         if report:
             self.reports[report["worker"]] = report
-        if (batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0:
+        if self.log_points(trainer):  # all ranks together: the same global step
             self._sync(trainer, pl_module, emit=True)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -118,3 +145,33 @@ def _gathered_names(names: list[str]) -> list[str]:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, names)
     return sorted({n for part in gathered for n in part})
+
+
+class LogPointProgressBar(RichProgressBar):
+    """Lightning's progress bar, with the training step metrics as of the last log point.
+
+    Lightning converts every metric logged with ``prog_bar=True`` to a Python number after every batch,
+    with the bar on or off: on a GPU each is a wait for the whole step to finish, every step. The module
+    logs its training metrics without ``prog_bar``; this bar reads the ones it shows (:attr:`shown`) where
+    the loggers read them anyway: every ``trainer.log_every_n_steps`` optimiser steps.
+    Validation metrics (read once per validation) show as before."""
+
+    shown = ("train/loss_step", "train/top1_masked_step")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.latest: dict[str, float] = {}
+        self.log_points = LogPoints()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.log_points.start(trainer)
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.log_points(trainer):
+            metrics = trainer.callback_metrics
+            self.latest.update({name: float(metrics[name]) for name in self.shown if name in metrics})
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        return {**super().get_metrics(trainer, pl_module), **self.latest}

@@ -228,8 +228,9 @@ class MaskedTokenModule(L.LightningModule):
             value = value.float().flatten()
             if value.numel():
                 metrics[key](value)  # forward: updates the epoch state and gives the step value
+                # training metrics stay off Lightning's bar (it reads them every step): LogPointProgressBar
                 self.log(f"{stage}/{name}", metrics[key], on_step=stage == "train", on_epoch=True,
-                         prog_bar=name in ("loss", "top1_masked"), batch_size=target.shape[0])
+                         prog_bar=stage != "train" and name in ("loss", "top1_masked"), batch_size=target.shape[0])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch)

@@ -13,6 +13,8 @@ import time
 import lightning as L
 import torch
 
+from vampnet_pl.training.callbacks import LogPoints
+
 # Dense (not sparse) bf16 tensor-core peaks, TFLOP/s, by a part of the device name.
 DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 
@@ -33,6 +35,7 @@ class PerformanceMonitor(L.Callback):
     def __init__(self, peak_tflops: float | None = None):
         self.peak_tflops = peak_tflops
         self._flops_per_token: dict[int, float] = {}
+        self.log_points = LogPoints()
         self._reset(0.0)
 
     def _reset(self, start: float) -> None:
@@ -56,7 +59,7 @@ class PerformanceMonitor(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset(self._now(trainer))
-        self.last_step = trainer.global_step
+        self.log_points.start(trainer)
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
@@ -67,8 +70,7 @@ class PerformanceMonitor(L.Callback):
         self.examples += examples
         self.tokens += examples * frames
         self.flops += self._flops_per_token[frames] * examples * frames
-        stepped, self.last_step = trainer.global_step != self.last_step, trainer.global_step
-        if not stepped or trainer.log_every_n_steps < 1 or trainer.global_step % trainer.log_every_n_steps:
+        if not self.log_points(trainer):
             return
         now = self._now(trainer)
         seconds = now - self.start - self.paused
