@@ -19,7 +19,8 @@ from conftest import CRASH_MARKERS
 from test_train import compose, overrides, training_process
 from vampnet_pl.config import RequeueMode
 from vampnet_pl.training.export import read_checkpoint
-from vampnet_pl.training.slurm import cluster_plugins, describe, record_sigterm_only, requeue_enabled, slurm_layout
+from vampnet_pl.training.slurm import (SharedSignals, SlurmRequeue, cluster_plugins, describe, requeue_enabled,
+                                      share_signals, slurm_layout)
 from vampnet_pl.training.app import build, last_checkpoint
 from vampnet_pl.training.callbacks import batch_seed
 from vampnet_pl.utils.atomic import previous_folder, replace_folder
@@ -126,35 +127,106 @@ def raise_sigterm(trainer) -> None:
 
 
 def test_lightning_sigterm_handler_runs_a_collective(sigterm_trainer):
-    """Why record_sigterm_only exists: Lightning's handler broadcasts inside the handler, possibly in the middle of
+    """Why share_signals replaces it: Lightning's handler broadcasts inside the handler, possibly in the middle of
     another collective (the ranks' operations then mismatch: abort or heap corruption). When this fails,
-    Lightning has changed: check whether record_sigterm_only is still needed."""
+    Lightning has changed: check whether share_signals is still needed."""
     trainer, collectives = sigterm_trainer
     raise_sigterm(trainer)
     assert trainer.received_sigterm and collectives == ["broadcast"]
+
+
+def other_rank(monkeypatch, flags: dict[str, bool]) -> list:
+    """dist.all_reduce(max) as if a second rank had ``flags``; returns the list of reduced tensors."""
+    reduced = []
+
+    def all_reduce(tensor, op=None, **kwargs):
+        assert op == torch.distributed.ReduceOp.MAX
+        other = torch.tensor([flags.get(name, False) for name in SharedSignals.names], dtype=tensor.dtype)
+        tensor.copy_(torch.maximum(tensor, other))
+        reduced.append(tensor.clone())
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    return reduced
 
 
 @pytest.mark.parametrize("other_rank_signalled", [False, True])
 def test_sigterm_is_recorded_then_shared_by_all_ranks_at_a_batch_start(other_rank_signalled, sigterm_trainer,
                                                                        monkeypatch):
     trainer, collectives = sigterm_trainer
-    record_sigterm_only(trainer)
+    share_signals(trainer, signals := SharedSignals())
     signalled_here = not other_rank_signalled
     if signalled_here:
         raise_sigterm(trainer)
     assert collectives == [] and not trainer.received_sigterm  # not acted on before the ranks agree
+    assert signals.local["sigterm"] == signalled_here
 
-    shared = []  # reduce_boolean_decision(any rank): this rank's value, or the other rank's True
-    monkeypatch.setattr(trainer.strategy, "reduce_boolean_decision",
-                        lambda decision, all=True: shared.append(decision) or decision or other_rank_signalled)
+    reduced = other_rank(monkeypatch, {"sigterm": other_rank_signalled})
+    at_batch_start = trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor  # where Lightning shares it, every batch
+    at_batch_start()  # the exchange starts here and is read at the next batch start (on a GPU it is still queued)
+    assert not trainer.received_sigterm and len(reduced) == 1 and reduced[0].tolist() == [1, 0]
     with pytest.raises(SIGTERMException):
-        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor()  # where Lightning shares it, every batch start
-    assert shared == [signalled_here] and trainer.received_sigterm
+        at_batch_start()
+    assert trainer.received_sigterm and signals.shared == {"sigterm": True, "requeue": False} and len(reduced) == 2
+    assert collectives == []  # one all-reduce a batch, no broadcast
+
+
+def test_ranks_act_on_a_requeue_signal_from_any_rank_at_the_same_exchange(monkeypatch):
+    signals = SharedSignals()
+    reduced = other_rank(monkeypatch, {"requeue": True})  # the signal reached the other rank only
+    assert not signals.received("requeue", world_size=2)
+    signals.exchange(torch.device("cpu"))
+    assert not signals.received("requeue", world_size=2)  # read one batch later
+    signals.exchange(torch.device("cpu"))
+    assert signals.received("requeue", world_size=2) and not signals.received("sigterm", world_size=2)
+    signals.exchange(torch.device("cpu"))
+    assert signals.received("requeue", world_size=2) and len(reduced) == 3  # it stays received
+    alone = SharedSignals()
+    alone.record("requeue")
+    assert alone.received("requeue", world_size=1) and not alone.received("requeue", world_size=2)
+
+
+def test_the_requeue_callback_exchanges_signals_itself_where_lightning_cannot_be_hooked(sigterm_trainer, monkeypatch,
+                                                                                       tmp_path):
+    trainer, _ = sigterm_trainer  # as one of two ranks
+    monkeypatch.delattr(type(trainer.fit_loop.epoch_loop), "_broadcast_sigterm_tensor")  # a Lightning without it
+    requeue = SlurmRequeue(tmp_path / "last.ckpt")
+    requeue.setup(trainer, None, "validate")
+    assert not requeue.signals.installed
+    reduced = other_rank(monkeypatch, {"requeue": True})
+    requeue.on_train_batch_start(trainer)
+    requeue.on_train_batch_start(trainer)
+    assert len(reduced) == 2 and requeue.signals.received("requeue", trainer.world_size)
+
+
+@pytest.mark.gpu
+def test_the_signal_exchange_does_not_wait_for_the_gpu(tmp_path):
+    """On a GPU the exchange queues behind the step: it returns while the GPU is still busy (one-rank NCCL group)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        cuda = torch.device("cuda", 0)
+        signals = SharedSignals()
+        signals.exchange(cuda)  # the communicator starts here
+        torch.cuda.synchronize()
+        signals.record("sigterm")
+        x = torch.randn(8192, 8192, device=cuda, dtype=torch.bfloat16)
+        for _ in range(300):  # about a second of queued work on an H100
+            x = (x @ x).clamp_(-1, 1)
+        signals.exchange(cuda)  # reads the first exchange (nothing), starts the second
+        assert not torch.cuda.current_stream().query(), "the exchange waited for the queued work"
+        assert not signals.shared["sigterm"]
+        torch.cuda.synchronize()
+        signals.exchange(cuda)
+        assert signals.shared["sigterm"]
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_one_process_stops_on_sigterm_as_lightning_stops_it():
     trainer = bare_trainer()
-    record_sigterm_only(trainer)
+    share_signals(trainer, SharedSignals())
     raise_sigterm(trainer)
     assert trainer.received_sigterm
 
@@ -162,8 +234,9 @@ def test_one_process_stops_on_sigterm_as_lightning_stops_it():
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_rank_signalled_mid_step_stops_with_the_others_at_one_batch(prepared, codec_path, tmp_path):
-    """Two DDP processes on CPU; rank 1 gets SIGTERM between forward and backward. Both stop at the next batch
-    start together, no process crashes, no checkpoint is involved."""
+    """Two DDP processes on CPU; rank 1 gets SIGTERM between forward and backward of step 4. The ranks exchange it
+    at the next batch start and read it one batch later: both stop after step 5, together, no process crashes,
+    no checkpoint is involved."""
     args = overrides(prepared, codec_path, tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.max_steps=8",
                      "data.batches_per_epoch=8", "data.val_max_windows=8", "checkpoint.every_n_train_steps=100")
     done = training_process([str(Path(__file__).with_name("sigterm_train.py")), *args], 180,
@@ -172,7 +245,7 @@ def test_a_rank_signalled_mid_step_stops_with_the_others_at_one_batch(prepared, 
     assert done.returncode >= 0, output[-4000:]  # not killed by a signal (an abort is -6)
     assert not any(marker in output for marker in CRASH_MARKERS), output[-4000:]
     ends = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert ends[0] == ends[1] == {"ended": "SIGTERMException", "global_step": 4}, ends
+    assert ends[0] == ends[1] == {"ended": "SIGTERMException", "global_step": 5}, ends
 
 
 def test_checkpoint_folders_are_swapped_whole(tmp_path):

@@ -20,8 +20,8 @@ from vampnet_pl.config import TrainConfig, conf_dir
 from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth, LogPointProgressBar
 from vampnet_pl.training.checkpointing import AtomicCheckpointIO, remove_checkpoint_leftovers
-from vampnet_pl.training.slurm import (SlurmRequeue, cluster_plugins, describe, record_sigterm_only, requeue_enabled,
-                                      slurm_layout)
+from vampnet_pl.training.slurm import (SharedSignals, SlurmRequeue, cluster_plugins, describe, requeue_enabled,
+                                      share_signals, slurm_layout)
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.utils.atomic import previous_folder
 
@@ -83,8 +83,9 @@ def build(cfg: DictConfig):
     callbacks.append(DataHealth())  # skip counts as metrics, the skip-rate limit over all ranks, the closing summary
     if schema.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(LogPointProgressBar())  # Lightning's own bar reads the training metrics every step
+    signals = SharedSignals()  # SIGTERM and the requeue signal, exchanged by the ranks once per batch
     if requeue_enabled(schema.slurm.requeue):
-        callbacks.append(SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal))
+        callbacks.append(SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal, signals))
     trainer_args = dataclasses.asdict(schema.trainer)
     if (layout := slurm_layout()) and trainer_args["devices"] == "auto":
         trainer_args["devices"], trainer_args["num_nodes"] = layout  # one process per SLURM task
@@ -98,7 +99,7 @@ def build(cfg: DictConfig):
         default_root_dir=schema.run_dir,
         use_distributed_sampler=False,  # the DataModule splits by rank itself
     )
-    record_sigterm_only(trainer)
+    share_signals(trainer, signals)
     return module, datamodule, trainer, resume_from
 
 

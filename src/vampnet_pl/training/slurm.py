@@ -1,17 +1,19 @@
 """SLURM integration for training: the cluster environment and checkpoint-and-requeue on a signal.
 
 ``slurm/train.sbatch`` asks for ``--signal=SIGUSR1@90`` and ``--requeue``. On that signal (a time
-limit or a preemption ahead, or ``scancel --signal=USR1``) :class:`SlurmRequeue` lets the current
-optimisation step finish, then every rank saves ``checkpoints/last.ckpt`` together, rank 0 runs
-``scontrol requeue``, and training stops. The requeued job keeps its job id, so its run directory
-is the same and it resumes from that checkpoint: no step is lost, none is applied twice.
+limit or a preemption ahead, or ``scancel --signal=USR1``) :class:`SlurmRequeue` waits for the first
+optimiser step boundary after the ranks have exchanged it (one to two batches later), then every rank
+saves ``checkpoints/last.ckpt`` together, rank 0 runs ``scontrol requeue``, and training stops. The
+requeued job keeps its job id, so its run directory is the same and it resumes from that checkpoint: no
+step is lost, none is applied twice.
 
 Lightning's own ``auto_requeue`` saves from inside the signal handler, wherever each rank happens
 to be (mid-step, or inside a collective the other rank has not reached), so it is switched off here.
 Under Hydra's submitit launcher, submitit owns the signal and the requeue; this callback stays out.
 
-SIGTERM (``scancel``, the kill that follows ``scontrol requeue``, a preemption): its handler only sets a
-flag, which the ranks share at the next training batch and stop together (:func:`record_sigterm_only`).
+Both handlers only set a flag (:class:`SharedSignals`); the ranks exchange the flags at every training batch
+start without waiting for the GPU, and act on them together. SIGTERM (``scancel``, the kill that follows
+``scontrol requeue``, a preemption) stops every rank at the same batch (:func:`share_signals`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import threading
 from pathlib import Path
 
 import lightning as L
+import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -76,66 +80,114 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def record_sigterm_only(trainer: L.Trainer) -> None:
-    """Lightning's SIGTERM handling without a collective inside the signal handler. Call before ``fit``.
+class SharedSignals:
+    """Signals that any rank's handler recorded, acted on by every rank at the same training batch.
+
+    A handler only records (:meth:`record`: no collective, no logging). With several ranks, :meth:`exchange` runs
+    on every rank at the start of every training batch: one all-reduce (max) of the flags, in a small tensor on
+    the rank's device, whose result is read on the host one batch later. On a GPU the all-reduce and the copy to
+    pinned host memory queue behind the previous step and nothing waits for them: by the next batch start they
+    have long finished (the step's masked-token selection waits for the GPU in between). Every rank reads the
+    same exchange at the same batch, so all act together, one to two batches after the first rank got the
+    signal, and no step waits for the GPU on their account. With one rank, a recorded signal counts at once."""
+
+    names = ("sigterm", "requeue")
+
+    def __init__(self) -> None:
+        self.local = dict.fromkeys(self.names, False)  # this rank's handlers
+        self.shared = dict.fromkeys(self.names, False)  # any rank's, as of the last exchange read
+        self.installed = False
+        self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def record(self, name: str) -> None:
+        self.local[name] = True
+
+    def received(self, name: str, world_size: int) -> bool:
+        return self.shared[name] or (world_size == 1 and self.local[name])
+
+    def exchange(self, device: torch.device) -> None:
+        """Start this batch's all-reduce (every rank calls this at the same point); read the previous one."""
+        previous, self._pending = self._pending, self._start(device)
+        if previous is not None:
+            values, done = previous
+            if done is not None:
+                done.synchronize()  # queued before the previous step, whose masked-token selection waited for it
+            for name, value in zip(self.names, values.tolist()):
+                self.shared[name] = self.shared[name] or bool(value)
+
+    def _start(self, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        flags = torch.zeros(len(self.names), dtype=torch.int32, device=device)
+        for index, name in enumerate(self.names):
+            if self.local[name]:
+                flags[index] = 1  # a fill on the device, no copy from the host
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if device.type != "cuda":
+            return flags, None
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+
+def share_signals(trainer: L.Trainer, signals: SharedSignals) -> None:
+    """Lightning's SIGTERM handling through ``signals``, with no collective in the handler. Call before ``fit``.
 
     Lightning 2.6's handler broadcasts a tensor from rank 0 inside the handler, that is at whatever point the
     signal interrupted the main thread. When that is inside another collective (DDP's buffer broadcast, a
     gradient all-reduce), the ranks' operations stop pairing up: under gloo a rank aborts ("op.preamble.length
     <= op.nbytes") or its heap is corrupted, both seen in this project's SLURM requeue tests; NCCL does not
     check sizes, so ranks would hang or exchange wrong data. Lightning also acts on each rank's own flag at
-    several points, so ranks that got the signal at different moments could stop at different batches.
+    several points, so ranks that got the signal at different moments could stop at different batches; and it
+    reads its flag on the host at every batch start (on a GPU, a wait for the previous step).
 
-    Here the handler only records the signal (:class:`_SharedSigterm`). One process stops as Lightning stops
-    it. Several processes share it at the start of every training batch, where Lightning broadcast rank 0's
-    flag: one all-reduce (did any rank get it?), then every rank stops at that same batch."""
+    Here the handler only records the signal. One process stops as Lightning stops it. Several processes
+    exchange their flags at the start of every training batch, where Lightning broadcast rank 0's
+    (:meth:`SharedSignals.exchange`), and all stop at the batch where the exchange shows a SIGTERM."""
     connector, epoch_loop = trainer._signal_connector, trainer.fit_loop.epoch_loop
     if not (callable(getattr(connector, "_sigterm_notifier_fn", None))
             and callable(getattr(epoch_loop, "_broadcast_sigterm_tensor", None))):
-        log.warning("this Lightning handles SIGTERM in another way than record_sigterm_only expects; left as it is")
+        log.warning("this Lightning handles SIGTERM in another way than share_signals expects; left as it is")
         return
-    shared = _SharedSigterm(trainer)
-    connector._sigterm_notifier_fn = shared.record  # read when Lightning registers its handlers, at the start of fit
-    epoch_loop._broadcast_sigterm_tensor = shared.share  # called at each training batch start, on several ranks
 
-
-class _SharedSigterm:
-    """SIGTERM recorded by the handler and shared between ranks at a training batch start."""
-
-    def __init__(self, trainer: L.Trainer):
-        self.trainer = trainer
-        self.received = False
-
-    def record(self, signum, frame) -> None:  # the handler: no collective, no logging (it would re-enter a write)
-        if not self.received and (launcher := self.trainer.strategy.launcher) is not None:
+    def on_sigterm(signum, frame) -> None:  # the handler: no collective, no logging (it would re-enter a write)
+        if not signals.local["sigterm"] and (launcher := trainer.strategy.launcher) is not None:
             launcher.kill(signum)  # processes Lightning started itself, as its own handler does
-        self.received = True
-        if self.trainer.world_size == 1:
-            self.trainer._signal_connector.received_sigterm = True  # Lightning's loops stop at their next check
+        signals.record("sigterm")
+        if trainer.world_size == 1:
+            connector.received_sigterm = True  # Lightning's loops stop at their next check
 
-    def share(self) -> None:
-        if self.trainer.strategy.reduce_boolean_decision(self.received, all=False):  # any rank
-            self.trainer._signal_connector.received_sigterm = True
-            if self.trainer.is_global_zero:
+    def at_batch_start() -> None:  # called by Lightning at each training batch start, on several ranks
+        signals.exchange(trainer.strategy.root_device)
+        if signals.shared["sigterm"]:
+            connector.received_sigterm = True
+            if trainer.is_global_zero:
                 log.info("SIGTERM received: training stops at this batch on every rank")
             raise SIGTERMException
 
+    connector._sigterm_notifier_fn = on_sigterm  # read when Lightning registers its handlers, at the start of fit
+    epoch_loop._broadcast_sigterm_tensor = at_batch_start
+    signals.installed = True
+
 
 class SlurmRequeue(L.Callback):
-    """Checkpoint at the next step boundary after ``signal_name``, then ``scontrol requeue`` the job."""
+    """Checkpoint at the first step boundary after the ranks have exchanged ``signal_name`` (:class:`SharedSignals`),
+    then ``scontrol requeue`` the job."""
 
-    def __init__(self, checkpoint_path: str | Path, signal_name: str = "SIGUSR1"):
+    def __init__(self, checkpoint_path: str | Path, signal_name: str = "SIGUSR1", signals: SharedSignals | None = None):
         self.checkpoint_path = Path(checkpoint_path)
         self.signum = signal.Signals[signal_name]
-        self.signalled = False
+        self.signals = signals or SharedSignals()  # app.build passes the trainer's (see share_signals)
         self._previous_handler = None
         self._step_at_batch_start = -1
         self._limit_val_batches = None  # the trainer's, while validation is switched off for the requeue
 
     def _on_signal(self, signum, frame) -> None:
-        self.signalled = True  # acted on at the step boundary, never here
+        self.signals.record("requeue")  # acted on at a step boundary, never here
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.signals.installed:  # before fit registers its handlers
+            share_signals(trainer, self.signals)
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(self.signum, self._on_signal)
 
@@ -150,11 +202,13 @@ class SlurmRequeue(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
         self._step_at_batch_start = trainer.global_step
+        if not self.signals.installed and trainer.world_size > 1:  # a Lightning that share_signals cannot hook into
+            self.signals.exchange(trainer.strategy.root_device)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_step == self._step_at_batch_start:
             return  # inside a gradient accumulation: not a step boundary
-        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):  # any rank signalled
+        if not self.signals.received("requeue", trainer.world_size):  # any rank, as all ranks last exchanged it
             return
         if trainer.is_global_zero:
             log.info("%s received: saving %s at step %d, then requeueing", self.signum.name, self.checkpoint_path,
