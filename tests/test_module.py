@@ -35,7 +35,7 @@ def test_loss_ignores_unmasked_targets():
     logits_full = m.model.__class__.forward(m.model, codes, mask)
     changed = codes.clone()
     changed[:, 1:, 10:] = (changed[:, 1:, 10:] + 1) % 64
-    assert torch.allclose(m._step({"codes": changed}, "train"), loss, atol=1e-5)
+    assert torch.allclose(m._step({"codes": changed}, "train", sampled=True), loss, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss_weighting", ["none", "diffusion"])
@@ -190,9 +190,11 @@ def test_compile_stays_off_on_cpu_and_fused_adamw_is_the_default_for_plain_tenso
 
 def test_a_non_finite_loss_is_caught_on_cpu_steps_and_sampled_accelerator_steps(monkeypatch):
     m = module(train_metrics_every_n_steps=5)
-    m.model.forward = lambda codes, mask, **_: torch.full((*codes[:, 1:].shape, 64), float("nan"))
-    with pytest.raises(FloatingPointError, match="train loss is nan"):
-        m._step({"codes": torch.randint(0, 64, (2, 4, 20))}, "train")
+    m.model.forward = lambda codes, mask, select=None, **_: torch.full(
+        (int(select.sum()), 64) if select is not None else (*codes[:, 1:].shape, 64), float("nan"))
+    for sampled in (False, True):  # the CPU checks every step
+        with pytest.raises(FloatingPointError, match="train loss is nan"):
+            m._step({"codes": torch.randint(0, 64, (2, 4, 20))}, "train", sampled=sampled)
     assert all(metric.nan_strategy == "disable" for group in m.metrics.values() for metric in group.values())
 
 

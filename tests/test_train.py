@@ -78,35 +78,42 @@ def test_resume_continues_exactly_where_it_stopped(prepared, codec_path, tmp_pat
 
 
 def test_training_loop_reads_tensors_on_the_host_only_at_log_points(prepared, codec_path, tmp_path, monkeypatch):
-    """On a GPU, reading a tensor on the host waits for the step. Counted: ``item``, ``tolist``, ``float()`` and
-    ``int()`` called from Lightning or this project's training and evaluation code while the trainer trains
-    (validation aside), progress bar on. The model's own (the masked-token selection, CPU-only dropout) and the
-    data's (CPU tensors) are not the loop's."""
+    """On a GPU, reading a tensor on the host waits for the step. Counted: ``item``, ``tolist``, ``float()``,
+    ``int()`` and ``bool()`` called from Lightning or this project's training and evaluation code while the
+    trainer trains (validation aside), progress bar on. The model's own (the masked-token selection, CPU-only
+    dropout) and the data's (CPU tensors) are not the loop's, nor the loss's finiteness check, which reads
+    every step on the CPU only (on a GPU on the sampled steps)."""
     import sys
 
     from vampnet_pl.training.app import build
     from vampnet_pl.training.callbacks import LogPointProgressBar
+    from vampnet_pl.training.module import MaskedTokenModule
 
     args = [a for a in overrides(prepared, codec_path, tmp_path, "trainer.max_steps=12", "data.batches_per_epoch=6",
-                                 "trainer.log_every_n_steps=5")
+                                 "trainer.log_every_n_steps=5", "train_metrics_every_n_steps=5")
             if a not in ("trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1")]
     module, datamodule, trainer, _ = build(compose(args))
     loop_code = (f"{os.sep}lightning{os.sep}", f"vampnet_pl{os.sep}training{os.sep}", f"vampnet_pl{os.sep}evaluation{os.sep}")
     reads = []
-    for name in ("item", "tolist", "__float__", "__int__"):
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *a, _original=original, _name=name):
             caller = sys._getframe(1)
-            if trainer.training and any(part in caller.f_code.co_filename for part in loop_code):
+            if (trainer.training and any(part in caller.f_code.co_filename for part in loop_code)
+                    and caller.f_code is not MaskedTokenModule._step.__code__):
                 reads.append((trainer.global_step, _name, f"{caller.f_code.co_filename}:{caller.f_lineno}"))
             return _original(self, *a)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
+    sampled_steps, masked_loss = [], module.masked_loss
+    monkeypatch.setattr(module, "masked_loss", lambda codes, sampled: (
+        sampled and trainer.training and sampled_steps.append(trainer.global_step + 1)) or masked_loss(codes, sampled))
     trainer.fit(module, datamodule=datamodule)
     monkeypatch.undo()
     assert trainer.global_step == 12 and reads
-    assert {step for step, *_ in reads} <= {5, 6, 10, 12}, reads  # log points, epoch ends
+    assert sampled_steps == [5, 10]  # the top-k metrics of the steps the log points log
+    assert {step for step, *_ in reads} <= {0, 5, 6, 10, 12}, reads  # the start, log points, epoch ends
     bar = next(c for c in trainer.callbacks if isinstance(c, LogPointProgressBar))
     loss = logged(tmp_path / "demo_coarse-local", "train/loss_step")
     assert bar.latest["train/loss_step"] == pytest.approx(loss[-1]) and len(loss) == 2  # as logged at step 10

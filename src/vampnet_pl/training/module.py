@@ -161,8 +161,10 @@ class MaskedTokenModule(L.LightningModule):
     def _step(self, batch: dict, stage: str = "train", batch_idx: int = 0, sampled: bool | None = None) -> torch.Tensor:
         """Masks, loss and metrics of one batch. ``sampled``: also the top-k metrics (they need every token's
         logits); by default on every ``train_metrics_every_n_steps``-th training step and in other stages."""
-        if sampled is None:  # top-k metrics are costly: sample train steps
-            sampled = stage != "train" or self.global_step % max(1, self.hparams.train_metrics_every_n_steps) == 0
+        if sampled is None:  # top-k metrics are costly: sample the train steps that complete a multiple of n
+            # (with n = trainer.log_every_n_steps, 10 both, a log point logs its own step's values, and the finiteness
+            # check's host read falls in the step whose metrics the loggers read anyway)
+            sampled = stage != "train" or (self.global_step + 1) % max(1, self.hparams.train_metrics_every_n_steps) == 0
         out = self.masked_loss(batch["codes"], sampled)
         # The finiteness check reads the loss on the host: on an accelerator only on sampled steps (no sync per step).
         if (sampled or out.loss.device.type == "cpu") and not torch.isfinite(out.loss):
