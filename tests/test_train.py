@@ -78,9 +78,10 @@ def test_resume_continues_exactly_where_it_stopped(prepared, codec_path, tmp_pat
 
 
 def test_training_loop_reads_tensors_on_the_host_only_at_log_points(prepared, codec_path, tmp_path, monkeypatch):
-    """On a GPU, reading a tensor on the host waits for the step. Counted: ``item``, ``tolist``, ``float()``,
-    ``int()`` and ``bool()`` called from Lightning or this project's training and evaluation code while the
-    trainer trains (validation aside), progress bar on. The model's own (the masked-token selection, CPU-only
+    """On a GPU, reading a tensor on the host waits for the step, and so does copying a Python value to the device.
+    Counted: ``item``, ``tolist``, ``float()``, ``int()``, ``bool()``, and ``torch.tensor`` or ``torch.as_tensor``
+    onto a device, called from Lightning or this project's training and evaluation code while the trainer trains
+    (validation aside), progress bar on. The model's own (the masked-token selection, CPU-only
     dropout) and the data's (CPU tensors) are not the loop's, nor the loss's finiteness check, which reads
     every step on the CPU only (on a GPU on the sampled steps)."""
     import sys
@@ -106,6 +107,17 @@ def test_training_loop_reads_tensors_on_the_host_only_at_log_points(prepared, co
             return _original(self, *a)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
+    for name in ("tensor", "as_tensor"):  # from Python data onto a device: on a GPU a copy that waits for the step
+        original = getattr(torch, name)
+
+        def counted(*a, _original=original, _name=name, **kw):
+            caller = sys._getframe(1)
+            if (trainer.training and kw.get("device") is not None
+                    and any(part in caller.f_code.co_filename for part in loop_code)):
+                reads.append((trainer.global_step, _name, f"{caller.f_code.co_filename}:{caller.f_lineno}"))
+            return _original(*a, **kw)
+
+        monkeypatch.setattr(torch, name, counted)
     sampled_steps, masked_loss = [], module.masked_loss
     monkeypatch.setattr(module, "masked_loss", lambda codes, sampled: (
         sampled and trainer.training and sampled_steps.append(trainer.global_step + 1)) or masked_loss(codes, sampled))

@@ -236,7 +236,9 @@ class MaskedTokenModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=False)
+        # made on the device by a fill: Lightning copies a Python number to the GPU, a wait for the step (pytorch#120996)
+        lr = torch.full((), self.optimizers().param_groups[0]["lr"], device=self.device)
+        self.log("lr", lr, on_step=True, on_epoch=False, prog_bar=False)
         return loss
 
     # -- validation: the evaluation protocol ------------------------------------------------------

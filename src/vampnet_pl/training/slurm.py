@@ -119,7 +119,7 @@ class SharedSignals:
         flags = torch.zeros(len(self.names), dtype=torch.int32, device=device)
         for index, name in enumerate(self.names):
             if self.local[name]:
-                flags[index] = 1  # a fill on the device, no copy from the host
+                flags[index].fill_(1)  # a fill on the device, no copy from the host (that would wait for the GPU)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if device.type != "cuda":
             return flags, None
