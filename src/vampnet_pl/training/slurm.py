@@ -98,6 +98,7 @@ class SharedSignals:
         self.shared = dict.fromkeys(self.names, False)  # any rank's, as of the last exchange read
         self.installed = False
         self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self._host: list[torch.Tensor] = []  # two pinned buffers, used in turn: one being written, one read
 
     def record(self, name: str) -> None:
         self.local[name] = True
@@ -123,7 +124,10 @@ class SharedSignals:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if device.type != "cuda":
             return flags, None
-        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        if not self._host:  # allocated once (a pinned allocation may wait for the GPU)
+            self._host = [torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True) for _ in range(2)]
+        host = self._host[0]
+        self._host.reverse()  # read at the next exchange, rewritten at the one after
         host.copy_(flags, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
