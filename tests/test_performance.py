@@ -82,3 +82,21 @@ def test_frozen_weights_cost_four_of_the_six_flops_per_parameter():
     assert model.flops_per_token(100) == 6 * counted + attention
     model.requires_grad_(False)
     assert model.flops_per_token(100) == 4 * counted + attention
+
+
+def test_log_points_are_the_steps_that_complete_a_multiple_of_log_every_n_steps():
+    from vampnet_pl.training.callbacks import LogPoints
+
+    trainer = SimpleNamespace(global_step=4, log_every_n_steps=5)
+    points, data_health = LogPoints(), LogPoints(every_when_not_logging=1)
+    points.start(trainer)  # resumed at step 4
+    seen = []
+    for step in (4, 5, 5, 6, 10, 10):  # batch ends; a repeated step is a gradient accumulation's micro-batch
+        trainer.global_step = step
+        seen.append(points(trainer))
+    assert seen == [False, True, False, False, True, False]
+    trainer.log_every_n_steps = 0  # logging off: no log points, except for a rule that asks for a cadence
+    data_health.start(trainer)
+    for step in (11, 12):
+        trainer.global_step = step
+        assert not points(trainer) and data_health(trainer)

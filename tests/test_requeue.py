@@ -231,21 +231,37 @@ def test_one_process_stops_on_sigterm_as_lightning_stops_it():
     assert trainer.received_sigterm
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_a_rank_signalled_mid_step_stops_with_the_others_at_one_batch(prepared, codec_path, tmp_path):
-    """Two DDP processes on CPU; rank 1 gets SIGTERM between forward and backward of step 4. The ranks exchange it
-    at the next batch start and read it one batch later: both stop after step 5, together, no process crashes,
-    no checkpoint is involved."""
+def signal_one_rank(prepared, codec_path, tmp_path, signal_name: str, batches_per_epoch: int, *extra) -> list[dict]:
+    """Two DDP processes on CPU; rank 1 sends itself ``signal_name`` between forward and backward of step 4.
+    Returns how each rank ended (tests/signal_train.py)."""
     args = overrides(prepared, codec_path, tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.max_steps=8",
-                     "data.batches_per_epoch=8", "data.val_max_windows=8", "checkpoint.every_n_train_steps=100")
-    done = training_process([str(Path(__file__).with_name("sigterm_train.py")), *args], 180,
-                            SIGTERM_OUT=str(tmp_path), SIGTERM_RANK="1", SIGTERM_STEP="3")
+                     f"data.batches_per_epoch={batches_per_epoch}", "data.val_max_windows=8",
+                     "checkpoint.every_n_train_steps=100", *extra)
+    done = training_process([str(Path(__file__).with_name("signal_train.py")), *args], 180,
+                            SIGNAL_OUT=str(tmp_path), SIGNAL_RANK="1", SIGNAL_STEP="3", SIGNAL=signal_name)
     output = done.stdout + done.stderr
     assert done.returncode >= 0, output[-4000:]  # not killed by a signal (an abort is -6)
     assert not any(marker in output for marker in CRASH_MARKERS), output[-4000:]
-    ends = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert ends[0] == ends[1] == {"ended": "SIGTERMException", "global_step": 5}, ends
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_rank_signalled_mid_step_stops_with_the_others_at_one_batch(prepared, codec_path, tmp_path):
+    """SIGTERM: the ranks exchange it at the next batch start and read it one batch later: both stop after step 5,
+    together, no process crashes, no checkpoint is involved."""
+    ends = signal_one_rank(prepared, codec_path, tmp_path, "SIGTERM", 8)
+    assert ends[0] == ends[1] == {"ended": "SIGTERMException", "global_step": 5, "validations_after": 0}, ends
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_requeue_signal_before_a_validation_checkpoints_before_it_on_every_rank(prepared, codec_path, tmp_path):
+    """SIGUSR1 in the last step of an epoch: the ranks exchange it at once rather than a batch later, so the
+    checkpoint comes at that step and no validation runs in the grace time."""
+    ends = signal_one_rank(prepared, codec_path, tmp_path, "SIGUSR1", 4, "slurm.requeue=on")
+    assert ends[0] == ends[1] == {"ended": "finished", "global_step": 4, "validations_after": 0}, ends
+    assert read_checkpoint(tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 def test_checkpoint_folders_are_swapped_whole(tmp_path):

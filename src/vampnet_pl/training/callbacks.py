@@ -28,7 +28,8 @@ class LogPoints:
     of ``trainer.log_every_n_steps``, as for Lightning's loggers. Every host read of the training loop's
     metrics belongs there: on a GPU each read waits for the step to finish."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_when_not_logging: int | None = None) -> None:
+        self.every_when_not_logging = every_when_not_logging  # the cadence with trainer.log_every_n_steps=0
         self.last_step: int | None = None
 
     def start(self, trainer: L.Trainer) -> None:
@@ -40,8 +41,8 @@ class LogPoints:
         return stepped
 
     def __call__(self, trainer: L.Trainer) -> bool:
-        every = trainer.log_every_n_steps
-        return self.stepped(trainer) and every > 0 and trainer.global_step % every == 0
+        every = trainer.log_every_n_steps if trainer.log_every_n_steps > 0 else self.every_when_not_logging
+        return self.stepped(trainer) and bool(every) and trainer.global_step % every == 0
 
 
 class StepSeedCallback(L.Callback):
@@ -67,7 +68,8 @@ class DataHealth(L.Callback):
     """What the data readers skipped, as metrics summed over ranks, with the skip-rate limit and a closing summary.
 
     Train batches carry their DataLoader worker's cumulative :meth:`SkipCounter.report` (``batch["data_health"]``:
-    the counts live in worker processes). Every ``trainer.log_every_n_steps`` optimiser steps, and at the end, the
+    the counts live in worker processes). Every ``trainer.log_every_n_steps`` optimiser steps (every step with
+    ``trainer.log_every_n_steps=0``), and at the end, the
     latest report of each worker is summed, all-reduced over ranks and logged as ``data/skipped/<reason>``,
     ``data/samples_read`` and ``data/skip_rate``; ``data.max_skip_rate`` is applied to those sums (all ranks
     decide together, so none is left waiting). Validation skips (every rank reads the same windows) are
@@ -77,7 +79,7 @@ class DataHealth(L.Callback):
     def __init__(self) -> None:
         self.reports: dict[int, dict] = {}
         self.summary: dict | None = None
-        self.log_points = LogPoints()
+        self.log_points = LogPoints(every_when_not_logging=1)  # the skip-rate limit applies without logging too
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.log_points.start(trainer)

@@ -2,8 +2,9 @@
 
 ``slurm/train.sbatch`` asks for ``--signal=SIGUSR1@90`` and ``--requeue``. On that signal (a time
 limit or a preemption ahead, or ``scancel --signal=USR1``) :class:`SlurmRequeue` waits for the first
-optimiser step boundary after the ranks have exchanged it (one to two batches later), then every rank
-saves ``checkpoints/last.ckpt`` together, rank 0 runs ``scontrol requeue``, and training stops. The
+optimiser step boundary after the ranks have exchanged it (one to two batches later; before a validation
+or an epoch end, at once), then every rank saves ``checkpoints/last.ckpt`` together, rank 0 runs
+``scontrol requeue``, and training stops. The
 requeued job keeps its job id, so its run directory is the same and it resumes from that checkpoint: no
 step is lost, none is applied twice.
 
@@ -89,7 +90,8 @@ class SharedSignals:
     pinned host memory queue behind the previous step and nothing waits for them: by the next batch start they
     have long finished (the step's masked-token selection waits for the GPU in between). Every rank reads the
     same exchange at the same batch, so all act together, one to two batches after the first rank got the
-    signal, and no step waits for the GPU on their account. With one rank, a recorded signal counts at once."""
+    signal, and no step waits for the GPU on their account. :meth:`flush` exchanges at once, for a decision
+    that cannot wait (a requeue checkpoint before a validation). With one rank, a recorded signal counts at once."""
 
     names = ("sigterm", "requeue")
 
@@ -113,15 +115,27 @@ class SharedSignals:
             values, done = previous
             if done is not None:
                 done.synchronize()  # queued before the previous step, whose masked-token selection waited for it
-            for name, value in zip(self.names, values.tolist()):
-                self.shared[name] = self.shared[name] or bool(value)
+            self._read(values)
 
-    def _start(self, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def flush(self, device: torch.device) -> None:
+        """An exchange read at once, for a decision that cannot wait a batch (every rank calls it at the same point;
+        on a GPU, a wait for the step)."""
+        self._read(self._all_reduce(device))
+
+    def _read(self, values: torch.Tensor) -> None:
+        for name, value in zip(self.names, values.tolist()):
+            self.shared[name] = self.shared[name] or bool(value)
+
+    def _all_reduce(self, device: torch.device) -> torch.Tensor:
         flags = torch.zeros(len(self.names), dtype=torch.int32, device=device)
         for index, name in enumerate(self.names):
             if self.local[name]:
                 flags[index].fill_(1)  # a fill on the device, no copy from the host (that would wait for the GPU)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags
+
+    def _start(self, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        flags = self._all_reduce(device)
         if device.type != "cuda":
             return flags, None
         if not self._host:  # allocated once (a pinned allocation may wait for the GPU)
@@ -174,6 +188,18 @@ def share_signals(trainer: L.Trainer, signals: SharedSignals) -> None:
     signals.installed = True
 
 
+def validation_may_follow(trainer: L.Trainer) -> bool:
+    """Whether Lightning may validate or end the epoch after this training batch; the same answer on every rank."""
+    loop = trainer.fit_loop
+    if loop.epoch_loop.batch_progress.is_last_batch:
+        return True
+    should_check = getattr(loop.epoch_loop, "_should_check_val_fx", None)
+    fetcher = getattr(loop, "_data_fetcher", None)
+    if should_check is None or fetcher is None or getattr(trainer, "_val_check_time_interval", None) is not None:
+        return True  # another Lightning, or a time-based interval (each rank's own clock): at every step
+    return should_check(fetcher)
+
+
 class SlurmRequeue(L.Callback):
     """Checkpoint at the first step boundary after the ranks have exchanged ``signal_name`` (:class:`SharedSignals`),
     then ``scontrol requeue`` the job."""
@@ -212,6 +238,8 @@ class SlurmRequeue(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_step == self._step_at_batch_start:
             return  # inside a gradient accumulation: not a step boundary
+        if trainer.world_size > 1 and not self.signals.shared["requeue"] and validation_may_follow(trainer):
+            self.signals.flush(trainer.strategy.root_device)  # the lagged exchange would be read after a validation
         if not self.signals.received("requeue", trainer.world_size):  # any rank, as all ranks last exchanged it
             return
         if trainer.is_global_zero:
