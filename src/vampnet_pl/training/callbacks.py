@@ -89,7 +89,7 @@ class DataHealth(L.Callback):
         if report:
             self.reports[report["worker"]] = report
         if self.log_points(trainer):  # all ranks together: the same global step
-            self._sync(trainer, pl_module, emit=True)
+            self._sync(trainer, pl_module, emit=trainer.log_every_n_steps > 0)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         skips = getattr(trainer.datamodule, "val_skips", None) if trainer.datamodule is not None else None
