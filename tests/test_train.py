@@ -81,9 +81,9 @@ def test_training_loop_reads_tensors_on_the_host_only_at_log_points(prepared, co
     """On a GPU, reading a tensor on the host waits for the step, and so does copying a Python value to the device.
     Counted: ``item``, ``tolist``, ``float()``, ``int()``, ``bool()``, and ``torch.tensor`` or ``torch.as_tensor``
     onto a device, called from Lightning or this project's training and evaluation code while the trainer trains
-    (validation aside), progress bar on. The model's own (the masked-token selection, CPU-only
-    dropout) and the data's (CPU tensors) are not the loop's, nor the loss's finiteness check, which reads
-    every step on the CPU only (on a GPU on the sampled steps)."""
+    (validation aside), progress bar on. The model's own (the masked-token selection, CPU-only dropout) and the
+    data's (CPU tensors) are not the loop's, nor the loss's finiteness check, which reads every step on the CPU
+    only (on a GPU on the sampled steps)."""
     import sys
 
     from vampnet_pl.training.app import build

@@ -4,9 +4,8 @@
 limit or a preemption ahead, or ``scancel --signal=USR1``) :class:`SlurmRequeue` waits for the first
 optimiser step boundary after the ranks have exchanged it (one to two batches later; before a validation
 or an epoch end, at once), then every rank saves ``checkpoints/last.ckpt`` together, rank 0 runs
-``scontrol requeue``, and training stops. The
-requeued job keeps its job id, so its run directory is the same and it resumes from that checkpoint: no
-step is lost, none is applied twice.
+``scontrol requeue``, and training stops. The requeued job keeps its job id, so its run directory is the
+same and it resumes from that checkpoint: no step is lost, none is applied twice.
 
 Lightning's own ``auto_requeue`` saves from inside the signal handler, wherever each rank happens
 to be (mid-step, or inside a collective the other rank has not reached), so it is switched off here.
