@@ -96,28 +96,26 @@ def test_training_loop_reads_tensors_on_the_host_only_at_log_points(prepared, co
     module, datamodule, trainer, _ = build(compose(args))
     loop_code = (f"{os.sep}lightning{os.sep}", f"vampnet_pl{os.sep}training{os.sep}", f"vampnet_pl{os.sep}evaluation{os.sep}")
     reads = []
-    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
-        original = getattr(torch.Tensor, name)
 
-        def counted(self, *a, _original=original, _name=name):
-            caller = sys._getframe(1)
-            if (trainer.training and any(part in caller.f_code.co_filename for part in loop_code)
-                    and caller.f_code is not MaskedTokenModule._step.__code__):
-                reads.append((trainer.global_step, _name, f"{caller.f_code.co_filename}:{caller.f_lineno}"))
+    def note(name: str) -> None:  # called from a wrapper: its caller is the code that reads
+        caller = sys._getframe(2)
+        if (trainer.training and any(part in caller.f_code.co_filename for part in loop_code)
+                and caller.f_code is not MaskedTokenModule._step.__code__):
+            reads.append((trainer.global_step, name, f"{caller.f_code.co_filename}:{caller.f_lineno}"))
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        def read(self, *a, _original=getattr(torch.Tensor, name), _name=name):
+            note(_name)
             return _original(self, *a)
 
-        monkeypatch.setattr(torch.Tensor, name, counted)
+        monkeypatch.setattr(torch.Tensor, name, read)
     for name in ("tensor", "as_tensor"):  # from Python data onto a device: on a GPU a copy that waits for the step
-        original = getattr(torch, name)
-
-        def counted(*a, _original=original, _name=name, **kw):
-            caller = sys._getframe(1)
-            if (trainer.training and kw.get("device") is not None
-                    and any(part in caller.f_code.co_filename for part in loop_code)):
-                reads.append((trainer.global_step, _name, f"{caller.f_code.co_filename}:{caller.f_lineno}"))
+        def made(*a, _original=getattr(torch, name), _name=name, **kw):
+            if kw.get("device") is not None:
+                note(_name)
             return _original(*a, **kw)
 
-        monkeypatch.setattr(torch, name, counted)
+        monkeypatch.setattr(torch, name, made)
     sampled_steps, masked_loss = [], module.masked_loss
     monkeypatch.setattr(module, "masked_loss", lambda codes, sampled: (
         sampled and trainer.training and sampled_steps.append(trainer.global_step + 1)) or masked_loss(codes, sampled))
