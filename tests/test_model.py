@@ -178,3 +178,19 @@ def test_selected_logits_are_the_full_logits_of_the_selected_tokens(switch):
     by_full = torch.autograd.grad((packed(full, select) * weights).sum(), params, allow_unused=True)
     for got, want in zip(by_selected, by_full):  # sums of the same terms in another order
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_selected_heads_gradients_repeat_exactly_on_two_threads():
+    """A frame masked in several codebooks is gathered once for each; the sum of its gradients must not depend on
+    thread timing (advanced indexing's CPU backward adds them atomically: a few in 40 runs differed there)."""
+    model = tiny(n_codebooks=4, n_conditioning_codebooks=0, d_model=64)
+    features = torch.randn(4, 344, 64, requires_grad=True)
+    select = torch.rand(4, 4, 344) < 0.5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = [torch.autograd.grad(model.classify_selected(features, select).square().sum(), features)[0]
+                 for _ in range(100)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g, grads[0]) for g in grads)

@@ -302,7 +302,10 @@ class VampNet(nn.Module):
         # the number of selected tokens decides the shapes: on GPU a host sync, as any boolean selection
         where = select.transpose(0, 1).nonzero()  # [N, 3]: (codebook, example, frame), packed order
         per_codebook = torch.bincount(where[:, 0], minlength=n_predicted).tolist()
-        rows = features[where[:, 1], where[:, 2]].split(per_codebook)
+        # a frame masked in several codebooks is gathered once for each: F.embedding's backward sums those
+        # gradients in a fixed order (CPU: index_add; CUDA: sorted). Advanced indexing's backward adds them
+        # atomically across CPU threads, and index_select's across CUDA threads: sums that vary run to run.
+        rows = F.embedding(where[:, 1] * features.shape[1] + where[:, 2], features.flatten(0, 1)).split(per_codebook)
         return torch.cat([linear(rows[k], weight[k], None if bias is None else bias[k], self.head.onednn)
                           for k in range(n_predicted)])
 
