@@ -4,7 +4,8 @@
 #   there: bash bench/gpu_checks.sh                 # device run, carry [".whl"], timeout_s 600
 # 1. bench/run.py train-gpu: tokens/s, MFU and peak GiB of the paper-size coarse model per configuration
 # 2. bench/run.py generate: 10 s of audio with the paper models, batch 1 to 16 (CUDA graphs, bf16)
-# 3. the tests marked gpu (flex dropout kernel, CUDA graphs, strategies that refuse the CPU, batch sizing)
+# 3. the tests marked gpu (flex dropout kernel, CUDA graphs, strategies that refuse the CPU, batch sizing,
+#    deterministic head gradients)
 set -uo pipefail
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
@@ -20,4 +21,4 @@ timeout 320 python3 bench/run.py --out "$OUT" train-gpu 2>&1 | tee "$OUT/train_g
 timeout 105 python3 bench/run.py --out "$OUT" generate --device cuda --sizes paper --batches 1 2 4 8 16 --cuda-graphs \
     --bf16 2>&1 | tee "$OUT/generate.log"
 timeout 115 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_size.py tests/test_sampling.py \
-    tests/test_vamp.py tests/test_train.py tests/test_requeue.py tests/test_attention.py 2>&1 | tee "$OUT/pytest_gpu.log"
+    tests/test_vamp.py tests/test_train.py tests/test_requeue.py tests/test_attention.py tests/test_model.py 2>&1 | tee "$OUT/pytest_gpu.log"

@@ -70,3 +70,11 @@ def test_cpu_layers_bench_times_every_product_the_norm_and_a_step():
     assert norm_rows(30, 1, width=16)[-1].startswith("| RMSNorm, 30 x 16 |")
     lines = step_rows("tiny", 2, 16, steps=1, warmup=0)
     assert lines[-1].startswith("| tiny |") and "x**" in lines[-1]
+
+
+def test_the_gpu_script_runs_every_test_file_with_gpu_tests():
+    """A test marked gpu runs only where bench/gpu_checks.sh takes it: the one command for a lent GPU."""
+    script = (ROOT / "bench" / "gpu_checks.sh").read_text()
+    marked = sorted(p.name for p in (ROOT / "tests").glob("test_*.py")
+                    if "pytest.mark.gpu" in p.read_text() and p.name != Path(__file__).name)
+    assert marked and [name for name in marked if f"tests/{name}" not in script] == []
