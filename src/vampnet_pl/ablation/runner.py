@@ -14,25 +14,17 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.ablation import results
-from vampnet_pl.ablation.spec import Run, SpecError, Sweep, validate
+from vampnet_pl.ablation.spec import Outcome, Run, SpecError, Sweep, validate
 from vampnet_pl.config import SweepLauncher
 from vampnet_pl.utils.atomic import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"  # every run of the sweep, so the report can list the ones missing
-
-
-@dataclass
-class Outcome:
-    run: Run
-    status: str  # finished | skipped | failed | submitted
-    detail: str = ""
 
 
 def write_sweep_record(sweep: Sweep, configs: dict[str, DictConfig]) -> None:

@@ -15,7 +15,7 @@ import time
 import submitit
 
 from vampnet_pl.ablation import results
-from vampnet_pl.ablation.spec import Run, Sweep, compose_run
+from vampnet_pl.ablation.spec import Outcome, Run, Sweep, compose_run
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,8 @@ def executor(sweep: Sweep) -> submitit.AutoExecutor:
     return ex
 
 
-def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool = True) -> list:
+def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool = True) -> list[Outcome]:
     from tqdm.auto import tqdm
-
-    from vampnet_pl.ablation.runner import Outcome
 
     if not runs:
         return []

@@ -39,6 +39,14 @@ class Run:
 
 
 @dataclass
+class Outcome:
+    """What became of one run: by the local runner or the SLURM launcher."""
+    run: Run
+    status: str  # finished | skipped | failed | submitted
+    detail: str = ""
+
+
+@dataclass
 class Sweep:
     spec: AblationConfig
     sweep_dir: Path
