@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import timedelta
 from pathlib import Path
@@ -19,8 +20,8 @@ from vampnet_pl.data.datamodule import (
     rank_share,
     read_fixed_windows,
 )
+from vampnet_pl.data.index import load_index
 from vampnet_pl.data.windows import fixed_window_starts, random_window_starts, window_frames
-from vampnet_pl.prep.index import load_index
 
 
 def write_shard(path: Path, lengths: list[int], n_codebooks: int = 4, fingerprint: str = "f" * 64, seed: int = 0) -> Path:
@@ -208,3 +209,11 @@ def test_without_an_index_the_codec_facts_must_be_given(tmp_path):
     dm = CodesDataModule(train_urls=str(write_shard(tmp_path / "a.tar", [900] * 2)), n_codebooks=4, hop_length=512,
                          sample_rate=44100, window_seconds=5.0, batch_size=2, batches_per_epoch=3, num_workers=0)
     assert [b["codes"].shape for b in dm.train_dataloader()] == [(2, 4, 431)] * 3
+
+
+def test_an_index_missing_or_of_another_version_fails_clearly(prepared, tmp_path):
+    with pytest.raises(FileNotFoundError, match="finish data prep"):
+        load_index(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps({**load_index(prepared), "version": 2}))
+    with pytest.raises(ValueError, match="index version 2; this vampnet-pl reads version 1"):
+        load_index(tmp_path)

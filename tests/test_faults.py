@@ -28,7 +28,8 @@ from vampnet_pl.data.datamodule import (
 from vampnet_pl.data.validation import (REASONS, SampleInvalid, codes_checksum, decode_npy, legacy_codes_checksum,
                                         validate_codes)
 from vampnet_pl.model.vampnet import VampNet, VampNetConfig, check_token_range
-from vampnet_pl.prep.index import load_index, repair, verify
+from vampnet_pl.data.index import load_index
+from vampnet_pl.prep.index import repair, verify
 from vampnet_pl.training.export import read_checkpoint
 
 from test_train import overrides, train, training_process

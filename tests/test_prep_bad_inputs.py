@@ -14,7 +14,8 @@ import pytest
 import soundfile as sf
 
 from vampnet_pl.config import ChannelMode
-from vampnet_pl.prep.index import NothingUsable, load_index
+from vampnet_pl.data.index import load_index
+from vampnet_pl.prep.index import NothingUsable
 from vampnet_pl.prep.run import run_all
 
 from conftest import prep_config, write_tone

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from vampnet_pl.prep.encode import plan_units, run_encode_task, units_for_task
-from vampnet_pl.prep.index import finalize, load_index, verify
+from vampnet_pl.data.index import load_index
+from vampnet_pl.prep.index import finalize, verify
 from vampnet_pl.prep.manifest import scan_catalog
 from vampnet_pl.prep.run import encode_local, load_codec, run_all
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from slurm_cluster import ClusterError, LocalSlurm, missing_binaries
-from vampnet_pl.prep.index import load_index, verify
+from vampnet_pl.data.index import load_index
+from vampnet_pl.prep.index import verify
 
 from conftest import CRASH_MARKERS, write_tone
 

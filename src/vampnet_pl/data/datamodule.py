@@ -38,7 +38,7 @@ from vampnet_pl.data.validation import (REASONS, UNDECODABLE, UNREADABLE_SHARD, 
                                         validate_codes)
 from vampnet_pl.data.windows import (collate_windows, fixed_window_starts, random_window_starts, window_frames,
                                      window_loudness)
-from vampnet_pl.prep.index import load_index
+from vampnet_pl.data.index import load_index
 
 log = logging.getLogger(__name__)
 

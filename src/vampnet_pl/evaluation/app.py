@@ -32,7 +32,7 @@ from vampnet_pl.evaluation.scoring import SCORES, noisy_tokens  # noqa: E402
 from vampnet_pl.generation.pipeline import GenerationConfig  # noqa: E402
 from vampnet_pl.generation.sampling import SamplingConfig  # noqa: E402
 from vampnet_pl.generation.vamp import load_pipeline  # noqa: E402
-from vampnet_pl.prep.index import load_index  # noqa: E402
+from vampnet_pl.data.index import load_index  # noqa: E402
 from vampnet_pl.utils.atomic import write_text_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)

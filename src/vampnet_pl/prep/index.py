@@ -1,7 +1,5 @@
-"""Stage 3 of data prep: merge unit records into ``index.json`` + ``failures.jsonl``; verify a set.
-
-``index.json`` is the contract between data prep and training: codec fingerprint and config,
-every shard with its split, sample count, frame and duration totals and checksum.
+"""Stage 3 of data prep: merge unit records into ``index.json`` (its format: ``data/index.py``) +
+``failures.jsonl``; verify a set.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from tqdm import tqdm
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import PrepConfig
+from vampnet_pl.data.index import INDEX_VERSION, index_path, load_index
 from vampnet_pl.data.validation import SampleInvalid, decode_npy, validate_codes
 from vampnet_pl.prep.encode import plan_units, unit_is_done, unit_marker_path
 from vampnet_pl.prep.manifest import SPLITS, file_sha256, load_manifest, read_jsonl, scan_failures_path, write_jsonl
@@ -23,22 +22,9 @@ from vampnet_pl.utils.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
-
 
 class NothingUsable(RuntimeError):
     """The catalog produced no usable sample at all."""
-
-
-def index_path(out_dir: Path) -> Path:
-    return Path(out_dir) / "index.json"
-
-
-def load_index(dataset_dir: str | Path) -> dict:
-    path = index_path(Path(dataset_dir))
-    if not path.is_file():
-        raise FileNotFoundError(f"no index.json in {dataset_dir}: finish data prep (finalize) first")
-    return json.loads(path.read_text())
 
 
 def finalize(cfg: PrepConfig, codec: Codec) -> dict:
