@@ -129,6 +129,58 @@ def test_training_loop_reads_tensors_on_the_host_only_at_log_points(prepared, co
     assert bar.latest["train/loss_step"] == pytest.approx(loss[-1]) and len(loss) == 2  # as logged at step 10
 
 
+def test_a_training_step_waits_for_the_device_only_to_select_the_masked_tokens(prepared, codec_path, tmp_path):
+    """Op by op, whatever the caller (Lightning, torchmetrics, this project): in the steps that are not sampled for
+    metrics, the only operations that would wait for a GPU, those whose output shape or value the host must know
+    (``nonzero``, boolean indexing, ``item``...), are the model's masked-token selection and the target's packing
+    into its order. Aside: CPU-only code (the CPU dropout's seed, the loss's finiteness check)."""
+    import sys
+    from collections import Counter
+
+    import lightning.pytorch as L
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vampnet_pl.training.app import build
+
+    waits_for_device = {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if waits_for_device & set(func.tags) and not (  # indexing by integer tensors has a known shape
+                    func is torch.ops.aten.index.Tensor and all(i is None or i.dtype not in (torch.bool, torch.uint8)
+                                                                 for i in args[1])):
+                frame = sys._getframe(1)
+                while frame and not any(part in frame.f_code.co_filename for part in ("vampnet_pl", "lightning",
+                                                                                      "torchmetrics")):
+                    frame = frame.f_back
+                steps[-1][(func.__name__, frame.f_code.co_name if frame else "?")] += 1
+            return func(*args, **(kwargs or {}))
+
+    class RecordSteps(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            steps.append(Counter())
+            self.mode = Record()
+            self.mode.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.mode.__exit__(None, None, None)
+
+    steps = []
+    args = [a for a in overrides(prepared, codec_path, tmp_path, "trainer.max_steps=6", "data.batches_per_epoch=6",
+                                 "trainer.log_every_n_steps=5", "train_metrics_every_n_steps=5")
+            if a != "trainer.log_every_n_steps=1"]
+    module, datamodule, trainer, _ = build(compose(args))
+    trainer.callbacks.append(RecordSteps())
+    trainer.fit(module, datamodule=datamodule)
+    cpu_only = {("_local_scalar_dense.default", "random_lanes"), ("_local_scalar_dense.default", "_step")}
+    selection = {("nonzero.default", "classify_selected"), ("bincount.default", "classify_selected"),
+                 ("index.Tensor", "packed")}
+    assert len(steps) == 6 and all(set(steps[4]) - cpu_only - selection)  # step 5 is sampled: top-k metrics
+    for step in (0, 1, 2, 3, 5):
+        assert set(steps[step]) - cpu_only == selection, (step, steps[step])
+        assert steps[step][("nonzero.default", "classify_selected")] == 1
+
+
 def test_export_makes_one_portable_file(prepared, codec_path, codec, tmp_path):
     train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=2", "data.batches_per_epoch=2"))
     out = export_checkpoint(tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt", tmp_path / "coarse.pt")
