@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from vampnet_pl.config import EvalConfig, conf_dir  # noqa: E402
 from vampnet_pl.data.datamodule import read_fixed_windows  # noqa: E402
+from vampnet_pl.data.index import load_index  # noqa: E402
 from vampnet_pl.data.windows import window_frames  # noqa: E402
 from vampnet_pl.evaluation.metrics import fad_embedding  # noqa: E402
 from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, protocol_jobs  # noqa: E402
@@ -32,7 +33,6 @@ from vampnet_pl.evaluation.scoring import SCORES, noisy_tokens  # noqa: E402
 from vampnet_pl.generation.pipeline import GenerationConfig  # noqa: E402
 from vampnet_pl.generation.sampling import SamplingConfig  # noqa: E402
 from vampnet_pl.generation.vamp import load_pipeline  # noqa: E402
-from vampnet_pl.data.index import load_index  # noqa: E402
 from vampnet_pl.utils.atomic import write_text_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
