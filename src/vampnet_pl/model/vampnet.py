@@ -303,7 +303,7 @@ class VampNet(nn.Module):
         where = select.transpose(0, 1).nonzero()  # [N, 3]: (codebook, example, frame), packed order
         per_codebook = torch.bincount(where[:, 0], minlength=n_predicted).tolist()
         # a frame masked in several codebooks is gathered once for each: F.embedding's backward sums those
-        # gradients in a fixed order (CPU: index_add; CUDA: sorted). Advanced indexing's backward adds them
+        # gradients in a fixed order, on the CPU (index_add) and on CUDA. Advanced indexing's backward adds them
         # atomically across CPU threads, and index_select's across CUDA threads: sums that vary run to run.
         rows = F.embedding(where[:, 1] * features.shape[1] + where[:, 2], features.flatten(0, 1)).split(per_codebook)
         return torch.cat([linear(rows[k], weight[k], None if bias is None else bias[k], self.head.onednn)
