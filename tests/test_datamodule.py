@@ -217,3 +217,21 @@ def test_an_index_missing_or_of_another_version_fails_clearly(prepared, tmp_path
     (tmp_path / "index.json").write_text(json.dumps({**load_index(prepared), "version": 2}))
     with pytest.raises(ValueError, match="index version 2; this vampnet-pl reads version 1"):
         load_index(tmp_path)
+
+
+@pytest.mark.parametrize("workers, done", [(2, 1), (2, 3), (3, 2), (3, 4)])
+def test_a_resumed_stream_serves_the_rest_of_the_epoch_in_order_with_several_workers(tmp_path, workers, done):
+    """The DataLoader always starts with its worker 0; after ``done`` batches the next belongs to another."""
+    from torch.utils.data import DataLoader
+
+    shards = [write_shard(tmp_path / f"{i}.tar", [100] * 5, seed=i) for i in range(workers * 2)]
+
+    def served(start_batch: int) -> list[torch.Tensor]:
+        dataset = stream(shards, batches_per_worker=3, loader_workers=workers, start_batch=start_batch)
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=True,
+                            generator=torch.Generator())
+        return [batch["codes"] for batch in loader]
+
+    straight, resumed = served(0), served(done)
+    assert len(straight) == 3 * workers and len(resumed) == len(straight) - done
+    assert all(torch.equal(a, b) for a, b in zip(resumed, straight[done:]))

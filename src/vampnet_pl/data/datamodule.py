@@ -265,11 +265,14 @@ class TrainWindowStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         # A generator: an epoch counts only once batches are drawn (a bare iter() by a framework check does not).
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         per_epoch = self.batches_per_worker * num_workers
         epoch = self.start_batch // per_epoch + self.iterations
-        # Resuming mid-epoch: skip what this worker already served (the DataLoader deals batches round-robin).
+        # The DataLoader deals batches round-robin, starting with its worker 0: batch i of an epoch is the
+        # (i // workers)-th of worker i % workers. Resuming after ``done`` batches, loader worker k plays worker
+        # (k + done) % workers, whose next batch is the next in that order, minus what it already served.
         done = self.start_batch % per_epoch if self.iterations == 0 else 0
+        worker = (loader_worker + done) % num_workers
         skip = max(0, -(-(done - worker) // num_workers))
         self.iterations += 1
         rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
@@ -282,7 +285,7 @@ class TrainWindowStream(IterableDataset):
         )
         batches = wds.batched(self.batch_size, collation_fn=collate_windows, partial=False)(windows)
         for batch in islice(batches, skip, self.batches_per_worker):
-            batch["data_health"] = {"worker": worker, **self.skips.report()}  # cumulative, plain Python: see DataHealth
+            batch["data_health"] = {"worker": loader_worker, **self.skips.report()}  # cumulative, plain Python: DataHealth
             yield batch
 
     def _resampled(self, shards: list[str], rng: random.Random) -> Iterator[str]:
