@@ -64,17 +64,47 @@ def test_same_seed_gives_the_same_first_losses(prepared, codec_path, tmp_path):
     assert logged(tmp_path / "c" / "demo_coarse-local", "train/loss_step") != a
 
 
+def assert_same_final_weights(runs_dir: Path, other_runs_dir: Path) -> None:
+    """Bit for bit: the training step is deterministic on the CPU."""
+    last = Path("demo_coarse-local") / "checkpoints" / "last.ckpt"
+    a, b = model_from_checkpoint(runs_dir / last).state_dict(), model_from_checkpoint(other_runs_dir / last).state_dict()
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 def test_resume_continues_exactly_where_it_stopped(prepared, codec_path, tmp_path):
     common = ["data.batches_per_epoch=3", "checkpoint.every_n_train_steps=3"]
     train(overrides(prepared, codec_path, tmp_path / "straight", "trainer.max_steps=6", *common))
     train(overrides(prepared, codec_path, tmp_path / "stopped", "trainer.max_steps=3", *common))
     train(overrides(prepared, codec_path, tmp_path / "stopped", "trainer.max_steps=6", *common))  # resume=true
-    straight = model_from_checkpoint(tmp_path / "straight" / "demo_coarse-local" / "checkpoints" / "last.ckpt")
-    resumed = model_from_checkpoint(tmp_path / "stopped" / "demo_coarse-local" / "checkpoints" / "last.ckpt")
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name  # bit for bit: the step is deterministic on the CPU
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "stopped")
     checkpoint = torch.load(tmp_path / "stopped" / "demo_coarse-local" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_resume_is_exact_when_the_accumulation_does_not_divide_the_configured_epoch(prepared, codec_path, tmp_path):
+    """3 batches an epoch, 2 a step: the epoch is served as 4 (whole steps), so a resumed run's
+    ``global_step * accumulation`` is the number of batches it consumed."""
+    common = ["data.batches_per_epoch=3", "trainer.accumulate_grad_batches=2", "checkpoint.every_n_train_steps=2"]
+    train(overrides(prepared, codec_path, tmp_path / "straight", "trainer.max_steps=4", *common))
+    train(overrides(prepared, codec_path, tmp_path / "stopped", "trainer.max_steps=2", *common))
+    trainer = train(overrides(prepared, codec_path, tmp_path / "stopped", "trainer.max_steps=4", *common))
+    assert trainer.datamodule.train_batches_per_epoch == 4
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "stopped")
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_two_loader_workers_at_an_odd_batch(prepared, codec_path, tmp_path):
+    """Stopped after 3 batches of 6, with 2 workers: the resumed loader's first batch is its worker 1's."""
+    def args(run: str, steps: int) -> list[str]:
+        return [a if a != "data.num_workers=0" else "data.num_workers=2" for a in overrides(
+            prepared, codec_path, tmp_path / run, f"trainer.max_steps={steps}", "data.batches_per_epoch=6",
+            "checkpoint.every_n_train_steps=3")]
+
+    train(args("straight", 6))
+    train(args("stopped", 3))
+    train(args("stopped", 6))
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "stopped")
 
 
 def test_training_loop_reads_tensors_on_the_host_only_at_log_points(prepared, codec_path, tmp_path, monkeypatch):

@@ -481,12 +481,19 @@ class CodesDataModule(L.LightningDataModule):
         workers = max(1, self.hparams.num_workers)
         windows = self.hparams.batch_size * max(1, self.hparams.batches_per_epoch // workers) * workers
         batches = max(1, round(windows / (micro_batch * accumulation))) * accumulation
-        unit = math.lcm(accumulation, workers)
-        self.train_batch_size, self.train_batches_per_epoch = micro_batch, -(-batches // unit) * unit
+        self.train_batch_size, self.train_batches_per_epoch = micro_batch, self._whole_steps(batches, accumulation)
 
-    def serve_configured_batches(self) -> None:
-        """Serve training batches of ``batch_size``, ``batches_per_epoch`` an epoch (the default)."""
-        self.train_batch_size, self.train_batches_per_epoch = self.hparams.batch_size, self.hparams.batches_per_epoch
+    def serve_configured_batches(self, accumulation: int = 1) -> None:
+        """Serve training batches of ``batch_size``, about ``batches_per_epoch`` an epoch (the default): rounded up
+        to whole optimiser steps of ``accumulation`` batches that the loader workers share evenly."""
+        self.train_batch_size = self.hparams.batch_size
+        self.train_batches_per_epoch = self._whole_steps(self.hparams.batches_per_epoch, accumulation)
+
+    def _whole_steps(self, batches: int, accumulation: int) -> int:
+        """``batches`` rounded up to a multiple of both ``accumulation`` and the loader workers. Lightning ends an
+        epoch with an optimiser step, whole or not; a resumed run counts ``global_step * accumulation`` batches."""
+        unit = math.lcm(accumulation, max(1, self.hparams.num_workers))
+        return -(-batches // unit) * unit
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()

@@ -285,7 +285,7 @@ class AutoBatchSize(L.Callback):
     def _apply(self, trainer: L.Trainer, split: BatchSplit) -> None:
         """Serve ``split``'s micro-batches; the configured split leaves the loader as configured."""
         if (split.micro_batch, split.accumulation) == self.configured:
-            trainer.datamodule.serve_configured_batches()
+            trainer.datamodule.serve_configured_batches(split.accumulation)
         else:
             trainer.datamodule.serve_micro_batches(split.micro_batch, split.accumulation)
         trainer.accumulate_grad_batches = split.accumulation
