@@ -10,7 +10,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from vampnet_pl.data.datamodule import TrainWindowStream
+from vampnet_pl.data.datamodule import NoLoudWindows, TrainWindowStream
 from vampnet_pl.data.windows import window_loudness
 from vampnet_pl.prep.encode import LOUDNESS_FLOOR, loudness_per_second
 
@@ -72,3 +72,10 @@ def test_shards_without_a_loudness_track_warn_and_keep_every_window(tmp_path, ca
     assert sum("loudness_cutoff=-30.0 is not applied" in r.message for r in caplog.records) == 1
     with pytest.raises(ValueError, match="frame_rate"):
         TrainWindowStream([url], 20, 2, 4, 10, loudness_cutoff=-30.0)
+
+
+def test_a_cutoff_above_every_window_stops_with_a_clear_error(tmp_path):
+    """It would otherwise search the shards forever, with no error and no first batch."""
+    url = _shard(tmp_path / "a.tar", with_track=True)  # the loudest window is -20 LUFS
+    with pytest.raises(NoLoudWindows, match=r"quieter than data.loudness_cutoff=-10.0 LUFS"):
+        _windows(url, -10.0)

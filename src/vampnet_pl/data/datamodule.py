@@ -68,6 +68,13 @@ class NoReadableShards(DataIntegrityError):
     """Every shard of a split failed to open or read."""
 
 
+class NoLoudWindows(ValueError):
+    """``loudness_cutoff`` drops every window a worker draws: its stream would search forever."""
+
+
+QUIET_WINDOWS_LIMIT = 10_000  # in a row: even if 1 window in 500 passed, 10,000 quiet ones in a row has odds of 2e-9
+
+
 class SkipCounter:
     """Counts read and skipped samples, by reason and by shard, and warns with the running total.
 
@@ -222,7 +229,7 @@ class TrainWindowStream(IterableDataset):
         if loudness_cutoff is not None and not frame_rate:
             raise ValueError("loudness_cutoff needs the codec's frame_rate")
         self._warned_no_loudness = False
-        self.quiet_windows = 0
+        self.quiet_windows = self.quiet_in_a_row = 0
         self.codebook_size, self.expected_codebooks = codebook_size, expected_codebooks
         # The limit also stops a worker whose data is all damaged (it would otherwise search forever).
         self.skips = SkipCounter(max_skip_rate, skip_rate_min_samples, "train data")
@@ -260,6 +267,11 @@ class TrainWindowStream(IterableDataset):
             return starts
         kept = [s for s in starts if window_loudness(track, s, self.window_frames, self.frame_rate) >= self.loudness_cutoff]
         self.quiet_windows += len(starts) - len(kept)  # expected, not an error: counted, not logged
+        self.quiet_in_a_row = 0 if kept else self.quiet_in_a_row + len(starts)
+        if self.quiet_in_a_row >= QUIET_WINDOWS_LIMIT:
+            raise NoLoudWindows(
+                f"{self.quiet_in_a_row} windows in a row are quieter than data.loudness_cutoff={self.loudness_cutoff} "
+                f"LUFS ({self.quiet_windows} so far): lower it, or set it to null to keep every window")
         return kept
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
