@@ -119,6 +119,8 @@ def test_periodic_prompt_width_is_centred_and_period_zero_is_unconditional():
     assert kept(prompts.periodic(shape, period=6, width=3)) == [0, 1, 5, 6, 7, 11, 12, 13, 17, 18, 19]
     assert kept(prompts.periodic(shape, period=6, width=1)) == [0, 6, 12, 18]
     assert prompts.periodic(shape, period=0, width=3).all()
+    assert kept(prompts.periodic((1, 1, 3), period=16, width=8)) == [0, 1, 2]  # wider than the signal: all of it
+    assert kept(prompts.periodic((1, 1, 10), period=16, width=3)) == [0, 1]
     assert prompts.periodic((3, 2, 20), period=0).all()
     with pytest.raises(ValueError, match="period and width"):
         prompts.periodic(shape, period=-1)

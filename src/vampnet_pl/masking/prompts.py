@@ -56,6 +56,8 @@ def periodic(
     centre = (torch.arange(frames, device=device)[None] - phase[:, None]) % period == 0  # [batch, frames]
     kept = torch.zeros_like(centre)
     for offset in range(-(width // 2), width - width // 2):  # dilate each centre to its width, clipped at the ends
+        if abs(offset) >= frames:  # wider than the signal: this shift moves every centre out of it
+            continue
         if offset < 0:
             kept[:, : frames + offset] |= centre[:, -offset:]
         else:
