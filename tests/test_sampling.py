@@ -227,3 +227,67 @@ def test_the_head_on_masked_frames_only_gives_the_same_tokens_as_the_full_head(r
     cfg = SamplingConfig(passes=5, seed=3, temperature=1.0, top_p=0.9)
     full_head = sample(lambda c, m: model(c, m), codes, mask, cfg, n_conditioning=1)  # a plain callable: full head
     assert torch.equal(sample(model, codes, mask, cfg, n_conditioning=1), full_head)
+
+
+def test_nan_logits_never_change_the_prompt():
+    """A NaN confidence sorted above the prompt's +inf score, so prompt tokens were re-masked and overwritten."""
+    codes = torch.randint(0, 16, (2, 2, 30))
+    mask = torch.rand(2, 2, 30) < 0.5
+
+    def broken(codes, mask):
+        logits = torch.zeros(codes.shape[0], 2, codes.shape[-1], 16)
+        logits[:, :, ::3] = float("nan")
+        return logits
+
+    out = sample(broken, codes, mask, SamplingConfig(passes=6, seed=0))
+    assert torch.equal(out[~mask], codes[~mask])
+
+
+@pytest.mark.parametrize("option", [dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(typical_p=0.0),
+                                    dict(passes=0), dict(typical_min_tokens=0), dict(mask_temperature=-1.0)])
+def test_sampling_options_out_of_range_fail_clearly(option):
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"sampling {name} must be"):
+        SamplingConfig(**option)
+
+
+def _sharded_sampling_rank(rank: int, port: int, results: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from vampnet_pl.model import VampNet, VampNetConfig
+    from vampnet_pl.training.parallel import parallelize
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = VampNet(VampNetConfig(n_codebooks=4, codebook_size=32, latent_dim=8, d_model=32, n_layers=2, n_heads=4,
+                                      dropout=0.0)).eval()
+        codes = torch.randint(0, 32, (2, 4, 24))
+        mask = torch.rand(2, 4, 24) < 0.5 if rank == 0 else torch.zeros(2, 4, 24, dtype=torch.bool)  # rank 1: nothing
+        cfg = SamplingConfig(passes=4, seed=1)
+        reference = sample(model, codes, mask, cfg)
+        parallelize(model, init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel")))
+        results[rank] = torch.equal(sample(model, codes, mask, cfg), reference)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_a_model_sharded_by_fsdp2_samples_as_the_plain_one():
+    """Its parameters are whole only inside its forward, and every rank must make the same calls (here rank 1
+    has nothing to generate): the sampler runs its forward once a pass, as the training-time evaluation does."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_sharded_sampling_rank, args=(port, results), nprocs=2)
+        assert dict(results) == {0: True, 1: True}

@@ -10,7 +10,7 @@ import torch
 from vampnet_pl.cli import main
 from vampnet_pl.generation.pipeline import CodecMismatch, GenerationConfig, VampPipeline, sample_windowed
 from vampnet_pl.model import VampNet, VampNetConfig, save_exported
-from vampnet_pl.generation.sampling import SamplingConfig
+from vampnet_pl.generation.sampling import SamplingConfig, sample
 
 from conftest import write_tone
 
@@ -50,6 +50,51 @@ def test_windowed_sampling_fills_everything_once_with_overlapping_context():
     assert all(frames <= 20 for frames, _ in spy.seen)
     later_first_passes = [m for frames, m in spy.seen[2::2]]  # first pass of each later window
     assert later_first_passes and all(not m[..., :5].any() for m in later_first_passes)  # context is kept
+
+
+class SameEverywhere:
+    """The same spread-out distribution at every position: only the random stream tells tokens apart."""
+
+    def __init__(self, predicted: int, cfg=None):
+        self.predicted, self.cfg = predicted, cfg
+
+    def __call__(self, codes, mask):
+        return torch.linspace(0, 2, 64).expand(codes.shape[0], self.predicted, codes.shape[-1], 64).clone()
+
+
+def test_windows_and_c2f_sub_batches_draw_from_one_random_stream(codec):
+    """Each window (and c2f sub-batch) reseeded with the same seed repeated the previous one's draws."""
+    codes, mask = torch.zeros(1, 2, 60, dtype=torch.long), torch.ones(1, 2, 60, dtype=torch.bool)
+    out = sample_windowed(SameEverywhere(2), codes, mask, SamplingConfig(passes=6, seed=0), window=20, overlap=0)
+    assert not torch.equal(out[..., :20], out[..., 20:40]) and not torch.equal(out[..., 20:40], out[..., 40:])
+    assert torch.equal(out, sample_windowed(SameEverywhere(2), codes, mask, SamplingConfig(passes=6, seed=0), 20, 0))
+    pipeline = VampPipeline(small_model(codec, 4, 0), small_model(codec, 14, 4), codec,
+                            GenerationConfig(c2f=SamplingConfig(passes=3, seed=0), c2f_max_batch=1))
+    pipeline.c2f = SameEverywhere(10, pipeline.c2f.cfg)
+    chunk = codec.frames_for(pipeline.cfg.c2f_chunk_seconds)
+    fine = pipeline.coarse_to_fine(torch.zeros(1, 14, 2 * chunk, dtype=torch.long),
+                                   torch.ones(1, 14, 2 * chunk, dtype=torch.bool))
+    assert not torch.equal(fine[..., :chunk], fine[..., chunk:])
+
+
+def test_a_window_or_chunk_with_nothing_to_generate_is_kept(codec, models):
+    """The head on masked frames has no frame there: the window or chunk comes back as it was."""
+    from vampnet_pl.masking.prompts import inpaint
+    from vampnet_pl.model import load_exported
+
+    coarse, c2f = load_exported(models[0]), load_exported(models[1])
+    codes = torch.randint(0, codec.codebook_size, (1, 14, 30))
+    kept = torch.zeros(1, 4, 30, dtype=torch.bool)
+    assert torch.equal(sample(coarse, codes[:, :4], kept, SamplingConfig(passes=3, seed=0)), codes[:, :4])
+    suffix = inpaint((1, 4, 30), suffix_frames=10)  # the last window adds only kept frames
+    out = sample_windowed(coarse, codes[:, :4], suffix, SamplingConfig(passes=3, seed=0), window=20, overlap=4)
+    assert torch.equal(out[..., 20:], codes[:, :4, 20:])
+    pipeline = VampPipeline(coarse, c2f, codec, GenerationConfig(c2f=SamplingConfig(passes=2, seed=0), c2f_max_batch=1,
+                                                                 c2f_chunk_seconds=0.1))
+    fine_mask = torch.zeros(1, 14, 30, dtype=torch.bool)
+    fine_mask[:, 4:, :5] = True  # later chunks are wholly kept
+    out = pipeline.coarse_to_fine(codes, fine_mask)
+    assert torch.equal(out[..., 5:], codes[..., 5:])
 
 
 def test_pipeline_keeps_the_prompt_and_fills_every_codebook(codec, models):
@@ -123,7 +168,7 @@ def test_everything_runs_on_the_pipelines_device(codec, monkeypatch):
 
     seen = []
 
-    def spy_sample(model, codes, mask, cfg, n_conditioning=0):
+    def spy_sample(model, codes, mask, cfg, n_conditioning=0, generator=None):
         devices = {codes.device, mask.device, *(p.device for p in model.parameters()), *(b.device for b in model.buffers())}
         seen.append(devices)
         return codes.clone()
@@ -173,9 +218,9 @@ def test_vamp_command_writes_variations_and_loops(tmp_path, codec_path, models):
     assert len(files) == 2
     info = sf.info(str(files[0]))
     assert info.samplerate == 44100 and info.duration == pytest.approx(1.5, abs=0.05)
-    assert main(["vamp", str(song), "--prompt", "compression:2:4", "--loop", "2", *common]) == 0
+    assert main(["vamp", str(song), "--prompt", "compression:2:4", "--loop", "2", "--variations", "3", *common]) == 0
     looped = sf.info(str(tmp_path / "out" / "song_loop_x2.wav"))
-    assert looped.duration == pytest.approx(4.5, abs=0.1)
+    assert looped.duration == pytest.approx(4.5, abs=0.1)  # the input and 2 vamps, whatever --variations says
 
 
 def test_vamp_command_errors_are_clear(tmp_path, codec_path, models, capsys):
@@ -195,6 +240,8 @@ def test_vamp_command_errors_are_clear(tmp_path, codec_path, models, capsys):
     assert "unknown prompt" in capsys.readouterr().err
     assert main(["vamp", str(song), "--prompt", "periodic", *common]) == 2
     assert "needs more arguments" in capsys.readouterr().err
+    assert main(["vamp", str(song), "--top-p", "0", *common]) == 2  # would filter out every token
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models, monkeypatch):

@@ -15,7 +15,7 @@ import torch
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.model import VampNet
-from vampnet_pl.generation.sampling import SamplingConfig, sample
+from vampnet_pl.generation.sampling import SamplingConfig, sample, seeded_generator
 
 
 class CodecMismatch(ValueError):
@@ -24,19 +24,21 @@ class CodecMismatch(ValueError):
 
 def sample_windowed(model: VampNet, codes: torch.Tensor, mask: torch.Tensor, cfg: SamplingConfig, window: int,
                     overlap: int, n_conditioning: int = 0) -> torch.Tensor:
-    """:func:`sample` over ``[B, K, T]`` in windows of ``window`` frames overlapping by ``overlap``."""
+    """:func:`sample` over ``[B, K, T]`` in windows of ``window`` frames overlapping by ``overlap``, one random
+    stream through all of them."""
     frames = codes.shape[-1]
     if frames <= window:
         return sample(model, codes, mask, cfg, n_conditioning)
     if not 0 <= overlap < window:
         raise ValueError(f"overlap must be in [0, window): {overlap} vs {window}")
     codes, mask = codes.clone(), mask.clone()
+    generator = seeded_generator(cfg, codes.device)
     start = 0
     while True:
         stop = min(start + window, frames)
         start = max(0, stop - window)  # the last window is full length, its head taken from the previous one
         window_mask = mask[..., start:stop].clone()
-        codes[..., start:stop] = sample(model, codes[..., start:stop], window_mask, cfg, n_conditioning)
+        codes[..., start:stop] = sample(model, codes[..., start:stop], window_mask, cfg, n_conditioning, generator)
         mask[..., start:stop] = False  # generated: the next window's context
         if stop == frames:
             return codes
@@ -119,8 +121,9 @@ class VampPipeline:
         piece_masks = torch.cat([mask[..., s : s + chunk] for s in starts])
         n_conditioning = self.c2f.cfg.n_conditioning_codebooks
         step = max(1, self.cfg.c2f_max_batch)
-        done = torch.cat([sample(self.c2f, pieces[i : i + step], piece_masks[i : i + step], self.cfg.c2f, n_conditioning)
-                          for i in range(0, pieces.shape[0], step)])
+        generator = seeded_generator(self.cfg.c2f, codes.device)  # one random stream through every sub-batch
+        done = torch.cat([sample(self.c2f, pieces[i : i + step], piece_masks[i : i + step], self.cfg.c2f, n_conditioning,
+                                 generator) for i in range(0, pieces.shape[0], step)])
         out, batch, written = codes.clone(), codes.shape[0], 0
         for index, start in enumerate(starts):
             piece = done[index * batch : (index + 1) * batch]

@@ -72,6 +72,17 @@ class SamplingConfig:
     seed: Optional[int] = None
     cuda_graphs: bool = False  # replay the model's forward pass as a CUDA graph (CUDA devices only)
 
+    def __post_init__(self) -> None:
+        for name, value, ok, allowed in (
+                ("passes", self.passes, self.passes >= 1, ">= 1"),
+                ("top_k", self.top_k, self.top_k is None or self.top_k >= 1, ">= 1 or null"),
+                ("top_p", self.top_p, self.top_p is None or 0 < self.top_p <= 1, "in (0, 1] or null"),
+                ("typical_p", self.typical_p, self.typical_p is None or 0 < self.typical_p <= 1, "in (0, 1] or null"),
+                ("typical_min_tokens", self.typical_min_tokens, self.typical_min_tokens >= 1, ">= 1"),
+                ("mask_temperature", self.mask_temperature, self.mask_temperature >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"sampling {name} must be {allowed}, got {value!r}")
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
                   typical_p: float | None = None, typical_min_tokens: int = 1) -> torch.Tensor:
@@ -170,6 +181,8 @@ def sample_by_frames(model: VampNet, codes: torch.Tensor, mask: torch.Tensor, pr
     frames = predicted.any(1)  # [B, T]
     hidden = model.features(codes, mask, check_range=False)[frames]  # [F, d], (example, frame) order
     b, p, t = rows
+    if b.numel() == 0:  # nothing left to generate (a window or chunk the prompt keeps whole)
+        return b.new_empty(0), torch.empty(0, device=codes.device)
     n_predicted = predicted.shape[1]
     position = (frames.flatten().cumsum(0) - 1).view_as(frames)[b, t]  # each row's frame in ``hidden``: sorted
     flat_row = position * n_predicted + p  # each row's row in the head's output, viewed [F * P, V]
@@ -202,6 +215,11 @@ def forward_for(model: Callable, codes: torch.Tensor, mask: torch.Tensor, cuda_g
         return model
 
 
+def seeded_generator(cfg: SamplingConfig, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded with ``cfg.seed`` on ``device``; ``None`` (torch's global one) without a seed."""
+    return torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
+
+
 @torch.no_grad()
 def sample(
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -209,20 +227,25 @@ def sample(
     mask: torch.Tensor,
     cfg: SamplingConfig,
     n_conditioning: int = 0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Fill the masked tokens of ``codes`` ``[B, K, T]`` (``mask`` True = generate) in ``cfg.passes`` passes.
 
     ``model(codes, mask)`` returns logits ``[B, K - n_conditioning, T, V]``. Conditioning codebooks
-    are never generated. See the module docstring for the semantics.
+    are never generated. See the module docstring for the semantics. ``generator``: the random stream, for
+    callers that sample one signal in several calls (windows, chunks); by default :func:`seeded_generator`.
     """
     device = codes.device
-    generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    generator = generator if generator is not None else seeded_generator(cfg, device)
     schedule = get_schedule(cfg.schedule)
     codes, mask = codes.clone(), mask.clone()
     mask[:, :n_conditioning] = False
     batch = codes.shape[0]
     initial = mask[:, n_conditioning:].flatten(1).sum(1)  # [B] masked count per example
-    by_frames = model if isinstance(model, VampNet) and not cfg.cuda_graphs else None  # graphs: the fixed full pass
+    # The head on masked frames calls the model's parts directly: only for a plain VampNet. A sharded one (FSDP2's
+    # fully_shard makes a subclass) holds its parameters outside its forward, and its ranks must make the same
+    # calls: one forward a pass. CUDA graphs replay the fixed full pass.
+    by_frames = model if type(model) is VampNet and not cfg.cuda_graphs else None
     if isinstance(model, VampNet):  # tokens checked once here: no host sync per pass (CUDA graphs can capture it)
         check_token_range(codes, model.cfg.codebook_size)
         model = functools.partial(model, check_range=False)
@@ -243,6 +266,7 @@ def sample(
             current = predicted.flatten(1).sum(1)
             keep_masked = tokens_to_keep_masked(schedule(torch.full((batch,), progress, device=device)), initial,
                                                 current, step == cfg.passes - 1)
+            confidence = confidence.nan_to_num(nan=-float("inf"))  # NaN (broken logits) ranks least confident
             anneal = cfg.mask_temperature * (1 - progress)
             if anneal > 0:
                 confidence = confidence + anneal * gumbel(confidence.shape, generator, device)
@@ -251,5 +275,5 @@ def sample(
             order = score.flatten(1).argsort(dim=1, stable=True)
             lowest = torch.arange(order.shape[1], device=device)[None] < keep_masked[:, None]
             remask = torch.zeros_like(lowest).scatter_(1, order, lowest).view_as(predicted)
-            mask[:, n_conditioning:] = remask
+            mask[:, n_conditioning:] = remask & predicted  # what was given stays given
     return codes

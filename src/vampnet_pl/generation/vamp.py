@@ -69,7 +69,7 @@ def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_sp
     codes = codec.encode(resampled, codec.sample_rate).long()  # [K, T]
     if codes.shape[0] < pipeline.n_codebooks:
         raise ValueError(f"the codec makes {codes.shape[0]} codebooks, the models need {pipeline.n_codebooks}")
-    count = max(variations, loops, 1)
+    count = loops if loops > 0 else max(variations, 1)
     batch = codes[None].repeat(count, 1, 1)
     shape = (count, pipeline.coarse.cfg.n_codebooks, codes.shape[-1])
     generator = torch.Generator().manual_seed(seed)
