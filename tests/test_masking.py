@@ -81,12 +81,27 @@ def test_training_masker_end_to_end(kind):
     masker = TrainingMasker(MaskingConfig(kind=kind, schedule="cosine", sampler="sobol"), n_conditioning=2)
     mask, ratios = masker(torch.zeros(SHAPE, dtype=torch.long))
     assert mask.shape == SHAPE and ratios.shape == (SHAPE[0],) and not mask[:, :2].any()
-    expected = ratios.mean().item()
-    if kind != "codebook_level":
-        assert mask[:, 2:].float().mean().item() == pytest.approx(expected, abs=0.08)
+    assert mask[:, 2:].float().mean().item() == pytest.approx(ratios.mean().item(), abs=0.08)
     assert mask[:, 2:].flatten(1).any(1).all()  # never an empty mask
     with pytest.raises(ValueError, match="unknown masking kind"):
         TrainingMasker(MaskingConfig(kind="typo"), 0)
+
+
+@pytest.mark.parametrize("kind, extra", [("per_level", dict(level_schedules=["linear", "cosine"])), ("codebook_level", {})])
+def test_the_expected_ratio_and_its_slope_count_every_level_masked(kind, extra):
+    """per_level repeats its last schedule over the levels it does not list, and codebook_level masks the levels
+    above its drawn one whole: the recorded ratio, the expected one and the diffusion weight (its slope) count them."""
+    import math
+
+    masker = TrainingMasker(MaskingConfig(kind=kind, schedule="cosine", **extra), n_conditioning=4)
+    r = torch.full((2000,), 0.4)
+    draw = masker.draw(torch.zeros(2000, 14, 40, dtype=torch.long), torch.Generator().manual_seed(0), r)
+    realised = draw.mask[:, 4:].flatten(1).float().mean(1)
+    assert torch.allclose(draw.ratios, realised, atol=0.02)
+    assert masker.expected_ratio(r[:1], 10).item() == pytest.approx(realised.mean().item(), abs=0.01)
+    slope = math.pi / 2 * math.sin(math.pi / 2 * 0.4)  # |d cos(pi r / 2) / dr|
+    want = (1 + 9 * slope) / 10 if kind == "per_level" else slope / 10  # linear once, cosine on 9 levels
+    assert masker.loss_weights(r[:1], 10).item() == pytest.approx(want, rel=1e-4)
 
 
 def test_prompt_masks():
@@ -247,7 +262,7 @@ def test_per_level_mask_gives_each_level_its_own_schedule():
     expected = [0.5, np.cos(np.pi / 4), 0.75, 0.75]  # the last schedule repeats for higher levels
     assert torch.allclose(per_level[1:], torch.tensor(expected, dtype=torch.float32), atol=0.01)
     assert torch.allclose(draw.ratios, torch.full((64,), float(np.mean(expected))), atol=1e-6)
-    assert masker.expected_ratio(torch.tensor([0.0, 1.0])).tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    assert masker.expected_ratio(torch.tensor([0.0, 1.0]), 4).tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
     # Exact per-level counts, and never an empty mask even where every schedule gives 0.
     mask = per_level_mask((2, 3, 10), torch.tensor([[0.3, 0.0], [0.0, 0.0]]), 1, torch.Generator().manual_seed(0))
     assert mask[0, 1].sum() == 3 and mask[0, 2].sum() == 0 and mask[1].sum() == 1

@@ -32,7 +32,6 @@ class MaskingConfig:
     level_schedules: list[str] = field(default_factory=list)  # kind=per_level: one per predicted level, the last repeats
     r_min: float = 0.0  # truncated schedule: r drawn from [r_min, r_max)
     r_max: float = 1.0
-    seed: int = 0
 
     def __post_init__(self) -> None:
         """Unknown names fail here, when the config is built (at compose time in the apps)."""
@@ -50,7 +49,7 @@ class MaskingConfig:
 
 class MaskDraw(NamedTuple):
     mask: torch.Tensor  # [B, K, T] bool, True = masked
-    ratios: torch.Tensor  # [B] expected masked fraction of the predicted tokens
+    ratios: torch.Tensor  # [B] expected masked fraction of the predicted tokens (codebook_level: the drawn one's)
     r: torch.Tensor  # [B] the r behind it
 
 
@@ -70,15 +69,20 @@ class TrainingMasker:
         pick = [self.level_schedules[min(k, len(self.level_schedules) - 1)] for k in range(levels)]
         return torch.stack([schedule(r) for schedule in pick], dim=1).clamp(0, 1)
 
-    def expected_ratio(self, r: torch.Tensor) -> torch.Tensor:
-        """The expected masked fraction of the predicted tokens at r (per_level: the mean over levels)."""
+    def expected_ratio(self, r: torch.Tensor, levels: int) -> torch.Tensor:
+        """The expected masked fraction of the ``levels`` predicted levels' tokens at r. per_level: the mean over
+        the levels (the last schedule repeating); codebook_level: a uniform level at the ratio, those above it whole."""
         if self.cfg.kind == "per_level":
-            return torch.stack([schedule(r) for schedule in self.level_schedules]).mean(0).clamp(0, 1)
-        return self.schedule(r).clamp(0, 1)
+            return self.level_ratios(r, levels).mean(1)
+        ratio = self.schedule(r).clamp(0, 1)
+        if self.cfg.kind == "codebook_level":
+            return (ratio + (levels - 1) / 2) / levels
+        return ratio
 
-    def loss_weights(self, r: torch.Tensor) -> torch.Tensor:
-        """Masked-diffusion weights |d gamma / d r| per example (see training.module, ``loss_weighting``)."""
-        return schedule_slope(self.expected_ratio, r)
+    def loss_weights(self, r: torch.Tensor, levels: int) -> torch.Tensor:
+        """Masked-diffusion weights |d gamma / d r| per example, gamma the expected masked fraction of the
+        ``levels`` predicted levels (see training.module, ``loss_weighting``)."""
+        return schedule_slope(lambda x: self.expected_ratio(x, levels), r)
 
     def draw(self, codes: torch.Tensor, generator: torch.Generator | None = None, r: torch.Tensor | None = None) -> MaskDraw:
         """``r`` given: used as is; otherwise drawn from the sampler, truncated to [r_min, r_max)."""
@@ -89,11 +93,13 @@ class TrainingMasker:
         if kind == "per_level":
             level_ratios = self.level_ratios(r, shape[1] - self.n_conditioning)
             return MaskDraw(build(shape, level_ratios, self.n_conditioning, generator), level_ratios.mean(1), r)
-        ratios = self.expected_ratio(r)
+        ratios = self.schedule(r).clamp(0, 1)
         if kind in ("span", "magnet_span"):
             mask = build(shape, ratios, self.cfg.span_frames, self.n_conditioning, generator)
         else:
             mask = build(shape, ratios, self.n_conditioning, generator)
+        if kind == "codebook_level":  # the ratio is one level's; the levels above it are masked whole
+            ratios = mask[:, self.n_conditioning :].flatten(1).float().mean(1)
         return MaskDraw(mask, ratios, r)
 
     def __call__(

@@ -181,7 +181,7 @@ class MaskedTokenModule(L.LightningModule):
         cfg = self.cfg
         if self.hparams.loss_weighting == "diffusion":
             draw = self.masker.draw(codes)
-            mask, ratios, weights = draw.mask, draw.ratios, self.masker.loss_weights(draw.r)
+            mask, ratios, weights = draw.mask, draw.ratios, self.masker.loss_weights(draw.r, cfg.n_predicted_codebooks)
         else:
             (mask, ratios), weights = self.masker(codes), None
         target = codes[:, cfg.n_conditioning_codebooks :]
