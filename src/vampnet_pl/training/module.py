@@ -326,6 +326,8 @@ def merge_lora_state(state: dict[str, torch.Tensor], lora: dict) -> dict[str, to
             a = state[f"{prefix}.lora_A.default.weight"]
             b = state[f"{prefix}.lora_B.default.weight"]
             merged[f"{prefix}.weight"] = value + scale * (b @ a)
+        elif key.endswith(".base_layer.bias"):  # peft moves an adapted layer's bias too
+            merged[key[: -len(".base_layer.bias")] + ".bias"] = value
         else:
             merged[key] = value
     return merged

@@ -43,10 +43,10 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int, d_model: int):
     if cfg.scheduler == "constant":
         return lambda step: min(1.0, (step + 1) / warmup)
     if cfg.scheduler == "warmup_cosine":
-        def warmup_cosine(step: int) -> float:
+        def warmup_cosine(step: int) -> float:  # step k runs the k+1-th optimiser step: peak once, min_lr at the last
             if step < warmup:
                 return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            progress = min(1.0, (step + 1 - warmup) / max(1, total_steps - warmup))
             return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         return warmup_cosine
