@@ -292,11 +292,13 @@ class MaskedTokenModule(L.LightningModule):
                      batch_size=values.numel())
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
-            total = torch.nn.utils.get_total_norm(grads, 2.0)
-            total = total.full_tensor() if hasattr(total, "full_tensor") else total  # FSDP2: a DTensor
-            self.log("train/grad_norm", total, on_step=True, on_epoch=False)
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from vampnet_pl.training.parallel import gradient_norm
+
+        sliced = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        if sliced or any(p.grad is not None for p in self.model.parameters()):
+            self.log("train/grad_norm", gradient_norm(self.model.parameters(), sliced), on_step=True, on_epoch=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 100_000

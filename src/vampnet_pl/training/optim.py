@@ -24,16 +24,14 @@ class OptimConfig:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices of linear layers only: not on norms, embeddings, MASK vectors or biases."""
+    """Weight decay on the weight matrices of linear layers only: not on norms, embeddings, MASK vectors or
+    biases. Told by the layer that holds a parameter, not by its shape: FSDP (1) with ``use_orig_params``, which
+    wraps the model before the optimiser is made, leaves every parameter a flat 1-d slice."""
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     decay, no_decay = [], []
-    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or id(param) in embedding_params or "mask_embedding" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if id(param) in linear_weights else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

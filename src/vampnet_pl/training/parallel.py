@@ -87,6 +87,24 @@ def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, offload_
                              logging_batch_size_per_gpu=batch_size)
 
 
+def gradient_norm(parameters, slices_per_rank: bool = False) -> torch.Tensor:
+    """The 2-norm of all the parameters' gradients, as one tensor. FSDP2's gradients are DTensors, whose norm is
+    already global; under FSDP (1) each rank holds plain slices of them (``slices_per_rank``): the squares are
+    summed over the ranks (every rank must call it then)."""
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        total = total.full_tensor() if hasattr(total, "full_tensor") else total
+    else:  # a rank whose slices hold no gradient
+        total = torch.zeros((), device=parameters[0].device if parameters else None)
+    if slices_per_rank:
+        squared = total.square()
+        torch.distributed.all_reduce(squared)
+        total = squared.sqrt()
+    return total
+
+
 def parallelize(model: nn.Module, device_mesh=None, compile: bool = False, activation_checkpointing: bool = False) -> None:
     """Apply activation checkpointing, FSDP2 sharding (when a device mesh is given) and compile, in place."""
     blocks = model.blocks if hasattr(model, "blocks") else model.get_base_model().blocks
