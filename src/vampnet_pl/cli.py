@@ -124,15 +124,11 @@ def _cmd_vamp(args: argparse.Namespace) -> int:
                   cuda_graphs=args.cuda_graphs)  # both stages, as the original's app
     coarse_mask_temperature = 10.5 if args.mask_temperature is None else args.mask_temperature
     c2f_mask_temperature = 1.0 if args.mask_temperature is None else args.mask_temperature
-    try:
-        cfg = GenerationConfig(
-            coarse=SamplingConfig(passes=args.coarse_passes, top_k=args.top_k, top_p=args.top_p, typical_p=args.typical_p,
-                                  typical_min_tokens=args.typical_min_tokens, mask_temperature=coarse_mask_temperature,
-                                  **shared),
-            c2f=SamplingConfig(passes=args.c2f_passes, mask_temperature=c2f_mask_temperature, **shared),
-            window_seconds=args.window_seconds, c2f_chunk_seconds=args.c2f_chunk_seconds)
-    except ValueError as err:  # an option out of range
-        raise UsageError(str(err)) from None
+    cfg = GenerationConfig(coarse=SamplingConfig(passes=args.coarse_passes, top_k=args.top_k, top_p=args.top_p,
+                                                 typical_p=args.typical_p, typical_min_tokens=args.typical_min_tokens,
+                                                 mask_temperature=coarse_mask_temperature, **shared),
+                           c2f=SamplingConfig(passes=args.c2f_passes, mask_temperature=c2f_mask_temperature, **shared),
+                           window_seconds=args.window_seconds, c2f_chunk_seconds=args.c2f_chunk_seconds)
     pipeline = load_pipeline(args.coarse, args.c2f, args.codec, args.device, cfg)
     try:
         written = vamp_file(pipeline, args.input, args.out_dir, args.prompt, args.variations, args.loop, args.seed,
