@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from vampnet_pl.config import SplitConfig
+from vampnet_pl.prep.index import verify
 from vampnet_pl.prep.manifest import assign_split, find_audio_files, load_manifest, scan_catalog
 
 from conftest import prep_config, write_tone
@@ -58,12 +59,21 @@ def test_adding_files_never_moves_existing_files_between_splits(tmp_path, codec_
     assert len(set(after.values())) == 3
 
 
-def test_identical_audio_lands_in_one_split(tmp_path, codec_path):
+def test_identical_files_are_encoded_once_and_the_copies_recorded(tmp_path, codec_path):
+    """Two copies side by side once wrote two samples of one key into a shard, which then read as damaged."""
+    from vampnet_pl.prep.run import run_all
+
     catalog = tmp_path / "catalog"
     write_tone(catalog / "x.wav", 1.5)
     shutil.copy(catalog / "x.wav", catalog / "copy_of_x.wav")
-    entries, _ = scan_catalog(prep_config(catalog, tmp_path / "out", codec_path))
-    assert len({e.split for e in entries}) == 1 and len({e.sha256 for e in entries}) == 1
+    write_tone(catalog / "y.wav", 1.5, freq=330)
+    cfg = prep_config(catalog, tmp_path / "out", codec_path)
+    entries, failures = scan_catalog(cfg)
+    assert sorted(e.path for e in entries) == ["copy_of_x.wav", "y.wav"]  # the first in sorted order is kept
+    assert [(f.path, f.reason) for f in failures] == [("x.wav", "duplicate of copy_of_x.wav (identical bytes)")]
+    index = run_all(cfg)
+    assert verify(tmp_path / "out", deep=True) == []
+    assert sum(split["samples"] for split in index["splits"].values()) == 2
 
 
 def test_rescan_reuses_hashes_of_unchanged_files(tmp_path, codec_path, monkeypatch):

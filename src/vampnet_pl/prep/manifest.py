@@ -1,8 +1,9 @@
 """Stage 1 of data prep: scan a catalog folder into a manifest (one JSON line per usable file).
 
 Each entry records path, duration, sample rate, channels and a content hash. The split is a
-pure function of the content hash, so adding files never moves existing ones between splits
-and identical audio never straddles two splits.
+pure function of the content hash, so adding files never moves existing ones between splits.
+Byte-identical files are encoded once: the first path in sorted order; the others are recorded as
+duplicates in the scan failures. (The same music in another encoding is another file.)
 """
 
 from __future__ import annotations
@@ -147,8 +148,13 @@ def scan_catalog(cfg: PrepConfig) -> tuple[list[ManifestEntry], list[Failure]]:
             results = list(tqdm(pool.imap(_scan_one, jobs, chunksize=4), **progress))
     else:
         results = [_scan_one(job) for job in tqdm(jobs, **progress)]
-    entries = [r for r in results if isinstance(r, ManifestEntry)]
-    failures = [r for r in results if isinstance(r, Failure)]
+    entries, failures, first = [], [r for r in results if isinstance(r, Failure)], {}
+    for entry in (r for r in results if isinstance(r, ManifestEntry)):
+        if entry.sha256 in first:  # training on it twice would weigh it double (and its samples share keys)
+            failures.append(Failure(entry.path, "scan", f"duplicate of {first[entry.sha256]} (identical bytes)"))
+        else:
+            first[entry.sha256] = entry.path
+            entries.append(entry)
     for failure in failures:
         log.warning("skipping %s: %s", failure.path, failure.reason)
     out_dir.mkdir(parents=True, exist_ok=True)
