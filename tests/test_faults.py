@@ -293,6 +293,32 @@ def test_repair_re_encodes_only_the_units_whose_shards_fail(prepared, tmp_path, 
     assert main(["prep", "repair", f"out_dir={data}"]) == 0  # the command: nothing left to do
 
 
+def test_an_interrupted_repair_is_finished_by_the_next(prepared, tmp_path, monkeypatch):
+    """repair removes the markers of the units it redoes first; the next repair must still know their shards."""
+    from omegaconf import OmegaConf
+
+    import vampnet_pl.prep.encode as encode
+    from vampnet_pl.config import PrepConfig
+
+    data = damaged_copy(prepared, tmp_path)
+    before = {p.name: p.read_bytes() for p in data.glob("shards/*/*.tar")}
+    damaged = sorted(data.glob("shards/train/*.tar"))[0]
+    flip_codes_bytes(damaged)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrepConfig), OmegaConf.load(data / "prep_config.yaml"),
+                                              {"out_dir": str(data)}))
+    real = encode.encode_unit
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-repair")
+
+    monkeypatch.setattr(encode, "encode_unit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        repair(cfg)
+    monkeypatch.setattr(encode, "encode_unit", real)
+    assert repair(cfg) == [damaged.name.rsplit("-", 1)[0]]
+    assert {p.name: p.read_bytes() for p in data.glob("shards/*/*.tar")} == before and verify(data, deep=True) == []
+
+
 # -- checkpoints under faults ----------------------------------------------------------------------------
 def _fault_train(args: list[str], fault: str | None) -> subprocess.CompletedProcess:
     script = Path(__file__).with_name("fault_train.py")

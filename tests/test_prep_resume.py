@@ -104,3 +104,26 @@ def test_kill_during_encode_then_resume(synthetic_catalog, tmp_path, codec_path,
     subprocess.run([*cli, "finalize", *overrides], check=True, capture_output=True)
     assert _shard_table(out) == _shard_table(prepared)
     assert subprocess.run([*cli, "verify", f"out_dir={out}"], capture_output=True).returncode == 0
+
+
+def test_a_rerun_with_other_settings_or_another_codec_is_refused(tmp_path, fast_codec_path):
+    """A unit counted as done by its files alone: a re-run with other settings or another codec kept the old
+    shards and wrote an index that described the new run."""
+    from vampnet_pl.codec import SyntheticCodecSpec, make_synthetic_codec
+    from vampnet_pl.prep.encode import EncodingChanged
+
+    from conftest import write_tone
+
+    catalog = tmp_path / "catalog"
+    for i in range(3):
+        write_tone(catalog / f"t{i}.wav", 2.0, 16000, freq=200 + 50 * i)
+    out = tmp_path / "out"
+    run_all(prep_config(catalog, out, fast_codec_path))
+    index = (out / "index.json").read_bytes()
+    with pytest.raises(EncodingChanged, match=r"segment_seconds 8\.0 -> 1\.0.*delete"):
+        run_all(prep_config(catalog, out, fast_codec_path, segment_seconds=1.0))
+    other = make_synthetic_codec(tmp_path / "other.pth", SyntheticCodecSpec(sample_rate=16000, encoder_dim=2,
+                                                                            decoder_dim=16, n_codebooks=4, seed=7))
+    with pytest.raises(EncodingChanged, match="codec"):
+        run_all(prep_config(catalog, out, other))
+    assert (out / "index.json").read_bytes() == index and verify(out, deep=True) == []

@@ -69,16 +69,39 @@ def unit_marker_path(out_dir: Path, unit: Unit) -> Path:
     return out_dir / "units" / f"{unit.name}.json"
 
 
-def unit_is_done(out_dir: Path, unit: Unit) -> bool:
+class EncodingChanged(ValueError):
+    """An out_dir's units were encoded with other settings, or another codec, than this run's."""
+
+
+def encoding_settings(cfg: PrepConfig) -> dict:
+    """What a unit's codes depend on besides its files and the codec's weights (those: its fingerprint)."""
+    return {"channels": ChannelMode(cfg.channels).value, "segment_seconds": cfg.segment_seconds,
+            "min_seconds": cfg.min_seconds, "silence_db": cfg.silence_db, "loudness_lufs": cfg.loudness_lufs,
+            "codec_chunk_seconds": cfg.codec.chunk_seconds, "codec_context_frames": cfg.codec.context_frames}
+
+
+def changed_encoding(out_dir: Path, what: str, recorded: dict, wanted: dict) -> EncodingChanged:
+    changes = ", ".join(f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in wanted.items()
+                        if recorded.get(key) != value)
+    return EncodingChanged(f"{out_dir} holds {what} encoded otherwise ({changes}): write to a new out_dir, or delete "
+                           f"{out_dir / 'units'} and {out_dir / 'shards'} to encode it all again")
+
+
+def unit_is_done(out_dir: Path, unit: Unit, cfg: PrepConfig) -> bool:
+    """Its marker is there, for its files, with all its shards. Raises :class:`EncodingChanged` when it was
+    encoded with other settings than ``cfg``'s (markers written before they were recorded are taken as is)."""
     import json
 
     marker = unit_marker_path(out_dir, unit)
     if not marker.is_file():
         return False
     record = json.loads(marker.read_text())
-    return record.get("content_hashes") == unit.content_hashes and all(
-        (out_dir / shard["path"]).is_file() for shard in record["shards"]
-    )
+    if record.get("content_hashes") != unit.content_hashes:
+        return False
+    wanted = encoding_settings(cfg)
+    if record.get("encoding", wanted) != wanted:
+        raise changed_encoding(out_dir, unit.name, record["encoding"], wanted)
+    return all((out_dir / shard["path"]).is_file() for shard in record["shards"])
 
 
 @dataclass
@@ -291,6 +314,8 @@ def encode_unit(unit: Unit, cfg: PrepConfig, codec: Codec, progress: tqdm | None
     marker = {
         "unit": unit.index,
         "content_hashes": unit.content_hashes,
+        "encoding": encoding_settings(cfg),
+        "codec_fingerprint": codec.fingerprint,
         "shards": shards,
         "failures": failures,
         "audio_seconds": audio_seconds,
@@ -308,7 +333,7 @@ def run_encode_task(cfg: PrepConfig, task_index: int, num_tasks: int, device: st
     """Encode every unfinished unit owned by task ``task_index`` of ``num_tasks``."""
     out_dir = Path(cfg.out_dir)
     units = units_for_task(plan_units(load_manifest(out_dir), cfg.files_per_unit), task_index, num_tasks)
-    todo = [u for u in units if not unit_is_done(out_dir, u)]
+    todo = [u for u in units if not unit_is_done(out_dir, u, cfg)]
     log.info("task %d/%d: %d units, %d already done", task_index, num_tasks, len(units), len(units) - len(todo))
     if not todo:
         return []

@@ -16,7 +16,7 @@ from vampnet_pl.codec import Codec
 from vampnet_pl.config import PrepConfig
 from vampnet_pl.data.index import INDEX_VERSION, index_path, load_index
 from vampnet_pl.data.validation import SampleInvalid, decode_npy, validate_codes
-from vampnet_pl.prep.encode import plan_units, unit_is_done, unit_marker_path
+from vampnet_pl.prep.encode import changed_encoding, plan_units, unit_is_done, unit_marker_path
 from vampnet_pl.prep.manifest import SPLITS, file_sha256, load_manifest, read_jsonl, scan_failures_path, write_jsonl
 from vampnet_pl.utils.atomic import write_json_atomic
 
@@ -31,10 +31,14 @@ def finalize(cfg: PrepConfig, codec: Codec) -> dict:
     """Write ``index.json`` and ``failures.jsonl`` once every unit is done."""
     out_dir = Path(cfg.out_dir)
     units = plan_units(load_manifest(out_dir), cfg.files_per_unit)
-    missing = [u.name for u in units if not unit_is_done(out_dir, u)]
+    missing = [u.name for u in units if not unit_is_done(out_dir, u, cfg)]
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(units)} units are not done yet (first: {missing[:5]}); run encode")
     markers = [json.loads(unit_marker_path(out_dir, u).read_text()) for u in units]
+    for unit, marker in zip(units, markers):
+        if marker.get("codec_fingerprint", codec.fingerprint) != codec.fingerprint:
+            raise changed_encoding(out_dir, unit.name, {"codec": marker["codec_fingerprint"][:16]},
+                                   {"codec": codec.fingerprint[:16]})
     failures = read_jsonl(scan_failures_path(out_dir)) + [f for m in markers for f in m["failures"]]
     write_jsonl(out_dir / "failures.jsonl", failures)
     splits = {}
@@ -145,16 +149,13 @@ def repair(cfg: PrepConfig, deep: bool = True) -> list[str]:
     out_dir = Path(cfg.out_dir)
     units = plan_units(load_manifest(out_dir), cfg.files_per_unit)
     failing = set(verify_shards(out_dir, deep)) if index_path(out_dir).is_file() else set()
-    owner = {}
-    for unit in units:
-        marker = unit_marker_path(out_dir, unit)
-        if marker.is_file():
-            owner.update({s["path"]: unit for s in json.loads(marker.read_text())["shards"]})
-    unknown = failing - owner.keys()
+    by_name = {unit.name: unit for unit in units}  # a shard is <split>/<unit name>-NNN.tar, marker or not
+    owner = {path: by_name.get(Path(path).name.rsplit("-", 1)[0]) for path in failing}
+    unknown = [path for path, unit in owner.items() if unit is None]
     if unknown:
         raise RuntimeError(f"shards {sorted(unknown)[:5]} belong to no unit of the manifest; re-run prep all")
-    redo = {owner[path].index: owner[path] for path in failing}
-    redo.update({u.index: u for u in units if not unit_is_done(out_dir, u)})  # left by an interrupted repair
+    redo = {unit.index: unit for unit in owner.values()}
+    redo.update({u.index: u for u in units if not unit_is_done(out_dir, u, cfg)})  # left by an interrupted repair
     if not redo:
         log.info("repair: every shard is sound")
         return []

@@ -79,7 +79,7 @@ def encode_local(cfg: PrepConfig, task_index: int = 0, num_tasks: int = 1) -> No
         return
     out_dir = Path(cfg.out_dir)
     units = units_for_task(plan_units(load_manifest(out_dir), cfg.files_per_unit), task_index, num_tasks)
-    todo = sorted((u for u in units if not unit_is_done(out_dir, u)), key=unit_cost, reverse=True)
+    todo = sorted((u for u in units if not unit_is_done(out_dir, u, cfg)), key=unit_cost, reverse=True)
     log.info("task %d/%d: %d units, %d already done, %d processes on one queue", task_index, num_tasks, len(units),
              len(units) - len(todo), workers)
     if not todo:
