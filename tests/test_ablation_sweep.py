@@ -102,3 +102,21 @@ def test_sweep_survives_a_killed_run_resumes_it_skips_finished_and_reports(prepa
     differences = text.split("## Paired differences")[1].split("##")[0]
     assert "`schedule-linear` − baseline" in differences and "(p=" in differences
     assert (tmp_path / "sweep" / "figures" / "curves.png").is_file()
+
+
+def test_a_run_that_returns_before_its_last_step_is_not_recorded_as_finished(tmp_path, monkeypatch):
+    """Training returns normally when a signal stops it for a requeue: exit 0 is not enough to call it done."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from vampnet_pl.ablation import runner
+    from vampnet_pl.ablation.spec import Run
+
+    run = Run("a_seed-0", "a", (), 0, (), tmp_path / "a_seed-0")
+    (run.run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 3, "hyper_parameters": {"model": {}}}, run.run_dir / "checkpoints" / "last.ckpt")
+    monkeypatch.setattr(runner, "train_command", lambda run: [sys.executable, "-c", "pass"])
+    cfg = OmegaConf.create({"trainer": {"max_steps": STEPS}, "run_dir": str(run.run_dir), "logger": {}})
+    outcome = runner.run_local_one(run, cfg, threads=1)
+    assert (outcome.status, outcome.detail) == ("failed", f"a_seed-0 stopped at step 3 of {STEPS}")
+    assert (run.run_dir / "failure.json").is_file() and not (run.run_dir / "results.json").exists()

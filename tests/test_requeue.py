@@ -246,6 +246,17 @@ def signal_one_rank(prepared, codec_path, tmp_path, signal_name: str, batches_pe
 
 
 @pytest.mark.slow
+def test_a_run_stopped_by_sigterm_exits_143_not_0(prepared, codec_path, tmp_path):
+    """Stopped early, it is not finished: a caller that reads exit 0 as done (the ablation runner) must not."""
+    args = overrides(prepared, codec_path, tmp_path, "trainer.max_steps=8", "data.batches_per_epoch=8",
+                     "data.val_max_windows=8", "checkpoint.every_n_train_steps=100")
+    done = training_process([str(Path(__file__).with_name("signal_train.py")), *args], 180,
+                            SIGNAL_OUT=str(tmp_path), SIGNAL_RANK="0", SIGNAL_STEP="3", SIGNAL="SIGTERM")
+    assert done.returncode == 143, (done.stdout + done.stderr)[-3000:]
+    assert json.loads((tmp_path / "rank0.json").read_text())["global_step"] < 8
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_a_rank_signalled_mid_step_stops_with_the_others_at_one_batch(prepared, codec_path, tmp_path):
     """SIGTERM: the ranks exchange it at the next batch start and read it one batch later: both stop after step 5,

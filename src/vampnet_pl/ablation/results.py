@@ -129,12 +129,19 @@ def checkpoint_info(run_dir: Path) -> tuple[int | None, str | None]:
     return int(checkpoint.get("global_step", -1)), model.get("codec_fingerprint")
 
 
+class RunIncomplete(RuntimeError):
+    """Training returned before its last step (a signal stopped it for a requeue): not a finished run."""
+
+
 def write_results(run, cfg: DictConfig) -> dict:
-    """Record a finished run in ``results.json`` (atomically) and clear its failure record."""
+    """Record a finished run in ``results.json`` (atomically) and clear its failure record. Raises
+    :class:`RunIncomplete`, writing nothing, when its last checkpoint is short of ``trainer.max_steps``."""
     config = OmegaConf.to_container(cfg, resolve=True)
+    step, fingerprint = checkpoint_info(run.run_dir)
+    if step != config["trainer"]["max_steps"]:
+        raise RunIncomplete(f"{run.run_id} stopped at step {step} of {config['trainer']['max_steps']}")
     curves = read_curves(run.run_dir, csv_dirs(cfg))
     metrics, metrics_step = final_metrics(curves)
-    step, fingerprint = checkpoint_info(run.run_dir)
     record = {
         **run.to_dict(),
         "status": "finished",

@@ -126,12 +126,17 @@ def run_local_one(run: Run, cfg: DictConfig, threads: int, children: _Children |
         code = process.wait()
         if children:
             children.remove(process)
+    reason = None
     if code != 0:
-        tail = log_path.read_text(errors="replace")[-4000:]
         reason = f"exit status {code}" + (f" ({signal.Signals(-code).name})" if code < 0 else "")
-        results.write_failure(run, reason, tail)
+    else:
+        try:
+            results.write_results(run, cfg)
+        except results.RunIncomplete as err:
+            reason = str(err)
+    if reason is not None:  # the next sweep run resumes it
+        results.write_failure(run, reason, log_path.read_text(errors="replace")[-4000:])
         return Outcome(run, "failed", reason)
-    results.write_results(run, cfg)
     return Outcome(run, "finished")
 
 

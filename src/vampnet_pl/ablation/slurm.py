@@ -39,7 +39,10 @@ class TrainRun(submitit.helpers.Checkpointable):
             time.sleep(2)  # let rank 0 move the previous attempt's CSV log aside first
         train(cfg)
         if rank == 0:
-            results.write_results(self.run, cfg)
+            try:
+                results.write_results(self.run, cfg)
+            except results.RunIncomplete as err:  # stopped for a requeue: the requeued job finishes and records it
+                log.info("%s", err)
         return self.run.run_id
 
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import sys
 import warnings
 from pathlib import Path
 
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.codec import Codec
@@ -113,9 +116,19 @@ def run(cfg: DictConfig) -> L.Trainer:
     return trainer
 
 
+SIGTERM_EXIT = 128 + signal.SIGTERM  # as a shell reports a process that SIGTERM ended: the run is not finished
+
+
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    """``vampnet-pl train``. A run stopped by SIGTERM exits with 143, not 0, so that a caller (the ablation
+    runner, a script) does not take it for finished; it resumes from its checkpoint when run again."""
+    try:
+        trainer = run(cfg)
+    except SIGTERMException:  # several ranks: raised on each once they agreed to stop
+        sys.exit(SIGTERM_EXIT)
+    if trainer.received_sigterm:  # one process: Lightning's loop stopped
+        sys.exit(SIGTERM_EXIT)
 
 
 if __name__ == "__main__":
