@@ -107,6 +107,19 @@ def test_resume_is_exact_with_two_loader_workers_at_an_odd_batch(prepared, codec
     assert_same_final_weights(tmp_path / "straight", tmp_path / "stopped")
 
 
+def test_best_checkpoints_are_scored_by_their_own_validation(prepared, codec_path, tmp_path):
+    """Saved at a train step before validation, each carried the previous validation's val/loss."""
+    train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=6", "data.batches_per_epoch=2",
+                    "checkpoint.every_n_train_steps=2", "checkpoint.save_top_k=5"))
+    folder = tmp_path / "demo_coarse-local" / "checkpoints"
+    state = next(v for k, v in torch.load(folder / "step0000006.ckpt", weights_only=False)["callbacks"].items()
+                 if "val/loss" in k)  # the newest best checkpoint's record of all of them
+    scores = [float(score) for _, score in sorted((Path(p).name, s) for p, s in state["best_k_models"].items())]
+    assert sorted(Path(p).name for p in state["best_k_models"]) == ["step0000002.ckpt", "step0000004.ckpt",
+                                                                    "step0000006.ckpt"]
+    assert scores == pytest.approx(logged(tmp_path / "demo_coarse-local", "val/loss"))  # validations in order
+
+
 def test_training_loop_reads_tensors_on_the_host_only_at_log_points(prepared, codec_path, tmp_path, monkeypatch):
     """On a GPU, reading a tensor on the host waits for the step, and so does copying a Python value to the device.
     Counted: ``item``, ``tolist``, ``float()``, ``int()``, ``bool()``, and ``torch.tensor`` or ``torch.as_tensor``
