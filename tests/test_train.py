@@ -120,6 +120,21 @@ def test_best_checkpoints_are_scored_by_their_own_validation(prepared, codec_pat
     assert scores == pytest.approx(logged(tmp_path / "demo_coarse-local", "val/loss"))  # validations in order
 
 
+def test_a_run_folder_holding_another_runs_checkpoint_is_not_resumed(prepared, codec_path, tmp_path):
+    """Run folders are named by experiment: another model or masking there silently continued the first run."""
+    from vampnet_pl.training.checkpointing import ResumeMismatch
+
+    common = ["data.batches_per_epoch=2", "checkpoint.every_n_train_steps=2"]
+    train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=2", *common))
+    with pytest.raises(ResumeMismatch, match=r"masking.kind 'random' -> 'span'.*run_name="):
+        train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=4", "masking.kind=span", *common))
+    with pytest.raises(ResumeMismatch, match=r"model.n_layers 2 -> 3"):
+        train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=4", "model.n_layers=3", *common))
+    trainer = train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=4", "optim.lr=0.001",
+                              "model.attention_backend=sdpa", *common))  # what a resume may change
+    assert trainer.global_step == 4
+
+
 def test_training_loop_reads_tensors_on_the_host_only_at_log_points(prepared, codec_path, tmp_path, monkeypatch):
     """On a GPU, reading a tensor on the host waits for the step, and so does copying a Python value to the device.
     Counted: ``item``, ``tolist``, ``float()``, ``int()``, ``bool()``, and ``torch.tensor`` or ``torch.as_tensor``

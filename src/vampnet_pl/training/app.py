@@ -22,7 +22,7 @@ from vampnet_pl.codec import Codec
 from vampnet_pl.config import TrainConfig, conf_dir
 from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth, LogPointProgressBar
-from vampnet_pl.training.checkpointing import AtomicCheckpointIO, remove_checkpoint_leftovers
+from vampnet_pl.training.checkpointing import AtomicCheckpointIO, check_resumable, remove_checkpoint_leftovers
 from vampnet_pl.training.slurm import (SharedSignals, SlurmRequeue, cluster_plugins, describe, requeue_enabled,
                                       share_signals, slurm_layout)
 from vampnet_pl.training.module import MaskedTokenModule
@@ -81,6 +81,8 @@ def build(cfg: DictConfig):
     callbacks = [hydra.utils.instantiate(node) for node in (cfg.callbacks or {}).values()]
     remove_checkpoint_leftovers(last_checkpoint_path(schema.run_dir).parent)  # of a write killed mid-way
     resume_from = last_checkpoint(schema.run_dir) if schema.resume else None
+    if resume_from is not None:
+        check_resumable(resume_from, dict(module.hparams))
     # micro-batch and accumulation, before the data loads; a resumed run keeps its own
     callbacks.append(AutoBatchSize(schema.batch_sizing, resume_from))
     callbacks.append(DataHealth())  # skip counts as metrics, the skip-rate limit over all ranks, the closing summary

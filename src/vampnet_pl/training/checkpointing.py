@@ -61,3 +61,43 @@ def remove_checkpoint_leftovers(folder: str | Path) -> list[Path]:
         else:
             path.unlink(missing_ok=True)
     return leftovers
+
+
+class ResumeMismatch(ValueError):
+    """The run folder holds a checkpoint of another run (another model, masking or loss)."""
+
+
+# What makes a checkpoint another run's: the model (less the kernels it runs with), what it learns from and how.
+RUN_DEFINING = ("model", "masking", "label_smoothing", "loss_weighting", "lora")
+RUNTIME_CHOICES = ("attention_backend", "cpu_matmul")  # model keys a resumed run may change
+
+
+def recorded_hyperparameters(checkpoint: str | Path) -> dict | None:
+    """A checkpoint's ``hyper_parameters`` (a file, or a sharded folder's ``meta.pt``), tensors left unread."""
+    path = Path(checkpoint)
+    path = path / "meta.pt" if path.is_dir() else path
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("hyper_parameters")
+
+
+def check_resumable(checkpoint: str | Path, hparams: dict) -> None:
+    """Raise :class:`ResumeMismatch`, naming the differences, when ``checkpoint`` was trained with another model,
+    masking or loss than ``hparams`` (a module's): resuming would load another run's weights and carry on as if
+    they were this one's. Everything else (steps, devices, learning rate, logging) may change on resume."""
+    recorded = recorded_hyperparameters(checkpoint)
+    if recorded is None:
+        return
+    changes = []
+    for key in RUN_DEFINING:
+        before, after = recorded.get(key), hparams.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            # keys of both only: a field added to or dropped from a schema since is not a change of this run's
+            names = sorted((before.keys() & after.keys()) - (set(RUNTIME_CHOICES) if key == "model" else set()))
+            changes += [f"{key}.{n} {before.get(n)!r} -> {after.get(n)!r}" for n in names if before.get(n) != after.get(n)]
+        elif before != after:
+            changes.append(f"{key} {before!r} -> {after!r}")
+    if changes:
+        raise ResumeMismatch(
+            f"{checkpoint} is another run's ({'; '.join(changes[:6])}{' ...' if len(changes) > 6 else ''}): give this "
+            "run its own folder (run_name=... or runs_dir=...), or resume=false to start over in this one")
