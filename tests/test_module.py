@@ -233,3 +233,16 @@ def test_a_lora_merge_keeps_the_biases_of_adapted_layers(targets):
     codes, mask = torch.randint(0, 64, (2, 4, 20)), torch.rand(2, 4, 20) < 0.5
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(codes, mask), adapted.eval()(codes, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_loads_with_compile_switched_either_way():
+    """Compiling a block adds a level to its state-dict keys: a GPU run (compile on by default) could not be resumed
+    with compile off, on the CPU say (activation checkpointing's wrapper hides its own level)."""
+    plain, wrapped = module(), module(compile=True, activation_checkpointing=True)
+    wrapped.configure_model()  # wraps, compiles nothing yet
+    assert any("_orig_mod." in k for k in wrapped.state_dict())
+    for source, target in ((plain, wrapped), (wrapped, plain)):
+        checkpoint = {"state_dict": {k: v + 1 for k, v in source.state_dict().items()}}
+        target.on_load_checkpoint(checkpoint)
+        target.load_state_dict(checkpoint["state_dict"])  # strict
+        assert torch.equal(target.model.norm.weight, source.model.norm.weight + 1)

@@ -15,6 +15,7 @@ import torch
 
 from vampnet_pl.model import VampNet, VampNetConfig, save_exported
 from vampnet_pl.training.module import merge_lora_state
+from vampnet_pl.training.parallel import unwrapped_key
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -46,8 +47,8 @@ def model_from_checkpoint(path: str | Path) -> VampNet:
     hparams = checkpoint.get("hyper_parameters") or {}
     if "model" not in hparams:
         raise ValueError(f"{path} has no vampnet-pl model config in its hyper_parameters")
-    state = {k.removeprefix("model.").replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): v
-             for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    state = {unwrapped_key(k.removeprefix("model.")): v for k, v in checkpoint["state_dict"].items()
+             if k.startswith("model.")}
     if hparams.get("lora"):
         state = merge_lora_state(state, hparams["lora"])
     model = VampNet(VampNetConfig(**hparams["model"]))

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
 from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
@@ -28,6 +29,7 @@ from vampnet_pl.masking.protocol import EvalProtocolConfig, protocol_masks
 from vampnet_pl.model import VampNet, VampNetConfig, load_exported
 from vampnet_pl.model.vampnet import check_token_range, packed
 from vampnet_pl.training.optim import OptimConfig, build_optimizer
+from vampnet_pl.training.parallel import gradient_norm, parallelize, unwrapped_key
 
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0)
 LOSS_WEIGHTINGS = ("none", "diffusion")
@@ -134,8 +136,6 @@ class MaskedTokenModule(L.LightningModule):
         return [f"{metric}{group}" for group in groups for metric in VAL_METRICS]
 
     def configure_model(self) -> None:
-        from vampnet_pl.training.parallel import parallelize
-
         parallelize(self.model, getattr(self, "device_mesh", None), compile=self.compile_blocks,
                     activation_checkpointing=self.hparams.activation_checkpointing)
 
@@ -292,13 +292,16 @@ class MaskedTokenModule(L.LightningModule):
                      batch_size=values.numel())
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        from vampnet_pl.training.parallel import gradient_norm
-
         sliced = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
         if sliced or any(p.grad is not None for p in self.model.parameters()):
             self.log("train/grad_norm", gradient_norm(self.model.parameters(), sliced), on_step=True, on_epoch=False)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint written with ``compile`` on or off loads either way: its keys are renamed to this module's
+        (a compiled block adds a level to its keys)."""
+        if "state_dict" in checkpoint:
+            own = {unwrapped_key(key): key for key in self.state_dict()}
+            checkpoint["state_dict"] = {own.get(unwrapped_key(k), k): v for k, v in checkpoint["state_dict"].items()}
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 100_000
@@ -309,7 +312,7 @@ class MaskedTokenModule(L.LightningModule):
     def plain_model(self) -> VampNet:
         """The model without LoRA adapters (merged in) and without compile/FSDP wrappers, on CPU."""
         model = VampNet(self.cfg)
-        state = {k.replace("_orig_mod.", ""): v for k, v in self.model.state_dict().items()}
+        state = {unwrapped_key(k): v for k, v in self.model.state_dict().items()}
         if self.hparams.lora:
             state = merge_lora_state(state, self.hparams.lora)
         model.load_state_dict(state)

@@ -87,6 +87,16 @@ def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, offload_
                              logging_batch_size_per_gpu=batch_size)
 
 
+WRAPPER_KEYS = ("_orig_mod.", "_checkpoint_wrapped_module.")  # what compile and activation checkpointing add
+
+
+def unwrapped_key(key: str) -> str:
+    """A state-dict key as the plain model names it, whatever :func:`parallelize` wrapped its blocks in."""
+    for part in WRAPPER_KEYS:
+        key = key.replace(part, "")
+    return key
+
+
 def gradient_norm(parameters, slices_per_rank: bool = False) -> torch.Tensor:
     """The 2-norm of all the parameters' gradients, as one tensor. FSDP2's gradients are DTensors, whose norm is
     already global; under FSDP (1) each rank holds plain slices of them (``slices_per_rank``): the squares are
