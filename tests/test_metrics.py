@@ -141,3 +141,40 @@ def test_score_reports_every_distance_and_its_embedding_count():
     assert tuple(same) == SCORES and same["n_embeddings"] == 6  # 3 clips x two 0.96 s patches
     assert all(same[k] < 1e-5 for k in ("mel", "mel_dac", "mel_vampnet", "fad"))
     assert all(other[k] > same[k] for k in ("mel", "mel_dac", "mel_vampnet", "fad", "kad"))
+
+
+def _score_rank(rank: int, port: int, results: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from vampnet_pl.evaluation.metrics import fad_embedding
+    from vampnet_pl.evaluation.scoring import score
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        generator = torch.Generator().manual_seed(rank)
+        reference = 0.1 * torch.randn(1 + 2 * rank, 16000, generator=generator)  # rank 0: 1 clip, rank 1: 3
+        results[rank] = score(reference + 0.05 * torch.randn_like(reference), reference, 16000,
+                              fad_embedding("logmel", 16000))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_the_embedding_count_covers_every_rank_as_the_scores_do():
+    """torchmetrics pools FAD and KAD over the ranks; the count reported with them counted one rank's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_score_rank, args=(port, results), nprocs=2)
+        results = dict(results)
+    assert results[0]["n_embeddings"] == results[1]["n_embeddings"] == 4  # 1 + 3 clips of one 0.96 s patch
+    assert results[0]["fad"] == pytest.approx(results[1]["fad"])

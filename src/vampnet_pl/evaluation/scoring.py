@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torchmetrics import SumMetric
 
 from vampnet_pl.evaluation.metrics import (DACMelDistance, FrechetAudioDistance, KernelAudioDistance, MelDistance,
                                            VampNetMelDistance)
@@ -38,5 +39,7 @@ def score(audio: torch.Tensor, reference: torch.Tensor, sample_rate: int, embed:
         metric = metric.to(device)
         metric.update(audio, reference)
         scores[name] = float(metric.compute())
-    scores.update({"fad": float(fad.compute()), "kad": float(kad.compute()), "n_embeddings": int(fake.shape[0])})
+    embeddings = SumMetric().to(device)  # over every rank, as the scores are (torchmetrics syncs at compute)
+    embeddings.update(fake.shape[0])
+    scores.update({"fad": float(fad.compute()), "kad": float(kad.compute()), "n_embeddings": int(embeddings.compute())})
     return scores
