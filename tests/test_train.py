@@ -356,9 +356,15 @@ SMALL_PROTOCOL = ["eval_protocol.periods=[8]", "eval_protocol.sweep_prompt=perio
 
 
 def test_prompt_evaluation_during_training_logs_the_protocol_scores(prepared, codec_path, tmp_path):
-    trainer = train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=2", "data.batches_per_epoch=2",
-                              "callbacks=with_eval", "callbacks.prompt_eval.every_n_steps=2",
-                              "callbacks.prompt_eval.n_windows=2", *SMALL_PROTOCOL))
+    """Once at step 2 (its second micro-batch, not again at the next one, which still counts step 2), logged at
+    the step of that validation's rows (an ablation report matches them to the checkpoint's step)."""
+    trainer = train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=3", "data.batches_per_epoch=4",
+                              "trainer.accumulate_grad_batches=2", "callbacks=with_eval",
+                              "callbacks.prompt_eval.every_n_steps=2", "callbacks.prompt_eval.n_windows=2",
+                              *SMALL_PROTOCOL))
+    rows = list(csv.DictReader(open(tmp_path / "demo_coarse-local" / "csv" / "metrics.csv")))
+    gen_steps = [r["step"] for r in rows if r.get("gen/fad/periodic_8")]
+    assert gen_steps == [r["step"] for r in rows if r.get("val/loss")][:1] == ["1"]
     callback = next(c for c in trainer.callbacks if type(c).__name__ == "PromptEvalCallback")
     scores = callback.last_scores
     conditions = ["ceiling_codec", "baseline_noisy", "periodic_8", "prefix", "suffix", "inpaint", "compression",
@@ -371,8 +377,8 @@ def test_prompt_evaluation_during_training_logs_the_protocol_scores(prepared, co
         assert scores[f"gen/{mel}/ceiling_codec"] < scores[f"gen/{mel}/baseline_noisy"]
     values = logged(tmp_path / "demo_coarse-local", "gen/fad/periodic_8")
     assert values and values[-1] == pytest.approx(scores["gen/fad/periodic_8"])
-    again = callback.evaluate(trainer, trainer.lightning_module)
-    assert again == scores  # deterministic given the seed
+    again = callback.evaluate(trainer, trainer.lightning_module)  # the step-3 weights now
+    assert callback.evaluate(trainer, trainer.lightning_module) == again  # deterministic given the seed
 
 
 def test_runs_with_different_masking_are_validated_on_byte_identical_masks(prepared, codec_path, tmp_path):

@@ -26,6 +26,7 @@ from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, pro
 from vampnet_pl.evaluation.scoring import noisy_tokens
 from vampnet_pl.generation.sampling import SamplingConfig, sample
 from vampnet_pl.masking.protocol import EvalProtocolConfig
+from vampnet_pl.training.callbacks import LogPoints
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,14 @@ class PromptEvalCallback(L.Callback):
         self.embed: torch.nn.Module | None = None
         self.last_scores: dict[str, float] = {}
         self.last_rows: list[dict] = []
+        self.steps = LogPoints()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.steps.start(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0:
+        # at the batch that completes the step, once (the other micro-batches of an accumulation keep its number)
+        if self.steps.stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module)
 
     def _windows(self, trainer: L.Trainer) -> torch.Tensor:
@@ -110,7 +115,8 @@ class PromptEvalCallback(L.Callback):
             model.train(was_training)
         scores = rows_to_metrics(rows)
         if trainer.is_global_zero and trainer.logger is not None:
-            trainer.logger.log_metrics(scores, step=trainer.global_step)
+            # at Lightning's log step for the step just taken, as its train/ and val/ rows of that step
+            trainer.logger.log_metrics(scores, step=trainer.global_step - 1)
             self._log_table(trainer, rows)
         self.last_scores, self.last_rows = scores, rows
         log.info("protocol %s generation evaluation at step %d took %.1f s", self.protocol.id, trainer.global_step,
