@@ -355,3 +355,26 @@ def test_checkpoint_writes_survive_a_full_disk_and_kill_9_then_resume(strategy, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states" in resumed.stdout + resumed.stderr
     assert read_checkpoint(last)["global_step"] == 4 and not _leftovers(last.parent)
+
+
+def test_a_full_disk_inside_the_sharded_writer_is_reported_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    """torch.distributed.checkpoint wraps the writer's OSError in a CheckpointException, not an OSError."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as filesystem
+
+    from vampnet_pl.training.checkpointing import CheckpointWriteError
+    from vampnet_pl.training.export import read_checkpoint
+    from vampnet_pl.training.parallel import AtomicModelParallelStrategy
+
+    strategy, path = AtomicModelParallelStrategy(), tmp_path / "last.ckpt"
+    strategy.save_checkpoint({"state_dict": {"w": torch.zeros(4)}, "optimizer_states": [], "global_step": 2}, path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filesystem, "_write_item", full)
+    with pytest.raises(CheckpointWriteError, match=r"was not written \(No space left on device\)"):
+        strategy.save_checkpoint({"state_dict": {"w": torch.ones(4)}, "optimizer_states": [], "global_step": 4}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert read_checkpoint(path)["global_step"] == 2

@@ -28,6 +28,9 @@ class CheckpointWriteError(OSError):
 
 
 def checkpoint_write_error(path: Path, err: BaseException) -> CheckpointWriteError:
+    failures = getattr(err, "failures", None)  # torch.distributed.checkpoint's CheckpointException: (error, trace) per rank
+    if failures:
+        err = next((error for error, _ in failures.values() if isinstance(error, OSError)), err)
     strerror = getattr(err, "strerror", None) or str(err)
     return CheckpointWriteError(getattr(err, "errno", None) or 0,
                                 f"checkpoint {path} was not written ({strerror}); the previous checkpoint there, if "

@@ -54,6 +54,8 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
     """
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        from torch.distributed.checkpoint.api import CheckpointException  # what its writer raises, an OSError inside
+
         path = Path(self.broadcast(str(filepath)))
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, path, storage_options)
@@ -63,7 +65,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         self.barrier("checkpoint.partial.clean")
         try:
             super().save_checkpoint(checkpoint, partial, storage_options)
-        except OSError as err:  # disk full, quota: the previous folder is untouched; drop the partial one
+        except (OSError, CheckpointException) as err:  # disk full, quota: the previous folder is intact; drop the partial
             # every failing rank, after its own writes: a rank still writing when rank 0 failed would re-create it
             shutil.rmtree(partial, ignore_errors=True)
             raise checkpoint_write_error(path, err) from err
