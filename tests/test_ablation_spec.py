@@ -120,3 +120,10 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
     assert "unknown masking kind 'spam'" in capsys.readouterr().err
     assert main(["ablate", "report", str(tmp_path / "nothing")]) == 2
     assert "not a sweep folder" in capsys.readouterr().err
+
+
+def test_negative_and_positive_values_get_their_own_condition_ids():
+    from vampnet_pl.ablation.spec import condition_ids
+
+    ids = [name for _, name in condition_ids({"optim.weight_decay": ["0.1", "-0.1"]})]
+    assert ids == ["weight-decay-0.1", "weight-decay-neg0.1"]

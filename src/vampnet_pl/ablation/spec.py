@@ -84,6 +84,7 @@ def format_value(value: Any) -> str:
 
 
 def _slug(text: str) -> str:
+    text = re.sub(r"^-(?=[0-9.])", "neg", text)  # -0.1 is not 0.1
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "x"
 
 
