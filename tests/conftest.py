@@ -82,3 +82,19 @@ def prepared(tmp_path_factory, synthetic_catalog, codec_path) -> Path:
     out = tmp_path_factory.mktemp("prepared")
     run_all(prep_config(synthetic_catalog, out, codec_path))
     return out
+
+
+def on_two_ranks(worker) -> dict:
+    """``worker(rank, port, results)`` in two processes (each starts its gloo group on ``port``); ``results``
+    as they left it. ``worker`` must be a module-level function (the processes import it)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(port, results), nprocs=2)
+        return dict(results)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import on_two_ranks
 from vampnet_pl.model import VampNet, VampNetConfig
 from vampnet_pl.model.linear import MIN_ROWS, Linear, linear, onednn_available, use_onednn
 
@@ -177,14 +178,4 @@ def _fsdp2_rank(rank: int, port: int, results: dict) -> None:
 @needs_onednn
 @pytest.mark.distributed
 def test_fsdp2_shards_train_through_the_onednn_path():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_fsdp2_rank, args=(port, results), nprocs=2)
-        assert dict(results) == {0: True, 1: True}
+    assert on_two_ranks(_fsdp2_rank) == {0: True, 1: True}

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from conftest import on_two_ranks
+
 from vampnet_pl.evaluation.metrics import FrechetAudioDistance, LogMelPatchEmbedding, MelDistance, frechet_distance
 
 
@@ -165,16 +167,6 @@ def _score_rank(rank: int, port: int, results: dict) -> None:
 @pytest.mark.distributed
 def test_the_embedding_count_covers_every_rank_as_the_scores_do():
     """torchmetrics pools FAD and KAD over the ranks; the count reported with them counted one rank's."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_score_rank, args=(port, results), nprocs=2)
-        results = dict(results)
+    results = on_two_ranks(_score_rank)
     assert results[0]["n_embeddings"] == results[1]["n_embeddings"] == 4  # 1 + 3 clips of one 0.96 s patch
     assert results[0]["fad"] == pytest.approx(results[1]["fad"])

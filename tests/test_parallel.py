@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+
+from conftest import on_two_ranks
 
 
 def _fsdp1_rank(rank: int, port: int, results: dict) -> None:
@@ -43,15 +44,7 @@ def _fsdp1_rank(rank: int, port: int, results: dict) -> None:
 def test_fsdp1_keeps_the_weight_decay_groups_and_the_gradient_norm_is_global():
     """Under FSDP (1) every parameter is a flat 1-d slice: shape no longer tells a matrix from a norm, and each
     rank's gradients are its slices only."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_fsdp1_rank, args=(port, results), nprocs=2)
-        results = dict(results)
+    results = on_two_ranks(_fsdp1_rank)
     assert all(r["groups_kept"] for r in results.values())
     assert all(r["norm"] == pytest.approx(r["fsdp"], rel=1e-5) for r in results.values())
     assert any(r["local"] != pytest.approx(r["fsdp"], rel=1e-3) for r in results.values())  # the slices alone

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import on_two_ranks
+
 from sampler_toy import ToyModel, toy_tables
 from vampnet_pl.generation.sampling import SamplingConfig, filter_logits, sample, sample_rows
 
@@ -280,14 +282,4 @@ def _sharded_sampling_rank(rank: int, port: int, results: dict) -> None:
 def test_a_model_sharded_by_fsdp2_samples_as_the_plain_one():
     """Its parameters are whole only inside its forward, and every rank must make the same calls (here rank 1
     has nothing to generate): the sampler runs its forward once a pass, as the training-time evaluation does."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_sharded_sampling_rank, args=(port, results), nprocs=2)
-        assert dict(results) == {0: True, 1: True}
+    assert on_two_ranks(_sharded_sampling_rank) == {0: True, 1: True}

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
