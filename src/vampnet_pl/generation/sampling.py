@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -266,7 +267,7 @@ def sample(
             current = predicted.flatten(1).sum(1)
             keep_masked = tokens_to_keep_masked(schedule(torch.full((batch,), progress, device=device)), initial,
                                                 current, step == cfg.passes - 1)
-            confidence = confidence.nan_to_num(nan=-float("inf"))  # NaN (broken logits) ranks least confident
+            confidence = confidence.nan_to_num(nan=-math.inf, neginf=-math.inf)  # NaN (broken logits): least confident
             anneal = cfg.mask_temperature * (1 - progress)
             if anneal > 0:
                 confidence = confidence + anneal * gumbel(confidence.shape, generator, device)
