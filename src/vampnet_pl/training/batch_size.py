@@ -34,6 +34,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from vampnet_pl.config import BatchSizing, BatchSizingConfig
+from vampnet_pl.training.checkpointing import checkpoint_metadata
 
 
 class BatchDoesNotFit(RuntimeError):
@@ -195,12 +196,8 @@ def probe_supported(strategy) -> bool:
 def recorded_split(checkpoint: str | Path) -> BatchSplit | None:
     """The split a checkpoint was trained with (``checkpoint["batch_split"]``; a file, or a sharded folder's
     ``meta.pt``); None for checkpoints written without one."""
-    path = Path(checkpoint)
-    path = path / "meta.pt" if path.is_dir() else path
-    if not path.is_file():
-        return None
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # our own; tensors left unread
+        state = checkpoint_metadata(checkpoint) or {}
         return BatchSplit(**state["batch_split"]) if "batch_split" in state else None
     except Exception as err:  # noqa: BLE001 (the resume itself reports a damaged checkpoint)
         rank_zero_warn(f"could not read the batch split of {checkpoint}: {err}")

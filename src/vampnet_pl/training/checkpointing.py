@@ -75,20 +75,21 @@ RUN_DEFINING = ("model", "masking", "label_smoothing", "loss_weighting", "lora")
 RUNTIME_CHOICES = ("attention_backend", "cpu_matmul")  # model keys a resumed run may change
 
 
-def recorded_hyperparameters(checkpoint: str | Path) -> dict | None:
-    """A checkpoint's ``hyper_parameters`` (a file, or a sharded folder's ``meta.pt``), tensors left unread."""
+def checkpoint_metadata(checkpoint: str | Path) -> dict | None:
+    """A training checkpoint's dict with its tensors left unread (a file, or a sharded folder's ``meta.pt``);
+    None where there is none."""
     path = Path(checkpoint)
     path = path / "meta.pt" if path.is_dir() else path
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("hyper_parameters")
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # our own
 
 
 def check_resumable(checkpoint: str | Path, hparams: dict) -> None:
     """Raise :class:`ResumeMismatch`, naming the differences, when ``checkpoint`` was trained with another model,
     masking or loss than ``hparams`` (a module's): resuming would load another run's weights and carry on as if
     they were this one's. Everything else (steps, devices, learning rate, logging) may change on resume."""
-    recorded = recorded_hyperparameters(checkpoint)
+    recorded = (checkpoint_metadata(checkpoint) or {}).get("hyper_parameters")
     if recorded is None:
         return
     changes = []
