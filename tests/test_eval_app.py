@@ -6,14 +6,17 @@ import csv
 import math
 
 import hydra
+import pytest
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from vampnet_pl.config import conf_dir
 from vampnet_pl.evaluation.app import run
 from vampnet_pl.masking.presets import build_prompt
 from vampnet_pl.model import save_exported
 
+from conftest import on_two_ranks
 from test_vamp import small_model
 
 
@@ -49,7 +52,7 @@ def test_eval_app_writes_results_and_plots(prepared, codec, codec_path, tmp_path
     assert all(float(rows[1][k]) > 0.1 for k in ("mel", "mel_dac", "mel_vampnet"))
     assert paths[0].name == "results.csv" and all(p.stat().st_size > 10_000 for p in paths[1:])
     beat_calls = [(batch, shape) for spec, batch, shape in audio_seen if spec == "beat"]
-    assert beat_calls and all(shape[0] == batch == 2 for batch, shape in beat_calls)  # each window's own audio
+    assert beat_calls == [(1, (1, beat_calls[0][1][1]))] * 2  # each window's prompt from its own audio
 
 
 def test_training_callback_builds_beat_and_onset_prompts_per_window(codec, monkeypatch):
@@ -66,11 +69,89 @@ def test_training_callback_builds_beat_and_onset_prompts_per_window(codec, monke
     callback.codec = codec
     monkeypatch.setattr(codec, "decode", lambda codes: reference)  # the windows' full-depth audio
     seen = []
-    (job,) = callback.preset_jobs(lambda codes, mask, passes: seen.append(mask) or codes, torch.Generator(), 0, 4)
+    (job,) = callback.preset_jobs(lambda codes, mask, passes, ids: seen.append(mask) or codes, 0, 4)
     assert job[0] == "onset"
-    job[2](torch.zeros(2, 4, frames, dtype=torch.long))
+    job[2](torch.zeros(2, 4, frames, dtype=torch.long), [0, 1])
     (mask,) = seen
     for i in range(2):
         alone = prompts.onset_prompt((1, 4, frames), reference[i].numpy(), rate, hop)
         assert torch.equal(mask[i], alone[0])
     assert not torch.equal(mask[0], mask[1])
+
+
+def test_eval_scores_do_not_depend_on_the_batch_size(prepared, codec, codec_path, tmp_path):
+    """Each window has its own random streams (sampling, noisy baseline, random prompt), named by its index."""
+    from vampnet_pl.evaluation.app import evaluate
+
+    save_exported(tmp_path / "coarse.pt", small_model(codec, 4, 0))
+    save_exported(tmp_path / "c2f.pt", small_model(codec, 14, 4))
+
+    def scores(batch_size: int) -> list[dict]:
+        overrides = [f"coarse={tmp_path / 'coarse.pt'}", f"c2f={tmp_path / 'c2f.pt'}", f"codec.source={codec_path}",
+                     "codec.device=cpu", f"dataset_dir={prepared}", "window_seconds=1.0", "n_windows=3",
+                     f"batch_size={batch_size}", "eval_protocol.periods=[8]", "eval_protocol.sweep_prompt=periodic_8",
+                     "eval_protocol.passes=2", "c2f_passes=2", "eval_protocol.passes_sweep=[]", "prompts=[random:0.5]"]
+        with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            return evaluate(OmegaConf.to_object(hydra.compose("eval", overrides=overrides)))
+
+    whole, split = scores(3), scores(2)  # one batch of 3; batches of 2 and 1
+    assert [r["prompt"] for r in whole] == [r["prompt"] for r in split]
+    assert any(r["prompt"] == "random:0.5" for r in whole)
+    for a, b in zip(whole, split):
+        numbers = [k for k, v in a.items() if isinstance(v, float)]
+        assert [a[k] for k in numbers] == pytest.approx([b[k] for k in numbers], rel=1e-5, abs=1e-7), a["prompt"]
+
+
+def _callback_scores(rank: int, world_size: int, codec_path: str) -> dict:
+    """The training-time evaluation of a fixed tiny model on 3 fixed windows, as rank ``rank`` of ``world_size``."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from vampnet_pl.codec import Codec
+    from vampnet_pl.evaluation.callback import PromptEvalCallback
+    from vampnet_pl.masking.protocol import EvalProtocolConfig
+
+    codec = Codec.load(codec_path, device="cpu")
+    model = small_model(codec, 4, 0)
+    frames = codec.frames_for(1.0)
+    windows = torch.randint(0, codec.codebook_size, (3, 14, frames), generator=torch.Generator().manual_seed(0))
+
+    def broadcast(tensor, src):
+        if world_size > 1:
+            dist.broadcast(tensor, src)
+        return tensor
+
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_windows=[w.numpy() for w in windows]), global_rank=rank,
+                              world_size=world_size, strategy=SimpleNamespace(broadcast=broadcast),
+                              is_global_zero=rank == 0, logger=None, global_step=1)
+    module = SimpleNamespace(model=model, cfg=model.cfg, device=torch.device("cpu"))
+    protocol = EvalProtocolConfig(id="test", periods=[8], sweep_prompt="periodic_8", passes=2, passes_sweep=[])
+    callback = PromptEvalCallback(codec_source=codec_path, protocol=protocol, n_windows=3, seed=3, log_audio=False,
+                                  prompts=["random:0.5"])
+    return callback.evaluate(trainer, module)
+
+
+def _callback_rank(rank: int, port: int, results: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        results[rank] = _callback_scores(rank, 2, os.environ["VAMPNET_TEST_CODEC"])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_training_time_scores_are_the_same_on_one_rank_and_two(codec_path, monkeypatch):
+    """Two ranks score the same first ``n_windows`` windows as one rank (2 + 1 here), each with the same streams;
+    before, each rank took its own ``n_windows`` and the same seed for its own windows."""
+    monkeypatch.setenv("VAMPNET_TEST_CODEC", str(codec_path))
+    one = _callback_scores(0, 1, str(codec_path))
+    two = on_two_ranks(_callback_rank)
+    assert one["gen/n_embeddings/periodic_8"] == two[0]["gen/n_embeddings/periodic_8"] == 3
+    assert "gen/fad/random:0.5" in one
+    assert two[0] == pytest.approx(two[1]) and two[0] == pytest.approx(one, rel=1e-5, abs=1e-7)

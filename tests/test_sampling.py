@@ -283,3 +283,30 @@ def test_a_model_sharded_by_fsdp2_samples_as_the_plain_one():
     """Its parameters are whole only inside its forward, and every rank must make the same calls (here rank 1
     has nothing to generate): the sampler runs its forward once a pass, as the training-time evaluation does."""
     assert on_two_ranks(_sharded_sampling_rank) == {0: True, 1: True}
+
+
+class Spread:
+    """The same spread-out distribution at every position of every example: only the random streams tell
+    tokens apart, and no example's logits depend on another's."""
+
+    def __call__(self, codes, mask):
+        return torch.linspace(0, 2, 32).expand(codes.shape[0], codes.shape[1], codes.shape[-1], 32).clone()
+
+
+def test_each_example_draws_from_its_own_stream_whatever_shares_its_batch():
+    from vampnet_pl.generation.sampling import example_generators
+
+    codes = torch.zeros(3, 2, 24, dtype=torch.long)
+    mask = torch.ones(3, 2, 24, dtype=torch.bool)
+    mask[1, :, :10] = False  # the examples differ in what they generate
+    mask[2, 1] = False
+    cfg = SamplingConfig(passes=5, seed=11)
+    together = sample(Spread(), codes, mask, cfg, generators=example_generators(11, [4, 7, 9], "cpu"))
+    for row, example_id in enumerate([4, 7, 9]):
+        alone = sample(Spread(), codes[row : row + 1], mask[row : row + 1], cfg,
+                       generators=example_generators(11, [example_id], "cpu"))
+        assert torch.equal(together[row], alone[0])
+    by_default = sample(Spread(), codes[:2], torch.ones(2, 2, 24, dtype=torch.bool), cfg)  # ids 0 and 1
+    assert not torch.equal(by_default[0], by_default[1])
+    with pytest.raises(ValueError, match="2 random streams for a batch of 3"):
+        sample(Spread(), codes, mask, cfg, generators=example_generators(11, [0, 1], "cpu"))

@@ -293,3 +293,26 @@ def test_vamp_output_matches_the_input_loudness(tmp_path, codec_path, codec, mod
         [path] = vamp_file(pipeline, song, tmp_path / str(match), ["periodic:8"], loudness_match=match)
         out[match] = float(loudness(torch.from_numpy(read_audio(path)[0].mean(0)), 44100))
     assert abs(out[True] - target) < 0.5 and abs(out[False] - target) > 1.0
+
+
+def test_an_example_generates_the_same_alone_or_in_any_batch(codec, models):
+    """Each example's coarse and c2f streams are named by its id: batch size, order and c2f sub-batches do
+    not change its result (what makes evaluation scores independent of the batch size and the ranks)."""
+    from vampnet_pl.model import load_exported
+
+    def pipeline(c2f_max_batch):
+        return VampPipeline(load_exported(models[0]), load_exported(models[1]), codec,
+                            GenerationConfig(coarse=SamplingConfig(passes=3, seed=5), c2f=SamplingConfig(passes=2, seed=5),
+                                             window_seconds=0.5, overlap_seconds=0.1, c2f_chunk_seconds=0.25,
+                                             c2f_max_batch=c2f_max_batch))
+
+    codes = torch.randint(0, codec.codebook_size, (3, 14, 120))
+    mask = torch.ones(3, 4, 120, dtype=torch.bool)
+    mask[1, :, :30] = False
+    together = pipeline(64).generate(codes, mask, example_ids=[10, 11, 12])
+    assert not torch.equal(together[0], together[2])
+    reordered = pipeline(1).generate(codes[[2, 0, 1]], mask[[2, 0, 1]], example_ids=[12, 10, 11])
+    assert torch.equal(reordered, together[[2, 0, 1]])
+    for row in range(3):
+        alone = pipeline(1).generate(codes[row : row + 1], mask[row : row + 1], example_ids=[10 + row])
+        assert torch.equal(alone[0], together[row])

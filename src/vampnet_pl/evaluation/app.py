@@ -31,7 +31,7 @@ from vampnet_pl.evaluation.metrics import fad_embedding  # noqa: E402
 from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, protocol_jobs  # noqa: E402
 from vampnet_pl.evaluation.scoring import SCORES, noisy_tokens  # noqa: E402
 from vampnet_pl.generation.pipeline import GenerationConfig  # noqa: E402
-from vampnet_pl.generation.sampling import SamplingConfig  # noqa: E402
+from vampnet_pl.generation.sampling import SamplingConfig, example_generators  # noqa: E402
 from vampnet_pl.generation.vamp import load_pipeline  # noqa: E402
 from vampnet_pl.utils.atomic import write_text_atomic  # noqa: E402
 
@@ -63,17 +63,19 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     full = eval_windows(cfg, codec)
     depth = pipeline.n_codebooks
     n_coarse = pipeline.coarse.cfg.n_codebooks
-    generator = torch.Generator().manual_seed(cfg.seed)
     embed = fad_embedding(cfg.fad_backend, codec.sample_rate, cfg.fad_weights).to(codec.device)
 
-    def generate(batch: torch.Tensor, mask: torch.Tensor, passes: int) -> torch.Tensor:
+    def generate(batch: torch.Tensor, mask: torch.Tensor, passes: int, ids: list[int]) -> torch.Tensor:
         pipeline.cfg.coarse.passes = passes
-        return pipeline.generate(batch, mask)
+        return pipeline.generate(batch, mask, ids)
 
-    jobs = [("ceiling_codec", None, lambda b: b[:, :depth]),
-            ("baseline_noisy", None, lambda b: noisy_tokens(b[:, :depth], cfg.noisy_ratio, codec.codebook_size, 0, generator))]
+    def noisy(b: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        streams = example_generators(cfg.seed, ids, "cpu", "noisy")
+        return noisy_tokens(b[:, :depth], cfg.noisy_ratio, codec.codebook_size, 0, streams)
+
+    jobs = [("ceiling_codec", None, lambda b, ids: b[:, :depth]), ("baseline_noisy", None, noisy)]
     jobs += protocol_jobs(protocol, lambda b: (b.shape[0], n_coarse, b.shape[-1]), 0, generate)
-    jobs += preset_jobs(cfg.prompts, lambda b: (b.shape[0], n_coarse, b.shape[-1]), codec.decode, codec, generator,
+    jobs += preset_jobs(cfg.prompts, lambda b: (b.shape[0], n_coarse, b.shape[-1]), codec.decode, codec, cfg.seed,
                         generate, protocol.passes)
     return evaluate_generation(protocol, full, jobs, codec.decode, codec.sample_rate, embed, cfg.batch_size, progress=True)
 

@@ -1,6 +1,7 @@
 """During training: the evaluation protocol's generation scores (see ``evaluation.protocol``).
 
-Every ``every_n_steps`` steps, on a fixed set of validation windows (each rank its equal share),
+Every ``every_n_steps`` steps, on the first ``n_windows`` validation windows (shared out over the ranks;
+each window with its own random streams, so the scores do not depend on the number of ranks),
 for each protocol prompt: generate the masked tokens with the model being trained at the
 protocol's passes, decode with the codec, and compare with the reference: the codec's decoding
 of the real tokens at full depth (shards hold tokens, not the source audio); then quality
@@ -20,11 +21,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.codec import Codec
-from vampnet_pl.data.datamodule import rank_share
 from vampnet_pl.evaluation.metrics import fad_embedding
 from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, protocol_jobs, rows_to_metrics
 from vampnet_pl.evaluation.scoring import noisy_tokens
-from vampnet_pl.generation.sampling import SamplingConfig, sample
+from vampnet_pl.generation.sampling import SamplingConfig, example_generators, sample
 from vampnet_pl.masking.protocol import EvalProtocolConfig
 from vampnet_pl.training.callbacks import LogPoints
 
@@ -64,14 +64,18 @@ class PromptEvalCallback(L.Callback):
         if self.steps.stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module)
 
-    def _windows(self, trainer: L.Trainer) -> torch.Tensor:
+    def _windows(self, trainer: L.Trainer) -> tuple[torch.Tensor, list[int]]:
+        """This rank's share of the first ``n_windows`` validation windows, with their ids: the same windows, each
+        with the same random streams, whatever the number of ranks."""
         datamodule = trainer.datamodule
         if datamodule.val_windows is None:
             datamodule.val_dataloader()
-        share = rank_share(datamodule.val_windows, trainer.global_rank, trainer.world_size)[: self.n_windows]
-        if not share:
-            raise ValueError("no validation windows for the evaluation callback")
-        return torch.stack([torch.from_numpy(w.astype("int64")) for w in share])
+        chosen = datamodule.val_windows[: self.n_windows]
+        if len(chosen) < trainer.world_size:
+            raise ValueError(f"{len(chosen)} validation windows for the evaluation callback cannot give each of "
+                             f"{trainer.world_size} ranks one: raise n_windows or add validation data")
+        ids = list(range(len(chosen)))[trainer.global_rank :: trainer.world_size]
+        return torch.stack([torch.from_numpy(chosen[i].astype("int64")) for i in ids]), ids
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -80,20 +84,23 @@ class PromptEvalCallback(L.Callback):
             self.codec = Codec.load(self.codec_source, device=str(pl_module.device))
             self.embed = fad_embedding(self.fad_backend, self.codec.sample_rate, self.fad_weights).to(pl_module.device)
         codec, model, cfg = self.codec, pl_module.model, pl_module.cfg
-        full = self._windows(trainer).to(pl_module.device)  # [N, all codebooks, T]
-        generator = torch.Generator().manual_seed(self.seed)
+        full, ids = self._windows(trainer)  # [N, all codebooks, T]
+        full = full.to(pl_module.device)
         depth = cfg.n_codebooks
 
-        def generate(codes: torch.Tensor, mask: torch.Tensor, passes: int) -> torch.Tensor:
+        def generate(codes: torch.Tensor, mask: torch.Tensor, passes: int, ids: list[int]) -> torch.Tensor:
             return sample(model, codes[:, :depth], mask, SamplingConfig(passes=passes, seed=self.seed),
-                          cfg.n_conditioning_codebooks)
+                          cfg.n_conditioning_codebooks, example_generators(self.seed, ids, codes.device))
 
-        jobs = [("ceiling_codec", None, lambda codes: codes[:, :depth]),
-                ("baseline_noisy", None, lambda codes: noisy_tokens(codes[:, :depth], self.noisy_ratio, cfg.codebook_size,
-                                                                    cfg.n_conditioning_codebooks, generator))]
+        def noisy(codes: torch.Tensor, ids: list[int]) -> torch.Tensor:
+            streams = example_generators(self.seed, ids, "cpu", "noisy")
+            return noisy_tokens(codes[:, :depth], self.noisy_ratio, cfg.codebook_size, cfg.n_conditioning_codebooks,
+                                streams)
+
+        jobs = [("ceiling_codec", None, lambda codes, ids: codes[:, :depth]), ("baseline_noisy", None, noisy)]
         jobs += protocol_jobs(self.protocol, lambda codes: (codes.shape[0], depth, codes.shape[-1]),
                               cfg.n_conditioning_codebooks, generate)
-        jobs += self.preset_jobs(generate, generator, cfg.n_conditioning_codebooks, depth)
+        jobs += self.preset_jobs(generate, cfg.n_conditioning_codebooks, depth)
 
         def over_budget(name: str) -> bool:
             spent = torch.tensor(float(time.perf_counter() - started > self.time_budget))
@@ -110,7 +117,7 @@ class PromptEvalCallback(L.Callback):
         model.eval()
         try:
             rows = evaluate_generation(self.protocol, full, jobs, codec.decode, codec.sample_rate, self.embed,
-                                       should_stop=over_budget, on_audio=media)
+                                       window_ids=ids, should_stop=over_budget, on_audio=media)
         finally:
             model.train(was_training)
         scores = rows_to_metrics(rows)
@@ -123,14 +130,14 @@ class PromptEvalCallback(L.Callback):
                  time.perf_counter() - started)
         return scores
 
-    def preset_jobs(self, generate, generator: torch.Generator, n_conditioning: int, depth: int) -> list:
+    def preset_jobs(self, generate, n_conditioning: int, depth: int) -> list:
         """The extra presets' jobs; beat / onset prompts come from each window's own (full-depth) audio."""
-        def generate_prompted(codes: torch.Tensor, mask: torch.Tensor, passes: int) -> torch.Tensor:
+        def generate_prompted(codes: torch.Tensor, mask: torch.Tensor, passes: int, ids: list[int]) -> torch.Tensor:
             mask[:, :n_conditioning] = False
-            return generate(codes, mask, passes)
+            return generate(codes, mask, passes, ids)
 
         return preset_jobs(self.prompts, lambda codes: (codes.shape[0], depth, codes.shape[-1]), self.codec.decode,
-                           self.codec, generator, generate_prompted, self.protocol.passes)
+                           self.codec, self.seed, generate_prompted, self.protocol.passes)
 
     @staticmethod
     def _log_table(trainer: L.Trainer, rows: list[dict]) -> None:

@@ -38,13 +38,16 @@ import torch
 from tqdm import tqdm
 
 from vampnet_pl.evaluation.scoring import score
+from vampnet_pl.generation.sampling import example_generators
 from vampnet_pl.masking.presets import build_prompt
 from vampnet_pl.masking.protocol import EvalProtocolConfig, prompt_mask
 
 log = logging.getLogger(__name__)
 
-TokensFn = Callable[[torch.Tensor], torch.Tensor]  # full-depth codes [B, K, T] -> tokens to decode
-GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (codes, mask, passes) -> tokens
+# (full-depth codes [B, K, T], the windows' ids) -> tokens to decode. A window's id names its random streams
+# (``generation.sampling.example_generators``), so its result does not depend on the batch or the rank it is in.
+TokensFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
+GenerateFn = Callable[[torch.Tensor, torch.Tensor, int, list[int]], torch.Tensor]  # (codes, mask, passes, ids)
 
 
 def gen_key(score_name: str, condition: str) -> str:
@@ -65,10 +68,10 @@ def protocol_jobs(protocol: EvalProtocolConfig, mask_shape_of: Callable[[torch.T
                   generate: GenerateFn) -> list[tuple[str, int, TokensFn]]:
     """(condition, passes, tokens function) for every protocol prompt, then the passes sweep."""
     def generated(name: str, passes: int) -> TokensFn:
-        def run(codes: torch.Tensor) -> torch.Tensor:
+        def run(codes: torch.Tensor, ids: list[int]) -> torch.Tensor:
             mask = prompt_mask(protocol, name, mask_shape_of(codes)).to(codes.device)
             mask[:, :n_conditioning] = False
-            return generate(codes, mask, passes)
+            return generate(codes, mask, passes, ids)
         return run
 
     jobs = [(name, protocol.passes, generated(name, protocol.passes)) for name in protocol.prompt_names]
@@ -76,15 +79,19 @@ def protocol_jobs(protocol: EvalProtocolConfig, mask_shape_of: Callable[[torch.T
     return jobs
 
 
-def preset_jobs(specs: list[str], mask_shape_of: Callable[[torch.Tensor], tuple], audio_of: TokensFn, codec,
-                generator: torch.Generator, generate: GenerateFn, passes: int) -> list[tuple[str, int, TokensFn]]:
+def preset_jobs(specs: list[str], mask_shape_of: Callable[[torch.Tensor], tuple], audio_of: Callable, codec,
+                seed: int, generate: GenerateFn, passes: int) -> list[tuple[str, int, TokensFn]]:
     """(spec, passes, tokens function) for extra prompt presets (``beat``, ``onset:2``, ``random:0.5`` ...):
-    audio-driven prompts are found in each window's own audio (``audio_of(codes)`` -> ``[B, samples]``)."""
+    audio-driven prompts are found in each window's own audio (``audio_of(codes)`` -> ``[B, samples]``), random
+    ones drawn from each window's own stream."""
     def generated(spec: str) -> TokensFn:
-        def run(codes: torch.Tensor) -> torch.Tensor:
+        def run(codes: torch.Tensor, ids: list[int]) -> torch.Tensor:
             audio = audio_of(codes).cpu().numpy()
-            mask = build_prompt(spec, mask_shape_of(codes), audio, codec, generator).to(codes.device)
-            return generate(codes, mask, passes)
+            _, depth, frames = mask_shape_of(codes)
+            streams = example_generators(seed, ids, "cpu", "prompt", spec)
+            mask = torch.cat([build_prompt(spec, (1, depth, frames), audio[i : i + 1], codec, stream)
+                              for i, stream in enumerate(streams)]).to(codes.device)
+            return generate(codes, mask, passes, ids)
         return run
 
     return [(spec, passes, generated(spec)) for spec in specs]
@@ -98,21 +105,27 @@ def evaluate_generation(
     sample_rate: int,
     embed: torch.nn.Module,
     batch_size: int | None = None,
+    window_ids: list[int] | None = None,
     should_stop: Callable[[str], bool] | None = None,
     on_audio: Callable[[str, torch.Tensor], None] | None = None,
     progress: bool = False,
 ) -> list[dict]:
     """Score every job on ``windows`` (full-depth codes ``[N, K, T]``): one row per job with the protocol id,
-    the condition, its coarse passes and :data:`vampnet_pl.evaluation.scoring.SCORES`.
+    the condition, its coarse passes and :data:`vampnet_pl.evaluation.scoring.SCORES`. ``window_ids``
+    (default ``range(N)``): the windows' ids over every rank, which name their random streams.
 
     ``should_stop(name)`` is asked before each job (a time budget); ``on_audio(name, audio)`` gets the audio."""
-    batches = windows.split(batch_size or len(windows))
-    reference = torch.cat([decode(b) for b in batches])
+    ids = list(range(len(windows))) if window_ids is None else list(window_ids)
+    if len(ids) != len(windows):
+        raise ValueError(f"{len(ids)} window ids for {len(windows)} windows")
+    size = batch_size or len(windows)
+    batches = list(zip(windows.split(size), [ids[i : i + size] for i in range(0, len(ids), size)]))
+    reference = torch.cat([decode(b) for b, _ in batches])
     rows = []
     for name, passes, tokens_fn in tqdm(jobs, desc=f"protocol {protocol.id}", unit="condition", disable=not progress):
         if should_stop is not None and should_stop(name):
             break
-        audio = torch.cat([decode(tokens_fn(b)) for b in batches])
+        audio = torch.cat([decode(tokens_fn(b, batch_ids)) for b, batch_ids in batches])
         rows.append({"protocol": protocol.id, "prompt": name, "coarse_passes": passes or "",
                      **score(audio, reference, sample_rate, embed)})
         if on_audio is not None:

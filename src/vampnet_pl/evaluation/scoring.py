@@ -14,10 +14,12 @@ SCORES = ("mel", "mel_dac", "mel_vampnet", "fad", "kad", "n_embeddings")
 
 
 def noisy_tokens(codes: torch.Tensor, ratio: float, codebook_size: int, n_conditioning: int,
-                 generator: torch.Generator) -> torch.Tensor:
-    """The noisy-token baseline: a fraction ``ratio`` of the (non-conditioning) tokens replaced at random."""
-    noise = torch.randint(0, codebook_size, codes.shape, generator=generator).to(codes.device)
-    replace = prompts.random_prompt(codes.shape, ratio, generator).to(codes.device)
+                 generators: list[torch.Generator | None]) -> torch.Tensor:
+    """The noisy-token baseline: a fraction ``ratio`` of the (non-conditioning) tokens replaced at random,
+    each example's from its own generator."""
+    shape = (1, *codes.shape[1:])
+    noise = torch.cat([torch.randint(0, codebook_size, shape, generator=g) for g in generators]).to(codes.device)
+    replace = torch.cat([prompts.random_prompt(shape, ratio, g) for g in generators]).to(codes.device)
     replace[:, :n_conditioning] = False
     return torch.where(replace, noise, codes)
 

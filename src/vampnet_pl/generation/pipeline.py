@@ -10,12 +10,13 @@ frames the prompt keeps whole keep the input's fine tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.model import VampNet
-from vampnet_pl.generation.sampling import SamplingConfig, sample, seeded_generator
+from vampnet_pl.generation.sampling import SamplingConfig, example_generators, sample
 
 
 class CodecMismatch(ValueError):
@@ -23,22 +24,23 @@ class CodecMismatch(ValueError):
 
 
 def sample_windowed(model: VampNet, codes: torch.Tensor, mask: torch.Tensor, cfg: SamplingConfig, window: int,
-                    overlap: int, n_conditioning: int = 0) -> torch.Tensor:
-    """:func:`sample` over ``[B, K, T]`` in windows of ``window`` frames overlapping by ``overlap``, one random
-    stream through all of them."""
+                    overlap: int, n_conditioning: int = 0, example_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """:func:`sample` over ``[B, K, T]`` in windows of ``window`` frames overlapping by ``overlap``, each
+    example's random stream (``example_ids``, default ``range(B)``) running through all of them."""
     frames = codes.shape[-1]
+    ids = range(codes.shape[0]) if example_ids is None else example_ids
+    generators = example_generators(cfg.seed, ids, codes.device)
     if frames <= window:
-        return sample(model, codes, mask, cfg, n_conditioning)
+        return sample(model, codes, mask, cfg, n_conditioning, generators)
     if not 0 <= overlap < window:
         raise ValueError(f"overlap must be in [0, window): {overlap} vs {window}")
     codes, mask = codes.clone(), mask.clone()
-    generator = seeded_generator(cfg, codes.device)
     start = 0
     while True:
         stop = min(start + window, frames)
         start = max(0, stop - window)  # the last window is full length, its head taken from the previous one
         window_mask = mask[..., start:stop].clone()
-        codes[..., start:stop] = sample(model, codes[..., start:stop], window_mask, cfg, n_conditioning, generator)
+        codes[..., start:stop] = sample(model, codes[..., start:stop], window_mask, cfg, n_conditioning, generators)
         mask[..., start:stop] = False  # generated: the next window's context
         if stop == frames:
             return codes
@@ -81,19 +83,26 @@ class VampPipeline:
     def n_codebooks(self) -> int:
         return (self.c2f or self.coarse).cfg.n_codebooks
 
-    def generate(self, codes: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    def generate(self, codes: torch.Tensor, prompt_mask: torch.Tensor, example_ids: Sequence[int] | None = None
+                 ) -> torch.Tensor:
         """``codes`` ``[B, K, T]``, ``prompt_mask`` ``[B, >=K_coarse, T]`` (True = generate) -> ``[B, n_codebooks, T]``.
 
         The coarse model generates the masked coarse tokens; c2f then generates the fine tokens of
         every frame that is not kept whole: a frame whose coarse tokens are all kept keeps the
         input's fine tokens too (``codes`` must then have them; codebooks ``codes`` lacks are generated).
+        ``example_ids`` (default ``range(B)``) name each example's random streams (see
+        :func:`~vampnet_pl.generation.sampling.example_generators`): with seeds set, an example's result
+        does not depend on what else is in the batch.
         """
         codes, prompt_mask = codes.to(self.device).long(), prompt_mask.to(self.device)
+        ids = list(range(codes.shape[0]) if example_ids is None else example_ids)
+        if len(ids) != codes.shape[0]:
+            raise ValueError(f"{len(ids)} example ids for a batch of {codes.shape[0]}")
         window = self.codec.frames_for(self.cfg.window_seconds)
         overlap = min(self.codec.frames_for(self.cfg.overlap_seconds), window - 1)
         n_coarse = self.coarse.cfg.n_codebooks
         coarse = sample_windowed(self.coarse, codes[:, :n_coarse], prompt_mask[:, :n_coarse], self.cfg.coarse,
-                                 window, overlap)
+                                 window, overlap, example_ids=ids)
         if self.c2f is None:
             return coarse
         batch, frames, depth = codes.shape[0], codes.shape[-1], self.c2f.cfg.n_codebooks
@@ -104,13 +113,15 @@ class VampPipeline:
         fine_mask = torch.zeros_like(full, dtype=torch.bool)
         fine_mask[:, n_coarse:] = prompt_mask[:, :n_coarse].any(1, keepdim=True)  # frames not kept whole
         fine_mask[:, given:] = True
-        return self.coarse_to_fine(full, fine_mask)
+        return self.coarse_to_fine(full, fine_mask, ids)
 
-    def coarse_to_fine(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def coarse_to_fine(self, codes: torch.Tensor, mask: torch.Tensor, example_ids: Sequence[int] | None = None
+                       ) -> torch.Tensor:
         """c2f over ``[B, K, T]`` in chunks of ``c2f_chunk_seconds``, all chunks decoded as one batch.
 
         Chunks start every chunk length; the last one is the signal's last chunk-length frames
-        (it keeps only the frames no earlier chunk wrote).
+        (it keeps only the frames no earlier chunk wrote). Each chunk of each example has its own random
+        stream, named by its example id and chunk number.
         """
         frames = codes.shape[-1]
         chunk = min(max(1, self.codec.frames_for(self.cfg.c2f_chunk_seconds)), frames)
@@ -121,9 +132,11 @@ class VampPipeline:
         piece_masks = torch.cat([mask[..., s : s + chunk] for s in starts])
         n_conditioning = self.c2f.cfg.n_conditioning_codebooks
         step = max(1, self.cfg.c2f_max_batch)
-        generator = seeded_generator(self.cfg.c2f, codes.device)  # one random stream through every sub-batch
+        ids = range(codes.shape[0]) if example_ids is None else example_ids
+        generators = [g for chunk_index in range(len(starts))  # in the pieces' (chunk, example) order
+                      for g in example_generators(self.cfg.c2f.seed, ids, codes.device, "c2f", chunk_index)]
         done = torch.cat([sample(self.c2f, pieces[i : i + step], piece_masks[i : i + step], self.cfg.c2f, n_conditioning,
-                                 generator) for i in range(0, pieces.shape[0], step)])
+                                 generators[i : i + step]) for i in range(0, pieces.shape[0], step)])
         out, batch, written = codes.clone(), codes.shape[0], 0
         for index, start in enumerate(starts):
             piece = done[index * batch : (index + 1) * batch]

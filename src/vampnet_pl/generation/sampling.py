@@ -23,8 +23,10 @@ Intended differences from the original VampNet ``generate`` (``vampnet/modules/t
 - the number of tokens re-masked is counted **per example**; the original sums the masked
   tokens over the whole batch, so a batch of different prompts decodes on a wrong schedule;
 - the typical filter **filters** (the original computes it and discards the result);
-- tokens are drawn by inverse CDF from our own generator (``seed``), not ``torch.multinomial`` on
-  the global RNG: the same distribution, another random stream;
+- tokens are drawn by inverse CDF from our own generators, not ``torch.multinomial`` on the global
+  RNG: the same distribution, another random stream. With a ``seed``, **each example has its own
+  stream** (:func:`example_generators`), so its result does not depend on the other examples of its
+  batch: an evaluation scores the same at any batch size or number of ranks;
 - re-masking is by exact rank (ties broken by position); the original masks the tokens strictly
   below a cut-off, so ties re-mask fewer;
 - ``temperature <= 0`` means greedy (argmax); the original then samples at temperature 1;
@@ -46,10 +48,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -108,9 +111,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def gumbel(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    uniform = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1 - 1e-7)
-    return -torch.log(-torch.log(uniform))
+def gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise from uniform numbers in [0, 1)."""
+    return -torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
 
 
 def sample_rows(logits: torch.Tensor, cfg: SamplingConfig, uniform: torch.Tensor | None = None
@@ -216,9 +219,24 @@ def forward_for(model: Callable, codes: torch.Tensor, mask: torch.Tensor, cuda_g
         return model
 
 
-def seeded_generator(cfg: SamplingConfig, device: torch.device | str) -> torch.Generator | None:
-    """A generator seeded with ``cfg.seed`` on ``device``; ``None`` (torch's global one) without a seed."""
-    return torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
+def stream_seed(*keys: int | str) -> int:
+    """A 63-bit seed from ``keys`` (a run seed, an example's id, a purpose ...), the same on every machine."""
+    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def example_generators(seed: int | None, example_ids: Sequence[int], device: torch.device | str,
+                       *stream: int | str) -> list[torch.Generator | None]:
+    """One random stream per example, seeded from ``(seed, example id, *stream)``: an example draws the same
+    numbers whatever else shares its batch. Without a seed, torch's global generator for all (``None``)."""
+    if seed is None:
+        return [None] * len(example_ids)
+    return [torch.Generator(device).manual_seed(stream_seed(seed, int(i), *stream)) for i in example_ids]
+
+
+def per_example_uniform(generators: Sequence[torch.Generator | None], shape: tuple[int, ...],
+                        device: torch.device | str) -> torch.Tensor:
+    """``[len(generators), *shape]`` uniform numbers in [0, 1), row i from generator i."""
+    return torch.stack([torch.rand(shape, generator=g, device=device) for g in generators])
 
 
 @torch.no_grad()
@@ -228,20 +246,26 @@ def sample(
     mask: torch.Tensor,
     cfg: SamplingConfig,
     n_conditioning: int = 0,
-    generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """Fill the masked tokens of ``codes`` ``[B, K, T]`` (``mask`` True = generate) in ``cfg.passes`` passes.
 
     ``model(codes, mask)`` returns logits ``[B, K - n_conditioning, T, V]``. Conditioning codebooks
-    are never generated. See the module docstring for the semantics. ``generator``: the random stream, for
-    callers that sample one signal in several calls (windows, chunks); by default :func:`seeded_generator`.
+    are never generated. See the module docstring for the semantics. ``generators``: one random stream per
+    example (for callers that sample a signal in several calls, or that number examples themselves); by
+    default ``example_generators(cfg.seed, range(B))``. Every pass draws ``[T, K - n_conditioning]`` numbers
+    from each, for the tokens and again for the confidence noise, whatever is masked.
     """
     device = codes.device
-    generator = generator if generator is not None else seeded_generator(cfg, device)
+    batch, frames = codes.shape[0], codes.shape[-1]
+    if generators is None:
+        generators = example_generators(cfg.seed, range(batch), device)
+    if len(generators) != batch:
+        raise ValueError(f"{len(generators)} random streams for a batch of {batch}")
     schedule = get_schedule(cfg.schedule)
     codes, mask = codes.clone(), mask.clone()
     mask[:, :n_conditioning] = False
-    batch = codes.shape[0]
+    grid = (frames, codes.shape[1] - n_conditioning)  # each example's draws, in the rows' (frame, codebook) order
     initial = mask[:, n_conditioning:].flatten(1).sum(1)  # [B] masked count per example
     # The head on masked frames calls the model's parts directly: only for a plain VampNet. A sharded one (FSDP2's
     # fully_shard makes a subclass) holds its parameters outside its forward, and its ranks must make the same
@@ -258,7 +282,7 @@ def sample(
             b, t, p = predicted.permute(0, 2, 1).nonzero(as_tuple=True)  # rows in (example, frame, codebook) order
             rows = (b, p, t)
             draw = step / cfg.passes <= cfg.sample_cutoff and cfg.temperature > 0
-            uniform = torch.rand(b.shape[0], generator=generator, device=device) if draw else None
+            uniform = per_example_uniform(generators, grid, device)[b, t, p] if draw else None
             if by_frames is not None:
                 token, confidence = sample_by_frames(by_frames, codes, mask, predicted, rows, cfg, uniform)
             else:
@@ -270,7 +294,7 @@ def sample(
             confidence = confidence.nan_to_num(nan=-math.inf, neginf=-math.inf)  # NaN (broken logits): least confident
             anneal = cfg.mask_temperature * (1 - progress)
             if anneal > 0:
-                confidence = confidence + anneal * gumbel(confidence.shape, generator, device)
+                confidence = confidence + anneal * gumbel(per_example_uniform(generators, grid, device)[b, t, p])
             score = torch.full(predicted.shape, float("inf"), device=device)  # prompt tokens never re-masked
             score[rows] = confidence
             order = score.flatten(1).argsort(dim=1, stable=True)

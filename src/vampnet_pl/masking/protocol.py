@@ -42,7 +42,7 @@ class EvalProtocolConfig:
     passes: int = 12  # coarse sampling passes for the per-prompt generation scores (c2f: the eval app's c2f_passes)
     passes_sweep: list[int] = field(default_factory=lambda: [1, 4, 12, 36])  # quality against passes
     sweep_prompt: str = "periodic_16"
-    gen_windows: int = 32  # validation windows generated and scored (per rank share in training)
+    gen_windows: int = 32  # validation windows generated and scored (over all ranks together)
 
     def __post_init__(self) -> None:
         if not self.ratios or not all(0 < r <= 1 for r in self.ratios):
