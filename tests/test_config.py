@@ -23,9 +23,9 @@ def _targets(node, where=""):
 EXPECTED = {
     "vampnet_pl.data.datamodule.CodesDataModule": "CodesDataModule",
     "vampnet_pl.training.parallel.ddp_strategy": "DDPStrategy",
-    "vampnet_pl.training.parallel.fsdp_strategy": "FSDPStrategy",
+    "vampnet_pl.training.parallel.fsdp_strategy": "AtomicFSDPStrategy",
     "vampnet_pl.training.parallel.fsdp2_strategy": "AtomicModelParallelStrategy",
-    "vampnet_pl.training.parallel.deepspeed_strategy": "DeepSpeedStrategy",
+    "vampnet_pl.training.parallel.deepspeed_strategy": "AtomicDeepSpeedStrategy",
     "lightning.pytorch.loggers.TensorBoardLogger": "TensorBoardLogger",
     "lightning.pytorch.loggers.CSVLogger": "CSVLogger",
     "lightning.pytorch.loggers.WandbLogger": "WandbLogger",

@@ -378,3 +378,63 @@ def test_a_full_disk_inside_the_sharded_writer_is_reported_and_leaves_no_partial
         strategy.save_checkpoint({"state_dict": {"w": torch.ones(4)}, "optimizer_states": [], "global_step": 4}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert read_checkpoint(path)["global_step"] == 2
+
+
+def test_a_full_disk_leaves_the_previous_fsdp1_sharded_checkpoint_whole(tmp_path, monkeypatch):
+    """FSDP (1) wrote its sharded folder in place: a failed save left old and new shards mixed."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as filesystem
+
+    from vampnet_pl.training.checkpointing import CheckpointWriteError
+    from vampnet_pl.training.export import read_checkpoint
+    from vampnet_pl.training.parallel import fsdp_strategy
+
+    strategy, path = fsdp_strategy(sharded_checkpoints=True), tmp_path / "last.ckpt"
+    strategy.save_checkpoint({"state_dict": {"w": torch.zeros(4)}, "optimizer_states": [], "global_step": 2}, path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(filesystem, "_write_item", full)
+        with pytest.raises(CheckpointWriteError, match=r"was not written \(No space left on device\)"):
+            strategy.save_checkpoint({"state_dict": {"w": torch.ones(4)}, "optimizer_states": [], "global_step": 4}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert read_checkpoint(path)["global_step"] == 2
+    strategy.save_checkpoint({"state_dict": {"w": torch.ones(4)}, "optimizer_states": [], "global_step": 6}, path)
+    assert read_checkpoint(path)["global_step"] == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+class _DeepSpeedEngineWriting:
+    """What Lightning's DeepSpeedStrategy hands a checkpoint to: writes its folder, failing half-way if asked."""
+
+    def __init__(self):
+        self.fail = False
+
+    def save_checkpoint(self, save_dir, client_state, tag, exclude_frozen_parameters):
+        import errno
+
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / "latest").write_text(tag)
+        torch.save(client_state, folder / "client_state.pt")
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+
+
+def test_a_full_disk_leaves_the_previous_deepspeed_checkpoint_whole(tmp_path):
+    """DeepSpeed wrote its checkpoint folder in place: a failed save overwrote part of the previous one."""
+    from vampnet_pl.training.checkpointing import CheckpointWriteError
+    from vampnet_pl.training.parallel import deepspeed_strategy
+
+    strategy, path, engine = deepspeed_strategy(stage=2), tmp_path / "last.ckpt", _DeepSpeedEngineWriting()
+    strategy.model = engine
+    strategy.save_checkpoint({"global_step": 2}, path)
+    engine.fail = True
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        strategy.save_checkpoint({"global_step": 4}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.load(path / "checkpoint" / "client_state.pt")["global_step"] == 2
+    assert (path / "checkpoint" / "mp_rank_00_model_states.pt").exists()

@@ -5,7 +5,7 @@ across filesystems that move is a copy into the open target, so a kill or a full
 destroys the previous checkpoint, and a kill leaves the staged file behind. Here the bytes go to a
 temporary file beside the target, are synced, and replace it in one rename
 (:func:`vampnet_pl.utils.atomic.atomic_path`). Sharded checkpoints: see
-:class:`vampnet_pl.training.parallel.AtomicModelParallelStrategy`.
+:class:`vampnet_pl.training.parallel.AtomicFolderCheckpoints`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Strategies (``conf/strategy/``): ``ddp``; ``fsdp`` (Lightning FSDPStrategy, GPU only: a
 transformer block is the wrap unit, activation checkpointing, sharded checkpoints); ``fsdp2``
 (ModelParallelStrategy + ``fully_shard`` per block, runs on CPU too); ``deepspeed_zero2`` and
-``deepspeed_zero3`` (GPU only, optional CPU offload). The model file knows none of this.
+``deepspeed_zero3`` (GPU only, optional CPU offload). Each writes a checkpoint folder whole or not
+at all (:class:`AtomicFolderCheckpoints`). The model file knows none of this.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from vampnet_pl.model import TransformerBlock
@@ -32,32 +33,22 @@ def ddp_strategy(find_unused_parameters: bool = False, timeout_minutes: float = 
     return DDPStrategy(find_unused_parameters=find_unused_parameters, timeout=timedelta(minutes=timeout_minutes))
 
 
-def fsdp_strategy(activation_checkpointing: bool = True, sharded_checkpoints: bool = True, cpu_offload: bool = False,
-                  sharding_strategy: str = "FULL_SHARD", timeout_minutes: float = 30.0):
-    from lightning.pytorch.strategies import FSDPStrategy
+class AtomicFolderCheckpoints:
+    """For a strategy that writes a checkpoint as a folder, in place (sharded FSDP2, sharded FSDP, DeepSpeed):
+    the folder appears whole or not at all.
 
-    return FSDPStrategy(
-        auto_wrap_policy={TransformerBlock},
-        activation_checkpointing_policy={TransformerBlock} if activation_checkpointing else None,
-        state_dict_type="sharded" if sharded_checkpoints else "full",
-        cpu_offload=cpu_offload,
-        sharding_strategy=sharding_strategy,
-        timeout=timedelta(minutes=timeout_minutes),
-    )
-
-
-class AtomicModelParallelStrategy(ModelParallelStrategy):
-    """ModelParallelStrategy whose sharded checkpoint folders appear whole or not at all.
-
-    Lightning writes a sharded checkpoint into its folder in place, so a crash mid-save would
-    leave old and new shards mixed. Here every rank writes ``<path>.partial``, then rank 0 swaps it in.
+    Written in place, a crash mid-save would leave old and new shards mixed. Here every rank writes
+    ``<path>.partial``, then rank 0 swaps it in (:func:`~vampnet_pl.utils.atomic.replace_folder`).
     """
+
+    def writes_folder(self) -> bool:
+        raise NotImplementedError
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         from torch.distributed.checkpoint.api import CheckpointException  # what its writer raises, an OSError inside
 
         path = Path(self.broadcast(str(filepath)))
-        if not self._save_distributed_checkpoint:
+        if not self.writes_folder():
             return super().save_checkpoint(checkpoint, path, storage_options)
         partial = path.with_name(path.name + ".partial")
         if self.global_rank == 0 and partial.exists():
@@ -75,6 +66,40 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         self.barrier("checkpoint.swapped")
 
 
+class AtomicModelParallelStrategy(AtomicFolderCheckpoints, ModelParallelStrategy):
+    """FSDP2: sharded checkpoints are folders (see :class:`AtomicFolderCheckpoints`)."""
+
+    def writes_folder(self) -> bool:
+        return self._save_distributed_checkpoint
+
+
+class AtomicFSDPStrategy(AtomicFolderCheckpoints, FSDPStrategy):
+    """FSDP (1): sharded checkpoints are folders (see :class:`AtomicFolderCheckpoints`); full ones go through the
+    trainer's :class:`~vampnet_pl.training.checkpointing.AtomicCheckpointIO`."""
+
+    def writes_folder(self) -> bool:
+        return self._state_dict_type == "sharded"
+
+
+class AtomicDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy):
+    """DeepSpeed: every checkpoint is a folder (see :class:`AtomicFolderCheckpoints`)."""
+
+    def writes_folder(self) -> bool:
+        return True
+
+
+def fsdp_strategy(activation_checkpointing: bool = True, sharded_checkpoints: bool = True, cpu_offload: bool = False,
+                  sharding_strategy: str = "FULL_SHARD", timeout_minutes: float = 30.0):
+    return AtomicFSDPStrategy(
+        auto_wrap_policy={TransformerBlock},
+        activation_checkpointing_policy={TransformerBlock} if activation_checkpointing else None,
+        state_dict_type="sharded" if sharded_checkpoints else "full",
+        cpu_offload=cpu_offload,
+        sharding_strategy=sharding_strategy,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+
+
 def fsdp2_strategy(timeout_minutes: float = 30.0):
     """A (nodes x devices-per-node) mesh: parameters are sharded within a node, replicated across nodes (HSDP)."""
     return AtomicModelParallelStrategy(timeout=timedelta(minutes=timeout_minutes))
@@ -83,9 +108,7 @@ def fsdp2_strategy(timeout_minutes: float = 30.0):
 def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False,
                        batch_size: int = 1):
     """``batch_size`` only feeds DeepSpeed's own throughput log (the pipeline batches, the loader does not)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return DeepSpeedStrategy(stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
+    return AtomicDeepSpeedStrategy(stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
                              logging_batch_size_per_gpu=batch_size)
 
 
