@@ -130,6 +130,18 @@ def test_pickled_metadata_needs_trust(tmp_path):
     assert read_checkpoint(path, trust_pickle=True)[0] == kwargs
 
 
+def test_a_lac_codec_with_pickled_metadata_points_to_trust_pickle(tmp_path, capsys):
+    kwargs, state = read_checkpoint(FIXTURE / "codec.pth")
+    path = _save_original(tmp_path / "codec.pth", kwargs, state, args=argparse.Namespace(lr=1.0))
+    command = ["import-vampnet", "--codec", str(path), "--out-dir", str(tmp_path / "out")]
+    assert cli_main(command) == 2
+    assert "pass --trust-pickle" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="convert it first with `vampnet-pl import-vampnet .*--trust-pickle`"):
+        Codec.load(str(path), device="cpu")  # e.g. `vamp --codec`
+    assert cli_main([*command, "--trust-pickle"]) == 0
+    assert Codec.load(str(tmp_path / "out" / "codec.pth"), device="cpu").n_codebooks == kwargs["n_codebooks"]
+
+
 @pytest.mark.parametrize("change, message", [
     ("drop", "missing keys .*w_ks"), ("add", "extra keys .*surprise"), ("shape", "has shape"),
     ("kwargs", "unknown constructor arguments"), ("half_lora", "only one of lora_A / lora_B")])

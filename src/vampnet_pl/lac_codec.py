@@ -14,6 +14,7 @@ with ``weights_only=True`` (``vampnet-pl import-vampnet`` writes it from LAC's `
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -162,11 +163,26 @@ def is_original_lac(state_dict) -> bool:
     return isinstance(state_dict, dict) and any(".mrf_blocks." in str(key) for key in state_dict)
 
 
+def refusal_reason(err: pickle.UnpicklingError) -> str:
+    """The line of a weights-only load's refusal that names what it refused."""
+    lines = str(err).splitlines() or [type(err).__name__]
+    return next((line for line in lines if "Unsupported" in line), lines[0]).strip()
+
+
 def load_lac_if_converted(path: str | Path) -> LAC | None:
-    """The LAC in ``path`` if it is a converted LAC file, else None (e.g. a DAC checkpoint)."""
+    """The LAC in ``path`` if it is a converted LAC file, else None (e.g. a DAC checkpoint).
+
+    A file whose metadata a weights-only load refuses (an original LAC ``codec.pth`` saved with
+    objects such as ``argparse.Namespace``) is refused with a pointer to the import and its
+    ``--trust-pickle``, not handed on to ``dac.DAC.load``, which cannot read it either.
+    """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a plain weights file (a DAC checkpoint with pickled metadata): not ours
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds objects a weights-only load refuses ({refusal_reason(err)}). If it is VampNet's "
+                         "LAC codec.pth, convert it first with `vampnet-pl import-vampnet --codec PATH --out-dir DIR "
+                         "--trust-pickle` (only for a file from a source you trust: unpickling can run code)") from None
+    except RuntimeError:  # not a plain zip checkpoint (a torch.package DAC, which dac.DAC.load reads): not ours
         return None
     if not isinstance(payload, dict):
         return None

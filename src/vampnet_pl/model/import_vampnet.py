@@ -57,8 +57,9 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[dict,
     try:
         payload = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
-        reason = next((line for line in str(err).splitlines() if "Unsupported" in line), str(err).splitlines()[0])
-        raise ImportError_(f"{path} holds objects a weights-only load refuses ({reason.strip()}); if the file "
+        from vampnet_pl.lac_codec import refusal_reason
+
+        raise ImportError_(f"{path} holds objects a weights-only load refuses ({refusal_reason(err)}); if the file "
                            "comes from a source you trust, pass --trust-pickle") from None
     except (RuntimeError, EOFError) as err:
         raise ImportError_(f"{path} is not a torch checkpoint: {err}") from None
@@ -237,10 +238,11 @@ def import_vampnet(out_dir: str | Path, codec: str | Path, coarse: str | Path | 
         raise ImportError_(f"{codec_path}: no such codec file")
     try:
         peek = torch.load(codec_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
+    except pickle.UnpicklingError:  # metadata that needs unpickling: refused unless trust_pickle
+        peek = {"state_dict": read_checkpoint(codec_path, trust_pickle)[1]}
+    except RuntimeError:  # not a plain zip checkpoint (a torch.package DAC): Codec.load reads it
         peek = None
-    if isinstance(peek, dict) and peek.get("format") != FORMAT and is_original_lac(peek.get("state_dict")) \
-            or peek is None and trust_pickle and is_original_lac(read_checkpoint(codec_path, True)[1]):
+    if isinstance(peek, dict) and peek.get("format") != FORMAT and is_original_lac(peek.get("state_dict")):
         written["codec"] = convert_codec(codec_path, out_dir / "codec.pth", trust_pickle)
         codec_path = written["codec"]
     loaded = Codec.load(str(codec_path), device="cpu")  # a converted LAC or a DAC checkpoint
