@@ -246,3 +246,25 @@ def test_a_checkpoint_loads_with_compile_switched_either_way():
         target.on_load_checkpoint(checkpoint)
         target.load_state_dict(checkpoint["state_dict"])  # strict
         assert torch.equal(target.model.norm.weight, source.model.norm.weight + 1)
+
+
+def test_init_from_refuses_a_model_exported_with_another_function(tmp_path):
+    import dataclasses
+
+    from vampnet_pl.model import VampNet, VampNetConfig, save_exported
+
+    paper = dict(MODEL, embedding="raw", ffn="paper", qkv="separate", io_bias=True, codec_fingerprint="abc")
+    source = VampNetConfig(**paper, gelu_approximate="tanh", norm_eps=1e-6, relative_max_distance=128)
+    save_exported(tmp_path / "source.pt", VampNet(source, torch.randn(4, 64, 8)))
+    # equal shapes, another function: exact GELU, the dtype's eps, another bucket distance
+    run = dataclasses.replace(source, gelu_approximate="none", norm_eps=None, relative_max_distance=16)
+    with pytest.raises(ValueError) as err:
+        MaskedTokenModule(run.to_dict(), init_from=str(tmp_path / "source.pt"))
+    message = str(err.value)
+    assert "gelu_approximate: 'tanh' in the file, 'none' in this run" in message
+    assert "norm_eps: 1e-06 in the file, None in this run" in message
+    assert "relative_max_distance: 128 in the file, 16 in this run" in message
+    assert "model.relative_max_distance=128 model.gelu_approximate=tanh model.norm_eps=1e-06" in message
+    # what only training or the kernels use may differ
+    runtime = dataclasses.replace(source, dropout=0.3, attention_backend="sdpa", cpu_matmul="aten")
+    MaskedTokenModule(runtime.to_dict(), init_from=str(tmp_path / "source.pt"))

@@ -216,7 +216,7 @@ class TrainConfig:
     train_metrics_every_n_steps: int = 10  # accuracy/perplexity metrics on every n-th train step (loss: every step)
     compile: Optional[bool] = None  # torch.compile each transformer block; None: on when training on CUDA
     activation_checkpointing: bool = False
-    init_from: Optional[str] = None  # an exported model to fine-tune
+    init_from: Optional[str] = None  # an exported model to fine-tune (of this run's model config)
     lora: Optional[LoraConfig] = None  # with init_from: train LoRA adapters only
 
 

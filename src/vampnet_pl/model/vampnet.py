@@ -89,6 +89,11 @@ class VampNetConfig:
         return asdict(self)
 
 
+# The fields that leave the function a trained model computes as it is: dropout (training only) and the choice of
+# kernel (attention_backend, cpu_matmul). Every other field is part of what the weights mean (init_from checks them).
+RUNTIME_FIELDS = ("dropout", "attention_backend", "cpu_matmul")
+
+
 class RelativePositionBias(nn.Module):
     """T5 bucketed relative position bias, bidirectional, one table shared by every layer."""
 

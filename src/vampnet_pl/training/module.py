@@ -15,7 +15,7 @@ Metrics are torchmetrics objects that Lightning syncs across ranks. Parallelism 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric
 from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
 from vampnet_pl.masking.protocol import EvalProtocolConfig, protocol_masks
 from vampnet_pl.model import VampNet, VampNetConfig, load_exported
-from vampnet_pl.model.vampnet import check_token_range, packed
+from vampnet_pl.model.vampnet import RUNTIME_FIELDS, check_token_range, packed
 from vampnet_pl.training.optim import OptimConfig, build_optimizer
 from vampnet_pl.training.parallel import gradient_norm, parallelize, unwrapped_key
 
@@ -50,6 +50,11 @@ class MaskedLoss(NamedTuple):
 
 def _as(cls, value):
     return value if isinstance(value, cls) or value is None else cls(**value)
+
+
+def _override_value(value: Any) -> str:
+    """``value`` as a Hydra override writes it."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _key(name: str) -> str:
@@ -104,10 +109,20 @@ class MaskedTokenModule(L.LightningModule):
         return VampNetConfig(**self.hparams.model)
 
     def _init_from(self, path: str) -> None:
+        """Start from an exported model's weights. Its codec and every config field that changes the function
+        the weights compute must equal this run's; only ``RUNTIME_FIELDS`` (dropout, kernels) may differ."""
         source = load_exported(path)
         if source.cfg.codec_fingerprint != self.cfg.codec_fingerprint:
             raise ValueError(f"{path} was trained on codec {source.cfg.codec_fingerprint[:16]}, this run uses "
                              f"{self.cfg.codec_fingerprint[:16]}")
+        differ = {f.name: (getattr(source.cfg, f.name), getattr(self.cfg, f.name)) for f in fields(VampNetConfig)
+                  if f.name not in RUNTIME_FIELDS and getattr(source.cfg, f.name) != getattr(self.cfg, f.name)}
+        if differ:
+            found = "; ".join(f"{name}: {theirs!r} in the file, {ours!r} in this run" for name, (theirs, ours) in differ.items())
+            fix = " ".join(f"model.{name}={_override_value(theirs)}" for name, (theirs, _) in differ.items())
+            raise ValueError(f"init_from={path} was exported from another model than this run's ({found}): choose the "
+                             "model preset it was trained with (an imported VampNet model: model=coarse_paper or "
+                             f"model=c2f_paper) or set {fix}")
         self.model.load_state_dict(source.state_dict())
 
     def _apply_lora(self, lora: dict) -> None:
