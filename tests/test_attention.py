@@ -12,8 +12,8 @@ import yaml
 
 import torch.nn.attention.flex_attention as flex_module
 from vampnet_pl.model import VampNet, VampNetConfig
-from vampnet_pl.model.attention import (RelativeBias, attend, attention_keep, dense_bias, draw_dropout_seed,
-                                        keep_threshold, relative_bucket, resolve_backend)
+from vampnet_pl.model.attention import (RelativeBias, _compiled_flex_attention, attend, attention_keep, dense_bias,
+                                        draw_dropout_seed, keep_threshold, relative_bucket, resolve_backend)
 
 PRESETS = sorted((Path(__file__).parents[1] / "conf" / "model").glob("*.yaml"))
 
@@ -240,6 +240,31 @@ def test_a_block_compiles_whole_with_the_bias_object(backend):
 
 
 @pytest.mark.slow
+def test_compiled_flex_attention_stays_compiled_over_many_shapes():
+    """Sampling calls it with many batch sizes and lengths; compiled with dynamic=False it stopped
+    compiling after torch._dynamo's recompile_limit (8) shapes and ran flex's unfused path."""
+    graphs, runs = [], []
+
+    def counting(gm, example_inputs):  # dynamo's graphs, run as they are: counts compiles and compiled calls
+        graphs.append(gm)
+        return lambda *args: (runs.append(1), gm.forward(*args))[1]
+
+    torch._dynamo.reset()
+    compiled = _compiled_flex_attention(counting)
+    shapes = [(1, 40)] * 2 + [(1, t) for t in range(41, 53)] + [(b, 40) for b in (2, 3, 4, 64)] + [(5, 17), (1, 3)]
+    table = torch.randn(32, 2)
+    for batch, frames in shapes:
+        q, k, v = torch.randn(3, batch, 2, frames, 16).unbind(0)
+        bias = RelativeBias.from_table(table, frames, 32, 128)
+        before = len(runs)
+        out = compiled(q, k, v, score_mod=bias.score_mod())
+        assert len(runs) > before, f"batch {batch}, {frames} frames ran uncompiled"
+    assert len(graphs) < torch._dynamo.config.recompile_limit
+    reference = torch.softmax(q @ k.transpose(-1, -2) / 4 + bias.materialise(), -1) @ v
+    torch.testing.assert_close(out, reference)
+    torch._dynamo.reset()
+
+
 def test_flex_dropout_score_mod_compiles_to_the_eager_values():
     """Inductor lowers the keep-bit hash (int64 shifts, xors, masked products) as eager computes it: here its
     CPU flex kernel (forward; a GPU compiles the same score_mod to Triton)."""

@@ -211,11 +211,19 @@ class _AttentionWithDropout(torch.autograd.Function):
 
 
 @functools.cache
-def _compiled_flex_attention():
-    """flex attention compiled once per process (a new length recompiles; training uses one length)."""
+def _compiled_flex_attention(backend="inductor"):
+    """flex attention compiled once per process, with torch's automatic dynamic shapes (``dynamic=None``).
+
+    Its first shape compiles with static sizes (a training run, one shape, keeps that graph); the
+    first call with another batch size or length recompiles with the sizes that changed symbolic,
+    so sampling (c2f batches of up to 64 chunks, partial batches, inputs of any length) compiles a
+    few graphs, not one per shape. With ``dynamic=False`` every shape was a new graph, and after
+    ``torch._dynamo.config.recompile_limit`` (8) of them flex ran its unfused path, materialising
+    the full score matrix. ``backend``: for tests (a counting backend).
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=None, backend=backend)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_bias: RelativeBias | None = None,
