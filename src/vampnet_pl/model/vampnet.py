@@ -89,9 +89,11 @@ class VampNetConfig:
         return asdict(self)
 
 
-# The fields that leave the function a trained model computes as it is: dropout (training only) and the choice of
-# kernel (attention_backend, cpu_matmul). Every other field is part of what the weights mean (init_from checks them).
-RUNTIME_FIELDS = ("dropout", "attention_backend", "cpu_matmul")
+# Fields that only choose kernels: a resumed run may change them.
+KERNEL_FIELDS = ("attention_backend", "cpu_matmul")
+# Fields that leave the function a trained model computes as it is: the kernels and dropout (training only). Every
+# other field is part of what the weights mean (init_from checks them).
+RUNTIME_FIELDS = ("dropout", *KERNEL_FIELDS)
 
 
 class RelativePositionBias(nn.Module):

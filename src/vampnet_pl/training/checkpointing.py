@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from vampnet_pl.model.vampnet import KERNEL_FIELDS
 from vampnet_pl.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,6 @@ class ResumeMismatch(ValueError):
 
 # What makes a checkpoint another run's: the model (less the kernels it runs with), what it learns from and how.
 RUN_DEFINING = ("model", "masking", "label_smoothing", "loss_weighting", "lora")
-RUNTIME_CHOICES = ("attention_backend", "cpu_matmul")  # model keys a resumed run may change
 
 
 def checkpoint_metadata(checkpoint: str | Path) -> dict | None:
@@ -97,7 +97,7 @@ def check_resumable(checkpoint: str | Path, hparams: dict) -> None:
         before, after = recorded.get(key), hparams.get(key)
         if isinstance(before, dict) and isinstance(after, dict):
             # keys of both only: a field added to or dropped from a schema since is not a change of this run's
-            names = sorted((before.keys() & after.keys()) - (set(RUNTIME_CHOICES) if key == "model" else set()))
+            names = sorted((before.keys() & after.keys()) - (set(KERNEL_FIELDS) if key == "model" else set()))
             changes += [f"{key}.{n} {before.get(n)!r} -> {after.get(n)!r}" for n in names if before.get(n) != after.get(n)]
         elif before != after:
             changes.append(f"{key} {before!r} -> {after!r}")
