@@ -77,8 +77,61 @@ def sweep_dir(tmp_path) -> Path:
 def test_curves_join_attempts_and_final_metrics_skip_step_columns(sweep_dir):
     curves = read_curves(sweep_dir / "runs" / "schedule-cosine_seed-0")
     assert curves["val/loss"] == {6: 9.0, 11: 5.0, 21: 3.0}  # steps trained: Lightning's 0-based index + 1  # the resumed attempt's step 10 replaced the first one's
-    metrics, step = final_metrics(curves)
-    assert metrics == {"val/loss": 3.0} and step == 21
+    scores = final_metrics(curves)
+    assert scores.metrics == {"val/loss": 3.0} and scores.metrics_step == 21 and scores.missing == []
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, sorted({k for row in rows for k in row}))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_final_scores_are_the_last_validation_and_the_last_generation_evaluation(tmp_path):
+    # max_steps 2000: the run diverged before its last validation; the generation evaluation ran at 1000 (every
+    # 1000 steps) and 2000, where the time budget skipped `inpaint`; grad norm is logged at other steps
+    write_csv(tmp_path / "csv" / "metrics.csv", [
+        {"epoch": 0, "step": 999, "val/loss": 3.0, "val/acc1": 0.3, "gen/fad/inpaint": 5.0, "gen/fad/prefix": 4.0},
+        {"epoch": 0, "step": 1499, "train/grad_norm": 1.5},
+        {"epoch": 1, "step": 1999, "val/loss": "nan", "val/acc1": 0.01, "train/loss_epoch": "nan",
+         "gen/fad/prefix": 9.0},
+        {"epoch": 1, "step": 1999, "train/grad_norm": "nan"},
+    ])
+    curves = read_curves(tmp_path)
+    assert math.isnan(curves["val/loss"][2000])  # a logged NaN is kept; an empty cell is no value
+    assert set(curves["train/grad_norm"]) == {1500, 2000} and set(curves["gen/fad/inpaint"]) == {1000}
+    scores = final_metrics(curves)
+    assert scores.metrics_step == 2000 and scores.gen_metrics_step == 2000
+    assert math.isnan(scores.metrics["val/loss"]) and math.isnan(scores.metrics["train/loss_epoch"])
+    assert scores.metrics["val/acc1"] == 0.01 and scores.metrics["gen/fad/prefix"] == 9.0
+    assert "gen/fad/inpaint" not in scores.metrics and scores.missing == ["gen/fad/inpaint"]
+    # the generation evaluation's step need not be the last validation's: gen/ scores come from their own
+    write_csv(tmp_path / "csv" / "metrics.csv", [
+        {"step": 999, "val/loss": 3.0, "gen/fad/prefix": 4.0},
+        {"step": 1199, "val/loss": 2.5},
+    ])
+    scores = final_metrics(read_curves(tmp_path))
+    assert scores.metrics == {"val/loss": 2.5, "gen/fad/prefix": 4.0}
+    assert (scores.metrics_step, scores.gen_metrics_step, scores.missing) == (1200, 1000, [])
+
+
+def test_the_report_flags_scores_not_measured_at_the_final_step(sweep_dir):
+    path = sweep_dir / "runs" / "schedule-linear_seed-1" / "results.json"
+    saved = json.loads(path.read_text())
+    saved["metrics"]["val/loss"] = math.nan
+    saved.update(gen_metrics_step=10, missing_metrics=["gen/fad/prefix:1.0"])
+    path.write_text(json.dumps(saved))
+    sweep, records = report.read_sweep(sweep_dir, progress=False)
+    detail = next(r.detail for r in records if r.run_id == "schedule-linear_seed-1")
+    assert detail == ("gen/ scores from the generation evaluation at step 10, training ended at 20; "
+                      "no value at the last evaluation, left out: `gen/fad/prefix:1.0`; "
+                      "NaN (diverged?), left out of the means: `val/loss`")
+    analysis = report.analyse(sweep, records)
+    assert analysis.estimates["val/loss"]["schedule-linear"].n == 2
+    assert "| `schedule-linear_seed-1` | finished | gen/ scores from the generation evaluation at step 10" in \
+        report.render(sweep, records, analysis, [])
 
 
 def test_statistics_per_condition_and_paired_by_seed(sweep_dir):

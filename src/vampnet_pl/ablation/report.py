@@ -72,8 +72,7 @@ def read_sweep(sweep_dir: str | Path, progress: bool = True) -> tuple[dict, list
             saved = json.loads(results.results_path(run_dir).read_text())
             record.status, record.metrics, record.protocol = "finished", saved["metrics"], saved.get("protocol", "")
             record.metrics_step, record.final_step = saved.get("metrics_step"), saved.get("final_step")
-            if record.metrics_step != record.final_step:
-                record.detail = f"scores measured at step {record.metrics_step}, training ended at {record.final_step}"
+            record.detail = "; ".join(score_warnings(saved))
             record.curves = results.read_curves(run_dir, csv_log_dirs(OmegaConf.create(saved["config"])))
         elif (run_dir / results.FAILURE).is_file():
             failure = json.loads((run_dir / results.FAILURE).read_text())
@@ -82,6 +81,27 @@ def read_sweep(sweep_dir: str | Path, progress: bool = True) -> tuple[dict, list
             record.status, record.detail = "incomplete", "started, no results.json (running, or stopped)"
         records.append(record)
     return sweep, records
+
+
+def _names(metrics: list[str], limit: int = 6) -> str:
+    shown = ", ".join(f"`{m}`" for m in metrics[:limit])
+    return shown + (f" and {len(metrics) - limit} more" if len(metrics) > limit else "")
+
+
+def score_warnings(saved: dict) -> list[str]:
+    """What a finished run's ``results.json`` says about its final scores that a reader must know: scores not
+    measured at the final step, scores missing there (left out of the statistics), NaN scores (a diverged run)."""
+    final, notes = saved.get("final_step"), []
+    if saved.get("metrics_step") != final:
+        notes.append(f"scores measured at step {saved.get('metrics_step')}, training ended at {final}")
+    gen_step = saved.get("gen_metrics_step")
+    if gen_step is not None and gen_step != final:
+        notes.append(f"gen/ scores from the generation evaluation at step {gen_step}, training ended at {final}")
+    if missing := list(saved.get("missing_metrics") or []):
+        notes.append(f"no value at the last evaluation, left out: {_names(missing)}")
+    if nan := sorted(k for k, v in saved.get("metrics", {}).items() if isinstance(v, float) and math.isnan(v)):
+        notes.append(f"NaN (diverged?), left out of the means: {_names(nan)}")
+    return notes
 
 
 @dataclass

@@ -5,16 +5,25 @@ A run folder (``<sweep>/runs/<run id>/``) holds the training's checkpoints and l
 - ``failure.json``: the last failed attempt (exit status, log tail); removed when the run finishes;
 - ``curves/attempt-<k>.csv``: the CSV log of each earlier attempt (Lightning's CSVLogger starts its
   ``metrics.csv`` afresh on a restart, so it is moved aside first); the live one is the CSV log itself.
+
+The final scores (:func:`final_metrics`) are read at one step per family, never each column's own last value:
+- the last validation (``metrics_step``, the latest step with a ``val/`` value): every column with a value at
+  that step, NaN included (a diverged run reports NaN, not the loss it had before it diverged);
+- the last generation evaluation (``gen_metrics_step``, the latest step with a ``gen/`` value; the callback
+  runs every ``every_n_steps``, which need not fall on the last validation): the ``gen/`` values at that step.
+A ``val/`` or ``gen/`` column with earlier values but none at its family's step (a condition the evaluation's
+time budget skipped) is no final score; it is listed in ``missing_metrics``. Other columns with no value at the
+last validation (per-step training logs: gradient norm, throughput) are curves only.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
-import math
 import os
 import re
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -92,7 +101,8 @@ def read_curves(run_dir: str | Path, log_dirs: list[Path] | None = None) -> dict
     """metric -> {steps trained: value} over every attempt; a later attempt's value for a step replaces an earlier one.
 
     Lightning logs a value at the 0-based index of the last optimisation step; curves count the steps trained
-    (index + 1), so the validation after the final step sits at ``trainer.max_steps``.
+    (index + 1), so the validation after the final step sits at ``trainer.max_steps``. A logged NaN stays NaN
+    (a diverged run); an empty cell (nothing logged at that step) is no value.
     """
     run_dir = Path(run_dir)
     files = sorted((run_dir / "curves").glob("attempt-*.csv"), key=lambda p: int(p.stem.split("-")[1]))
@@ -104,16 +114,37 @@ def read_curves(run_dir: str | Path, log_dirs: list[Path] | None = None) -> dict
         for row in _read_csv(path):
             step = int(row.pop("step")) + 1
             for key, value in row.items():
-                if key != "epoch" and not math.isnan(value):
+                if key != "epoch":
                     curves.setdefault(key, {})[step] = value
     return curves
 
 
-def final_metrics(curves: dict[str, dict[int, float]]) -> tuple[dict[str, float], int | None]:
-    """The last value of every score column, and the step of the last validation."""
-    metrics = {k: c[max(c)] for k, c in curves.items() if c and not _NOT_FINAL.search(k)}
-    val_steps = [max(c) for k, c in curves.items() if c and k.startswith(("val/", "gen/"))]
-    return metrics, (max(val_steps) if val_steps else None)
+@dataclass
+class FinalScores:
+    metrics: dict[str, float] = field(default_factory=dict)
+    metrics_step: int | None = None  # the last validation
+    gen_metrics_step: int | None = None  # the last generation evaluation (gen/ scores), None without one
+    missing: list[str] = field(default_factory=list)  # val/ and gen/ columns with no value at their family's step
+
+
+def _last_step(curves: dict[str, dict[int, float]], prefix: str) -> int | None:
+    steps = [max(c) for k, c in curves.items() if c and k.startswith(prefix)]
+    return max(steps) if steps else None
+
+
+def final_metrics(curves: dict[str, dict[int, float]]) -> FinalScores:
+    """The scores of the last validation and of the last generation evaluation (see the module's docstring)."""
+    val_step, gen_step = _last_step(curves, "val/"), _last_step(curves, "gen/")
+    scores = FinalScores(metrics_step=val_step, gen_metrics_step=gen_step)
+    for key, curve in sorted(curves.items()):
+        if not curve or _NOT_FINAL.search(key):
+            continue
+        step = gen_step if key.startswith("gen/") else val_step
+        if step in curve:
+            scores.metrics[key] = curve[step]
+        elif key.startswith(("val/", "gen/")):
+            scores.missing.append(key)
+    return scores
 
 
 def checkpoint_info(run_dir: Path) -> tuple[int | None, str | None]:
@@ -141,7 +172,7 @@ def write_results(run, cfg: DictConfig) -> dict:
     if step != config["trainer"]["max_steps"]:
         raise RunIncomplete(f"{run.run_id} stopped at step {step} of {config['trainer']['max_steps']}")
     curves = read_curves(run.run_dir, csv_dirs(cfg))
-    metrics, metrics_step = final_metrics(curves)
+    scores = final_metrics(curves)
     record = {
         **run.to_dict(),
         "status": "finished",
@@ -150,8 +181,10 @@ def write_results(run, cfg: DictConfig) -> dict:
         "codec_fingerprint": fingerprint,
         "protocol": protocol_id(config),
         "final_step": step,
-        "metrics_step": metrics_step,  # the step the final scores were measured at
-        "metrics": metrics,
+        "metrics_step": scores.metrics_step,  # the last validation: the step of every score but gen/ ones
+        "gen_metrics_step": scores.gen_metrics_step,  # the last generation evaluation: the step of the gen/ scores
+        "missing_metrics": scores.missing,  # no value at their step (skipped by the evaluation's time budget)
+        "metrics": scores.metrics,
         "config": config,
     }
     write_json_atomic(results_path(run.run_dir), record)
