@@ -170,3 +170,31 @@ def test_the_embedding_count_covers_every_rank_as_the_scores_do():
     results = on_two_ranks(_score_rank)
     assert results[0]["n_embeddings"] == results[1]["n_embeddings"] == 4  # 1 + 3 clips of one 0.96 s patch
     assert results[0]["fad"] == pytest.approx(results[1]["fad"])
+
+
+def test_non_finite_audio_gives_nan_scores_and_a_warning_not_an_exception(caplog):
+    """A diverged model decodes NaN audio; eigh raised on its FAD statistics, inside the training-time callback."""
+    from vampnet_pl.evaluation.metrics import DACMelDistance, fad_embedding, kernel_audio_distance
+    from vampnet_pl.evaluation.scoring import score
+
+    generator = torch.Generator().manual_seed(0)
+    reference = 0.1 * torch.randn(3, 32000, generator=generator)
+    partly, inf = reference.clone(), reference.clone()
+    partly[1, 5000:6000] = float("nan")
+    inf[0, 10] = float("inf")
+    for audio in (partly, torch.full_like(reference, float("nan")), inf):
+        caplog.clear()
+        scores = score(audio, reference, 16000, fad_embedding("logmel", 16000))
+        assert all(math.isnan(scores[k]) for k in ("mel", "mel_dac", "mel_vampnet", "fad", "kad"))
+        assert scores["n_embeddings"] == 6
+        warned = caplog.text
+        assert all(f"{name}: its input has NaN or inf values" in warned
+                   for name in ("MelDistance", "DACMelDistance", "VampNetMelDistance", "FAD", "KAD"))
+    nan = torch.tensor(float("nan"))
+    eye = torch.eye(3, dtype=torch.float64)
+    assert math.isnan(float(frechet_distance(torch.zeros(3), eye, torch.zeros(3), eye * nan)))
+    real = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+    assert math.isnan(float(kernel_audio_distance(real, real.clone().fill_(math.inf))))
+    mel = DACMelDistance(16000)
+    mel.update(reference, reference)
+    assert float(mel.compute()) == 0.0  # finite audio: unchanged

@@ -15,15 +15,30 @@
   embeddings, times 100 (the KAD toolkit's scale). Near 0 for one distribution; it can be slightly negative.
 
 Embedding backends are pluggable; FAD and KAD scores are only comparable within one backend.
+
+Non-finite input (NaN or inf audio from a diverged model, or the embeddings of such audio) gives a NaN score
+and a logged warning, never an exception: the training-time evaluation must not end the training.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torchmetrics import Metric
+
+log = logging.getLogger(__name__)
+
+
+def _finite(score: str, *tensors: torch.Tensor) -> bool:
+    """True when every value is finite; else a logged warning that ``score`` is NaN."""
+    if all(bool(torch.isfinite(t).all()) for t in tensors):
+        return True
+    log.warning("%s: its input has NaN or inf values (a diverged model's audio?); the score is NaN", score)
+    return False
 
 
 class _PerExampleDistance(Metric):
@@ -44,7 +59,11 @@ class _PerExampleDistance(Metric):
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         if preds.shape != target.shape:
             raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ")
-        distances = self.distance(preds.reshape(-1, preds.shape[-1]), target.reshape(-1, target.shape[-1]))
+        preds, target = preds.reshape(-1, preds.shape[-1]), target.reshape(-1, target.shape[-1])
+        if _finite(type(self).__name__, preds, target):
+            distances = self.distance(preds, target)
+        else:  # NaN for the whole set, as a mean with a NaN example is
+            distances = torch.full((preds.shape[0],), math.nan, dtype=torch.float64, device=preds.device)
         self.total += distances.sum()
         self.count += distances.numel()
 
@@ -128,8 +147,11 @@ class VampNetMelDistance(AudiotoolsMelDistance):
 
 
 def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), stably, in float64."""
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), stably, in float64; NaN (with a logged
+    warning) when a statistic is not finite, where ``eigh`` would raise."""
     mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
+    if not _finite("FAD", mu1, sigma1, mu2, sigma2):
+        return torch.tensor(math.nan, dtype=torch.float64, device=mu1.device)
     values, vectors = torch.linalg.eigh(sigma1)
     root1 = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
     middle = root1 @ sigma2 @ root1
@@ -268,11 +290,14 @@ def median_pairwise_distance(x: torch.Tensor) -> torch.Tensor:
 def kernel_audio_distance(real: torch.Tensor, fake: torch.Tensor, bandwidth: float | None = None,
                           scale: float = 100.0) -> torch.Tensor:
     """``scale`` x the unbiased MMD^2 between embedding sets ``[n, d]`` and ``[m, d]``, Gaussian RBF kernel
-    exp(-|a - b|^2 / (2 h^2)), h = ``bandwidth`` or the median pairwise distance of ``real``; in float64."""
+    exp(-|a - b|^2 / (2 h^2)), h = ``bandwidth`` or the median pairwise distance of ``real``; in float64.
+    NaN (with a logged warning) when an embedding is not finite."""
     real, fake = real.double(), fake.double()
     n, m = len(real), len(fake)
     if n < 2 or m < 2:
         raise ValueError(f"KAD needs at least 2 embeddings per side, got {n} real and {m} generated")
+    if not _finite("KAD", real, fake):
+        return torch.tensor(math.nan, dtype=torch.float64, device=real.device)
     h = float(median_pairwise_distance(real)) if bandwidth is None else bandwidth
     if not h > 0:
         h = 1.0  # all reference embeddings equal: any bandwidth gives 0 for the same set
