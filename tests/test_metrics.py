@@ -198,3 +198,29 @@ def test_non_finite_audio_gives_nan_scores_and_a_warning_not_an_exception(caplog
     mel = DACMelDistance(16000)
     mel.update(reference, reference)
     assert float(mel.compute()) == 0.0  # finite audio: unchanged
+
+
+def test_mel_distance_uses_htk_filters_and_is_documented_as_not_the_papers_scale():
+    """MelDistance stays as recorded results computed it; its docs must not call it close to DAC's numbers."""
+    import torchaudio
+
+    from vampnet_pl.evaluation import metrics
+    from vampnet_pl.evaluation.metrics import DACMelDistance
+
+    sr = 16000
+    reference = tones(2)
+    noisy = reference + 0.01 * torch.randn(reference.shape, generator=torch.Generator().manual_seed(0))
+    ours, dac = MelDistance(sr), DACMelDistance(sr)
+    ours.update(noisy, reference)
+    dac.update(noisy, reference)
+    slaney = MelDistance(sr)  # the same computation on Slaney filters is DAC's configuration
+    slaney.transforms = torch.nn.ModuleList(
+        torchaudio.transforms.MelSpectrogram(sr, n_fft=w, win_length=w, hop_length=w // 4, n_mels=m, power=1.0,
+                                             f_min=0.0, f_max=sr / 2, norm="slaney", mel_scale="slaney")
+        for w, m in zip((32, 64, 128, 256, 512, 1024, 2048), (5, 10, 20, 40, 80, 160, 320)))
+    slaney.update(noisy, reference)
+    assert float(slaney.compute()) == pytest.approx(float(dac.compute()), rel=1e-3)
+    assert float(ours.compute()) > 1.15 * float(dac.compute())  # HTK, unnormalised: well off the papers' scale
+    assert all(t.mel_scale.mel_scale == "htk" and t.mel_scale.norm is None for t in ours.transforms)
+    docs = metrics.__doc__ + MelDistance.__doc__
+    assert "close to" not in docs and "not comparable" in docs and "mel_dac" in MelDistance.__doc__

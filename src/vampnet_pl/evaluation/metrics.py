@@ -1,7 +1,8 @@
 """Audio quality metrics as torchmetrics ``Metric`` classes (their states sync across ranks).
 
-- :class:`MelDistance`: this project's multi-scale L1 distance between log-mel spectrograms,
-  on torchaudio transforms (HTK mel filters: its values are close to, not equal to, the papers').
+- :class:`MelDistance`: this project's own multi-scale L1 distance between log-mel spectrograms, on
+  torchaudio's default mel filters (HTK scale, not area-normalised). Not comparable with the papers'
+  numbers (they use Slaney filters): see its docstring.
 - :class:`DACMelDistance` / :class:`VampNetMelDistance`: audiotools' ``MelSpectrogramLoss`` in the
   configuration the DAC paper reports (DAC's ``conf/base.yml``: 7 scales, windows 32...2048,
   5...320 mels, log10 magnitude only) and the one VampNet's evaluation script used (its defaults:
@@ -72,7 +73,16 @@ class _PerExampleDistance(Metric):
 
 
 class MelDistance(_PerExampleDistance):
-    """Mean over examples of sum over scales of L1(log10 mel(pred), log10 mel(target))."""
+    """Mean over examples of sum over scales of L1(log10 mel(pred), log10 mel(target)): this project's own score.
+
+    The scales are DAC's (windows 32...2048, hop a quarter window, 5...320 mels, magnitude clamped at 1e-5),
+    but the mel filters are torchaudio's defaults: HTK mel scale and no normalisation (``norm=None``), where
+    DAC's and VampNet's audiotools loss uses librosa's Slaney scale and Slaney-normalised filters. Its values
+    are therefore not comparable with the papers' and are not a fixed multiple of them: on a tone with added
+    noise they were 1.2 to 1.8 times :class:`DACMelDistance` (the same code with Slaney filters equals it).
+    It is kept unchanged because recorded results use it; to set a score beside a paper's, use ``mel_dac``
+    (:class:`DACMelDistance`) or ``mel_vampnet`` (:class:`VampNetMelDistance`).
+    """
 
     def __init__(self, sample_rate: int, window_lengths: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048),
                  n_mels: Sequence[int] = (5, 10, 20, 40, 80, 160, 320), clamp_eps: float = 1e-5, **kwargs):
