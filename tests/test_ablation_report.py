@@ -166,7 +166,7 @@ def test_report_markdown_figures_and_gaps(sweep_dir, capsys):
     ranking = text.split("## Ranking")[1].split("##")[0]
     assert ranking.index("schedule-square") < ranking.index("schedule-cosine") < ranking.index("schedule-linear")
     assert "| 1 | `schedule-square` | 3.4 ± 1.2 | 3 | -0.1 ± " in ranking
-    assert "0.21 ± 0.025 (p=0.00076) *" in text  # linear - cosine, paired
+    assert "0.21 ± 0.025 (p=0.00076, Holm p=0.00076) *" in ranking  # linear - cosine, paired; 2 tests in its family
     assert "evaluation protocol: v1" in text
     for figure in ("curves", "by_ratio", "by_codebook", "by_passes", "by_prompt"):
         assert (sweep_dir / "figures" / f"{figure}.png").stat().st_size > 5000
@@ -174,8 +174,37 @@ def test_report_markdown_figures_and_gaps(sweep_dir, capsys):
     rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
     row = next(r for r in rows if r["metric"] == "val/loss" and r["condition"] == "schedule-linear")
     assert float(row["diff_vs_baseline"]) == pytest.approx(0.21) and row["n"] == "3"
+    assert row["diff_family"] == "primary" and float(row["diff_p_holm"]) == pytest.approx(float(row["diff_p"]))
     # another baseline, another primary metric
     assert main(["ablate", "report", str(sweep_dir), "--baseline", "schedule-linear", "--metric", "val/acc1"]) == 0
     text = (sweep_dir / "report.md").read_text()
     assert "baseline: `schedule-linear`" in text and "By `val/acc1` (higher is better)" in text
     assert main(["ablate", "report", str(sweep_dir), "--baseline", "schedule-nope"]) == 2
+
+
+def test_stars_are_holm_adjusted_within_each_family_and_raw_p_is_kept():
+    """Two differences with raw p 0.035 and 0.044 were both starred; adjusted over their family of 2, neither is."""
+    diffs = {"b": (1.0, 1.5, 2.0), "c": (1.0, 1.6, 2.2)}  # t 5.20 and 4.62 on 2 degrees of freedom
+    runs, records = [], []
+    for condition in ("a", "b", "c"):
+        for seed in range(3):
+            loss = 3.0 + seed + (diffs[condition][seed] if condition in diffs else 0.0)
+            run = {"run_id": f"{condition}_seed-{seed}", "condition_id": condition, "seed": seed}
+            runs.append(run)
+            records.append(report.RunRecord(run["run_id"], condition, seed, "finished",
+                                            metrics={"val/loss": loss, "val/acc1": 0.5 - seed / 10,
+                                                     "val/acc1/ratio_0.50": 0.4 + seed / 10}))
+    sweep = {"name": "holm", "baseline": "a", "primary_metric": "val/loss", "runs": runs}
+    analysis = report.analyse(sweep, records)
+    raw = {c: analysis.differences["val/loss"][c].p_value for c in diffs}
+    assert raw["b"] == pytest.approx(0.0351, abs=2e-4) and raw["c"] == pytest.approx(0.0438, abs=2e-4)
+    assert analysis.adjusted["val/loss"] == pytest.approx({"b": 2 * raw["b"], "c": 2 * raw["b"]})
+    assert analysis.family_sizes == {"primary": 2, "headline": 2, "series": 2}
+    text = report.render(sweep, records, analysis, [])
+    ranking = text.split("## Ranking")[1].split("##")[0]
+    assert "1.5 ± 1.2 (p=0.035, Holm p=0.07) |" in ranking and "*" not in ranking.split("|---|")[1]
+    assert "Holm-Bonferroni-adjusted within its family of comparisons (tests per family: primary: 2)" in ranking
+    assert "(tests per family: primary: 2; headline: 2)" in text and "(tests per family: series: 2)" in text
+    rows = list(csv.DictReader(report.summary_csv(analysis).splitlines()))
+    row = next(r for r in rows if r["metric"] == "val/loss" and r["condition"] == "b")
+    assert float(row["diff_p"]) == pytest.approx(raw["b"]) and float(row["diff_p_holm"]) == pytest.approx(2 * raw["b"])

@@ -60,3 +60,13 @@ def test_band_averages_curves_where_they_have_values():
     steps, estimates = stats.band([{10: 1.0, 20: 2.0}, {10: 3.0, 20: 4.0, 30: 5.0}])
     assert steps == [10, 20, 30]
     assert [e.mean for e in estimates] == [2.0, 3.0, 5.0] and [e.n for e in estimates] == [2, 2, 1]
+
+
+def test_holm_adjustment_by_hand():
+    # sorted p 0.01, 0.02, 0.03, 0.5 of m = 4: 4 x 0.01, 3 x 0.02, max(0.06, 2 x 0.03), max(0.06, 0.5)
+    adjusted = stats.holm({"a": 0.03, "b": 0.01, "c": 0.5, "d": 0.02, "e": math.nan})
+    assert {k: v for k, v in adjusted.items() if k != "e"} == pytest.approx({"a": 0.06, "b": 0.04, "c": 0.5, "d": 0.06})
+    assert math.isnan(adjusted["e"])  # no test: not counted in m
+    assert stats.holm({"a": 0.4, "b": 0.9}) == pytest.approx({"a": 0.8, "b": 0.9})
+    assert stats.holm({"a": 0.7, "b": 0.9}) == pytest.approx({"a": 1.0, "b": 1.0})  # capped at 1, monotone
+    assert stats.holm({}) == {}

@@ -1,7 +1,9 @@
 """``vampnet-pl ablate report SWEEP_DIR``: report.md, summary.csv and PNG figures from a sweep's runs.
 
 Per condition (grid cell, over seeds): mean and 95% t-interval of every metric; paired differences against the
-baseline condition (paired by seed); a ranking by the primary metric; curves over training steps with CI bands;
+baseline condition (paired by seed), their t-test p-values Holm-adjusted within each family of comparisons (the
+primary metric; the other headline metrics; the series metrics) and starred on the adjusted p; a ranking by the
+primary metric; curves over training steps with CI bands;
 series figures (accuracy against mask ratio, per codebook, quality against passes) and per-prompt bars.
 Runs that are missing or failed are listed, never dropped silently.
 """
@@ -30,6 +32,8 @@ SERIES = [
     ("prompt", re.compile(r"^eval/(?P<x>[^/]+)/(?P<family>[^/]+)$")),  # the training-time evaluation callback
 ]
 SERIES_LABELS = {"ratio": "mask ratio", "codebook": "codebook", "passes": "decoding passes", "prompt": "prompt"}
+ALPHA = 0.05  # a paired difference is starred where its Holm-adjusted p is below this
+FAMILIES = ("primary", "headline", "series")  # the families of comparisons p-values are adjusted within
 
 
 def classify(metric: str) -> tuple[str, str, str] | None:
@@ -112,6 +116,22 @@ class Analysis:
     values: dict[str, dict[str, dict[int, float]]]  # metric -> condition -> seed -> value
     estimates: dict[str, dict[str, stats.Estimate]]  # metric -> condition -> estimate
     differences: dict[str, dict[str, stats.Estimate]]  # metric -> condition -> paired difference vs baseline
+    adjusted: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> condition -> Holm p in its family
+    family_sizes: dict[str, int] = field(default_factory=dict)  # family -> number of tests adjusted together
+
+    def family(self, metric: str) -> str:
+        """``primary`` (the ranking's metric), ``series`` (a point of a series) or ``headline`` (any other)."""
+        return "primary" if metric == self.primary else "series" if classify(metric) else "headline"
+
+    def adjust(self) -> None:
+        """Holm-adjust the paired t-test p-values within each family (see :func:`stats.holm`)."""
+        for name in FAMILIES:
+            raw = {(m, c): d.p_value for m, by in self.differences.items() if self.family(m) == name
+                   for c, d in by.items()}
+            holm = stats.holm(raw)
+            for (metric, condition), p in holm.items():
+                self.adjusted.setdefault(metric, {})[condition] = p
+            self.family_sizes[name] = sum(not math.isnan(p) for p in raw.values())
 
 
 def analyse(sweep: dict, records: list[RunRecord], baseline: str | None = None, primary: str | None = None) -> Analysis:
@@ -127,8 +147,10 @@ def analyse(sweep: dict, records: list[RunRecord], baseline: str | None = None, 
     estimates = {m: {c: stats.mean_ci(by.get(c, {}).values()) for c in conditions} for m, by in values.items()}
     differences = {m: {c: stats.paired_difference(by.get(c, {}), by.get(baseline, {})) for c in conditions if c != baseline}
                    for m, by in values.items() if stats.is_score(m)}
-    return Analysis(conditions, baseline, primary or sweep.get("primary_metric") or "val/loss", values, estimates,
-                    differences)
+    analysis = Analysis(conditions, baseline, primary or sweep.get("primary_metric") or "val/loss", values, estimates,
+                        differences)
+    analysis.adjust()
+    return analysis
 
 
 # -- markdown -------------------------------------------------------------------------------------
@@ -138,14 +160,24 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _difference(estimate: stats.Estimate) -> str:
+def _difference(estimate: stats.Estimate, adjusted_p: float = math.nan) -> str:
+    """Mean ± CI half-width, the raw paired t-test p, the Holm-adjusted p, and * where that is below ALPHA."""
     if estimate.n == 0:
         return "–"
     text = estimate.format()
-    if estimate.n > 1 and not math.isnan(estimate.half_width):
-        significant = estimate.low > 0 or estimate.high < 0
-        text += f" (p={estimate.p_value:.2g}){' *' if significant else ''}"
+    if estimate.n > 1 and not math.isnan(estimate.p_value):
+        text += f" (p={estimate.p_value:.2g}, Holm p={adjusted_p:.2g}){' *' if adjusted_p < ALPHA else ''}"
     return text
+
+
+def _adjusted(analysis: Analysis, metric: str, condition: str) -> str:
+    return _difference(analysis.differences[metric][condition], analysis.adjusted[metric][condition])
+
+
+def _family_note(analysis: Analysis, names: tuple[str, ...]) -> str:
+    sizes = "; ".join(f"{name}: {analysis.family_sizes.get(name, 0)}" for name in names)
+    return (f"p: paired t-test, not adjusted; Holm p: Holm-Bonferroni-adjusted within its family of comparisons "
+            f"(tests per family: {sizes}); * where Holm p < {ALPHA:g}. The 95% CIs are per comparison, not adjusted.")
 
 
 def headline_metrics(analysis: Analysis) -> list[str]:
@@ -162,11 +194,11 @@ def ranking_section(analysis: Analysis) -> str:
     rows = []
     for place, condition in enumerate(order, 1):
         estimate = analysis.estimates[primary][condition]
-        diff = "baseline" if condition == analysis.baseline else _difference(analysis.differences[primary][condition])
+        diff = "baseline" if condition == analysis.baseline else _adjusted(analysis, primary, condition)
         rows.append([str(place), f"`{condition}`", estimate.format(), str(estimate.n), diff])
     direction = "higher" if higher else "lower"
     return (f"By `{primary}` ({direction} is better). Mean ± 95% CI half-width over seeds; Δ: paired difference "
-            f"to the baseline by seed, * where its CI excludes 0.\n\n"
+            f"to the baseline by seed. {_family_note(analysis, ('primary',))}\n\n"
             + _table(["rank", "condition", primary, "seeds", "Δ vs baseline"], rows))
 
 
@@ -177,8 +209,7 @@ def metrics_table(analysis: Analysis, metrics: list[str]) -> str:
 
 def differences_table(analysis: Analysis, metrics: list[str]) -> str:
     others = [c for c in analysis.conditions if c != analysis.baseline]
-    rows = [[f"`{m}`", *[_difference(analysis.differences[m][c]) for c in others]] for m in metrics
-            if m in analysis.differences]
+    rows = [[f"`{m}`", *[_adjusted(analysis, m, c) for c in others]] for m in metrics if m in analysis.differences]
     return _table(["metric", *[f"`{c}` − baseline" for c in others]], rows)
 
 
@@ -212,8 +243,10 @@ def render(sweep: dict, records: list[RunRecord], analysis: Analysis, figures: l
     if headline:
         lines += ["## Final scores (mean ± 95% CI over seeds)", "", metrics_table(analysis, headline), ""]
         lines += [f"## Paired differences against `{analysis.baseline}`", "",
-                  "Condition minus baseline, paired by seed: mean ± 95% CI half-width (paired t-test p; * where "
-                  "the CI excludes 0).", "", differences_table(analysis, headline), ""]
+                  "Condition minus baseline, paired by seed: mean ± 95% CI half-width. "
+                  + _family_note(analysis, ("primary", "headline"))
+                  + f" The primary metric `{analysis.primary}` is its own family, as in the ranking.", "",
+                  differences_table(analysis, headline), ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{p.stem}]({p.parent.name}/{p.name})" for p in figures] + [""]
     series = sorted((m for m in analysis.values if classify(m) is not None), key=_natural)
@@ -221,7 +254,8 @@ def render(sweep: dict, records: list[RunRecord], analysis: Analysis, figures: l
         lines += ["## Every series metric (mean ± 95% CI)", "", metrics_table(analysis, series), ""]
         scored = [m for m in series if m in analysis.differences]
         if scored:
-            lines += [f"### Paired differences against `{analysis.baseline}`", "", differences_table(analysis, scored), ""]
+            lines += [f"### Paired differences against `{analysis.baseline}`", "", _family_note(analysis, ("series",)),
+                      "", differences_table(analysis, scored), ""]
     return "\n".join(lines)
 
 
@@ -229,12 +263,13 @@ def summary_csv(analysis: Analysis) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["metric", "condition", "mean", "ci_half_width", "n", "diff_vs_baseline", "diff_ci_half_width",
-                     "diff_n", "diff_p"])
+                     "diff_n", "diff_p", "diff_p_holm", "diff_family"])
     for metric, by in sorted(analysis.estimates.items()):
         for condition, e in by.items():
             d = analysis.differences.get(metric, {}).get(condition)
-            writer.writerow([metric, condition, e.mean, e.half_width, e.n, *((d.mean, d.half_width, d.n, d.p_value)
-                                                                             if d else ("", "", "", ""))])
+            extra = ((d.mean, d.half_width, d.n, d.p_value, analysis.adjusted[metric][condition], analysis.family(metric))
+                     if d else ("",) * 6)
+            writer.writerow([metric, condition, e.mean, e.half_width, e.n, *extra])
     return out.getvalue()
 
 

@@ -1,11 +1,12 @@
-"""Pure statistics for ablation reports: mean and t-interval over seeds, paired differences, metric direction."""
+"""Pure statistics for ablation reports: mean and t-interval over seeds, paired differences, Holm-adjusted p-values,
+metric direction."""
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Hashable, Iterable, Mapping
 
 import numpy as np
 from scipy import stats
@@ -59,6 +60,24 @@ def paired_difference(condition: Mapping, baseline: Mapping, confidence: float =
     else:
         p = float(2 * stats.t.sf(abs(estimate.mean) / (sd / math.sqrt(len(diffs))), len(diffs) - 1))
     return Estimate(estimate.mean, estimate.half_width, estimate.n, p)
+
+
+def holm(p_values: Mapping[Hashable, float]) -> dict[Hashable, float]:
+    """Holm-Bonferroni adjusted p-values of one family of tests (a NaN p is no test and stays NaN).
+
+    The i-th smallest of m p-values becomes max over j <= i of min(1, (m - j + 1) p_(j)); rejecting where the
+    adjusted p is below alpha keeps the chance of any false rejection in the family at most alpha. Holm rather
+    than Benjamini-Hochberg because that guarantee holds under any dependence between the tests, and the
+    metrics of a sweep are strongly dependent (loss, accuracies, per-ratio and per-codebook values of the same
+    runs), where BH's false-discovery guarantee needs a positive dependence that two-sided tests need not have.
+    """
+    tests = sorted(((p, key) for key, p in p_values.items() if not math.isnan(p)), key=lambda test: test[0])
+    adjusted = {key: math.nan for key in p_values}
+    running = 0.0
+    for i, (p, key) in enumerate(tests):
+        running = max(running, min(1.0, (len(tests) - i) * p))
+        adjusted[key] = running
+    return adjusted
 
 
 _HIGHER_IS_BETTER = re.compile(r"(^|/)(acc\w*|top\d+\w*|accuracy\w*)(/|$)")
