@@ -102,6 +102,27 @@ def test_signal_checkpoints_at_the_step_boundary_and_stops(accumulate, prepared,
     signal.signal(signal.SIGUSR1, previous)
 
 
+def test_a_requeue_before_the_first_periodic_save_leaves_one_last_checkpoint(prepared, codec_path, tmp_path,
+                                                                           slurm_env):
+    """The requeue writes last.ckpt before the periodic callback has saved: its saves still go to last.ckpt (not
+    last-v1.ckpt, which resume would never read), so the next job resumes from the newest step."""
+    cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=4", "data.batches_per_epoch=4",
+                            "checkpoint.every_n_train_steps=2", "slurm.requeue=on", "data.val_max_windows=8"))
+    module, datamodule, trainer, resume = build(cfg)
+    trainer.callbacks.append(SignalAtStep(0))
+    previous = signal.getsignal(signal.SIGUSR1)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1 and resume is None
+    module, datamodule, trainer, resume = build(cfg)  # the requeued job
+    assert resume.name == "last.ckpt"
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume))  # saves at steps 2 and 4
+    folder = tmp_path / "demo_coarse-local" / "checkpoints"
+    assert [p.name for p in folder.glob("last*")] == ["last.ckpt"]
+    _, _, _, resume = build(cfg)
+    assert read_checkpoint(resume)["global_step"] == 4
+    signal.signal(signal.SIGUSR1, previous)
+
+
 def bare_trainer() -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False)
