@@ -102,6 +102,21 @@ def test_signal_checkpoints_at_the_step_boundary_and_stops(accumulate, prepared,
     signal.signal(signal.SIGUSR1, previous)
 
 
+def test_a_signal_in_the_last_step_lets_the_run_finish_without_a_requeue(prepared, codec_path, tmp_path,
+                                                                         monkeypatch):
+    cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=4", "data.batches_per_epoch=4",
+                            "checkpoint.every_n_train_steps=100", "slurm.requeue=on", "data.val_max_windows=8"))
+    module, datamodule, trainer, _ = build(cfg)
+    trainer.callbacks.append(signaller := SignalAtStep(3))  # the last step
+    requeued = []
+    monkeypatch.setattr(SlurmRequeue, "requeue", staticmethod(lambda: requeued.append(True)))
+    previous = signal.getsignal(signal.SIGUSR1)
+    trainer.fit(module, datamodule=datamodule)
+    signal.signal(signal.SIGUSR1, previous)
+    assert trainer.global_step == 4 and requeued == []
+    assert signaller.validations_after == 1  # the final validation ran
+
+
 def test_a_requeue_before_the_first_periodic_save_leaves_one_last_checkpoint(prepared, codec_path, tmp_path,
                                                                            slurm_env):
     """The requeue writes last.ckpt before the periodic callback has saved: its saves still go to last.ckpt (not

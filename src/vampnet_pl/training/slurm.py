@@ -5,7 +5,8 @@ limit or a preemption ahead, or ``scancel --signal=USR1``) :class:`SlurmRequeue`
 optimiser step boundary after the ranks have exchanged it (one to two batches later; before a validation
 or an epoch end, at once), then every rank saves ``checkpoints/last.ckpt`` together, rank 0 runs
 ``scontrol requeue``, and training stops. The requeued job keeps its job id, so its run directory is the
-same and it resumes from that checkpoint: no step is lost, none is applied twice.
+same and it resumes from that checkpoint: no step is lost, none is applied twice. A signal in the last step
+(``trainer.max_steps``) is ignored: the run finishes as usual, final validation included, with nothing to requeue.
 
 Lightning's own ``auto_requeue`` saves from inside the signal handler, wherever each rank happens
 to be (mid-step, or inside a collective the other rank has not reached), so it is switched off here.
@@ -237,6 +238,8 @@ class SlurmRequeue(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_step == self._step_at_batch_start:
             return  # inside a gradient accumulation: not a step boundary
+        if 0 < trainer.max_steps <= trainer.global_step:
+            return  # the last step: training ends (final validation included), nothing to requeue; same on every rank
         if trainer.world_size > 1 and not self.signals.shared["requeue"] and validation_may_follow(trainer):
             self.signals.flush(trainer.strategy.root_device)  # the lagged exchange would be read after a validation
         if not self.signals.received("requeue", trainer.world_size):  # any rank, as all ranks last exchanged it
