@@ -126,6 +126,14 @@ def test_validation_uses_the_protocol_masks_whatever_the_run_masks():
     assert _validation_masks(runs["span"], [{"codes": (codes + 1) % 64, "index": torch.arange(4)}])[2] != digest
 
 
+def test_validation_refuses_a_batch_without_window_indices():
+    """Indices made up from the batch number would repeat (a smaller last batch, all ranks alike)."""
+    m = module()
+    m.on_validation_epoch_start()
+    with pytest.raises(ValueError, match='needs "index"'):
+        m.validation_step({"codes": torch.randint(0, 64, (2, 4, 40))}, 0)
+
+
 def test_validation_logs_the_protocol_metric_names():
     m = module()
     logged = {}

@@ -265,12 +265,14 @@ class MaskedTokenModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Every window of the batch under every protocol mask; ``batch["index"]`` (the windows' global
-        indices, from the DataModule) picks the masks; without it, ``batch_idx * batch size + position``."""
+        indices, from the DataModule's ``FixedBatches``) picks the masks. It is required: positions made up from
+        ``batch_idx`` would repeat (after a smaller last batch, and on every rank alike), giving windows the same masks."""
         codes = batch["codes"]
         n_cond = self.cfg.n_conditioning_codebooks
         index = batch.get("index")
         if index is None:
-            index = batch_idx * codes.shape[0] + torch.arange(codes.shape[0])
+            raise ValueError('a validation batch needs "index", each window\'s global position in the validation set '
+                             "(the evaluation protocol seeds its masks by it), as CodesDataModule's FixedBatches give")
         masks = protocol_masks(self.protocol, tuple(codes.shape), n_cond, index.cpu())
         self._digest.update(index.cpu().numpy().astype("int64").tobytes())
         self._digest.update(codes.cpu().numpy().astype("int64").tobytes())
