@@ -64,6 +64,19 @@ def test_span_mask_masks_whole_spans_at_about_the_ratio():
     assert runs <= 10  # 10 spans of 10 frames at most (adjacent ones merge)
 
 
+@pytest.mark.parametrize("frames, span", [(4, 8), (7, 8), (20, 16), (86, 8)])
+def test_span_mask_masks_the_ratio_of_frames_when_spans_do_not_tile_the_window(frames, span):
+    """Fewer frames than a span, or a partial last span: the masked fraction is still the ratio (to a frame), and
+    the masker reports the fraction it masked."""
+    ratios = torch.linspace(0.05, 1.0, 64)
+    mask = span_mask((64, 3, frames), ratios, span, 1, torch.Generator().manual_seed(0))
+    fraction = mask[:, 1:].flatten(1).float().mean(1)
+    assert torch.equal(fraction, (ratios * frames).round().clamp(1, frames) / frames)
+    assert torch.equal(mask[:, 1], mask[:, 2])
+    draw = TrainingMasker(MaskingConfig(kind="span", span_frames=span), 1).draw(torch.zeros(64, 3, frames).long())
+    assert torch.equal(draw.ratios, draw.mask[:, 1:].flatten(1).float().mean(1))
+
+
 def test_codebook_level_mask_masks_everything_above_the_chosen_level():
     mask = codebook_level_mask(SHAPE, torch.full((SHAPE[0],), 0.5), 2, torch.Generator().manual_seed(1))
     assert not mask[:, :2].any()

@@ -4,7 +4,8 @@ Names (Hydra ``masking.*``): ``schedule`` one of ``masking.schedules.SCHEDULES``
 ``uniform|sobol``; ``kind`` one of ``masking.training.TRAINING_MASKS``:
 
 - ``random``: tokens at random, exactly the ratio (VampNet);
-- ``span``: non-overlapping spans of ``span_frames`` frames at a random phase;
+- ``span``: non-overlapping spans of ``span_frames`` frames at a random phase, exactly round(ratio x frames)
+  frames in all (the last span taken cut to fit);
 - ``magnet_span``: MAGNeT span masking, overlapping spans of ``span_frames``, span count from the rate;
 - ``codebook_level``: one level at the ratio, every level above it fully masked;
 - ``per_level``: each predicted level its own schedule (``level_schedules``), all of the same r.
@@ -49,7 +50,7 @@ class MaskingConfig:
 
 class MaskDraw(NamedTuple):
     mask: torch.Tensor  # [B, K, T] bool, True = masked
-    ratios: torch.Tensor  # [B] expected masked fraction of the predicted tokens (codebook_level: the drawn one's)
+    ratios: torch.Tensor  # [B] masked fraction of the predicted tokens: span, codebook_level the mask's own, others expected
     r: torch.Tensor  # [B] the r behind it
 
 
@@ -98,7 +99,8 @@ class TrainingMasker:
             mask = build(shape, ratios, self.cfg.span_frames, self.n_conditioning, generator)
         else:
             mask = build(shape, ratios, self.n_conditioning, generator)
-        if kind == "codebook_level":  # the ratio is one level's; the levels above it are masked whole
+        # the mask's own fraction: codebook_level masks the levels above the drawn one whole; span rounds to frames
+        if kind in ("codebook_level", "span"):
             ratios = mask[:, self.n_conditioning :].flatten(1).float().mean(1)
         return MaskDraw(mask, ratios, r)
 

@@ -37,15 +37,22 @@ def random_mask(shape, ratios: torch.Tensor, n_conditioning: int = 0, generator:
 def span_mask(
     shape, ratios: torch.Tensor, span_frames: int, n_conditioning: int = 0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """MAGNeT-style: mask whole spans of ``span_frames`` frames (all predicted codebooks) covering ~ratio of time."""
+    """MAGNeT-style: whole spans of ``span_frames`` frames (all predicted codebooks), at a random phase, taken in
+    random order until exactly ``round(ratio * frames)`` frames (at least one) are masked; the last span taken is
+    cut to fit, and so is the window's last span when ``span_frames`` does not divide ``frames``."""
     batch, codebooks, frames = shape
+    device = ratios.device
     n_spans = -(-frames // span_frames)
-    scores = _rand((batch, n_spans), generator, ratios.device)
-    count = (ratios * n_spans).round().clamp(1, n_spans).long()
-    chosen = scores.argsort(dim=1).argsort(dim=1) < count[:, None]  # [batch, n_spans]
-    timeline = chosen.repeat_interleave(span_frames, dim=1)[:, :frames]
-    shift = (_rand((batch,), generator, ratios.device) * span_frames).long()
-    index = (torch.arange(frames, device=ratios.device)[None] - shift[:, None]) % frames  # a random phase
+    lengths = (frames - torch.arange(n_spans, device=device) * span_frames).clamp(max=span_frames)
+    order = _rand((batch, n_spans), generator, device).argsort(dim=1)  # the spans in the order they are taken
+    in_order = lengths[order]
+    before = torch.empty_like(order).scatter_(1, order, in_order.cumsum(1) - in_order)  # frames taken before each
+    target = (ratios * frames).round().clamp(1, frames).long()
+    taken = (target[:, None] - before).clamp(min=0).minimum(lengths)  # [batch, n_spans] frames masked in each span
+    position = torch.arange(frames, device=device)
+    timeline = position % span_frames < taken[:, position // span_frames]
+    shift = (_rand((batch,), generator, device) * span_frames).long()
+    index = (position[None] - shift[:, None]) % frames  # a random phase
     timeline = timeline.gather(1, index)
     mask = timeline[:, None, :].expand(batch, codebooks, frames).clone()
     return _keep_conditioning(mask, n_conditioning)
