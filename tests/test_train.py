@@ -81,6 +81,18 @@ def test_resume_continues_exactly_where_it_stopped(prepared, codec_path, tmp_pat
     assert checkpoint["global_step"] == 6
 
 
+def test_a_learning_rate_changed_on_resume_takes_effect(prepared, codec_path, tmp_path):
+    """The restored optimiser and scheduler carry the checkpoint's base lr; the configured one replaces it, times
+    the schedule's multiplier at the resumed step (warmup: 1/4, 2/4, 3/4, 4/4)."""
+    common = ["data.batches_per_epoch=4", "checkpoint.every_n_train_steps=2", "optim.scheduler=constant",
+              "optim.warmup_steps=4"]
+    train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=2", "optim.lr=1e-4", *common))
+    assert logged(tmp_path / "demo_coarse-local", "lr") == pytest.approx([0.25e-4, 0.5e-4], rel=1e-6)
+    trainer = train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=4", "optim.lr=1e-3", *common))
+    assert logged(tmp_path / "demo_coarse-local", "lr") == pytest.approx([0.75e-3, 1e-3], rel=1e-6)  # the resumed steps
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [1e-3, 1e-3]
+
+
 @pytest.mark.slow
 def test_resume_is_exact_when_the_accumulation_does_not_divide_the_configured_epoch(prepared, codec_path, tmp_path):
     """3 batches an epoch, 2 a step: the epoch is served as 4 (whole steps), so a resumed run's

@@ -28,7 +28,7 @@ from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
 from vampnet_pl.masking.protocol import EvalProtocolConfig, protocol_masks
 from vampnet_pl.model import VampNet, VampNetConfig, load_exported
 from vampnet_pl.model.vampnet import RUNTIME_FIELDS, check_token_range, packed
-from vampnet_pl.training.optim import OptimConfig, build_optimizer
+from vampnet_pl.training.optim import OptimConfig, apply_base_lr, build_optimizer
 from vampnet_pl.training.parallel import gradient_norm, parallelize, unwrapped_key
 
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0)
@@ -319,6 +319,10 @@ class MaskedTokenModule(L.LightningModule):
         if "state_dict" in checkpoint:
             own = {unwrapped_key(key): key for key in self.state_dict()}
             checkpoint["state_dict"] = {own.get(unwrapped_key(k), k): v for k, v in checkpoint["state_dict"].items()}
+
+    def on_train_start(self) -> None:
+        """The configured learning rate, also after a resume (the restored states carry the checkpoint's)."""
+        apply_base_lr(self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler, self.optim_cfg.lr)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 100_000

@@ -71,3 +71,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, d_mode
                                   fused=use_fused(model, cfg.fused) or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, cfg.total_steps or total_steps, d_model))
     return optimizer, scheduler
+
+
+def apply_base_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """Make ``lr`` the base learning rate from the scheduler's current step on. A resumed checkpoint's optimiser and
+    scheduler states bring back the base lr they were trained with, which would silently override a changed
+    ``optim.lr``; this sets it again, times the schedule's multiplier at the current step."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, multiplier in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * multiplier(scheduler.last_epoch)
