@@ -93,6 +93,20 @@ def test_a_learning_rate_changed_on_resume_takes_effect(prepared, codec_path, tm
     assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [1e-3, 1e-3]
 
 
+def test_a_resumed_run_keeps_the_csv_log_of_its_earlier_attempt(prepared, codec_path, tmp_path):
+    """Lightning's CSVLogger deleted the metrics.csv it found on a restart: a requeued run lost its earlier curve."""
+    from vampnet_pl.training.csv_logs import attempt_logs
+
+    common = ["data.batches_per_epoch=4", "checkpoint.every_n_train_steps=2"]
+    train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=2", *common))
+    train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=4", *common))
+    run_dir = tmp_path / "demo_coarse-local"
+    (earlier,) = attempt_logs(run_dir)
+    assert earlier == run_dir / "curves" / "attempt-0.csv"
+    assert [int(r["step"]) for r in csv.DictReader(open(earlier)) if r.get("train/loss_step")] == [0, 1]
+    assert [int(r["step"]) for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("train/loss_step")] == [2, 3]
+
+
 @pytest.mark.slow
 def test_resume_is_exact_when_the_accumulation_does_not_divide_the_configured_epoch(prepared, codec_path, tmp_path):
     """3 batches an epoch, 2 a step: the epoch is served as 4 (whole steps), so a resumed run's

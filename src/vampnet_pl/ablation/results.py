@@ -3,8 +3,8 @@
 A run folder (``<sweep>/runs/<run id>/``) holds the training's checkpoints and logs, plus:
 - ``results.json``: written once the run has finished, atomically; its presence means "finished";
 - ``failure.json``: the last failed attempt (exit status, log tail); removed when the run finishes;
-- ``curves/attempt-<k>.csv``: the CSV log of each earlier attempt (Lightning's CSVLogger starts its
-  ``metrics.csv`` afresh on a restart, so it is moved aside first); the live one is the CSV log itself.
+- ``curves/attempt-<k>.csv``: the CSV log of each earlier attempt (moved aside by the train app, see
+  :mod:`vampnet_pl.training.csv_logs`); the live one is the CSV log itself.
 
 The final scores (:func:`final_metrics`) are read at one step per family, never each column's own last value:
 - the last validation (``metrics_step``, the latest step with a ``val/`` value): every column with a value at
@@ -28,6 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from vampnet_pl.training.csv_logs import attempt_logs, csv_log_dirs
 from vampnet_pl.utils.atomic import write_json_atomic
 
 RESULTS = "results.json"
@@ -66,22 +67,6 @@ def protocol_id(config: dict) -> str:
     return "none"
 
 
-def csv_dirs(cfg: DictConfig) -> list[Path]:
-    from vampnet_pl.ablation.spec import csv_log_dirs
-
-    return csv_log_dirs(cfg)
-
-
-def archive_csv_log(run_dir: Path, cfg: DictConfig) -> None:
-    """Move the CSV log of an earlier attempt to ``curves/attempt-<k>.csv`` before a new attempt starts."""
-    for log_dir in csv_dirs(cfg):
-        live = log_dir / "metrics.csv"
-        if live.is_file() and live.stat().st_size:
-            curves = run_dir / "curves"
-            curves.mkdir(parents=True, exist_ok=True)
-            os.replace(live, curves / f"attempt-{len(list(curves.glob('attempt-*.csv')))}.csv")
-
-
 def _read_csv(path: Path) -> list[dict[str, float]]:
     rows = []
     with open(path, newline="") as handle:
@@ -105,7 +90,7 @@ def read_curves(run_dir: str | Path, log_dirs: list[Path] | None = None) -> dict
     (a diverged run); an empty cell (nothing logged at that step) is no value.
     """
     run_dir = Path(run_dir)
-    files = sorted((run_dir / "curves").glob("attempt-*.csv"), key=lambda p: int(p.stem.split("-")[1]))
+    files = attempt_logs(run_dir)
     for log_dir in log_dirs if log_dirs is not None else [run_dir / "csv"]:
         if (log_dir / "metrics.csv").is_file():
             files.append(log_dir / "metrics.csv")
@@ -171,7 +156,7 @@ def write_results(run, cfg: DictConfig) -> dict:
     step, fingerprint = checkpoint_info(run.run_dir)
     if step != config["trainer"]["max_steps"]:
         raise RunIncomplete(f"{run.run_id} stopped at step {step} of {config['trainer']['max_steps']}")
-    curves = read_curves(run.run_dir, csv_dirs(cfg))
+    curves = read_curves(run.run_dir, csv_log_dirs(cfg))
     scores = final_metrics(curves)
     record = {
         **run.to_dict(),

@@ -108,7 +108,6 @@ def train_command(run: Run) -> list[str]:
 
 def run_local_one(run: Run, cfg: DictConfig, threads: int, children: _Children | None = None) -> Outcome:
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    results.archive_csv_log(run.run_dir, cfg)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", str(threads))
     for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):

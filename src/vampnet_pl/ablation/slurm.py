@@ -32,12 +32,7 @@ class TrainRun(submitit.helpers.Checkpointable):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         cfg = compose_run(self.run)
         rank = int(os.environ.get("SLURM_PROCID", 0))
-        if rank == 0:
-            self.run.run_dir.mkdir(parents=True, exist_ok=True)
-            results.archive_csv_log(self.run.run_dir, cfg)
-        else:
-            time.sleep(2)  # let rank 0 move the previous attempt's CSV log aside first
-        train(cfg)
+        train(cfg)  # rank 0 keeps an earlier attempt's CSV log (training.csv_logs)
         if rank == 0:
             try:
                 results.write_results(self.run, cfg)

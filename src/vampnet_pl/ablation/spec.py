@@ -12,12 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vampnet_pl.config import AblationConfig, UsageError, compose
+from vampnet_pl.training.csv_logs import csv_log_dirs
 
 # The baseline every condition is compared with unless the spec names one: VampNet's masking.
 DEFAULT_BASELINE = {"masking.schedule": "cosine", "masking.kind": "random", "masking.sampler": "uniform",
                     "masking": "cosine"}
 SWEEP_LOGGER = "logger=sweep"  # CSV (the report's curves) + TensorBoard, unless the spec picks its own logger
-CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
 
 
 class SpecError(UsageError):
@@ -175,12 +175,6 @@ def epoch_batches(cfg: DictConfig) -> int:
     """Training batches per epoch (validation runs at each epoch's end), as the DataModule splits them."""
     workers = max(1, int(cfg.data.num_workers))
     return max(1, int(cfg.data.batches_per_epoch) // workers) * workers
-
-
-def csv_log_dirs(cfg: DictConfig) -> list[Path]:
-    nodes = [cfg.logger] if cfg.logger is not None and "_target_" in cfg.logger else list((cfg.logger or {}).values())
-    return [Path(n.save_dir) / (n.name or "") / str(n.version if n.version is not None else "")
-            for n in nodes if n and n.get("_target_") == CSV_LOGGER]
 
 
 def check_run_config(run: Run, cfg: DictConfig) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,7 @@ from vampnet_pl.config import TrainConfig, conf_dir
 from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth, LogPointProgressBar
 from vampnet_pl.training.checkpointing import AtomicCheckpointIO, check_resumable, remove_checkpoint_leftovers
+from vampnet_pl.training.csv_logs import keep_earlier_attempt
 from vampnet_pl.training.slurm import (SharedSignals, SlurmRequeue, cluster_plugins, describe, requeue_enabled,
                                       share_signals, slurm_layout)
 from vampnet_pl.training.module import MaskedTokenModule
@@ -95,6 +97,8 @@ def build(cfg: DictConfig):
     if (layout := slurm_layout()) and trainer_args["devices"] == "auto":
         trainer_args["devices"], trainer_args["num_nodes"] = layout  # one process per SLURM task
     log.info(describe(schema.slurm.requeue))
+    if rank_zero_only.rank == 0:  # before the CSV loggers start, which would delete it
+        keep_earlier_attempt(schema.run_dir, cfg)
     trainer = L.Trainer(
         **trainer_args,
         strategy=hydra.utils.instantiate(cfg.strategy) if cfg.strategy else "auto",
