@@ -46,3 +46,25 @@ def test_the_command_rejects_a_typo_like_the_module(stage, typo, capsys):
         main([stage, "--cfg", "job", "coarse=a.pt", "dataset_dir=d", typo] if stage == "eval" else [stage, typo])
     assert err.value.code == 1
     assert typo.split("=")[0].split(".")[-1] in capsys.readouterr().err
+
+
+def test_each_job_of_a_multirun_gets_its_own_run_folder(tmp_path, monkeypatch):
+    """`train -m` without a run_name: job #1 must not resume job #0's checkpoint nor overwrite its metrics.csv."""
+    from types import SimpleNamespace
+
+    from vampnet_pl.training import app
+
+    seen = []
+
+    def fake_run(cfg):  # what the real run reads: run_dir, and the folders the callbacks and logger interpolate
+        seen.append((cfg.optim.lr, cfg.run_dir, cfg.callbacks.last_checkpoint.dirpath, cfg.logger.save_dir))
+        return SimpleNamespace(received_sigterm=False)
+
+    monkeypatch.setattr(app, "run", fake_run)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert main(["train", "-m", "optim.lr=0.001,0.0003", f"runs_dir={tmp_path}", "logger=csv"]) == 0
+    assert seen == [(lr, f"{tmp_path}/vampnet-local-{n}", f"{tmp_path}/vampnet-local-{n}/checkpoints",
+                     f"{tmp_path}/vampnet-local-{n}") for n, lr in enumerate((0.001, 0.0003))]
+    seen.clear()
+    assert main(["train", f"runs_dir={tmp_path}", "logger=csv"]) == 0  # a single run keeps its plain folder
+    assert seen[0][1] == f"{tmp_path}/vampnet-local"

@@ -195,7 +195,7 @@ class TrainConfig:
     runs_dir: str = "runs"
     # All ranks agree on it; a requeued SLURM job (same job id) finds its checkpoints here.
     run_name: str = "${experiment}-${oc.env:SLURM_JOB_ID,local}"
-    run_dir: str = "${runs_dir}/${run_name}"
+    run_dir: str = "${runs_dir}/${run_name}"  # in a multirun (-m): with -<job number> appended (training/app.py)
     resume: bool = True  # continue from ${run_dir}/checkpoints/last.ckpt when it exists
     seed: int = 0
     codec: CodecConfig = field(default_factory=CodecConfig)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -125,10 +127,21 @@ def run(cfg: DictConfig) -> L.Trainer:
 SIGTERM_EXIT = 128 + signal.SIGTERM  # as a shell reports a process that SIGTERM ended: the run is not finished
 
 
+def give_job_its_own_folder(cfg: DictConfig) -> None:
+    """In a Hydra multirun (``-m``), ``run_dir`` becomes ``<run_dir>-<job number>``: the jobs of a sweep never share
+    a folder (each would resume the one before it and overwrite its logs). The number is the job's place in the
+    sweep, so a requeued job (submitit) and a rerun of the same sweep find their own checkpoints again."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    cfg.run_dir = f"{cfg.run_dir}-{HydraConfig.get().job.num}"
+    log.info("multirun job %s: run folder %s", HydraConfig.get().job.num, cfg.run_dir)
+
+
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """``vampnet-pl train``. A run stopped by SIGTERM exits with 143, not 0, so that a caller (the ablation
     runner, a script) does not take it for finished; it resumes from its checkpoint when run again."""
+    give_job_its_own_folder(cfg)
     try:
         trainer = run(cfg)
     except SIGTERMException:  # several ranks: raised on each once they agreed to stop
