@@ -11,7 +11,7 @@ from vampnet_pl.ablation import runner
 from vampnet_pl.ablation.spec import SpecError, expand, load_spec, validate
 from vampnet_pl.cli import main
 
-BASE = ["experiment=demo_coarse", "data.batches_per_epoch=4", "trainer.max_steps=8", "data.num_workers=0"]
+BASE = ["experiment=demo_coarse", "data.dataset_dir=codes", "data.batches_per_epoch=4", "trainer.max_steps=8", "data.num_workers=0"]
 
 
 def write_spec(tmp_path: Path, **fields) -> Path:

@@ -81,7 +81,7 @@ def test_data_schema_rejects_typos_and_wrong_types(prepared):
 def test_vampnet_recipes_are_the_originals(name, model, window, cutoff, lora):
     from vampnet_pl.config import compose
 
-    cfg = compose("train", [f"experiment={name}", "init_from=coarse.pt"])
+    cfg = compose("train", [f"experiment={name}", "init_from=coarse.pt", "data.dataset_dir=codes"])
     assert cfg.model.n_layers == (20 if model == "coarse" else 16) and cfg.model.qkv == "separate"
     assert (cfg.data.window_seconds, cfg.data.loudness_cutoff, cfg.label_smoothing) == (window, cutoff, 0.1)
     assert (cfg.optim.scheduler, cfg.optim.lr, cfg.trainer.gradient_clip_val) == ("noam", 2.0, 5.0)
@@ -106,3 +106,19 @@ def test_masking_protocol_and_loss_weighting_names_fail_at_compose_time(prepared
         with pytest.raises((UsageError, ValueError), match=match):
             compose("train", [*base, bad])
     assert compose("eval", ["coarse=c.pt", f"dataset_dir={prepared}"]).eval_protocol.passes_sweep == [1, 4, 12, 36]
+
+
+def test_required_keys_without_a_schema_default_are_named_at_compose_time():
+    """`???` over an Optional schema default of None is a no-op in OmegaConf: the schema checks these itself."""
+    from vampnet_pl.config import UsageError, compose
+
+    for recipe in ("vampnet_lora", "vampnet_finetune"):
+        with pytest.raises(UsageError, match=f"init_from is not set: .*{'LoRA' if recipe == 'vampnet_lora' else recipe}"):
+            compose("train", [f"experiment={recipe}", "data.dataset_dir=codes"])
+    with pytest.raises(UsageError, match="init_from is not set: LoRA"):
+        compose("train", ["lora=default", "data.dataset_dir=codes"])
+    assert compose("train", ["lora=default", "data.dataset_dir=codes", "init_from=m.pt"]).lora.r == 8
+    with pytest.raises(UsageError, match="data.dataset_dir is not set"):
+        compose("train", [])
+    cfg = compose("train", ["data.train_urls=train.tar", "data.val_urls=val.tar", "data.n_codebooks=4"])
+    assert cfg.data.dataset_dir is None and cfg.data.train_urls == "train.tar"

@@ -217,7 +217,16 @@ class TrainConfig:
     compile: Optional[bool] = None  # torch.compile each transformer block; None: on when training on CUDA
     activation_checkpointing: bool = False
     init_from: Optional[str] = None  # an exported model to fine-tune (of this run's model config)
-    lora: Optional[LoraConfig] = None  # with init_from: train LoRA adapters only
+    fine_tune: bool = False  # a fine-tuning recipe (experiment=vampnet_finetune, vampnet_lora): init_from is required
+    lora: Optional[LoraConfig] = None  # with init_from (required): train LoRA adapters only
+
+    def __post_init__(self):  # required keys whose schema default is None (``???`` over None is a no-op in OmegaConf)
+        if self.data.dataset_dir is None and self.data.train_urls is None:
+            raise ValueError("data.dataset_dir is not set: give data.dataset_dir=<a prep out_dir> "
+                             "(or data.train_urls=... and data.val_urls=...)")
+        if self.init_from is None and (self.lora is not None or self.fine_tune):
+            why = "LoRA adapters (lora=...) train on" if self.lora is not None else f"experiment={self.experiment} fine-tunes"
+            raise ValueError(f"init_from is not set: {why} a pretrained model; give init_from=<exported model .pt>")
 
 
 @dataclass
