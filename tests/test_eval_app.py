@@ -33,7 +33,7 @@ def test_eval_app_writes_results_and_plots(prepared, codec, codec_path, tmp_path
     save_exported(tmp_path / "coarse.pt", small_model(codec, 4, 0))
     save_exported(tmp_path / "c2f.pt", small_model(codec, 14, 4))
     overrides = [f"coarse={tmp_path / 'coarse.pt'}", f"c2f={tmp_path / 'c2f.pt'}", f"codec.source={codec_path}",
-                 "codec.device=cpu", f"dataset_dir={prepared}", "window_seconds=1.0", "n_windows=2", "batch_size=2",
+                 "codec.device=cpu", f"dataset_dir={prepared}", "split=val", "window_seconds=1.0", "n_windows=2", "batch_size=2",
                  "eval_protocol.id=test", "eval_protocol.periods=[8]", "eval_protocol.sweep_prompt=periodic_8",
                  "eval_protocol.passes=2", "c2f_passes=1", "eval_protocol.passes_sweep=[1,2]", "prompts=[beat]",
                  f"out_dir={tmp_path / 'eval'}"]
@@ -88,7 +88,7 @@ def test_eval_scores_do_not_depend_on_the_batch_size(prepared, codec, codec_path
 
     def scores(batch_size: int) -> list[dict]:
         overrides = [f"coarse={tmp_path / 'coarse.pt'}", f"c2f={tmp_path / 'c2f.pt'}", f"codec.source={codec_path}",
-                     "codec.device=cpu", f"dataset_dir={prepared}", "window_seconds=1.0", "n_windows=3",
+                     "codec.device=cpu", f"dataset_dir={prepared}", "split=val", "window_seconds=1.0", "n_windows=3",
                      f"batch_size={batch_size}", "eval_protocol.periods=[8]", "eval_protocol.sweep_prompt=periodic_8",
                      "eval_protocol.passes=2", "c2f_passes=2", "eval_protocol.passes_sweep=[]", "prompts=[random:0.5]"]
         with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
@@ -155,3 +155,16 @@ def test_training_time_scores_are_the_same_on_one_rank_and_two(codec_path, monke
     assert one["gen/n_embeddings/periodic_8"] == two[0]["gen/n_embeddings/periodic_8"] == 3
     assert "gen/fad/random:0.5" in one
     assert two[0] == pytest.approx(two[1]) and two[0] == pytest.approx(one, rel=1e-5, abs=1e-7)
+def test_eval_scores_the_requested_split_or_refuses(prepared, codec, tmp_path):
+    """An empty split is an error (it was silently replaced by val); a misspelt one fails at compose time."""
+    import pytest
+
+    from vampnet_pl.config import UsageError, compose
+    from vampnet_pl.evaluation.app import eval_windows
+
+    base = ["coarse=c.pt", f"dataset_dir={prepared}", "window_seconds=1.0", "n_windows=2"]
+    with pytest.raises(UsageError, match="tset"):
+        compose("eval", [*base, "split=tset"])
+    with pytest.raises(ValueError, match="the test split of .* has no shards"):  # the fixture's test_fraction is 0
+        eval_windows(compose("eval", [*base, "split=test"]), codec)
+    assert eval_windows(compose("eval", [*base, "split=val"]), codec).shape[0] == 2

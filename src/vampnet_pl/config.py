@@ -229,13 +229,19 @@ class TrainConfig:
             raise ValueError(f"init_from is not set: {why} a pretrained model; give init_from=<exported model .pt>")
 
 
+class DataSplit(str, Enum):  # the splits prep writes (shards/<split>/)
+    train = "train"
+    val = "val"
+    test = "test"
+
+
 @dataclass
 class EvalConfig:
     coarse: str = MISSING  # exported coarse model
     c2f: Optional[str] = None  # exported c2f model (without it, the coarse model's depth is evaluated)
     codec: CodecConfig = field(default_factory=CodecConfig)
     dataset_dir: str = MISSING
-    split: str = "test"  # test | val | train
+    split: DataSplit = DataSplit.test  # an empty split is an error (prep's split.test_fraction=0 leaves test empty)
     window_seconds: float = 10.0
     c2f_chunk_seconds: float = 3.0  # c2f generates in chunks of this length (the original's 3 s)
     n_windows: Optional[int] = None  # windows scored; None: eval_protocol.gen_windows (n_embeddings shows the count)

@@ -56,22 +56,24 @@ def run_demo(overrides: list[str]) -> dict:
         curves[stage] = (steps, losses)
         print(f"{stage}: loss {losses[0]:.3f} at step {steps[0]} -> {losses[-1]:.3f} at step {steps[-1]}; model {exported}")
     loss_plot = plot_losses(curves, work / "training_loss.png")
-    eval_paths = evaluate_demo_models(cfg, models, codec_path)
+    # a small catalog may leave the test split empty; eval refuses an empty split, so the demo says which it scores
+    eval_split = "test" if index["splits"]["test"]["shards"] else "val"
+    eval_paths = evaluate_demo_models(cfg, models, codec_path, eval_split)
     vamps = vamp_demo_clip(cfg, models, codec_path)
     print(f"\nshards:   {dataset_dir}  (index.json, verify OK, {index['totals']['shards']} shards)")
     print(f"failures: {dataset_dir / 'failures.jsonl'}")
     print(f"pictures: {picture}, {loss_plot}")
     print(f"models:   {models['coarse']}, {models['c2f']}  (TensorBoard logs: {work / 'runs'})")
-    print(f"metrics:  {eval_paths[0]}  (plots: {eval_paths[1]}, {eval_paths[2]})")
+    print(f"metrics:  {eval_paths[0]}  ({eval_split} split; plots: {eval_paths[1]}, {eval_paths[2]})")
     print(f"audio:    {', '.join(str(p) for p in vamps)}")
     return index
 
 
-def evaluate_demo_models(cfg, models: dict[str, Path], codec_path: Path) -> list[Path]:
+def evaluate_demo_models(cfg, models: dict[str, Path], codec_path: Path, split: str = "test") -> list[Path]:
     from vampnet_pl.evaluation.app import run as run_eval
 
     overrides = [f"coarse={models['coarse']}", f"c2f={models['c2f']}", f"codec.source={codec_path}",
-                 f"dataset_dir={cfg.prep.out_dir}", "window_seconds=2.0", "n_windows=8", "batch_size=8",
+                 f"dataset_dir={cfg.prep.out_dir}", f"split={split}", "window_seconds=2.0", "n_windows=8", "batch_size=8",
                  "prompts=[random:0.8]",
                  f"out_dir={Path(cfg.work_dir) / 'eval'}", f"seed={cfg.seed}"]
     return run_eval(compose("eval", overrides, typed=False))

@@ -40,15 +40,23 @@ COLUMNS = ["prompt", "protocol", "coarse_passes", *SCORES]
 
 
 def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
+    """The ``cfg.split`` windows scored; an empty split is an error, never replaced by another."""
+    from vampnet_pl.config import DataSplit
+
     index = load_index(cfg.dataset_dir)
-    split = cfg.split if index["splits"][cfg.split]["shards"] else "val"
-    urls = [str(Path(cfg.dataset_dir) / s["path"]) for s in index["splits"][split]["shards"]]
+    split = DataSplit(cfg.split).value
+    shards = index["splits"].get(split, {}).get("shards")
+    if not shards:
+        raise ValueError(f"the {split} split of {cfg.dataset_dir} has no shards (prep's split.{split}_fraction "
+                         f"was 0?); score another with split=val or split=train")
+    urls = [str(Path(cfg.dataset_dir) / s["path"]) for s in shards]
     frames = window_frames(cfg.window_seconds, codec.sample_rate, codec.hop_length)
     windows, _ = read_fixed_windows(urls, frames, index["codec"]["config"]["n_codebooks"], codec.fingerprint, 1,
                                     cfg.n_windows or cfg.eval_protocol.gen_windows, codebook_size=codec.codebook_size,
                                     expected_codebooks=index["codec"]["config"]["n_codebooks"])
     if not windows:
         raise ValueError(f"no {cfg.window_seconds} s windows in the {split} split of {cfg.dataset_dir}")
+    log.info("scoring %d windows of the %s split of %s", len(windows), split, cfg.dataset_dir)
     return torch.stack([torch.from_numpy(w.astype("int64")) for w in windows])
 
 
