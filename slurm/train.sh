@@ -3,7 +3,7 @@
 # itself 90 s before its time limit or on preemption, and resumes where it stopped. Prints the job id.
 #
 #   PARTITION=gpu ACCOUNT=mylab NODES=2 GPUS_PER_NODE=4 slurm/train.sh \
-#       experiment=coarse data.dataset_dir=/data/codes model=coarse_paper strategy=fsdp
+#       experiment=vampnet_coarse data.dataset_dir=/data/codes codec=dac_44khz strategy=fsdp
 #
 # Arguments: conf/train.yaml overrides (the strategy is one: strategy=ddp|fsdp|fsdp2|deepspeed_zero2|...).
 # Environment:

@@ -122,3 +122,19 @@ def test_required_keys_without_a_schema_default_are_named_at_compose_time():
         compose("train", [])
     cfg = compose("train", ["data.train_urls=train.tar", "data.val_urls=val.tar", "data.n_codebooks=4"])
     assert cfg.data.dataset_dir is None and cfg.data.train_urls == "train.tar"
+
+
+def test_every_experiment_the_docs_name_exists():
+    """`experiment=<name>` in the READMEs, the SLURM scripts and conf/ comments must be a conf/experiment/ recipe."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    known = {p.stem for p in (root / "conf" / "experiment").glob("*.yaml")}
+    files = [root / "README.md", *root.glob("docs/**/*.md"), *root.glob("slurm/*.md"), *root.glob("slurm/*.sh"),
+             *root.glob("slurm/*.sbatch"), *(root / "conf").rglob("*.yaml")]
+    named = {(name, str(path.relative_to(root))) for path in files
+             for match in re.finditer(r"experiment=([\w|,]+)", path.read_text())
+             for name in re.split(r"[|,]", match.group(1)) if name}
+    assert sorted((n, where) for n, where in named if n not in known) == []
+    assert {n for n, _ in named} >= {"vampnet_coarse", "vampnet_lora"}  # the pattern finds them
