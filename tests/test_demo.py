@@ -22,5 +22,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert load_exported(tmp_path / "models" / "coarse.pt").cfg.n_conditioning_codebooks == 0
     assert load_exported(tmp_path / "models" / "c2f.pt").cfg.n_conditioning_codebooks == 4
     assert "coarse: loss" in out and "c2f: loss" in out
+    logs = [tmp_path / "runs" / stage / "csv" / "metrics.csv" for stage in ("coarse", "c2f")]
+    assert f"training logs: {logs[0]}, {logs[1]}" in out and all(p.is_file() for p in logs)  # what it points to exists
+    assert "TensorBoard" not in out and ("(test split;" in out or "(val split;" in out)
     assert (tmp_path / "eval" / "results.csv").is_file() and (tmp_path / "eval" / "quality_vs_passes.png").is_file()
     assert len(list((tmp_path / "vamps").glob("demo_clip_vamp_*.wav"))) == 2

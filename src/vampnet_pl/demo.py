@@ -48,10 +48,11 @@ def run_demo(overrides: list[str]) -> dict:
     source = codec.resample(torch.from_numpy(audio.mean(0)), rate).cpu()
     picture = plot_codes_and_audio(codes, source, codec.decode(codes), codec.sample_rate, codec.frame_rate,
                                    meta["source"], work / "shards_overview.png")
-    models, curves = {}, {}
+    models, curves, logs = {}, {}, []
     for stage in ("coarse", "c2f"):
         run_dir, exported = train_demo_model(cfg, stage, codec_path)
         models[stage] = exported
+        logs.append(run_dir / "csv" / "metrics.csv")  # the demo trains with logger=csv
         steps, losses = read_losses(run_dir)
         curves[stage] = (steps, losses)
         print(f"{stage}: loss {losses[0]:.3f} at step {steps[0]} -> {losses[-1]:.3f} at step {steps[-1]}; model {exported}")
@@ -63,7 +64,7 @@ def run_demo(overrides: list[str]) -> dict:
     print(f"\nshards:   {dataset_dir}  (index.json, verify OK, {index['totals']['shards']} shards)")
     print(f"failures: {dataset_dir / 'failures.jsonl'}")
     print(f"pictures: {picture}, {loss_plot}")
-    print(f"models:   {models['coarse']}, {models['c2f']}  (TensorBoard logs: {work / 'runs'})")
+    print(f"models:   {models['coarse']}, {models['c2f']}  (training logs: {', '.join(map(str, logs))})")
     print(f"metrics:  {eval_paths[0]}  ({eval_split} split; plots: {eval_paths[1]}, {eval_paths[2]})")
     print(f"audio:    {', '.join(str(p) for p in vamps)}")
     return index
