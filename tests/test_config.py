@@ -138,3 +138,22 @@ def test_every_experiment_the_docs_name_exists():
              for name in re.split(r"[|,]", match.group(1)) if name}
     assert sorted((n, where) for n, where in named if n not in known) == []
     assert {n for n, _ in named} >= {"vampnet_coarse", "vampnet_lora"}  # the pattern finds them
+
+
+def test_scheduler_and_fad_backend_names_fail_at_compose_time(tmp_path, capsys):
+    """Checked against the registries that build them (SCHEDULERS, EMBEDDINGS), not only when the fit starts."""
+    from vampnet_pl.cli import main
+    from vampnet_pl.config import UsageError, compose
+
+    base = ["data.dataset_dir=codes"]
+    for name, overrides, match in (
+            ("train", [*base, "optim.scheduler=cosin"], r"unknown scheduler 'cosin' \(optim.scheduler\)"),
+            ("train", [*base, "callbacks=with_eval", "callbacks.prompt_eval.fad_backend=vgish"],
+             r"unknown FAD backend 'vgish' \(callbacks.prompt_eval.fad_backend\)"),
+            ("eval", ["coarse=c.pt", "dataset_dir=codes", "fad_backend=clapp"], r"unknown FAD backend 'clapp'")):
+        with pytest.raises(UsageError, match=match):
+            compose(name, overrides)
+    assert compose("train", [*base, "optim=noam", "callbacks=with_eval"]).optim.scheduler == "noam"
+    spec = conf_dir() / "ablation" / "demo.yaml"
+    assert main(["ablate", "run", str(spec), "--dry-run", "--sweep-dir", str(tmp_path), "optim.scheduler=cosin"]) == 2
+    assert "cosin" in capsys.readouterr().err

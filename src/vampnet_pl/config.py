@@ -32,6 +32,14 @@ def conf_dir() -> Path:
     return path
 
 
+def check_fad_backend(name: str, key: str) -> None:
+    """A FAD backend name, against the registry that builds them (evaluation/metrics.py)."""
+    from vampnet_pl.evaluation.metrics import EMBEDDINGS
+
+    if name not in EMBEDDINGS:
+        raise ValueError(f"unknown FAD backend {name!r} ({key}); known: {sorted(EMBEDDINGS)}")
+
+
 @dataclass
 class CodecConfig:
     # A pretrained DAC name (44khz, 24khz, 16khz; needs internet once) or a DAC checkpoint path.
@@ -224,6 +232,9 @@ class TrainConfig:
         if self.data.dataset_dir is None and self.data.train_urls is None:
             raise ValueError("data.dataset_dir is not set: give data.dataset_dir=<a prep out_dir> "
                              "(or data.train_urls=... and data.val_urls=...)")
+        for name, node in (self.callbacks or {}).items():  # the generation callback (callbacks=with_eval)
+            if isinstance(node, dict) and "fad_backend" in node:
+                check_fad_backend(node["fad_backend"], f"callbacks.{name}.fad_backend")
         if self.init_from is None and (self.lora is not None or self.fine_tune):
             why = "LoRA adapters (lora=...) train on" if self.lora is not None else f"experiment={self.experiment} fine-tunes"
             raise ValueError(f"init_from is not set: {why} a pretrained model; give init_from=<exported model .pt>")
@@ -254,6 +265,9 @@ class EvalConfig:
     fad_weights: Optional[str] = None  # local VGGish hub checkout / CLAP checkpoint
     out_dir: str = "eval_out"
     seed: int = 0
+
+    def __post_init__(self):
+        check_fad_backend(self.fad_backend, "fad_backend")
 
 
 class SweepLauncher(str, Enum):

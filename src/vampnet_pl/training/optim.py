@@ -15,12 +15,16 @@ class OptimConfig:
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
-    scheduler: str = "warmup_cosine"  # warmup_cosine | noam | constant
+    scheduler: str = "warmup_cosine"  # a name in SCHEDULERS: warmup_cosine | noam | constant
     warmup_steps: int = 100
     total_steps: int = 0  # 0: the trainer's max_steps
     min_lr_ratio: float = 0.1
     noam_d_model: int = 0  # 0: the model width
     fused: Optional[bool] = None  # fused AdamW kernel; None: when every parameter is a plain CUDA or CPU tensor
+
+    def __post_init__(self):  # at compose time (and in ablate --dry-run), not when the fit starts
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r} (optim.scheduler); known: {sorted(SCHEDULERS)}")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -35,23 +39,35 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _constant(cfg: OptimConfig, warmup: int, total_steps: int, d_model: int):
+    return lambda step: min(1.0, (step + 1) / warmup)
+
+
+def _warmup_cosine(cfg: OptimConfig, warmup: int, total_steps: int, d_model: int):
+    def warmup_cosine(step: int) -> float:  # step k runs the k+1-th optimiser step: peak once, min_lr at the last
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step + 1 - warmup) / max(1, total_steps - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return warmup_cosine
+
+
+def _noam(cfg: OptimConfig, warmup: int, total_steps: int, d_model: int):  # "Attention is all you need", as
+    # VampNet trains: the base lr is the factor
+    width = cfg.noam_d_model or d_model
+    return lambda step: width**-0.5 * min((step + 1) ** -0.5, (step + 1) * warmup**-1.5)
+
+
+# optim.scheduler -> (cfg, warmup, total_steps, d_model) -> (step -> multiplier); the schema checks names against it
+SCHEDULERS = {"warmup_cosine": _warmup_cosine, "noam": _noam, "constant": _constant}
+
+
 def lr_multiplier(cfg: OptimConfig, total_steps: int, d_model: int):
     """step -> multiplier of the base learning rate."""
-    warmup = max(1, cfg.warmup_steps)
-    if cfg.scheduler == "constant":
-        return lambda step: min(1.0, (step + 1) / warmup)
-    if cfg.scheduler == "warmup_cosine":
-        def warmup_cosine(step: int) -> float:  # step k runs the k+1-th optimiser step: peak once, min_lr at the last
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step + 1 - warmup) / max(1, total_steps - warmup))
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        return warmup_cosine
-    if cfg.scheduler == "noam":  # "Attention is all you need", as VampNet trains: base lr is the factor
-        width = cfg.noam_d_model or d_model
-        return lambda step: width**-0.5 * min((step + 1) ** -0.5, (step + 1) * warmup**-1.5)
-    raise ValueError(f"unknown scheduler {cfg.scheduler!r}; use warmup_cosine, noam or constant")
+    if cfg.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; known: {sorted(SCHEDULERS)}")
+    return SCHEDULERS[cfg.scheduler](cfg, max(1, cfg.warmup_steps), total_steps, d_model)
 
 
 def use_fused(model: nn.Module, fused: bool | None) -> bool:
