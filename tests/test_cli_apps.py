@@ -68,3 +68,15 @@ def test_each_job_of_a_multirun_gets_its_own_run_folder(tmp_path, monkeypatch):
     seen.clear()
     assert main(["train", f"runs_dir={tmp_path}", "logger=csv"]) == 0  # a single run keeps its plain folder
     assert seen[0][1] == f"{tmp_path}/vampnet-local"
+
+
+def test_a_lora_key_without_a_lora_config_asks_for_the_group(capsys):
+    """`lora.r=4` without `lora=default` ended in Hydra's bare `AssertionError: Unexpected type for root`."""
+    from vampnet_pl.config import UsageError, compose
+
+    assert main(["train", "data.dataset_dir=codes", "lora.r=4"]) == 2
+    assert "select lora=default first" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="select lora=default first"):  # ablate composes here
+        compose("train", ["data.dataset_dir=codes", "lora.r=4"])
+    for choice in ("lora=default", "experiment=vampnet_lora"):
+        assert compose("train", ["data.dataset_dir=codes", "init_from=m.pt", choice, "lora.r=4"]).lora.r == 4

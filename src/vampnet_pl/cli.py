@@ -164,8 +164,10 @@ def _run_hydra_app(main_fn, prog: str, overrides: list[str]) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from vampnet_pl.config import require_lora_group
     from vampnet_pl.training.app import main as train_main
 
+    require_lora_group(args.overrides)
     return _run_hydra_app(train_main, "vampnet-pl train", args.overrides)
 
 
@@ -319,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("train", "eval"):  # Hydra apps: everything after the stage is theirs
         args = argparse.Namespace(func=_cmd_train if argv[0] == "train" else _cmd_eval, overrides=list(argv[1:]))
-        return args.func(args)
+        try:
+            return args.func(args)
+        except UsageError as err:  # found before Hydra runs (Hydra reports its own errors)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown or (extra and not hasattr(args, "overrides")):

@@ -342,9 +342,25 @@ def compose(config_name: str, overrides: list[str], typed: bool = True):
     import hydra
     from hydra.errors import HydraException
 
+    if config_name == "train":
+        require_lora_group(overrides)
     try:
         with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = hydra.compose(config_name, overrides=overrides)
         return OmegaConf.to_object(cfg) if typed else cfg
     except (HydraException, OmegaConfBaseException, ValueError) as err:  # ValueError: a schema's own check
         raise UsageError(f"bad configuration for {config_name}: {err}") from None
+
+
+def require_lora_group(overrides: list[str]) -> None:
+    """``lora.<key>=...`` (train) needs a LoRA config selected: ``lora=default``, or a recipe that selects it
+    (``experiment=vampnet_lora``). Without one, Hydra fails with a bare ``AssertionError`` (the node is None).
+    Both ``vampnet-pl train`` and :func:`compose` (``ablate``) call this before composing."""
+    keys = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].startswith("lora.")]
+    choices = [o for o in overrides if "=" in o and not o.startswith("-") and "." not in o.split("=", 1)[0]]
+    if not keys or any(o.lstrip("+~").split("=", 1)[0] == "lora" for o in choices) or any("," in o for o in choices):
+        return  # no LoRA key, the group is chosen here, or a swept choice (each job's compose reports it)
+    if compose("train", choices, typed=False).lora is None:
+        raise UsageError(f"{keys[0]} sets a LoRA option, but no LoRA config is selected: select lora=default first "
+                         f"(vampnet-pl train lora=default {keys[0]} ...), or a recipe that has one "
+                         "(experiment=vampnet_lora)")
