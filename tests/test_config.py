@@ -157,3 +157,17 @@ def test_scheduler_and_fad_backend_names_fail_at_compose_time(tmp_path, capsys):
     spec = conf_dir() / "ablation" / "demo.yaml"
     assert main(["ablate", "run", str(spec), "--dry-run", "--sweep-dir", str(tmp_path), "optim.scheduler=cosin"]) == 2
     assert "cosin" in capsys.readouterr().err
+
+
+def test_best_checkpoints_follow_checkpoint_mode():
+    """`checkpoint.monitor=val/acc1` kept the lowest accuracies: the mode was fixed to min."""
+    from vampnet_pl.config import UsageError, compose
+
+    base = ["data.dataset_dir=codes", "checkpoint.monitor=val/acc1"]
+    cfg = compose("train", [*base, "checkpoint.mode=max"], typed=False)
+    best = hydra.utils.instantiate(cfg.callbacks.best_checkpoints)
+    assert (best.monitor, best.mode) == ("val/acc1", "max")
+    assert hydra.utils.instantiate(compose("train", base[:1], typed=False).callbacks.best_checkpoints).mode == "min"
+    for bad, match in ((base, "accuracy .*checkpoint.mode=max"), ([*base, "checkpoint.mode=maximum"], "min or max")):
+        with pytest.raises(UsageError, match=match):
+            compose("train", bad)

@@ -149,6 +149,13 @@ class CheckpointConfig:
     every_n_train_steps: int = 500
     save_top_k: int = 2
     monitor: str = "val/loss"
+    mode: str = "min"  # min | max: keep the lowest or the highest monitor values (max for val/acc1, val/acc5 ...)
+
+    def __post_init__(self):
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"checkpoint.mode must be min or max, got {self.mode!r}")
+        if self.mode == "min" and self.monitor.rsplit("/", 1)[-1].startswith("acc"):
+            raise ValueError(f"checkpoint.monitor={self.monitor} is an accuracy (higher is better): set checkpoint.mode=max")
 
 
 class RequeueMode(str, Enum):
