@@ -78,3 +78,15 @@ def test_the_console_script_runs_a_small_prep_end_to_end(tmp_path, codec_path):
     assert "data prep summary" in done.stdout and "throughput" in done.stdout and "hours of audio" in done.stdout
     assert (tmp_path / "o" / "index.json").is_file() and (tmp_path / "o" / "failures.jsonl").is_file()
     assert not list((tmp_path / "o").rglob("*.tmp"))
+
+
+def test_a_repair_override_typo_is_a_usage_error(tmp_path, capsys):
+    """`prep repair out_dir=DIR codec.devcie=cpu` gave a ConfigKeyError traceback (exit 1), not the one-line exit 2."""
+    from omegaconf import OmegaConf
+
+    from vampnet_pl.config import PrepConfig
+
+    saved = OmegaConf.merge(OmegaConf.structured(PrepConfig), {"catalog": "c", "out_dir": str(tmp_path), "codec": {"source": "x"}})
+    OmegaConf.save(saved, tmp_path / "prep_config.yaml")
+    assert main(["prep", "repair", f"out_dir={tmp_path}", "codec.devcie=cpu"]) == 2
+    assert "devcie" in capsys.readouterr().err

@@ -82,9 +82,14 @@ def _saved_prep_config(overrides: list[str]):
     saved = Path(out_dir) / "prep_config.yaml"
     if not saved.is_file():
         raise UsageError(f"no prep_config.yaml in {out_dir}: not a prep output folder")
-    merged = OmegaConf.merge(OmegaConf.structured(PrepConfig), OmegaConf.load(saved),
-                             OmegaConf.from_dotlist(list(overrides)))
-    return OmegaConf.to_object(merged)
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:  # an override typo is a usage error (one line, exit 2), as in the other stages
+        merged = OmegaConf.merge(OmegaConf.structured(PrepConfig), OmegaConf.load(saved),
+                                 OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise UsageError(f"bad configuration for prep repair: {err}") from None
 
 
 def _cmd_codec(args: argparse.Namespace) -> int:
