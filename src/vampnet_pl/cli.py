@@ -125,6 +125,13 @@ def _cmd_vamp(args: argparse.Namespace) -> int:
     from vampnet_pl.generation.sampling import SamplingConfig
     from vampnet_pl.generation.vamp import load_pipeline, vamp_file
 
+    for flag, value, lowest in (("--variations", args.variations, 1), ("--loop", args.loop, 0),
+                                ("--coarse-passes", args.coarse_passes, 1), ("--c2f-passes", args.c2f_passes, 1)):
+        if value < lowest:
+            raise UsageError(f"{flag} must be at least {lowest}, got {value}")
+    for flag, value in (("--window-seconds", args.window_seconds), ("--c2f-chunk-seconds", args.c2f_chunk_seconds)):
+        if not value > 0:
+            raise UsageError(f"{flag} must be above 0, got {value}")
     shared = dict(temperature=args.temperature, sample_cutoff=args.sample_cutoff, seed=args.seed,
                   cuda_graphs=args.cuda_graphs)  # both stages, as the original's app
     coarse_mask_temperature = 10.5 if args.mask_temperature is None else args.mask_temperature
