@@ -276,3 +276,11 @@ def test_init_from_refuses_a_model_exported_with_another_function(tmp_path):
     # what only training or the kernels use may differ
     runtime = dataclasses.replace(source, dropout=0.3, attention_backend="sdpa", cpu_matmul="aten")
     MaskedTokenModule(runtime.to_dict(), init_from=str(tmp_path / "source.pt"))
+
+
+def test_lora_targets_that_match_no_layer_are_refused():
+    """q/v targets (the vampnet_lora recipe's) on a fused-qkv model adapted only out/ffn, silently."""
+    with pytest.raises(ValueError, match=r"\['q', 'v'\] match no layer of this model \(qkv=fused"):
+        module(lora={"r": 2, "target_modules": ["q", "v", "out", "ffn_in", "ffn_out"]})
+    adapted = module(lora={"r": 2, "target_modules": ["qkv", "out"]})
+    assert {n.split(".")[-4] for n, p in adapted.model.named_parameters() if p.requires_grad} == {"qkv", "out"}

@@ -128,9 +128,15 @@ class MaskedTokenModule(L.LightningModule):
     def _apply_lora(self, lora: dict) -> None:
         import peft
 
+        targets = list(lora.get("target_modules", ["qkv", "out", "ffn_in", "ffn_out"]))
+        layers = {name.rsplit(".", 1)[-1] for name, _ in self.model.named_modules()}
+        if unmatched := [t for t in targets if t not in layers]:  # peft would adapt the others silently
+            attention = "qkv" if self.cfg.qkv == "fused" else "q, k, v"
+            raise ValueError(f"lora.target_modules {unmatched} match no layer of this model (qkv={self.cfg.qkv}: its "
+                             f"attention projections are {attention}, then out, ffn_in, ffn_out)")
         config = peft.LoraConfig(
             r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
-            target_modules=list(lora.get("target_modules", ["qkv", "out", "ffn_in", "ffn_out"])),
+            target_modules=targets,
         )
         self.model = peft.inject_adapter_in_model(config, self.model)
         for name, param in self.model.named_parameters():
