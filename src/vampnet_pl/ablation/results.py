@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import os
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -61,9 +60,9 @@ def protocol_id(config: dict) -> str:
         if isinstance(node, (str, int, float)):
             return str(node)
         if isinstance(node, dict):
-            for field in ("id", "name", "version"):
-                if node.get(field) is not None:
-                    return str(node[field])
+            for name in ("id", "name", "version"):
+                if node.get(name) is not None:
+                    return str(node[name])
     return "none"
 
 
