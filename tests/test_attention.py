@@ -239,7 +239,6 @@ def test_a_block_compiles_whole_with_the_bias_object(backend):
         torch.testing.assert_close(compiled(x, bias), block(x, bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_compiled_flex_attention_stays_compiled_over_many_shapes():
     """Sampling calls it with many batch sizes and lengths; compiled with dynamic=False it stopped
     compiling after torch._dynamo's recompile_limit (8) shapes and ran flex's unfused path."""
@@ -265,6 +264,7 @@ def test_compiled_flex_attention_stays_compiled_over_many_shapes():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_flex_dropout_score_mod_compiles_to_the_eager_values():
     """Inductor lowers the keep-bit hash (int64 shifts, xors, masked products) as eager computes it: here its
     CPU flex kernel (forward; a GPU compiles the same score_mod to Triton)."""

@@ -138,12 +138,13 @@ def test_the_global_batch_is_split_exactly_or_refused():
 
 
 def test_batch_sizing_settings_are_checked_at_compose_time():
-    cfg = compose_checked("train", ["batch_sizing.global_batch=64", "batch_sizing.mode=fixed"])
+    data = "data.dataset_dir=codes"  # the train schema requires one
+    cfg = compose_checked("train", [data, "batch_sizing.global_batch=64", "batch_sizing.mode=fixed"])
     assert cfg.batch_sizing.global_batch == 64 and cfg.batch_sizing.mode.value == "fixed"
     for bad in ("batch_sizing.mode=largest", "batch_sizing.memory_fraction=1.5", "batch_sizing.global_batch=0",
                 "batch_sizing.budget=3"):
-        with pytest.raises(UsageError):
-            compose_checked("train", [bad])
+        with pytest.raises(UsageError, match=r"batch_sizing|largest|memory_fraction|global_batch|budget"):
+            compose_checked("train", [data, bad])
 
 
 def test_probes_run_only_under_strategies_whose_model_they_can_call():

@@ -168,6 +168,8 @@ def test_best_checkpoints_follow_checkpoint_mode():
     best = hydra.utils.instantiate(cfg.callbacks.best_checkpoints)
     assert (best.monitor, best.mode) == ("val/acc1", "max")
     assert hydra.utils.instantiate(compose("train", base[:1], typed=False).callbacks.best_checkpoints).mode == "min"
-    for bad, match in ((base, "accuracy .*checkpoint.mode=max"), ([*base, "checkpoint.mode=maximum"], "min or max")):
+    for bad, match in ((base, "accuracy .*checkpoint.mode=max"), ([*base, "checkpoint.mode=maximum"], "min or max"),
+                       (["data.dataset_dir=codes", "checkpoint.monitor=val/acc1/ratio_0.50"], "checkpoint.mode=max"),
+                       (["data.dataset_dir=codes", "checkpoint.mode=max"], "val/loss is a loss .*checkpoint.mode=min")):
         with pytest.raises(UsageError, match=match):
             compose("train", bad)

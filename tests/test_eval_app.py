@@ -155,16 +155,17 @@ def test_training_time_scores_are_the_same_on_one_rank_and_two(codec_path, monke
     assert one["gen/n_embeddings/periodic_8"] == two[0]["gen/n_embeddings/periodic_8"] == 3
     assert "gen/fad/random:0.5" in one
     assert two[0] == pytest.approx(two[1]) and two[0] == pytest.approx(one, rel=1e-5, abs=1e-7)
+
+
 def test_eval_scores_the_requested_split_or_refuses(prepared, codec, tmp_path):
     """An empty split is an error (it was silently replaced by val); a misspelt one fails at compose time."""
-    import pytest
-
     from vampnet_pl.config import UsageError, compose
     from vampnet_pl.evaluation.app import eval_windows
 
     base = ["coarse=c.pt", f"dataset_dir={prepared}", "window_seconds=1.0", "n_windows=2"]
     with pytest.raises(UsageError, match="tset"):
         compose("eval", [*base, "split=tset"])
-    with pytest.raises(ValueError, match="the test split of .* has no shards"):  # the fixture's test_fraction is 0
+    with pytest.raises(ValueError, match=r"the test split of .* has no shards \(prep's split.test_fraction was 0\?\); "
+                                         "score another with split=train or split=val"):  # the fixture's test_fraction is 0
         eval_windows(compose("eval", [*base, "split=test"]), codec)
     assert eval_windows(compose("eval", [*base, "split=val"]), codec).shape[0] == 2

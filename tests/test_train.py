@@ -105,6 +105,8 @@ def test_a_resumed_run_keeps_the_csv_log_of_its_earlier_attempt(prepared, codec_
     assert earlier == run_dir / "curves" / "attempt-0.csv"
     assert [int(r["step"]) for r in csv.DictReader(open(earlier)) if r.get("train/loss_step")] == [0, 1]
     assert [int(r["step"]) for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("train/loss_step")] == [2, 3]
+    train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=2", "resume=false", *common))  # starts over
+    assert attempt_logs(run_dir) == [earlier]  # another run's log is not kept as an attempt of this one
 
 
 @pytest.mark.slow

@@ -59,6 +59,9 @@ class PrepBalance(str, Enum):
     static = "static"  # each local process a fixed share (u % workers), as SLURM array tasks
 
 
+SPLITS = ("train", "val", "test")  # prep writes shards/<split>/; val and test take the fractions below, train the rest
+
+
 @dataclass
 class SplitConfig:
     val_fraction: float = 0.05
@@ -152,10 +155,14 @@ class CheckpointConfig:
     mode: str = "min"  # min | max: keep the lowest or the highest monitor values (max for val/acc1, val/acc5 ...)
 
     def __post_init__(self):
+        from vampnet_pl.ablation.stats import higher_is_better  # the one rule for which metrics are better higher
+
         if self.mode not in ("min", "max"):
             raise ValueError(f"checkpoint.mode must be min or max, got {self.mode!r}")
-        if self.mode == "min" and self.monitor.rsplit("/", 1)[-1].startswith("acc"):
-            raise ValueError(f"checkpoint.monitor={self.monitor} is an accuracy (higher is better): set checkpoint.mode=max")
+        direction = "max" if higher_is_better(self.monitor) else "min"
+        if self.mode != direction:
+            kind = "an accuracy (higher is better)" if direction == "max" else "a loss or distance (lower is better)"
+            raise ValueError(f"checkpoint.monitor={self.monitor} is {kind}: set checkpoint.mode={direction}")
 
 
 class RequeueMode(str, Enum):
@@ -247,10 +254,7 @@ class TrainConfig:
             raise ValueError(f"init_from is not set: {why} a pretrained model; give init_from=<exported model .pt>")
 
 
-class DataSplit(str, Enum):  # the splits prep writes (shards/<split>/)
-    train = "train"
-    val = "val"
-    test = "test"
+DataSplit = Enum("DataSplit", {name: name for name in SPLITS}, type=str)  # eval's split: one that prep writes
 
 
 @dataclass

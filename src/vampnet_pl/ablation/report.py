@@ -62,7 +62,7 @@ def read_sweep(sweep_dir: str | Path, progress: bool = True) -> tuple[dict, list
     from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 
-    from vampnet_pl.ablation.spec import csv_log_dirs
+    from vampnet_pl.training.csv_logs import csv_log_dirs
 
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / SWEEP_FILE).is_file():

@@ -47,8 +47,10 @@ def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
     split = DataSplit(cfg.split).value
     shards = index["splits"].get(split, {}).get("shards")
     if not shards:
-        raise ValueError(f"the {split} split of {cfg.dataset_dir} has no shards (prep's split.{split}_fraction "
-                         f"was 0?); score another with split=val or split=train")
+        why = f" (prep's split.{split}_fraction was 0?)" if split != "train" else ""
+        others = " or ".join(f"split={name}" for name, entry in index["splits"].items() if entry["shards"])
+        raise ValueError(f"the {split} split of {cfg.dataset_dir} has no shards{why}"
+                         + (f"; score another with {others}" if others else ""))
     urls = [str(Path(cfg.dataset_dir) / s["path"]) for s in shards]
     frames = window_frames(cfg.window_seconds, codec.sample_rate, codec.hop_length)
     windows, _ = read_fixed_windows(urls, frames, index["codec"]["config"]["n_codebooks"], codec.fingerprint, 1,

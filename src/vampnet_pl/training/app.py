@@ -99,8 +99,8 @@ def build(cfg: DictConfig):
     if (layout := slurm_layout()) and trainer_args["devices"] == "auto":
         trainer_args["devices"], trainer_args["num_nodes"] = layout  # one process per SLURM task
     log.info(describe(schema.slurm.requeue))
-    if rank_zero_only.rank == 0:  # before the CSV loggers start, which would delete it
-        keep_earlier_attempt(schema.run_dir, cfg)
+    if resume_from is not None and rank_zero_only.rank == 0:  # this run's earlier attempt, before the CSV loggers
+        keep_earlier_attempt(schema.run_dir, cfg)  # start (they would delete it)
     trainer = L.Trainer(
         **trainer_args,
         strategy=hydra.utils.instantiate(cfg.strategy) if cfg.strategy else "auto",
@@ -130,7 +130,8 @@ SIGTERM_EXIT = 128 + signal.SIGTERM  # as a shell reports a process that SIGTERM
 def give_job_its_own_folder(cfg: DictConfig) -> None:
     """In a Hydra multirun (``-m``), ``run_dir`` becomes ``<run_dir>-<job number>``: the jobs of a sweep never share
     a folder (each would resume the one before it and overwrite its logs). The number is the job's place in the
-    sweep, so a requeued job (submitit) and a rerun of the same sweep find their own checkpoints again."""
+    sweep, so a requeued job (submitit) finds its own checkpoints again, as does a local rerun of the same sweep (or any
+    rerun with a fixed ``run_name``: by default it holds the SLURM job id, new at each submission)."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
     cfg.run_dir = f"{cfg.run_dir}-{HydraConfig.get().job.num}"
