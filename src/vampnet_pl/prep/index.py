@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from vampnet_pl.codec import Codec
-from vampnet_pl.config import PrepConfig
+from vampnet_pl.config import SPLITS, PrepConfig
 from vampnet_pl.data.index import INDEX_VERSION, index_path, load_index
 from vampnet_pl.data.validation import SampleInvalid, decode_npy, validate_codes
 from vampnet_pl.prep.encode import changed_encoding, plan_units, unit_is_done, unit_marker_path
-from vampnet_pl.prep.manifest import SPLITS, file_sha256, load_manifest, read_jsonl, scan_failures_path, write_jsonl
+from vampnet_pl.prep.manifest import file_sha256, load_manifest, read_jsonl, scan_failures_path, write_jsonl
 from vampnet_pl.utils.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Iterable
 from tqdm import tqdm
 
 from vampnet_pl.audio_io import AudioReadError, probe
-from vampnet_pl.config import SPLITS, PrepConfig, SplitConfig
+from vampnet_pl.config import PrepConfig, SplitConfig
 from vampnet_pl.utils.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
