@@ -288,7 +288,7 @@ def test_eval_job_scores_an_exported_model(cluster, jobs_env, reference_run, pre
     coarse = export_checkpoint(reference_run[0] / "checkpoints" / "last.ckpt", tmp_path / "coarse.pt")
     out = tmp_path / "eval"
     (job,) = submit("eval.sh", jobs_env, f"coarse={coarse}", f"codec.source={codec_path}", "codec.device=cpu",
-                    f"dataset_dir={prepared}", "window_seconds=1.0", "n_windows=2", "batch_size=2", "eval_protocol.passes=2",
+                    f"dataset_dir={prepared}", "split=val", "window_seconds=1.0", "n_windows=2", "batch_size=2", "eval_protocol.passes=2",
                     "eval_protocol.passes_sweep=[1,2]", "prompts=[periodic:8,prefix:0.5]", f"out_dir={out}",
                     f"hydra.run.dir={tmp_path / 'hydra'}", GPUS="0")
     assert_completed(cluster, job, jobs_env, timeout=300)
