@@ -223,6 +223,59 @@ def test_vamp_command_writes_variations_and_loops(tmp_path, codec_path, models):
     assert looped.duration == pytest.approx(4.5, abs=0.1)  # the input and 2 vamps, whatever --variations says
 
 
+def test_vamp_outputs_are_as_long_as_the_input_and_earlier_ones_are_kept(tmp_path, codec_path, codec, models, capsys):
+    """The codec pads to whole frames: outputs were up to a hop longer, and a loop drifted at every seam. A second
+    run into the same folder replaced the first run's files without a word."""
+    from vampnet_pl.audio_io import read_audio
+
+    song = write_tone(tmp_path / "song.wav", 1.3, 22050)
+    length = codec.resample(torch.from_numpy(read_audio(song)[0].mean(0)), 22050).shape[-1]
+    assert length % codec.hop_length  # not a whole number of frames
+    common = ["--coarse", str(models[0]), "--codec", str(codec_path), "--device", "cpu", "--coarse-passes", "1",
+              "--out-dir", str(tmp_path / "out")]
+    assert main(["vamp", str(song), "--variations", "2", *common]) == 0
+    assert [sf.info(str(p)).frames for p in sorted((tmp_path / "out").glob("song_vamp_*.wav"))] == [length] * 2
+    assert main(["vamp", str(song), "--loop", "2", *common]) == 0
+    assert sf.info(str(tmp_path / "out" / "song_loop_x2.wav")).frames == 3 * length
+    capsys.readouterr()
+    before = (tmp_path / "out" / "song_vamp_00.wav").read_bytes()
+    assert main(["vamp", str(song), "--seed", "7", *common]) == 2
+    assert "exist already" in capsys.readouterr().err and (tmp_path / "out" / "song_vamp_00.wav").read_bytes() == before
+    assert main(["vamp", str(song), "--seed", "7", "--overwrite", *common]) == 0
+    assert (tmp_path / "out" / "song_vamp_00.wav").read_bytes() != before
+
+
+def test_vamp_refuses_non_finite_audio_and_audio_prompts_that_find_nothing(tmp_path, codec_path, models, capsys):
+    common = ["--coarse", str(models[0]), "--codec", str(codec_path), "--device", "cpu", "--coarse-passes", "1",
+              "--out-dir", str(tmp_path / "out")]
+    tone = 0.1 * np.sin(np.arange(44100) * 2 * np.pi * 220 / 44100).astype(np.float32)
+    steady = tmp_path / "steady.wav"
+    sf.write(str(steady), tone, 44100, subtype="FLOAT")
+    assert main(["vamp", str(steady), "--prompt", "beat", *common]) == 2  # a steady tone has no beats
+    assert "--prompt beat keeps nothing: no beats found" in capsys.readouterr().err
+    tone[100] = np.nan  # it passed the silence check (NaN < -60 dB is False) and turned loudness matching off
+    sf.write(str(tmp_path / "nan.wav"), tone, 44100, subtype="FLOAT")
+    assert main(["vamp", str(tmp_path / "nan.wav"), *common]) == 2
+    assert "has 1 NaN or infinite samples" in capsys.readouterr().err
+
+
+def test_wrong_model_and_checkpoint_files_are_clear_errors(tmp_path, models, capsys):
+    from vampnet_pl.model import load_exported
+
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    for wrong in (tmp_path / "tensor.pt", tmp_path / "text.pt", write_tone(tmp_path / "song.wav", 0.5)):
+        with pytest.raises(ValueError, match="is not an exported vampnet-pl model"):
+            load_exported(wrong)
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tmp_path / "empty"), str(tmp_path / "x.pt")]) == 2
+    assert "is a folder but not a checkpoint" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "text.pt"), str(tmp_path / "x.pt")]) == 2
+    assert "is not a training checkpoint" in capsys.readouterr().err
+    assert main(["export", str(models[0]), str(tmp_path / "empty")]) == 2
+    assert "is a folder: give the model file to write" in capsys.readouterr().err
+
+
 def test_vamp_command_errors_are_clear(tmp_path, codec_path, models, capsys):
     common = ["--coarse", str(models[0]), "--codec", str(codec_path), "--device", "cpu", "--coarse-passes", "1",
               "--out-dir", str(tmp_path / "out")]
@@ -249,7 +302,8 @@ def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models
 
     captured = {}
 
-    def fake_vamp_file(pipeline, input_path, out_dir, prompts, variations, loops, seed, random_roll, loudness_match):
+    def fake_vamp_file(pipeline, input_path, out_dir, prompts, variations, loops, seed, random_roll, loudness_match,
+                       overwrite):
         captured.update(cfg=pipeline.cfg, random_roll=random_roll, loudness_match=loudness_match)
         return []
 

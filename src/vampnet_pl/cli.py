@@ -144,9 +144,11 @@ def _cmd_vamp(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(args.coarse, args.c2f, args.codec, args.device, cfg)
     try:
         written = vamp_file(pipeline, args.input, args.out_dir, args.prompt, args.variations, args.loop, args.seed,
-                            random_roll=args.random_roll, loudness_match=args.match_loudness)
+                            random_roll=args.random_roll, loudness_match=args.match_loudness, overwrite=args.overwrite)
     except AudioReadError as err:
         raise UsageError(f"cannot read {args.input}: {err}") from None
+    except FileExistsError as err:
+        raise UsageError(f"{err} (--overwrite)") from None
     for path in written:
         print(path)
     return 0
@@ -265,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     vamp.add_argument("--variations", type=int, default=1)
     vamp.add_argument("--loop", type=int, default=0, help="write one file: the input, then N vamps of it")
     vamp.add_argument("--out-dir", type=Path, default=Path("vamps"))
+    vamp.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run (kept by default)")
     vamp.add_argument("--coarse-passes", type=int, default=24)
     vamp.add_argument("--c2f-passes", type=int, default=12)
     vamp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, both stages (<= 0: greedy)")

@@ -97,7 +97,8 @@ def vamp_demo_clip(cfg, models: dict[str, Path], codec_path: Path) -> list[Path]
     generation = GenerationConfig(coarse=SamplingConfig(passes=24), c2f=SamplingConfig(passes=12, mask_temperature=1.0),
                                   window_seconds=2.0, overlap_seconds=0.5)
     pipeline = load_pipeline(models["coarse"], models["c2f"], str(codec_path), cfg.prep.codec.device, generation)
-    return vamp_file(pipeline, clip, clip.parent, ["periodic:8"], variations=2, seed=cfg.seed)
+    return vamp_file(pipeline, clip, clip.parent, ["periodic:8"], variations=2, seed=cfg.seed,
+                     overwrite=True)  # a demo rerun replaces its own vamps
 
 
 def train_demo_model(cfg, stage: str, codec_path: Path) -> tuple[Path, Path]:

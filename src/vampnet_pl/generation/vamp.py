@@ -52,15 +52,34 @@ def match_loudness(waves: torch.Tensor, target_lufs: float, sample_rate: int) ->
     return waves * (10 ** (gain_db / 20))[:, None]
 
 
+AUDIO_PROMPTS = ("beat", "onset")  # prompts found in the input's audio: they may find nothing
+
+
+def output_paths(input_path: Path, out_dir: Path, variations: int, loops: int) -> list[Path]:
+    stem = Path(input_path).stem
+    if loops:
+        return [out_dir / f"{stem}_loop_x{loops}.wav"]
+    return [out_dir / f"{stem}_vamp_{i:02d}.wav" for i in range(max(variations, 1))]
+
+
 def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_specs: list[str], variations: int = 1,
-              loops: int = 0, seed: int = 0, random_roll: bool = False, loudness_match: bool = True) -> list[Path]:
+              loops: int = 0, seed: int = 0, random_roll: bool = False, loudness_match: bool = True,
+              overwrite: bool = False) -> list[Path]:
     """Write ``variations`` WAV files (or, with ``loops`` > 0, one file of the input followed by ``loops`` vamps).
 
-    ``random_roll``: periodic prompts start at a random phase per variation. ``loudness_match``: each
-    output is scaled to the input's integrated loudness (as the original's app does).
+    Each output is mono at the codec's sample rate and as long as the input. ``random_roll``: periodic
+    prompts start at a random phase per variation. ``loudness_match``: each output is scaled to the input's
+    integrated loudness (as the original's app does). Existing outputs are kept (``FileExistsError``)
+    unless ``overwrite``.
     """
     codec = pipeline.codec
+    paths = output_paths(input_path, out_dir, variations, loops)
+    if existing := [p for p in paths if p.exists()] if not overwrite else []:
+        raise FileExistsError(f"{len(existing)} output(s) exist already ({existing[0]} ...): choose another output "
+                              "folder, or overwrite them")
     audio, rate = read_audio(input_path)
+    if not np.isfinite(audio).all():
+        raise ValueError(f"{input_path} has {int((~np.isfinite(audio)).sum())} NaN or infinite samples")
     mono = torch.from_numpy(audio.mean(0))
     rms = float(mono.square().mean().sqrt())
     if rms == 0 or 20 * math.log10(rms) < SILENCE_DBFS:
@@ -73,22 +92,26 @@ def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_sp
     batch = codes[None].repeat(count, 1, 1)
     shape = (count, pipeline.coarse.cfg.n_codebooks, codes.shape[-1])
     generator = torch.Generator().manual_seed(seed)
-    masks = [build_prompt(spec, shape, resampled.numpy(), codec, generator, random_roll)
-             for spec in prompt_specs or ["periodic:16"]]
+    specs = prompt_specs or ["periodic:16"]
+    masks = [build_prompt(spec, shape, resampled.numpy(), codec, generator, random_roll) for spec in specs]
+    for spec, spec_mask in zip(specs, masks):
+        if spec.split(":")[0] in AUDIO_PROMPTS and bool(spec_mask.all()):
+            raise ValueError(f"--prompt {spec} keeps nothing: no {spec.split(':')[0]}s found in {input_path}; "
+                             "choose another prompt")
     mask = prompts.keep_union(*masks)
     pipeline.cfg.coarse.seed = seed
     pipeline.cfg.c2f.seed = seed
     generated = pipeline.generate(batch, mask)
     out_dir.mkdir(parents=True, exist_ok=True)
-    waves = pipeline.to_audio(generated)  # [count, samples]
+    length = resampled.shape[-1]  # the codec pads to whole frames: cut back to the input's length
+    waves = pipeline.to_audio(generated)[..., :length]  # [count, samples]
     if loudness_match:
         waves = match_loudness(waves, float(loudness(resampled, codec.sample_rate)), codec.sample_rate)
     waves = waves.numpy()
-    stem = Path(input_path).stem
-    if loops:
-        joined = np.concatenate([codec.decode(codes[: pipeline.n_codebooks]).numpy(), *waves])
-        return [_write(out_dir / f"{stem}_loop_x{loops}.wav", joined, codec.sample_rate)]
-    return [_write(out_dir / f"{stem}_vamp_{i:02d}.wav", wave, codec.sample_rate) for i, wave in enumerate(waves)]
+    if loops:  # the input, then each vamp, every segment the input's length: the loop keeps its tempo
+        joined = np.concatenate([codec.decode(codes[: pipeline.n_codebooks]).numpy()[..., :length], *waves])
+        return [_write(paths[0], joined, codec.sample_rate)]
+    return [_write(path, wave, codec.sample_rate) for path, wave in zip(paths, waves)]
 
 
 def _write(path: Path, wave: np.ndarray, sample_rate: int) -> Path:

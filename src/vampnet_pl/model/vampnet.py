@@ -358,9 +358,16 @@ def save_exported(path, model: VampNet) -> None:
 
 
 def load_exported(path, map_location="cpu") -> VampNet:
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if payload.get("format") != "vampnet-pl/1":
-        raise ValueError(f"{path} is not an exported vampnet-pl model")
+    """The model in a file :func:`save_exported` wrote; ``ValueError`` for any other file."""
+    not_ours = f"{path} is not an exported vampnet-pl model (make one with `vampnet-pl export`)"
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # torch.load of another format fails in many ways (unpickling, KeyError, IndexError ...)
+        raise ValueError(f"{not_ours}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if not isinstance(payload, dict) or payload.get("format") != "vampnet-pl/1":
+        raise ValueError(not_ours)
     model = VampNet(VampNetConfig(**payload["config"]))
     model.load_state_dict(payload["state_dict"])
     return model

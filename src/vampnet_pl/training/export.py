@@ -19,10 +19,19 @@ from vampnet_pl.training.parallel import unwrapped_key
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """A full (consolidated) Lightning checkpoint dict from a file or a sharded folder."""
+    """A full (consolidated) Lightning checkpoint dict from a file or a sharded folder; ``ValueError`` for anything
+    else (another file, a folder that is no checkpoint)."""
     path = Path(path)
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=False)  # our own training checkpoint
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own training checkpoint
+        except OSError:
+            raise
+        except Exception as err:  # torch.load of another format fails in many ways (unpickling, KeyError, IndexError ...)
+            raise ValueError(f"{path} is not a training checkpoint: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"{path} is not a training checkpoint (no state_dict)")
+        return checkpoint
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if (path / "latest").is_file() or (path / "checkpoint").is_dir():  # DeepSpeed
@@ -34,6 +43,9 @@ def read_checkpoint(path: str | Path) -> dict:
             checkpoint = torch.load(out, map_location="cpu", weights_only=False)
         checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in checkpoint["state_dict"].items()}
         return checkpoint
+    if not (path / ".metadata").is_file():
+        raise ValueError(f"{path} is a folder but not a checkpoint (no sharded .metadata, no DeepSpeed 'latest'); "
+                         "give checkpoints/last.ckpt or another checkpoint in it")
     from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
     checkpoint = _load_distributed_checkpoint(path)  # FSDP sharded / ModelParallel (DCP format)
@@ -57,5 +69,7 @@ def model_from_checkpoint(path: str | Path) -> VampNet:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    if Path(out).is_dir():
+        raise ValueError(f"{out} is a folder: give the model file to write, e.g. {Path(out) / 'coarse.pt'}")
     save_exported(out, model_from_checkpoint(checkpoint))
     return Path(out)
