@@ -172,6 +172,21 @@ def test_presets_pass_the_random_roll_and_find_beats_per_example(codec):
     assert build_prompt("periodic:0", shape, np.zeros(100), codec).all()
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("periodic:16.7", "argument 1 must be a whole number >= 0, got 16.7"),  # was cut to 16
+    ("periodic:8:0", "argument 2 must be a whole number >= 1"),
+    ("compression:-1:4", "argument 1 must be a whole number >= 0"),  # masked only the last codebook
+    ("beat:0", "argument 1 must be a whole number >= 1"),  # kept nothing
+    ("random:1.5", r"argument 1 must lie in \[0, 1\]"),
+    ("prefix:-2", r"argument 1 must lie in \[0, inf\]"),
+])
+def test_presets_refuse_arguments_out_of_range(codec, spec, message):
+    from vampnet_pl.masking.presets import build_prompt
+
+    with pytest.raises(ValueError, match=message):
+        build_prompt(spec, (1, 2, 64), np.zeros(100), codec)
+
+
 def test_onset_prompt_is_computed_from_each_examples_own_audio():
     audio, period = _clicks()
     hop = 256

@@ -29,17 +29,35 @@ def build_prompt(spec: str, shape: tuple[int, int, int], audio: np.ndarray, code
         values = [float(a) for a in args]
     except ValueError:
         raise ValueError(f"bad prompt {spec!r}: arguments must be numbers") from None
-    frames = lambda seconds: prompts.seconds_to_frames(seconds, codec.frame_rate)  # noqa: E731
+
+    def number(position: int, lowest: float, highest: float = float("inf")) -> float:
+        value = values[position]
+        if not lowest <= value <= highest:
+            raise ValueError(f"bad prompt {spec!r}: argument {position + 1} must lie in [{lowest:g}, {highest:g}], "
+                             f"got {value:g}")
+        return value
+
+    def frames(position: int) -> int:  # an argument in seconds, as frames
+        return prompts.seconds_to_frames(number(position, 0.0), codec.frame_rate)
+
+    def count(position: int, lowest: int, default: int | None = None) -> int:
+        """A whole-number argument (a period, a width, a codebook count), at least ``lowest``."""
+        if position >= len(values) and default is not None:
+            return default
+        value = values[position]
+        if not value.is_integer() or value < lowest:
+            raise ValueError(f"bad prompt {spec!r}: argument {position + 1} must be a whole number >= {lowest}, got {value:g}")
+        return int(value)
+
     builders = {
-        "periodic": lambda: prompts.periodic(shape, int(values[0]), int(values[1]) if len(values) > 1 else 1,
-                                             random_roll, generator),
-        "prefix": lambda: prompts.inpaint(shape, prefix_frames=frames(values[0])),
-        "suffix": lambda: prompts.inpaint(shape, suffix_frames=frames(values[0])),
-        "inpaint": lambda: prompts.inpaint(shape, frames(values[0]), frames(values[1])),
-        "compression": lambda: prompts.compression(shape, int(values[0]), int(values[1]), random_roll, generator),
-        "random": lambda: prompts.random_prompt(shape, values[0], generator),
-        "beat": lambda: prompts.beat_prompt(shape, audio, codec.sample_rate, codec.hop_length, int(values[0]) if values else 1),
-        "onset": lambda: prompts.onset_prompt(shape, audio, codec.sample_rate, codec.hop_length, int(values[0]) if values else 1),
+        "periodic": lambda: prompts.periodic(shape, count(0, 0), count(1, 1, 1), random_roll, generator),
+        "prefix": lambda: prompts.inpaint(shape, prefix_frames=frames(0)),
+        "suffix": lambda: prompts.inpaint(shape, suffix_frames=frames(0)),
+        "inpaint": lambda: prompts.inpaint(shape, frames(0), frames(1)),
+        "compression": lambda: prompts.compression(shape, count(0, 0), count(1, 1), random_roll, generator),
+        "random": lambda: prompts.random_prompt(shape, number(0, 0.0, 1.0), generator),
+        "beat": lambda: prompts.beat_prompt(shape, audio, codec.sample_rate, codec.hop_length, count(0, 1, 1)),
+        "onset": lambda: prompts.onset_prompt(shape, audio, codec.sample_rate, codec.hop_length, count(0, 1, 1)),
     }
     if name not in builders:
         raise ValueError(f"unknown prompt {name!r}; use one of {sorted(builders)}")
