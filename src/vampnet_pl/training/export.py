@@ -29,8 +29,8 @@ def read_checkpoint(path: str | Path) -> dict:
             raise
         except Exception as err:  # torch.load of another format fails in many ways (unpickling, KeyError, IndexError ...)
             raise ValueError(f"{path} is not a training checkpoint: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ValueError(f"{path} is not a training checkpoint (no state_dict)")
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{path} is not a training checkpoint (it holds a {type(checkpoint).__name__})")
         return checkpoint
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -57,8 +57,9 @@ def read_checkpoint(path: str | Path) -> dict:
 def model_from_checkpoint(path: str | Path) -> VampNet:
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters") or {}
-    if "model" not in hparams:
-        raise ValueError(f"{path} has no vampnet-pl model config in its hyper_parameters")
+    if "model" not in hparams or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is no vampnet-pl training checkpoint (no model config in its hyper_parameters, "
+                         "or no state_dict)")
     state = {unwrapped_key(k.removeprefix("model.")): v for k, v in checkpoint["state_dict"].items()
              if k.startswith("model.")}
     if hparams.get("lora"):
