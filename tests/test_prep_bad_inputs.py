@@ -156,3 +156,18 @@ def test_one_hour_file_is_encoded_in_bounded_memory(tmp_path, fast_codec_path):
     assert index["totals"]["hours"] == pytest.approx(1.0, abs=0.01)
     assert index["totals"]["samples"] == 60  # segments of 60 s
     assert peaks["hour"] < peaks["minute"] + 250, peaks
+
+
+def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path, fast_codec_path):
+    """Linux names are bytes: a Latin-1 ``caf\\xe9.wav`` once stopped the whole scan (UnicodeEncodeError)."""
+    catalog = tmp_path / "c"
+    write_tone(catalog / "plain.wav", 2.0)
+    write_tone(catalog / "latin1.wav", 2.0, freq=330.0)
+    try:
+        os.rename(os.fsencode(catalog / "latin1.wav"), os.fsencode(catalog) + b"/caf\xe9.wav")
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    out = tmp_path / "o"
+    run_all(prep_config(catalog, out, fast_codec_path))
+    assert not (out / "failures.jsonl").read_text().strip()
+    assert set(_samples_by_source(out)) == {"plain.wav", os.fsdecode(b"caf\xe9.wav")}

@@ -3,7 +3,8 @@
 libsndfile (through ``soundfile``) reads WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF and more;
 anything it refuses is tried with FFmpeg (through PyAV), which reads nearly everything else
 (M4A/AAC, WMA, ...). Files are read as a stream of fixed-length blocks so that a one-hour
-file never sits in memory whole.
+file never sits in memory whole. File names need not be valid UTF-8 (Linux allows any bytes):
+libsndfile gets the name's raw bytes.
 """
 
 from __future__ import annotations
@@ -44,12 +45,18 @@ def _check_readable_file(path: Path) -> None:
         raise AudioReadError("empty file (0 bytes)")
 
 
+def _sf_name(path: Path) -> bytes | str:
+    """The name to give libsndfile: raw bytes on POSIX (soundfile encodes a str as strict UTF-8, which
+    fails on names such as ``caf\\xe9.wav`` from Latin-1 systems)."""
+    return os.fsencode(path) if os.name == "posix" else str(path)
+
+
 def probe(path: str | Path) -> AudioInfo:
     """Header facts of an audio file, or :class:`AudioReadError` with a specific reason."""
     path = Path(path)
     _check_readable_file(path)
     try:
-        info = sf.info(str(path))
+        info = sf.info(_sf_name(path))
         return AudioInfo(int(info.samplerate), int(info.channels), int(info.frames), "soundfile")
     except (sf.LibsndfileError, RuntimeError, TypeError):
         pass
@@ -93,7 +100,7 @@ def iter_blocks(path: str | Path, block_frames: int, info: AudioInfo | None = No
 def _iter_blocks_soundfile(path: Path, block_frames: int) -> Iterator[tuple[int, np.ndarray]]:
     start = 0
     try:
-        with sf.SoundFile(str(path)) as handle:
+        with sf.SoundFile(_sf_name(path)) as handle:
             while True:
                 block = handle.read(block_frames, dtype="float32", always_2d=True)
                 if block.shape[0] == 0:
