@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -34,7 +35,8 @@ def test_scan_finds_audio_recursively_and_records_facts(tmp_path, codec_path):
     write_tone(catalog / "deep" / "er" / "b.flac", 2.0, 48000, channels=2)
     write_tone(catalog / "C.WAV", 1.2, 44100)
     (catalog / "notes.txt").write_text("not audio, not scanned")
-    assert [p.name for p in find_audio_files(catalog, ["wav", "flac"])] == ["C.WAV", "a.wav", "b.flac"]
+    files, folder_failures = find_audio_files(catalog, ["wav", "flac"])
+    assert [p.name for p in files] == ["C.WAV", "a.wav", "b.flac"] and not folder_failures
     cfg = prep_config(catalog, tmp_path / "out", codec_path)
     entries, failures = scan_catalog(cfg)
     assert not failures
@@ -108,3 +110,30 @@ def test_parallel_scan_gives_the_same_manifest(tmp_path, codec_path):
     parallel, parallel_failures = scan_catalog(prep_config(catalog, tmp_path / "o2", codec_path, scan_workers=2))
     strip = lambda es: [json.dumps({k: v for k, v in e.__dict__.items() if k != "mtime_ns"}) for e in es]
     assert strip(serial) == strip(parallel) and serial_failures == parallel_failures
+
+
+def test_linked_and_unlistable_folders_are_scanned_or_recorded(tmp_path, codec_path, monkeypatch):
+    """No folder vanishes without a trace: folder links are followed (once per real folder), and a folder
+    that cannot be listed is a scan failure naming it."""
+    catalog, elsewhere = tmp_path / "catalog", tmp_path / "other_disk" / "album"
+    write_tone(catalog / "a.wav", 1.5)
+    write_tone(elsewhere / "b.wav", 1.5, freq=330.0)
+    write_tone(catalog / "private" / "c.wav", 1.5, freq=440.0)
+    (catalog / "album").symlink_to(elsewhere)
+    (catalog / "album" / "loop").symlink_to(elsewhere)  # a folder link loop
+    (catalog / "loop.wav").symlink_to("loop.wav")  # a file link loop
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as an unprivileged user meets a chmod 000 folder (root may list anything)
+        if os.fspath(path).endswith("private"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    entries, failures = scan_catalog(prep_config(catalog, tmp_path / "out", codec_path))
+    assert [e.path for e in entries] == ["a.wav", "album/b.wav"]
+    reasons = {f.path: f.reason for f in failures}
+    assert set(reasons) == {"album/loop", "private", "loop.wav"}
+    assert "cannot list folder: Permission denied" in reasons["private"]
+    assert "the same folder as 'album'" in reasons["album/loop"]
+    assert "Too many levels of symbolic links" in reasons["loop.wav"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Iterator
 
 import numpy as np
@@ -35,13 +36,17 @@ class AudioInfo:
 
 
 def _check_readable_file(path: Path) -> None:
-    if not path.exists():
-        raise AudioReadError("file does not exist (dangling link?)")
-    if not path.is_file():
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise AudioReadError("file does not exist" + (" (dangling link)" if path.is_symlink() else "")) from None
+    except OSError as err:  # ELOOP: a link loop
+        raise AudioReadError(f"cannot open: {err.strerror or err}") from None
+    if not S_ISREG(stat.st_mode):
         raise AudioReadError("not a regular file")
     if not os.access(path, os.R_OK):
         raise AudioReadError("permission denied")
-    if path.stat().st_size == 0:
+    if stat.st_size == 0:
         raise AudioReadError("empty file (0 bytes)")
 
 

@@ -56,15 +56,36 @@ def assign_split(content_hash: str, split: SplitConfig) -> str:
     return "train"
 
 
-def find_audio_files(catalog: Path, extensions: Iterable[str]) -> list[Path]:
-    """All files under ``catalog`` with an audio extension, sorted, following folders recursively."""
+def find_audio_files(catalog: Path, extensions: Iterable[str]) -> tuple[list[Path], list[Failure]]:
+    """All files under ``catalog`` with an audio extension, sorted, and a scan failure for each folder skipped.
+
+    Folder links are followed (music on another disk may be linked in), as file links are. A folder reached
+    a second time (a link loop, or two links to one folder) is scanned once, under the path met first; each
+    other path to it is recorded as a failure, as is a folder that cannot be listed.
+    """
     wanted = {"." + ext.lower().lstrip(".") for ext in extensions}
-    found = []
-    for root, dirs, files in os.walk(catalog, followlinks=False):
+    found: list[Path] = []
+    failures: list[Failure] = []
+    scanned_as: dict[str, str] = {}  # real path of each folder scanned -> its path in the catalog
+
+    def relative(path) -> str:
+        return os.path.relpath(path, catalog)
+
+    def unlistable(err: OSError) -> None:
+        failures.append(Failure(relative(err.filename), "scan", f"cannot list folder: {err.strerror or err}"))
+
+    for root, dirs, files in os.walk(catalog, onerror=unlistable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in scanned_as:
+            failures.append(Failure(relative(root), "scan", f"folder skipped: the same folder as "
+                                    f"{scanned_as[real]!r}, scanned there (a link loop, or a second link to it)"))
+            dirs.clear()
+            continue
+        scanned_as[real] = relative(root)
         dirs.sort()
         names = files + [d for d in dirs if Path(d).suffix.lower() in wanted]  # a folder named x.wav is reported
         found.extend(Path(root) / name for name in names if Path(name).suffix.lower() in wanted)
-    return sorted(found)
+    return sorted(found), sorted(failures, key=lambda f: f.path)
 
 
 def file_sha256(path: Path, block: int = 1 << 20) -> str:
@@ -136,7 +157,7 @@ def scan_catalog(cfg: PrepConfig) -> tuple[list[ManifestEntry], list[Failure]]:
     catalog, out_dir = Path(cfg.catalog), Path(cfg.out_dir)
     if not catalog.is_dir():
         raise FileNotFoundError(f"catalog folder not found: {catalog}")
-    files = find_audio_files(catalog, cfg.extensions)
+    files, folder_failures = find_audio_files(catalog, cfg.extensions)
     if not files:
         raise ValueError(f"no audio files under {catalog} (extensions: {', '.join(cfg.extensions)})")
     previous = {row["path"]: row for row in read_jsonl(manifest_path(out_dir))}
@@ -147,7 +168,7 @@ def scan_catalog(cfg: PrepConfig) -> tuple[list[ManifestEntry], list[Failure]]:
             results = list(tqdm(pool.imap(_scan_one, jobs, chunksize=4), **progress))
     else:
         results = [_scan_one(job) for job in tqdm(jobs, **progress)]
-    entries, failures, first = [], [r for r in results if isinstance(r, Failure)], {}
+    entries, failures, first = [], folder_failures + [r for r in results if isinstance(r, Failure)], {}
     for entry in (r for r in results if isinstance(r, ManifestEntry)):
         if entry.sha256 in first:  # training on it twice would weigh it double (and its samples share keys)
             failures.append(Failure(entry.path, "scan", f"duplicate of {first[entry.sha256]} (identical bytes)"))
