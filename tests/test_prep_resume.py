@@ -127,3 +127,28 @@ def test_a_rerun_with_other_settings_or_another_codec_is_refused(tmp_path, fast_
     with pytest.raises(EncodingChanged, match="codec"):
         run_all(prep_config(catalog, out, other))
     assert (out / "index.json").read_bytes() == index and verify(out, deep=True) == []
+
+
+def test_a_file_changed_between_scan_and_encode_is_a_failure_until_rescanned(tmp_path, fast_codec_path):
+    """Encoded under its old hash, a replaced file landed in the old hash's split (the same music in train and
+    val). A file merely touched is still encoded."""
+    import json
+    import shutil
+
+    from conftest import write_tone
+
+    catalog = tmp_path / "catalog"
+    for i in range(3):
+        write_tone(catalog / f"t{i}.wav", 2.0, 16000, freq=200 + 50 * i)
+    cfg = prep_config(catalog, tmp_path / "out", fast_codec_path)
+    scan_catalog(cfg)
+    shutil.copy(catalog / "t0.wav", catalog / "t1.wav")  # replaced after the scan
+    os.utime(catalog / "t2.wav", ns=(1, 1))  # touched: same bytes
+    encode_local(cfg)
+    finalize(cfg, load_codec(cfg))
+    failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert [(f["path"], f["stage"]) for f in failures] == [("t1.wav", "encode")]
+    assert "changed since scan" in failures[0]["reason"] and "prep scan again" in failures[0]["reason"]
+    index = run_all(cfg)  # scans again: t1.wav is now a duplicate of t0.wav
+    assert index["totals"]["files"] == 2 and not any("changed" in json.loads(line)["reason"] for line in
+                                                     (tmp_path / "out" / "failures.jsonl").read_text().splitlines())

@@ -173,14 +173,26 @@ class FileResult:
     times: StageTimes = field(default_factory=StageTimes)
 
 
+def changed_since_scan(path: Path, entry: ManifestEntry) -> bool:
+    """Whether the file's bytes differ from those scanned. Hashed only when its size or mtime moved (a file
+    merely touched is unchanged); encoding it under the old hash would put it in the old hash's split."""
+    stat = path.stat()
+    if (stat.st_size, stat.st_mtime_ns) == (entry.size_bytes, entry.mtime_ns):
+        return False
+    return file_sha256(path) != entry.sha256
+
+
 def encode_file(entry: ManifestEntry, catalog: Path, cfg: PrepConfig, codec: Codec) -> FileResult:
-    """Every usable segment of one file as encoded samples; raises on a file that must be skipped.
+    """Every usable segment of one file as encoded samples; raises on a file that must be skipped
+    (one changed since the scan included).
 
     Nothing is returned until the whole file succeeded, so a file never lands half in a shard.
     """
     path = catalog / entry.path
     result = FileResult()
     clock = time.perf_counter()
+    if changed_since_scan(path, entry):
+        raise FileRejected("changed since scan (its content differs from the manifest's); run prep scan again")
     info = probe(path)
     if info.duration < cfg.min_seconds:
         raise FileRejected(f"too short: {info.duration:.4f} s < min_seconds={cfg.min_seconds}")
