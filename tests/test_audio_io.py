@@ -85,3 +85,16 @@ def test_unusable_files_give_a_specific_reason(tmp_path, make, reason):
     make(path)
     with pytest.raises(AudioReadError, match=reason):
         probe(path)
+
+
+def test_a_truncated_mp3_is_an_error_not_half_a_file(tmp_path):
+    """A cut-off MP3 decodes without error up to the cut; its header still promises the whole length."""
+    whole = write_tone(tmp_path / "whole.mp3", 3.0, format="MP3")
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert probe(cut).frames == 3 * 44100
+    with pytest.raises(AudioReadError, match=r"truncated: decoded \d+ of 132300 frames \(1\.\d+ of 3\.00 s\)"):
+        for _ in iter_blocks(cut, 44100):
+            pass
+    audio, _ = read_audio(whole)  # a whole MP3 is within the tolerance
+    assert audio.shape[1] == pytest.approx(3 * 44100, abs=1500)

@@ -58,6 +58,9 @@ def bad_catalog(tmp_path_factory):
     sf.write(str(root / "silence.wav"), np.zeros(44100 * 2, np.float32), 44100)
     (root / "dangling.ogg").symlink_to(root / "gone.ogg")  # unreadable: its target does not exist
     (root / "folder.flac").mkdir()  # unreadable: not a file
+    whole_mp3 = write_tone(root / "tmp_whole.mp3", 3.0, format="MP3").read_bytes()
+    (root / "truncated.mp3").write_bytes(whole_mp3[: len(whole_mp3) // 2])  # decodes cleanly, up to the cut
+    (root / "tmp_whole.mp3").unlink()
     return root
 
 
@@ -80,6 +83,7 @@ def bad_run(bad_catalog, tmp_path_factory, codec_path):
         ("silence.wav", "encode", "silent"),
         ("dangling.ogg", "scan", "does not exist"),
         ("folder.flac", "scan", "not a regular file"),
+        ("truncated.mp3", "encode", "truncated: decoded"),
     ],
 )
 def test_each_bad_file_is_logged_with_its_reason(bad_run, name, stage, reason):
@@ -97,7 +101,7 @@ def test_good_files_of_any_rate_and_channel_count_are_encoded(bad_run, codec):
         assert meta["channel"] == "mix"
         assert codes.dtype == np.uint16 and codes.shape[0] == 14
         assert codes.shape[1] == pytest.approx(seconds * codec.frame_rate, abs=1)
-    assert index["totals"]["failures"] == len(failures) == 8
+    assert index["totals"]["failures"] == len(failures) == 9
 
 
 def test_keep_each_channel_as_its_own_example(tmp_path, codec_path):

@@ -92,14 +92,32 @@ def _probe_av(path: Path) -> AudioInfo:
     return AudioInfo(rate, channels, int(round(seconds * rate)), "av")
 
 
+# Decoders may deliver a little less than the header promises (encoder priming and padding, an MP3 length
+# estimated from its bit rate); more than this is a truncated file.
+TRUNCATION_TOLERANCE = 0.01  # of the probed frames
+TRUNCATION_TOLERANCE_SECONDS = 0.1
+
+
 def iter_blocks(path: str | Path, block_frames: int, info: AudioInfo | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(start_frame, block)`` with ``block`` float32 ``[channels, <=block_frames]``."""
+    """Yield ``(start_frame, block)`` with ``block`` float32 ``[channels, <=block_frames]``.
+
+    Raises :class:`AudioReadError` ("truncated: ...") after the last block when clearly fewer frames decoded
+    than probed (a cut-off MP3 decodes without any error, up to where it was cut).
+    """
     path = Path(path)
     info = info or probe(path)
     if info.backend == "soundfile":
-        yield from _iter_blocks_soundfile(path, block_frames)
+        blocks = _iter_blocks_soundfile(path, block_frames)
     else:
-        yield from _iter_blocks_av(path, block_frames, info)
+        blocks = _iter_blocks_av(path, block_frames, info)
+    decoded = 0
+    for start, block in blocks:
+        decoded += block.shape[1]
+        yield start, block
+    allowed_shortfall = max(TRUNCATION_TOLERANCE * info.frames, TRUNCATION_TOLERANCE_SECONDS * info.sample_rate)
+    if info.frames - decoded > allowed_shortfall:
+        raise AudioReadError(f"truncated: decoded {decoded} of {info.frames} frames "
+                             f"({decoded / info.sample_rate:.2f} of {info.duration:.2f} s)")
 
 
 def _iter_blocks_soundfile(path: Path, block_frames: int) -> Iterator[tuple[int, np.ndarray]]:
