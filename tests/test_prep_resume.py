@@ -152,3 +152,28 @@ def test_a_file_changed_between_scan_and_encode_is_a_failure_until_rescanned(tmp
     index = run_all(cfg)  # scans again: t1.wav is now a duplicate of t0.wav
     assert index["totals"]["files"] == 2 and not any("changed" in json.loads(line)["reason"] for line in
                                                      (tmp_path / "out" / "failures.jsonl").read_text().splitlines())
+
+
+def test_a_rerun_with_other_split_settings_is_refused(tmp_path, fast_codec_path):
+    """Units counted as done by their files kept the old splits' shards under new split settings."""
+    import json
+
+    from vampnet_pl.config import SplitConfig
+    from vampnet_pl.prep.encode import EncodingChanged
+
+    from conftest import write_tone
+
+    catalog = tmp_path / "catalog"
+    for i in range(3):
+        write_tone(catalog / f"t{i}.wav", 2.0, 16000, freq=200 + 50 * i)
+    out = tmp_path / "out"
+    run_all(prep_config(catalog, out, fast_codec_path))
+    with pytest.raises(EncodingChanged, match=r"split\.val_fraction 0\.25 -> 0\.0, split\.test_fraction 0\.0 -> 0\.5"):
+        run_all(prep_config(catalog, out, fast_codec_path, split=SplitConfig(val_fraction=0.0, test_fraction=0.5)))
+    with pytest.raises(EncodingChanged, match="split.salt 'vampnet-pl' -> 'other'"):
+        run_all(prep_config(catalog, out, fast_codec_path, split=SplitConfig(0.25, 0.0, salt="other")))
+    for marker in out.glob("units/*.json"):  # markers written before the split was recorded are taken as is
+        record = json.loads(marker.read_text())
+        record["encoding"] = {k: v for k, v in record["encoding"].items() if not k.startswith("split.")}
+        marker.write_text(json.dumps(record))
+    run_all(prep_config(catalog, out, fast_codec_path))

@@ -74,15 +74,23 @@ class EncodingChanged(ValueError):
 
 
 def encoding_settings(cfg: PrepConfig) -> dict:
-    """What a unit's codes depend on besides its files and the codec's weights (those: its fingerprint)."""
+    """What a unit's shards depend on besides its files and the codec's weights (those: its fingerprint):
+    the codes, and the split folders its files go to."""
     return {"channels": ChannelMode(cfg.channels).value, "segment_seconds": cfg.segment_seconds,
             "min_seconds": cfg.min_seconds, "silence_db": cfg.silence_db, "loudness_lufs": cfg.loudness_lufs,
-            "codec_chunk_seconds": cfg.codec.chunk_seconds, "codec_context_frames": cfg.codec.context_frames}
+            "codec_chunk_seconds": cfg.codec.chunk_seconds, "codec_context_frames": cfg.codec.context_frames,
+            "split.val_fraction": cfg.split.val_fraction, "split.test_fraction": cfg.split.test_fraction,
+            "split.salt": cfg.split.salt}
+
+
+def encoding_differences(recorded: dict, wanted: dict) -> dict:
+    """The settings that differ; one a marker does not record (written before it was) is taken as equal."""
+    return {key: value for key, value in wanted.items() if key in recorded and recorded[key] != value}
 
 
 def changed_encoding(out_dir: Path, what: str, recorded: dict, wanted: dict) -> EncodingChanged:
-    changes = ", ".join(f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in wanted.items()
-                        if recorded.get(key) != value)
+    changes = ", ".join(f"{key} {recorded[key]!r} -> {value!r}"
+                        for key, value in encoding_differences(recorded, wanted).items())
     return EncodingChanged(f"{out_dir} holds {what} encoded otherwise ({changes}): write to a new out_dir, or delete "
                            f"{out_dir / 'units'} and {out_dir / 'shards'} to encode it all again")
 
@@ -99,7 +107,7 @@ def unit_is_done(out_dir: Path, unit: Unit, cfg: PrepConfig) -> bool:
     if record.get("content_hashes") != unit.content_hashes:
         return False
     wanted = encoding_settings(cfg)
-    if record.get("encoding", wanted) != wanted:
+    if encoding_differences(record.get("encoding", {}), wanted):
         raise changed_encoding(out_dir, unit.name, record["encoding"], wanted)
     return all((out_dir / shard["path"]).is_file() for shard in record["shards"])
 
