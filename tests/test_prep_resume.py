@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from vampnet_pl.config import SplitConfig
 from vampnet_pl.prep.encode import plan_units, run_encode_task, units_for_task
 from vampnet_pl.data.index import load_index
 from vampnet_pl.prep.index import finalize, verify
@@ -177,3 +178,30 @@ def test_a_rerun_with_other_split_settings_is_refused(tmp_path, fast_codec_path)
         record["encoding"] = {k: v for k, v in record["encoding"].items() if not k.startswith("split.")}
         marker.write_text(json.dumps(record))
     run_all(prep_config(catalog, out, fast_codec_path))
+
+
+def test_units_of_removed_files_are_moved_aside_and_flagged_by_verify(tmp_path, fast_codec_path):
+    """Deleted songs stayed in the shards of units no longer planned (and their markers stayed)."""
+    import shutil
+
+    from conftest import write_tone
+
+    catalog, out = tmp_path / "catalog", tmp_path / "out"
+    for i in range(4):
+        write_tone(catalog / f"t{i}.wav", 2.0, 16000, freq=200 + 50 * i)
+    cfg = prep_config(catalog, out, fast_codec_path, split=SplitConfig(val_fraction=0.0, test_fraction=0.0))
+    run_all(cfg)
+    old_shards = sorted(out.glob("shards/train/unit-00001-*.tar"))
+    assert old_shards
+    (catalog / "t2.wav").unlink()
+    (catalog / "t3.wav").unlink()
+    run_all(cfg)
+    assert sorted(_shard_table(out)) == sorted(str(p.relative_to(out)) for p in out.glob("shards/*/*.tar"))
+    assert all(path.startswith("shards/train/unit-00000-") for path in _shard_table(out))
+    assert sorted(p.name for p in (out / "units").iterdir()) == ["unit-00000.json"]
+    assert (out / "orphaned" / "units" / "unit-00001.json").is_file()
+    assert [p.name for p in (out / "orphaned" / "shards" / "train").iterdir()] == [p.name for p in old_shards]
+    assert verify(out) == []
+    shutil.copy(out / "orphaned" / "shards" / "train" / old_shards[0].name, old_shards[0])  # as before the fix
+    assert verify(out) == [f"shards/train/{old_shards[0].name}: not in index.json (left by a unit no longer "
+                           "planned? `prep finalize` moves such shards aside)"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import webdataset as wds
@@ -16,7 +17,7 @@ from vampnet_pl.codec import Codec
 from vampnet_pl.config import SPLITS, PrepConfig
 from vampnet_pl.data.index import INDEX_VERSION, index_path, load_index
 from vampnet_pl.data.validation import SampleInvalid, decode_npy, validate_codes
-from vampnet_pl.prep.encode import changed_encoding, plan_units, unit_is_done, unit_marker_path
+from vampnet_pl.prep.encode import Unit, changed_encoding, plan_units, unit_is_done, unit_marker_path
 from vampnet_pl.prep.manifest import file_sha256, load_manifest, read_jsonl, scan_failures_path, write_jsonl
 from vampnet_pl.utils.atomic import write_json_atomic
 
@@ -27,8 +28,38 @@ class NothingUsable(RuntimeError):
     """The catalog produced no usable sample at all."""
 
 
+ORPHANED = "orphaned"  # shards and markers of units no longer planned are moved here, under their own paths
+
+
+def _unit_name(shard: Path) -> str:
+    return shard.name.rsplit("-", 1)[0]  # <unit name>-NNN.tar
+
+
+def orphans(out_dir: Path, units: list[Unit]) -> list[Path]:
+    """Shards and done-markers on disk of units that are not in ``units`` (their files left the catalog, or
+    fewer units are cut from it now)."""
+    planned = {unit.name for unit in units}
+    markers = [p for p in out_dir.glob("units/unit-*.json") if p.stem not in planned]
+    return sorted(markers + [p for p in out_dir.glob("shards/*/unit-*.tar") if _unit_name(p) not in planned])
+
+
+def set_aside_orphans(out_dir: Path, units: list[Unit]) -> list[Path]:
+    """Move :func:`orphans` to ``out_dir/orphaned/`` (not deleted: a catalog disk missing during one scan
+    must not cost its encoded shards); returns their old paths."""
+    moved = orphans(out_dir, units)
+    for path in moved:
+        target = out_dir / ORPHANED / path.relative_to(out_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    if moved:
+        log.warning("moved %d shards and markers of units no longer planned (files gone from the catalog) to %s; "
+                    "delete it once not needed", len(moved), out_dir / ORPHANED)
+    return moved
+
+
 def finalize(cfg: PrepConfig, codec: Codec) -> dict:
-    """Write ``index.json`` and ``failures.jsonl`` once every unit is done."""
+    """Write ``index.json`` and ``failures.jsonl`` once every unit is done; then move the shards and markers
+    of units no longer planned aside (:func:`set_aside_orphans`)."""
     out_dir = Path(cfg.out_dir)
     units = plan_units(load_manifest(out_dir), cfg.files_per_unit)
     missing = [u.name for u in units if not unit_is_done(out_dir, u, cfg)]
@@ -71,6 +102,7 @@ def finalize(cfg: PrepConfig, codec: Codec) -> dict:
     if index["totals"]["samples"] == 0:
         raise NothingUsable(f"no usable audio: all {len(failures)} files failed (see {out_dir / 'failures.jsonl'})")
     write_json_atomic(index_path(out_dir), index)
+    set_aside_orphans(out_dir, units)  # after the index, which never lists them
     return index
 
 
@@ -109,7 +141,8 @@ def _read_problems(path: Path, shard: dict, index: dict) -> list[str]:
 def verify_shards(dataset_dir: str | Path, deep: bool = False) -> dict[str, list[str]]:
     """Problems per shard path (only shards that have some).
 
-    Always: every shard of ``index.json`` exists with its size and SHA-256. ``deep``: also decode every
+    Always: every shard of ``index.json`` exists with its size and SHA-256, and no other shard is in
+    ``shards/`` (one left by a unit no longer planned: ``prep finalize`` moves it aside). ``deep``: also decode every
     sample (of every shard, damaged or not, to name the bad samples) and check its codebook count, frame
     count, token range and per-sample checksum, and each shard's sample count.
     """
@@ -129,6 +162,11 @@ def verify_shards(dataset_dir: str | Path, deep: bool = False) -> dict[str, list
             found += _read_problems(path, shard, index)
         if found:
             problems[shard["path"]] = found
+    listed = {shard["path"] for shard in shards}
+    for path in sorted(dataset_dir.glob("shards/*/*.tar")):
+        if (name := str(path.relative_to(dataset_dir))) not in listed:
+            problems[name] = [f"{name}: not in index.json (left by a unit no longer planned? `prep finalize` "
+                              "moves such shards aside)"]
     return problems
 
 
@@ -150,7 +188,7 @@ def repair(cfg: PrepConfig, deep: bool = True) -> list[str]:
     units = plan_units(load_manifest(out_dir), cfg.files_per_unit)
     failing = set(verify_shards(out_dir, deep)) if index_path(out_dir).is_file() else set()
     by_name = {unit.name: unit for unit in units}  # a shard is <split>/<unit name>-NNN.tar, marker or not
-    owner = {path: by_name.get(Path(path).name.rsplit("-", 1)[0]) for path in failing}
+    owner = {path: by_name.get(_unit_name(Path(path))) for path in failing}
     unknown = [path for path, unit in owner.items() if unit is None]
     if unknown:
         raise RuntimeError(f"shards {sorted(unknown)[:5]} belong to no unit of the manifest; re-run prep all")
