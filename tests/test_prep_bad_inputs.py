@@ -108,9 +108,13 @@ def test_keep_each_channel_as_its_own_example(tmp_path, codec_path):
     catalog = tmp_path / "c"
     write_tone(catalog / "six.wav", 1.5, channels=6)
     out = tmp_path / "o"
-    run_all(prep_config(catalog, out, codec_path, channels=ChannelMode.each))
+    index = run_all(prep_config(catalog, out, codec_path, channels=ChannelMode.each))
     (metas) = [m for m, _ in _samples_by_source(out)["six.wav"]]
     assert sorted(m["channel"] for m in metas) == list(range(6))
+    # hours are audio time, each segment once (they were multiplied by the channel count)
+    assert index["totals"]["samples"] == 6
+    assert index["totals"]["hours"] * 3600 == pytest.approx(1.5)
+    assert sum(split["hours"] for split in index["splits"].values()) * 3600 == pytest.approx(1.5)
 
 
 def test_catalog_with_nothing_usable_fails(tmp_path, codec_path):

@@ -1,6 +1,7 @@
 """``index.json``, the contract between data prep (which writes it, ``prep/index.py``) and training (which reads
 it): codec fingerprint and config, every shard with its split, sample count, frame and duration totals and
-checksum."""
+checksum. Durations (a shard's ``seconds``, the ``hours`` of each split and in total) are audio time with each
+segment counted once, also under ``channels=each``, where each channel of a segment is its own sample."""
 
 from __future__ import annotations
 

@@ -269,13 +269,19 @@ class _SplitShardWriter:
             mtime=0,  # reproducible shard bytes
         )
         self.stats: dict[str, dict] = {}
+        self.last_segment: tuple | None = None
 
     def write(self, sample: EncodedSample) -> None:
+        """Write one sample; a shard's ``seconds`` is audio time, each segment counted once (with
+        ``channels=each`` its channels are consecutive samples, the first one counts)."""
         self.writer.write({"__key__": sample.key, "codes.npy": sample.codes, "json": sample.meta})
         stats = self.stats.setdefault(self.writer.fname, {"samples": 0, "frames": 0, "seconds": 0.0, "max_frames": 0})
         stats["samples"] += 1
         stats["frames"] += sample.meta["frames"]
-        stats["seconds"] += sample.meta["duration_seconds"]
+        segment = (sample.meta["content_sha256"], sample.meta["offset_seconds"])
+        if segment != self.last_segment:
+            stats["seconds"] += sample.meta["duration_seconds"]
+            self.last_segment = segment
         stats["max_frames"] = max(stats["max_frames"], sample.meta["frames"])
 
     def close(self) -> None:
