@@ -16,9 +16,19 @@ if [ -n "${QOS:-}" ]; then site_options+=(--qos="$QOS"); fi
 # shellcheck disable=SC2206
 if [ -n "${SBATCH_EXTRA:-}" ]; then site_options+=($SBATCH_EXTRA); fi
 
-# sbatch OPTIONS... SCRIPT ARGS...: submit, print the job id
+# sbatch OPTIONS... SCRIPT ARGS...: submit, print the job id. Called as job=$(submit ...), where `set -e` does
+# not apply inside, so a failed sbatch (or one that prints no job id) is checked here: the message goes to
+# stderr, the subshell exits 1, and the caller's assignment fails, which stops the script (set -e).
 submit() {
-  local out
-  out=$(sbatch --parsable --export=ALL "${site_options[@]}" "$@")
-  echo "${out%%;*}"
+  local out id
+  if ! out=$(sbatch --parsable --export=ALL "${site_options[@]}" "$@"); then
+    echo "error: sbatch failed (see its message above); nothing more is submitted" >&2
+    exit 1
+  fi
+  id="${out%%;*}"
+  if ! [[ "$id" =~ ^[0-9]+$ ]]; then
+    echo "error: sbatch printed no job id (got '$out'); nothing more is submitted" >&2
+    exit 1
+  fi
+  echo "$id"
 }

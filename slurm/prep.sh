@@ -22,12 +22,18 @@ if [ "$GPUS_PER_TASK" -gt 0 ]; then
 fi
 after() { echo "--dependency=afterok:$1 --kill-on-invalid-dep=yes"; }
 job="$VAMPNET_ROOT/slurm/prep.sbatch"
+# A failed submission stops the script (submit in common.sh): name the jobs already queued.
+submitted=()
+trap 'if [ $? -ne 0 ] && [ ${#submitted[@]} -gt 0 ]; then
+  echo "prep.sh stopped; already submitted: ${submitted[*]} (scancel them, or let them run and submit again)" >&2; fi' EXIT
 
 scan=$(submit "${resources[@]}" --job-name=vampnet-prep-scan --output="$LOG_DIR/%x-%j.out" \
   "$job" scan scan_workers="$CPUS_PER_TASK" "$@")
+submitted+=("$scan")
 # shellcheck disable=SC2046
 encode=$(submit "${resources[@]}" "${encode_resources[@]}" $(after "$scan") --array="0-$((TASKS - 1))" \
   --job-name=vampnet-prep-encode --output="$LOG_DIR/%x-%A_%a.out" "$job" encode workers="$workers" "$@")
+submitted+=("$encode")
 # shellcheck disable=SC2046
 finalize=$(submit "${resources[@]}" $(after "$encode") --job-name=vampnet-prep-finalize \
   --output="$LOG_DIR/%x-%j.out" "$job" finalize "$@")

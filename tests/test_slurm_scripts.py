@@ -1,0 +1,76 @@
+"""The submit scripts in slurm/ run against a fake ``sbatch`` on PATH (no cluster: tests/test_slurm.py has the real one).
+
+The fake records each call's arguments, one line per call, and answers with a job id, or fails from call ``fail_at`` on.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_SBATCH = """#!/bin/bash
+n=$(( $(wc -l < "$CALLS" 2>/dev/null || echo 0) + 1 ))
+printf '%q ' "$@" >> "$CALLS"; echo >> "$CALLS"
+if [ -n "${FAIL_AT:-}" ] && [ "$n" -ge "$FAIL_AT" ]; then
+  echo "sbatch: error: invalid partition specified: nope" >&2; exit 1
+fi
+printf '%s\\n' "${SBATCH_OUTPUT-$((1000 + n));cluster}"
+"""
+
+
+def fake_bin(tmp_path: Path, name: str, text: str) -> Path:
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return folder
+
+
+def submit(tmp_path: Path, script: str, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run ``slurm/<script>`` with the fake sbatch; returns the process and each sbatch call's arguments."""
+    calls = tmp_path / "sbatch_calls"
+    calls.unlink(missing_ok=True)
+    folder = fake_bin(tmp_path, "sbatch", FAKE_SBATCH)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    environment.update(PATH=f"{folder}:{os.environ['PATH']}", CALLS=str(calls), LOG_DIR=str(tmp_path / "logs"), **env)
+    done = subprocess.run(["bash", str(ROOT / "slurm" / script), *args], capture_output=True, text=True,
+                          env=environment, cwd=tmp_path, timeout=60)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return done, [shlex.split(line) for line in lines]
+
+
+def test_submit_scripts_print_the_job_ids(tmp_path):
+    done, calls = submit(tmp_path, "prep.sh", "catalog=/c", "out_dir=/o")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1001", "1002", "1003"]
+    assert "--dependency=afterok:1001" in calls[1] and "--dependency=afterok:1002" in calls[2]
+    done, calls = submit(tmp_path, "train.sh", "experiment=vampnet_coarse")
+    assert done.returncode == 0 and done.stdout.split() == ["1001"], done.stderr
+
+
+@pytest.mark.parametrize("script", ["train.sh", "eval.sh", "prep.sh"])
+def test_a_failed_sbatch_fails_the_submit_script(script, tmp_path):
+    done, calls = submit(tmp_path, script, "catalog=/c", "out_dir=/o", FAIL_AT="1")
+    assert done.returncode != 0
+    assert "sbatch failed" in done.stderr and "invalid partition" in done.stderr
+    assert done.stdout.strip() == ""  # no empty job id for a caller to read
+    assert len(calls) == 1  # prep.sh submits no dependent job after a failed one
+
+
+def test_prep_stops_at_the_first_failed_submission_and_names_the_queued_jobs(tmp_path):
+    done, calls = submit(tmp_path, "prep.sh", "catalog=/c", "out_dir=/o", FAIL_AT="2")
+    assert done.returncode != 0 and len(calls) == 2  # the finalize job is never submitted
+    assert "already submitted: 1001" in done.stderr
+
+
+def test_an_sbatch_that_prints_no_job_id_fails_the_submit_script(tmp_path):
+    done, calls = submit(tmp_path, "train.sh", "experiment=vampnet_coarse", SBATCH_OUTPUT="")
+    assert done.returncode != 0 and "printed no job id" in done.stderr and len(calls) == 1
