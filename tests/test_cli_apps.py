@@ -58,7 +58,7 @@ def test_each_job_of_a_multirun_gets_its_own_run_folder(tmp_path, monkeypatch):
 
     def fake_run(cfg):  # what the real run reads: run_dir, and the folders the callbacks and logger interpolate
         seen.append((cfg.optim.lr, cfg.run_dir, cfg.callbacks.last_checkpoint.dirpath, cfg.logger.save_dir))
-        return SimpleNamespace(received_sigterm=False)
+        return SimpleNamespace(received_sigterm=False, callbacks=[])
 
     monkeypatch.setattr(app, "run", fake_run)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)

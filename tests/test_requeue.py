@@ -138,6 +138,66 @@ def test_a_requeue_before_the_first_periodic_save_leaves_one_last_checkpoint(pre
     signal.signal(signal.SIGUSR1, previous)
 
 
+def fake_scontrol(tmp_path: Path, body: str) -> str:
+    """A PATH whose ``scontrol`` runs ``body`` (bash), before the rest of PATH."""
+    folder = tmp_path / "bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scontrol").write_text(f"#!/bin/bash\n{body}\n")
+    (folder / "scontrol").chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+REQUEUE_DISABLED = 'echo "scontrol: error: Requested operation is presently disabled for job $2" >&2; exit 1'
+
+
+def test_a_failed_missing_or_hanging_scontrol_makes_requeue_return_false(tmp_path, monkeypatch, slurm_env, caplog):
+    """Training has already stopped and saved when scontrol runs: a failure is reported, never raised."""
+    slurm_env(SLURM_JOB_ID=4242)
+    with_scontrol = {body: fake_scontrol(tmp_path / str(i), body) for i, body in
+                     enumerate([REQUEUE_DISABLED, "exec sleep 30", "exit 0"])}
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # a node without the SLURM client
+    with caplog.at_level(logging.ERROR, logger="vampnet_pl.training.slurm"):
+        assert SlurmRequeue.requeue() is False
+        assert "FileNotFoundError" in caplog.text
+        monkeypatch.setenv("PATH", with_scontrol[REQUEUE_DISABLED])
+        assert SlurmRequeue.requeue() is False
+        assert "presently disabled for job 4242" in caplog.text
+        monkeypatch.setenv("PATH", with_scontrol["exec sleep 30"])
+        monkeypatch.setattr("vampnet_pl.training.slurm.REQUEUE_TIMEOUT_S", 0.5)
+        assert SlurmRequeue.requeue() is False
+        assert "TimeoutExpired" in caplog.text
+    monkeypatch.setenv("PATH", with_scontrol["exit 0"])
+    assert SlurmRequeue.requeue() is True
+
+
+def test_a_failed_requeue_ends_train_with_a_non_zero_status(prepared, codec_path, tmp_path, monkeypatch, slurm_env):
+    """Exit 0 would make the job COMPLETED to SLURM (afterok dependents start on an unfinished model)."""
+    from vampnet_pl.cli import main
+    from vampnet_pl.training import app
+    from vampnet_pl.training.slurm import REQUEUE_FAILED_EXIT
+
+    slurm_env(SLURM_JOB_ID=4242)
+    monkeypatch.setenv("PATH", fake_scontrol(tmp_path, REQUEUE_DISABLED))
+    build_app = app.build
+
+    def build_with_signal(cfg):
+        module, datamodule, trainer, resume = build_app(cfg)
+        trainer.callbacks.append(SignalAtStep(2))
+        return module, datamodule, trainer, resume
+
+    monkeypatch.setattr(app, "build", build_with_signal)
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", *overrides(prepared, codec_path, tmp_path, "trainer.max_steps=20",
+                                      "data.batches_per_epoch=20", "checkpoint.every_n_train_steps=100",
+                                      "slurm.requeue=on")])
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert stopped.value.code == REQUEUE_FAILED_EXIT != 0
+    assert read_checkpoint(tmp_path / "demo_coarse-4242" / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
 def bare_trainer() -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False)

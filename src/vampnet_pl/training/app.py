@@ -27,8 +27,8 @@ from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth, LogPointProgressBar
 from vampnet_pl.training.checkpointing import AtomicCheckpointIO, check_resumable, remove_checkpoint_leftovers
 from vampnet_pl.training.csv_logs import keep_earlier_attempt
-from vampnet_pl.training.slurm import (SharedSignals, SlurmRequeue, cluster_plugins, describe, requeue_enabled,
-                                      share_signals, slurm_layout)
+from vampnet_pl.training.slurm import (REQUEUE_FAILED_EXIT, SharedSignals, SlurmRequeue, cluster_plugins, describe,
+                                      requeue_enabled, requeue_failed, share_signals, slurm_layout)
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.utils.atomic import previous_folder
 
@@ -141,7 +141,8 @@ def give_job_its_own_folder(cfg: DictConfig) -> None:
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """``vampnet-pl train``. A run stopped by SIGTERM exits with 143, not 0, so that a caller (the ablation
-    runner, a script) does not take it for finished; it resumes from its checkpoint when run again."""
+    runner, a script) does not take it for finished; it resumes from its checkpoint when run again. A run that
+    checkpointed for a requeue that then failed exits with ``REQUEUE_FAILED_EXIT`` (75; see training/slurm.py)."""
     give_job_its_own_folder(cfg)
     try:
         trainer = run(cfg)
@@ -149,6 +150,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(SIGTERM_EXIT)
     if trainer.received_sigterm:  # one process: Lightning's loop stopped
         sys.exit(SIGTERM_EXIT)
+    if requeue_failed(trainer):  # rank 0 (srun then reports the job step as failed)
+        sys.exit(REQUEUE_FAILED_EXIT)
 
 
 if __name__ == "__main__":

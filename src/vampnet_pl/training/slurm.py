@@ -206,6 +206,7 @@ class SlurmRequeue(L.Callback):
 
     def __init__(self, checkpoint_path: str | Path, signal_name: str = "SIGUSR1", signals: SharedSignals | None = None):
         self.checkpoint_path = Path(checkpoint_path)
+        self.requeue_failed = False  # rank 0 stopped training for a requeue that did not happen (see requeue())
         self.signum = signal.Signals[signal_name]
         self.signals = signals or SharedSignals()  # app.build passes the trainer's (see share_signals)
         self._previous_handler = None
@@ -251,21 +252,47 @@ class SlurmRequeue(L.Callback):
         for logger in trainer.loggers:
             logger.save()
         if trainer.is_global_zero:
-            self.requeue()
+            self.requeue_failed = not self.requeue()
         trainer.should_stop = True
         # Lightning validates before an early stop; the requeue is killing this job (restored in teardown)
         if self._limit_val_batches is None:
             self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
 
     @staticmethod
-    def requeue() -> None:
+    def requeue() -> bool:
+        """``scontrol requeue`` this job; False when that failed (the checkpoint is saved either way).
+
+        A failure is ``scontrol`` exiting non-zero (requeue disabled for the job or the cluster, a controller
+        down), missing from the node (OSError), or not answering within ``REQUEUE_TIMEOUT_S``. Training has
+        stopped by then, so ``vampnet-pl train`` exits with :data:`REQUEUE_FAILED_EXIT` (see there)."""
         job_id = slurm_job_id()
         if job_id is None:
             log.warning("not a SLURM job: checkpoint saved, nothing to requeue")
-            return
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-        if done.returncode == 0:
+            return True
+        try:
+            done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
+                                  timeout=REQUEUE_TIMEOUT_S)
+            error = (done.stderr.strip() or f"exit status {done.returncode}") if done.returncode else None
+        except (OSError, subprocess.TimeoutExpired) as err:
+            error = f"{type(err).__name__}: {err}"
+        if error is None:
             log.info("requeued SLURM job %s; it resumes from the checkpoint", job_id)
-        else:
-            log.error("scontrol requeue %s failed (%s); resubmit with the same run_name to resume",
-                      job_id, done.stderr.strip())
+            return True
+        log.error("scontrol requeue %s failed (%s): the checkpoint is saved, but this job is not requeued and "
+                  "exits with status %d; resubmit with the same run_name to resume", job_id, error, REQUEUE_FAILED_EXIT)
+        return False
+
+
+REQUEUE_TIMEOUT_S = 30  # well inside the signal's grace time (--signal=SIGUSR1@90), after the checkpoint
+
+# ``vampnet-pl train``'s exit status when it stopped for a requeue that failed. Not 0: the run is unfinished, and
+# a job that exits 0 is COMPLETED to SLURM, so ``--dependency=afterok`` jobs (an export, an evaluation) would
+# start on an unfinished model, and a caller that reads 0 as "done" would stop. A non-zero status marks the
+# job FAILED, as a killed rank does; resubmitting with the same run_name resumes from the saved checkpoint.
+# 75 is EX_TEMPFAIL (sysexits.h): a temporary failure, try again; distinct from a crash (1) or SIGTERM (143).
+REQUEUE_FAILED_EXIT = 75
+
+
+def requeue_failed(trainer: L.Trainer) -> bool:
+    """Whether this process stopped training for a requeue that did not happen (rank 0 runs scontrol)."""
+    return any(isinstance(c, SlurmRequeue) and c.requeue_failed for c in trainer.callbacks)
