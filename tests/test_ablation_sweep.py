@@ -120,3 +120,56 @@ def test_a_run_that_returns_before_its_last_step_is_not_recorded_as_finished(tmp
     outcome = runner.run_local_one(run, cfg, threads=1)
     assert (outcome.status, outcome.detail) == ("failed", f"a_seed-0 stopped at step 3 of {STEPS}")
     assert (run.run_dir / "failure.json").is_file() and not (run.run_dir / "results.json").exists()
+
+
+def submitit_job(folder: Path, run_id: str, task_results: list[tuple[str, str]]):
+    """A finished submitit job of len(task_results) tasks (one per device), as each task's process left it."""
+    import submitit
+    from submitit.core import utils
+
+    job = submitit.SlurmJob(folder=folder, job_id="4242", tasks=tuple(range(len(task_results))))
+    for task, outcome in enumerate(task_results):
+        paths = utils.JobPaths(folder, job_id="4242", task_id=task)
+        paths.folder.mkdir(parents=True, exist_ok=True)
+        utils.cloudpickle_dump(outcome, paths.result_pickle)
+    return job
+
+
+def test_a_multi_task_submitit_job_with_results_json_is_finished(tmp_path, monkeypatch):
+    """A job of several tasks (slurm.gpus_per_node: 2) has one result per task: ``Job.result()`` refuses it, and a
+    finished run was recorded as failed. ``results.json`` is the proof; it never gets a failure.json beside it."""
+    import contextlib
+
+    from vampnet_pl.ablation import slurm as ablation_slurm
+    from vampnet_pl.ablation.spec import Run, Sweep
+    from vampnet_pl.config import AblationConfig
+
+    def make_run(name: str) -> Run:
+        run = Run(f"{name}_seed-0", name, (), 0, (), tmp_path / "runs" / f"{name}_seed-0")
+        run.run_dir.mkdir(parents=True)
+        return run
+
+    ok, late_error, unrecorded = make_run("ok"), make_run("late-error"), make_run("unrecorded")
+    for run in (ok, late_error):
+        (run.run_dir / "results.json").write_text(json.dumps({"status": "finished"}))  # rank 0 recorded it
+    jobs = {ok.run_id: submitit_job(tmp_path / "j1", ok.run_id, [("success", ok.run_id)] * 2),
+            late_error.run_id: submitit_job(tmp_path / "j2", late_error.run_id,
+                                            [("success", late_error.run_id), ("error", "Traceback: rank 1 died")]),
+            unrecorded.run_id: submitit_job(tmp_path / "j3", unrecorded.run_id, [("success", unrecorded.run_id)] * 2)}
+    submitted = iter(jobs.values())
+
+    class FakeExecutor:
+        def batch(self):
+            return contextlib.nullcontext()
+
+        def submit(self, train_run):
+            return next(submitted)
+
+    monkeypatch.setattr(ablation_slurm, "executor", lambda sweep: FakeExecutor())
+    sweep = Sweep(AblationConfig(name="k"), tmp_path, [ok, late_error, unrecorded], "ok")
+    outcomes = ablation_slurm.run_slurm(sweep, [ok, late_error, unrecorded], wait=True, progress=False)
+    assert {o.run.run_id: o.status for o in outcomes} == {
+        ok.run_id: "finished", late_error.run_id: "finished", unrecorded.run_id: "failed"}
+    assert not (ok.run_dir / "failure.json").exists() and not (late_error.run_dir / "failure.json").exists()
+    failure = json.loads((unrecorded.run_dir / "failure.json").read_text())
+    assert failure["reason"] == "job 4242: returned without results.json"

@@ -63,6 +63,26 @@ def executor(sweep: Sweep) -> submitit.AutoExecutor:
     return ex
 
 
+def job_outcome(run: Run, job: submitit.Job) -> Outcome:
+    """A finished job's outcome. ``results.json`` (written by rank 0 once training reached its last step) is the
+    proof that the run finished; the job's results (``Job.results()``: every task's, as a job of several tasks
+    has one per device; ``Job.result()`` refuses those) explain a failure. A run with ``results.json`` never gets
+    a ``failure.json``, even if another task failed after it was written."""
+    try:
+        job.results()
+        error, detail = None, ""
+    except Exception as err:  # a task's own exception or a SLURM failure
+        error, detail = f"job {job.job_id}: {type(err).__name__}", str(err)
+    if results.results_path(run.run_dir).is_file():
+        if error:
+            log.warning("%s: finished (results.json), but %s: %s", run.run_id, error, detail[-500:])
+        return Outcome(run, "finished", f"job {job.job_id}")
+    if error is None:  # returned without recording the run (stopped short of its last step)
+        error = f"job {job.job_id}: returned without {results.RESULTS}"
+    results.write_failure(run, error, detail)
+    return Outcome(run, "failed", error)
+
+
 def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool = True) -> list[Outcome]:
     from tqdm.auto import tqdm
 
@@ -83,13 +103,7 @@ def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool =
                 if not job.done():
                     continue
                 del pending[run]
-                try:
-                    job.result()
-                    outcomes.append(Outcome(run, "finished", f"job {job.job_id}"))
-                except Exception as err:  # the job's own exception or a SLURM failure
-                    reason = f"job {job.job_id}: {type(err).__name__}"
-                    results.write_failure(run, reason, str(err))
-                    outcomes.append(Outcome(run, "failed", reason))
+                outcomes.append(job_outcome(run, job))
                 bar.update()
             if pending:
                 time.sleep(2)
