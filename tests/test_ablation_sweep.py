@@ -173,3 +173,80 @@ def test_a_multi_task_submitit_job_with_results_json_is_finished(tmp_path, monke
     assert not (ok.run_dir / "failure.json").exists() and not (late_error.run_dir / "failure.json").exists()
     failure = json.loads((unrecorded.run_dir / "failure.json").read_text())
     assert failure["reason"] == "job 4242: returned without results.json"
+
+
+LOCAL_RUNNER = """
+import sys
+from pathlib import Path
+from vampnet_pl.ablation import runner
+from vampnet_pl.ablation.spec import Run
+
+runner.train_command = lambda run: ["sleep", "300"]  # a training process that runs until it is stopped
+runs = [Run(f"r{i}", "c", (), i, (), Path(sys.argv[1]) / f"r{i}") for i in range(2)]
+try:
+    runner.run_local(runs, {r.run_id: None for r in runs}, parallel=2, progress=False)
+except runner.SweepStopped as stopped:
+    sys.exit(128 + stopped.signum)
+"""
+
+
+def start_local_runner(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """A local sweep of 2 runs whose training is ``sleep 300``; returns it and its training processes' pids."""
+    runner = subprocess.Popen([sys.executable, "-c", LOCAL_RUNNER, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    attempts = [tmp_path / f"r{i}" / "attempt.json" for i in range(2)]
+    wait_for(lambda: all(a.is_file() for a in attempts) or runner.poll() is not None, 60, "both runs to start")
+    assert runner.poll() is None, runner.communicate()[0]
+    return runner, [json.loads(a.read_text())["pid"] for a in attempts]
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_to_a_local_sweep_stops_its_training_processes(signum, tmp_path):
+    runner, pids = start_local_runner(tmp_path)
+    try:
+        runner.send_signal(signum)
+        output = runner.communicate(timeout=30)[0]
+        assert runner.returncode == 128 + signum, output
+        wait_for(lambda: not any(running(pid) for pid in pids), 10, "the training processes to end")
+        for i in range(2):
+            failure = json.loads((tmp_path / f"r{i}" / "failure.json").read_text())
+            assert failure["reason"].startswith(f"ablate run stopped by {signal.Signals(signum).name}"), failure
+    finally:
+        runner.kill()
+        for pid in pids:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_run_whose_training_process_is_alive_is_not_started_again(tmp_path, monkeypatch):
+    """The runner killed outright (SIGKILL) leaves its training processes running; they hold their run's lock, so
+    a second sweep in the same folder reports them and trains neither a second time."""
+    from vampnet_pl.ablation import runner as runner_module
+    from vampnet_pl.ablation.spec import Run
+
+    runner, pids = start_local_runner(tmp_path)
+    try:
+        runner.kill()
+        runner.wait()
+        assert all(running(pid) for pid in pids)
+        started = []
+        monkeypatch.setattr(runner_module, "train_command", lambda run: started.append(run) or ["false"])
+        runs = [Run(f"r{i}", "c", (), i, (), tmp_path / f"r{i}") for i in range(2)]
+        outcomes = runner_module.run_local(runs, {r.run_id: None for r in runs}, parallel=2, progress=False)
+        assert started == [] and sorted(o.status for o in outcomes) == ["running", "running"]
+        assert {o.detail.split(",")[0] for o in outcomes} == {f"being trained by another process (pid {p}" for p in pids}
+        assert not any((tmp_path / f"r{i}" / "failure.json").exists() for i in range(2))
+    finally:
+        for pid in pids:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(running(pid) for pid in pids), 10, "the orphaned training processes to end")
+    outcome = runner_module.run_local_one(runs[0], None, threads=1)  # the lock went with its process
+    assert {r.run_id for r in started} == {"r0"} and outcome.status == "failed"  # started (and "false" failed)

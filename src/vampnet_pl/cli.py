@@ -209,10 +209,15 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             print(f"{run.run_id}: vampnet-pl train {' '.join(run.overrides)}")
         print(f"spec OK: {len(sweep.runs)} runs in {sweep.sweep_dir}")
         return 0
-    outcomes = runner.run_sweep(spec, args.sweep_dir, args.launcher, args.parallel, wait=not args.no_wait)
+    try:
+        outcomes = runner.run_sweep(spec, args.sweep_dir, args.launcher, args.parallel, wait=not args.no_wait)
+    except runner.SweepStopped as stopped:
+        print(f"ablate run {stopped}: its training processes were stopped; the same command resumes the sweep",
+              file=sys.stderr)
+        return 128 + stopped.signum
     for outcome in outcomes:
         print(f"{outcome.status:9s} {outcome.run.run_id} {outcome.detail}")
-    failed = [o for o in outcomes if o.status == "failed"]
+    failed = [o for o in outcomes if o.status in ("failed", "running")]  # not finished by this command
     if outcomes and not args.no_wait:
         print(f"report: vampnet-pl ablate report {outcomes[0].run.run_dir.parents[1]}")
     return 1 if failed else 0

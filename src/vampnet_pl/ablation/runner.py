@@ -2,10 +2,17 @@
 
 Every run trains in its own folder with ``resume=true``: a run that stopped midway (killed, failed, requeued)
 continues from its ``checkpoints/last.ckpt``. A run with a ``results.json`` is finished and skipped.
+
+Locally, SIGTERM and SIGHUP (``timeout``, a closed terminal or ssh session, a service stop) end the sweep as
+Ctrl-C does: the training processes it started are stopped, each interrupted run gets a ``failure.json``, and
+:class:`SweepStopped` reaches the caller. A run's training process holds the run's ``train.lock`` while it runs
+(inherited from the runner, so even a runner killed with SIGKILL leaves it held): a run whose lock is held is
+being trained by another process, and is not started a second time in the same folder.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -14,6 +21,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -81,25 +89,53 @@ def run_sweep(spec, sweep_dir=None, launcher: SweepLauncher | None = None, paral
 
 
 # -- local ----------------------------------------------------------------------------------------
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled as Ctrl-C is: stop the training processes first
+LOCK = "train.lock"  # held by the run's training process while it runs
+
+
+class SweepStopped(Exception):
+    """``ablate run`` got SIGTERM or SIGHUP: its training processes were stopped (re-running resumes them)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
 class _Children:
     """The training processes this sweep started, so an interrupt stops exactly those."""
 
     def __init__(self):
         self.lock, self.processes = threading.Lock(), {}
+        self.stopped_by: str | None = None  # why the sweep stopped its children, once it did
 
     def add(self, process: subprocess.Popen) -> None:
         with self.lock:
             self.processes[process.pid] = process
+            if self.stopped_by is not None:  # started while the sweep was stopping
+                process.send_signal(signal.SIGTERM)
 
     def remove(self, process: subprocess.Popen) -> None:
         with self.lock:
             self.processes.pop(process.pid, None)
 
-    def stop_all(self) -> None:
+    def stop_all(self, reason: str = "ablate run stopped") -> None:
         with self.lock:
+            self.stopped_by = reason
             for process in self.processes.values():
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
+
+
+def lock_run(run_dir: Path):
+    """The run's ``train.lock``, opened and locked (``flock``), or None when another process holds it. The training
+    process inherits the open file, so the lock stays held while it runs, whatever becomes of this runner."""
+    handle = open(Path(run_dir) / LOCK, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 def train_command(run: Run) -> list[str]:
@@ -108,6 +144,19 @@ def train_command(run: Run) -> list[str]:
 
 def run_local_one(run: Run, cfg: DictConfig, threads: int, children: _Children | None = None) -> Outcome:
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run(run.run_dir)
+    if lock is None:
+        try:
+            pid = json.loads((run.run_dir / "attempt.json").read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            pid = "?"
+        return Outcome(run, "running", f"being trained by another process (pid {pid}, holding {LOCK}); not started "
+                                       "again: stop it, or wait and re-run")
+    with lock:
+        return _train(run, cfg, threads, children, lock.fileno())
+
+
+def _train(run: Run, cfg: DictConfig, threads: int, children: _Children | None, lock_fd: int) -> Outcome:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", str(threads))
     for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
@@ -117,7 +166,7 @@ def run_local_one(run: Run, cfg: DictConfig, threads: int, children: _Children |
         log_file.write(f"\n=== vampnet-pl ablate: {' '.join(train_command(run))}\n")
         log_file.flush()
         process = subprocess.Popen(train_command(run), stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+                                   start_new_session=True, pass_fds=(lock_fd,))
         if children:
             children.add(process)
         write_json_atomic(run.run_dir / "attempt.json", {"pid": process.pid, "command": train_command(run)})
@@ -127,6 +176,8 @@ def run_local_one(run: Run, cfg: DictConfig, threads: int, children: _Children |
     reason = None
     if code != 0:
         reason = f"exit status {code}" + (f" ({signal.Signals(-code).name})" if code < 0 else "")
+        if children and children.stopped_by:
+            reason = f"{children.stopped_by} ({reason})"
     else:
         try:
             results.write_results(run, cfg)
@@ -145,19 +196,34 @@ def run_local(runs: list[Run], configs: dict[str, DictConfig], parallel: int, pr
         return []
     threads = max(1, (os.cpu_count() or 1) // parallel)
     children, outcomes = _Children(), []
-    with ThreadPoolExecutor(parallel) as pool, tqdm(total=len(runs), desc="sweep", unit="run",
-                                                     disable=not progress) as bar:
-        futures = {pool.submit(run_local_one, r, configs[r.run_id], threads, children): r for r in runs}
-        try:
-            for future in as_completed(futures):
-                outcome = future.result()
-                outcomes.append(outcome)
-                bar.update()
-                bar.set_postfix_str(f"{outcome.run.run_id}: {outcome.status}")
-                log.info("%s: %s %s", outcome.run.run_id, outcome.status, outcome.detail)
-        except KeyboardInterrupt:
-            for future in futures:
-                future.cancel()
-            children.stop_all()
-            raise
+
+    def on_stop_signal(signum, frame) -> None:
+        if children.stopped_by is None:  # the first one ends the wait below; later ones (while stopping) change nothing
+            raise SweepStopped(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, on_stop_signal) for signum in STOP_SIGNALS}
+    try:
+        with ThreadPoolExecutor(parallel) as pool, tqdm(total=len(runs), desc="sweep", unit="run",
+                                                         disable=not progress) as bar:
+            futures = {}
+            try:
+                futures = {pool.submit(run_local_one, r, configs[r.run_id], threads, children): r for r in runs}
+                for future in as_completed(futures):
+                    outcome = future.result()
+                    outcomes.append(outcome)
+                    bar.update()
+                    bar.set_postfix_str(f"{outcome.run.run_id}: {outcome.status}")
+                    log.info("%s: %s %s", outcome.run.run_id, outcome.status, outcome.detail)
+            except (KeyboardInterrupt, SweepStopped) as err:
+                for future in futures:
+                    future.cancel()
+                name = signal.Signals(err.signum).name if isinstance(err, SweepStopped) else "SIGINT"
+                log.warning("%s: stopping the training processes; re-running the sweep resumes them", name)
+                children.stop_all(f"ablate run stopped by {name}")
+                raise  # once the pool's threads have recorded their runs (failure.json)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return outcomes

@@ -42,7 +42,7 @@ class Run:
 class Outcome:
     """What became of one run: by the local runner or the SLURM launcher."""
     run: Run
-    status: str  # finished | skipped | failed | submitted
+    status: str  # finished | skipped | failed | submitted | running (by another process)
     detail: str = ""
 
 
