@@ -250,3 +250,36 @@ def test_a_run_whose_training_process_is_alive_is_not_started_again(tmp_path, mo
     wait_for(lambda: not any(running(pid) for pid in pids), 10, "the orphaned training processes to end")
     outcome = runner_module.run_local_one(runs[0], None, threads=1)  # the lock went with its process
     assert {r.run_id for r in started} == {"r0"} and outcome.status == "failed"  # started (and "false" failed)
+
+
+ENV_DUMP = """
+import json, os, sys
+from lightning.fabric.plugins.environments import SLURMEnvironment
+json.dump({"env": dict(os.environ), "slurm": SLURMEnvironment.detect()}, open(sys.argv[1], "w"))
+"""
+
+
+def test_local_runs_inside_a_slurm_allocation_are_no_slurm_jobs(tmp_path, monkeypatch):
+    """A sweep run inside an allocation (salloc, an sbatch job): its parallel runs must not read rank and port from
+    SLURM (each would take the allocation's place, on the same port: EADDRINUSE), nor requeue the allocation."""
+    from vampnet_pl.ablation import results, runner
+    from vampnet_pl.ablation.spec import Run
+
+    for name, value in dict(SLURM_JOB_ID="77", SLURM_JOB_NAME="sweep", SLURM_NTASKS="1", SLURM_PROCID="0",
+                            SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="n1", CUDA_VISIBLE_DEVICES="0,1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    run = Run("r0", "c", (), 0, ("data.dataset_dir=codes", "slurm.requeue=on"), tmp_path / "r0")
+    dump = tmp_path / "child.json"
+    command = runner.train_command(run)
+    monkeypatch.setattr(runner, "train_command", lambda run: [sys.executable, "-c", ENV_DUMP, str(dump)])
+    monkeypatch.setattr(results, "write_results", lambda run, cfg: {})
+    assert runner.run_local_one(run, None, threads=1).status == "finished"
+    child = json.loads(dump.read_text())
+    assert not child["slurm"] and not [k for k in child["env"] if k.startswith("SLURM_") or k == "MASTER_PORT"]
+    assert child["env"]["CUDA_VISIBLE_DEVICES"] == "0,1"  # the allocation's devices stay bound
+    # the run's own command turns the requeue off, whatever the spec says
+    printed = subprocess.run([*command, "--cfg", "job", "--package", "slurm"], capture_output=True, text=True,
+                             env=runner.child_environment(1), timeout=120)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert "requeue: 'off'" in printed.stdout or "requeue: off" in printed.stdout, printed.stdout

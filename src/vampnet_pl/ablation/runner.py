@@ -139,7 +139,23 @@ def lock_run(run_dir: Path):
 
 
 def train_command(run: Run) -> list[str]:
-    return [sys.executable, "-m", "vampnet_pl.cli", "train", *run.overrides]
+    """A local run's command. ``slurm.requeue=off``: a local run is never a SLURM job of its own, even when the sweep
+    runs inside an allocation (an interactive ``salloc``, an ``sbatch`` job); requeueing that would requeue the
+    whole sweep's job from inside one of its runs."""
+    return [sys.executable, "-m", "vampnet_pl.cli", "train", *run.overrides, "slurm.requeue=off"]
+
+
+def child_environment(threads: int) -> dict[str, str]:
+    """The environment of a local run's training process: this one's, without the variables that would make the
+    run take part in another launch. ``SLURM_*`` (the sweep may run inside an allocation) would make Lightning
+    read rank, world size and the main port from SLURM: every parallel run would take the allocation's place
+    and the same port (EADDRINUSE). Device binding (``CUDA_VISIBLE_DEVICES``, set by SLURM too) is kept."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(name, None)  # a launcher's variables of this process are not the run's
+    return env
 
 
 def run_local_one(run: Run, cfg: DictConfig, threads: int, children: _Children | None = None) -> Outcome:
@@ -157,10 +173,7 @@ def run_local_one(run: Run, cfg: DictConfig, threads: int, children: _Children |
 
 
 def _train(run: Run, cfg: DictConfig, threads: int, children: _Children | None, lock_fd: int) -> Outcome:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
-        env.pop(name, None)  # a launcher's variables of this process are not the run's
+    env = child_environment(threads)
     log_path = run.run_dir / "train.log"
     with open(log_path, "a") as log_file:
         log_file.write(f"\n=== vampnet-pl ablate: {' '.join(train_command(run))}\n")
