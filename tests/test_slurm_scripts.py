@@ -74,3 +74,34 @@ def test_prep_stops_at_the_first_failed_submission_and_names_the_queued_jobs(tmp
 def test_an_sbatch_that_prints_no_job_id_fails_the_submit_script(tmp_path):
     done, calls = submit(tmp_path, "train.sh", "experiment=vampnet_coarse", SBATCH_OUTPUT="")
     assert done.returncode != 0 and "printed no job id" in done.stderr and len(calls) == 1
+
+
+@pytest.mark.parametrize("out_dir", ["out_dir='{dir}'", "out_dir=${{oc.env:CODES_DIR}}"])
+def test_the_finalize_job_verifies_the_out_dir_that_hydra_parsed(out_dir, prepared, synthetic_catalog, codec_path,
+                                                                 tmp_path):
+    """prep.sbatch finalize, run as the job runs it (no SLURM needed): a quoted out_dir (a comma needs the quotes)
+    or an interpolated one is the folder that finalize wrote and that verify checks, not the override's raw text."""
+    import shutil
+    import sys
+
+    codes = tmp_path / "codes,v2"
+    shutil.copytree(prepared, codes)
+    folder = fake_bin(tmp_path, "vampnet-pl", f'#!/bin/bash\nexec "{sys.executable}" -m vampnet_pl.cli "$@"\n')
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    environment.update(PATH=f"{folder}:{os.environ['PATH']}", VAMPNET_ROOT=str(ROOT), VAMPNET_VENV=str(tmp_path / "none"),
+                       PYTHONPATH=str(ROOT / "src"), CODES_DIR=str(codes), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "prep.sbatch"), "finalize", f"catalog={synthetic_catalog}",
+         out_dir.format(dir=codes), f"codec.source={codec_path}", "codec.device=cpu", "files_per_unit=2",
+         "shard_max_samples=4", "segment_seconds=8.0", "split.val_fraction=0.25", "split.test_fraction=0.0",
+         "channels=mono"], capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "verify: OK" in done.stdout
+
+
+def test_prep_verify_reads_a_quoted_or_interpolated_out_dir(prepared, monkeypatch, capsys):
+    from vampnet_pl.cli import main
+
+    monkeypatch.setenv("CODES_DIR", str(prepared))
+    for override in (f"out_dir='{prepared}'", "out_dir=${oc.env:CODES_DIR}", f"out_dir={prepared}"):
+        assert main(["prep", "verify", override]) == 0, capsys.readouterr()

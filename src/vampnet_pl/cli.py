@@ -6,6 +6,7 @@
     vampnet-pl prep all catalog=DIR out_dir=DIR       # scan + encode + finalize
     vampnet-pl prep encode --task-index 3 --num-tasks 8 out_dir=DIR ...   # one share (SLURM array task)
     vampnet-pl prep verify [--deep] out_dir=DIR       # --deep: decode and check every sample
+    vampnet-pl prep finalize --verify catalog=DIR out_dir=DIR   # write index.json, then verify (SLURM finalize job)
     vampnet-pl prep repair out_dir=DIR                # re-encode only the units whose shards fail
     vampnet-pl codec synthetic artifacts/synthetic_dac.pth
     vampnet-pl ablate run conf/ablation/demo.yaml [--parallel 2] [--launcher slurm] [extra base overrides]
@@ -42,11 +43,7 @@ def _cmd_prep(args: argparse.Namespace) -> int:
     if args.stage == "verify":
         if len(args.overrides) != 1 or not args.overrides[0].startswith("out_dir="):
             raise UsageError("usage: vampnet-pl prep verify [--deep] out_dir=DIR")
-        problems = prep_index.verify(args.overrides[0].split("=", 1)[1], deep=args.deep)
-        for problem in problems:
-            print(f"PROBLEM {problem}")
-        print("verify: OK" if not problems else f"verify: {len(problems)} problem(s)")
-        return 0 if not problems else 1
+        return _verify(prep_index, _parse_out_dir(args.overrides[0]), args.deep)
     if args.stage == "repair":
         cfg = _saved_prep_config(args.overrides)
         redone = prep_index.repair(cfg, deep=True)
@@ -65,9 +62,34 @@ def _cmd_prep(args: argparse.Namespace) -> int:
         run.encode_local(cfg, *task)
     elif args.stage == "finalize":
         run.print_summary(prep_index.finalize(cfg, run.load_codec(cfg)))
+        if args.verify:  # the out_dir of this composed config (quoted, interpolated: as the stages read it)
+            return _verify(prep_index, cfg.out_dir, args.deep)
     else:
         run.run_all(cfg)
     return 0
+
+
+def _verify(prep_index, out_dir: str, deep: bool) -> int:
+    problems = prep_index.verify(out_dir, deep=deep)
+    for problem in problems:
+        print(f"PROBLEM {problem}")
+    print("verify: OK" if not problems else f"verify: {len(problems)} problem(s)")
+    return 0 if not problems else 1
+
+
+def _parse_out_dir(override: str) -> str:
+    """The folder of an ``out_dir=...`` override, read as Hydra and OmegaConf read it in the other stages:
+    ``out_dir='/data/codes,v2'`` (quoted), ``out_dir=${oc.env:SCRATCH}/codes`` (resolved)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        value = OverridesParser.create().parse_override(override).value()
+        return str(OmegaConf.create({"out_dir": value}).out_dir)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UsageError(f"bad out_dir for prep verify: {err}") from None
 
 
 def _saved_prep_config(overrides: list[str]):
@@ -237,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep = commands.add_parser("prep", help="audio catalog -> DAC codes -> WebDataset shards")
     prep.add_argument("stage", choices=["scan", "encode", "finalize", "verify", "repair", "all"])
     prep.add_argument("--deep", action="store_true", help="verify: decode every sample (ranges, per-sample checksums)")
+    prep.add_argument("--verify", action="store_true", help="finalize: then verify the shard set (as prep verify)")
     prep.add_argument("--task-index", type=int, default=None, help="this task's share (default: SLURM array task, else 0)")
     prep.add_argument("--num-tasks", type=int, default=1)
     prep.add_argument("overrides", nargs="*", help="Hydra overrides for conf/prep.yaml")
