@@ -52,6 +52,17 @@ def test_requeue_mode_follows_slurm_and_submitit(slurm_env):
     assert requeue_enabled(RequeueMode.on)
 
 
+def test_a_slurm_job_with_gpus_that_trains_on_cpus_is_warned(slurm_env):
+    from vampnet_pl.training.slurm import gpus_left_unused
+
+    assert gpus_left_unused("cpu") is None  # not a job with GPUs
+    slurm_env(SLURM_GPUS_ON_NODE=2)
+    assert "2 GPU(s) per node but trains on CPUs" in gpus_left_unused("cpu") and "trainer=gpu" in gpus_left_unused("cpu")
+    assert gpus_left_unused("gpu") is None
+    slurm_env(SLURM_GPUS_ON_NODE=0)
+    assert gpus_left_unused("cpu") is None
+
+
 def test_slurm_layout_gives_processes_per_node_and_nodes(slurm_env):
     assert slurm_layout() is None
     slurm_env(SLURM_NTASKS=8, SLURM_JOB_NAME="train", SLURM_JOB_NUM_NODES=2, SLURM_NTASKS_PER_NODE="4(x2)")

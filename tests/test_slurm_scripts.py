@@ -105,3 +105,38 @@ def test_prep_verify_reads_a_quoted_or_interpolated_out_dir(prepared, monkeypatc
     monkeypatch.setenv("CODES_DIR", str(prepared))
     for override in (f"out_dir='{prepared}'", "out_dir=${oc.env:CODES_DIR}", f"out_dir={prepared}"):
         assert main(["prep", "verify", override]) == 0, capsys.readouterr()
+
+
+def compose_sweep_job(monkeypatch, overrides: list[str], **env: str):
+    """A job's config of ``vampnet-pl train -m hydra/launcher=slurm OVERRIDES`` (the launcher section included)."""
+    from hydra import compose, initialize_config_dir
+
+    from vampnet_pl.config import conf_dir
+
+    for name in ("GPUS_PER_NODE", "TASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("train", ["hydra/launcher=slurm", *overrides], return_hydra_config=True)
+
+
+@pytest.mark.parametrize("env, tasks", [({"GPUS_PER_NODE": "0"}, 1), ({"GPUS_PER_NODE": "2"}, 2), ({}, 1),
+                                        ({"GPUS_PER_NODE": "0", "TASKS_PER_NODE": "3"}, 3)])
+def test_the_submitit_launcher_runs_one_task_per_gpu_and_one_on_cpus(env, tasks, monkeypatch):
+    cfg = compose_sweep_job(monkeypatch, ["experiment=demo_coarse", "data.dataset_dir=codes"], **env)
+    assert int(cfg.hydra.launcher.tasks_per_node) == tasks
+
+
+def test_the_guides_submitit_sweep_trains_on_the_gpus_it_asks_for(monkeypatch):
+    """The example in slurm/README.md, composed as its first job: GPUs asked for are GPUs trained on."""
+    text = (ROOT / "slurm" / "README.md").read_text()
+    block = text.split("## Hydra sweeps on SLURM")[1].split("```bash\n")[1].split("```")[0]
+    words = shlex.split(block.replace("\\\n", " "))
+    command = next(i for i, word in enumerate(words) if word.endswith("vampnet-pl"))
+    env = dict(word.split("=", 1) for word in words[:command])
+    overrides = [w.split(",")[0] for w in words[command + 1:] if "=" in w]  # the first job of each swept value
+    assert "hydra/launcher=slurm" in overrides and int(env["GPUS_PER_NODE"]) > 0
+    cfg = compose_sweep_job(monkeypatch, overrides, GPUS_PER_NODE=env["GPUS_PER_NODE"])
+    assert cfg.hydra.launcher.gpus_per_node == int(env["GPUS_PER_NODE"])
+    assert cfg.trainer.accelerator == "gpu"

@@ -341,6 +341,15 @@ def register_schemas() -> None:
 register_schemas()
 
 
+def register_resolvers() -> None:
+    """``${at_least_one:N}``: max(1, N); one SLURM task per GPU, and one on CPUs (conf/hydra/launcher/slurm.yaml)."""
+    if not OmegaConf.has_resolver("at_least_one"):
+        OmegaConf.register_new_resolver("at_least_one", lambda value: max(1, int(value)))
+
+
+register_resolvers()
+
+
 class UsageError(Exception):
     """A wrong configuration or invocation: reported in one line, exit status 2."""
 

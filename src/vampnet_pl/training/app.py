@@ -28,7 +28,7 @@ from vampnet_pl.training.callbacks import DataHealth, LogPointProgressBar
 from vampnet_pl.training.checkpointing import AtomicCheckpointIO, check_resumable, remove_checkpoint_leftovers
 from vampnet_pl.training.csv_logs import keep_earlier_attempt
 from vampnet_pl.training.slurm import (REQUEUE_FAILED_EXIT, SharedSignals, SlurmRequeue, cluster_plugins, describe,
-                                      requeue_enabled, requeue_failed, share_signals, slurm_layout)
+                                      gpus_left_unused, requeue_enabled, requeue_failed, share_signals, slurm_layout)
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.utils.atomic import previous_folder
 
@@ -99,6 +99,8 @@ def build(cfg: DictConfig):
     if (layout := slurm_layout()) and trainer_args["devices"] == "auto":
         trainer_args["devices"], trainer_args["num_nodes"] = layout  # one process per SLURM task
     log.info(describe(schema.slurm.requeue))
+    if warning := gpus_left_unused(str(trainer_args["accelerator"])):
+        log.warning(warning)
     if resume_from is not None and rank_zero_only.rank == 0:  # this run's earlier attempt, before the CSV loggers
         keep_earlier_attempt(schema.run_dir, cfg)  # start (they would delete it)
     trainer = L.Trainer(

@@ -74,6 +74,16 @@ def describe(mode: RequeueMode) -> str:
     return f"SLURM job {slurm_job_id()}, restart {os.environ.get('SLURM_RESTART_COUNT', 0)}: requeue by {who}"
 
 
+def gpus_left_unused(accelerator: str) -> str | None:
+    """A warning when this SLURM job was given GPUs but trains on CPUs (``trainer=cpu``, the default of
+    ``vampnet-pl train``: a submitit sweep without ``trainer=gpu``), else None."""
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE", "0")
+    if accelerator != "cpu" or gpus in ("", "0"):
+        return None
+    return (f"this SLURM job has {gpus} GPU(s) per node but trains on CPUs (trainer.accelerator=cpu): "
+            "add trainer=gpu to train on them")
+
+
 def slurm_job_id() -> str | None:
     array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and array_task:
