@@ -283,3 +283,20 @@ def test_local_runs_inside_a_slurm_allocation_are_no_slurm_jobs(tmp_path, monkey
                              env=runner.child_environment(1), timeout=120)
     assert printed.returncode == 0, printed.stderr[-2000:]
     assert "requeue: 'off'" in printed.stdout or "requeue: off" in printed.stdout, printed.stdout
+
+
+def test_local_runs_share_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """OMP_NUM_THREADS per run: the CPUs of this process's affinity (a SLURM allocation, taskset) over the parallel
+    runs, not the machine's CPU count."""
+    from vampnet_pl.ablation import results, runner
+    from vampnet_pl.ablation.spec import Run
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(results, "write_results", lambda run, cfg: {})
+    monkeypatch.setattr(runner, "train_command", lambda run: [
+        sys.executable, "-c", f"import os; open({str(run.run_dir / 'threads')!r}, 'w').write(os.environ['OMP_NUM_THREADS'])"])
+    runs = [Run(f"r{i}", "c", (), i, (), tmp_path / f"r{i}") for i in range(2)]
+    runner.run_local(runs, {r.run_id: None for r in runs}, parallel=2, progress=False)
+    assert [(r.run_dir / "threads").read_text() for r in runs] == ["2", "2"]

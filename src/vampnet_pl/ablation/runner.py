@@ -202,12 +202,20 @@ def _train(run: Run, cfg: DictConfig, threads: int, children: _Children | None, 
     return Outcome(run, "finished")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a SLURM allocation's, taskset's), not all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform (macOS)
+        return os.cpu_count() or 1
+
+
 def run_local(runs: list[Run], configs: dict[str, DictConfig], parallel: int, progress: bool = True) -> list[Outcome]:
     from tqdm.auto import tqdm
 
     if not runs:
         return []
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    threads = max(1, usable_cpus() // parallel)
     children, outcomes = _Children(), []
 
     def on_stop_signal(signum, frame) -> None:
