@@ -32,3 +32,18 @@ submit() {
   fi
   echo "$id"
 }
+
+# parse_gpus NAME VALUE: a GPU count (2) or a type and a count (a100:2), as --gres=gpu:... takes them.
+# Sets gpu_count (the number) and gpu_gres (the --gres option, empty for 0); anything else stops the script.
+parse_gpus() {
+  if [[ "$2" =~ ^[0-9]+$ ]]; then
+    gpu_count=$((10#$2))
+  elif [[ "$2" =~ ^[A-Za-z0-9_.-]+:([0-9]+)$ ]]; then
+    gpu_count=$((10#${BASH_REMATCH[1]}))
+  else
+    echo "error: $1=$2: give a GPU count (2) or a GPU type and a count (a100:2)" >&2
+    exit 2
+  fi
+  gpu_gres=""
+  if [ "$gpu_count" -gt 0 ]; then gpu_gres="--gres=gpu:$2"; fi
+}

@@ -6,19 +6,19 @@
 #
 # Arguments: conf/prep.yaml overrides (catalog= and out_dir= are required). Environment:
 #   TASKS (8)          array tasks; task i encodes units i, i+TASKS, ... Re-running skips finished units.
-#   GPUS_PER_TASK (0)  >0: each task encodes on that many GPUs, one worker process per GPU
+#   GPUS_PER_TASK (0)  >0: each task encodes on that many GPUs, one worker process per GPU (a type too: a100:1)
 #   CPUS_PER_TASK (4)  MEM (16G, per task)  TIME (04:00:00, per task)
 #   and the site settings of slurm/common.sh (PARTITION, ACCOUNT, QOS, LOG_DIR, SBATCH_EXTRA).
 source "$(dirname "$0")/common.sh"
 TASKS="${TASKS:-8}"
-GPUS_PER_TASK="${GPUS_PER_TASK:-0}"
+parse_gpus GPUS_PER_TASK "${GPUS_PER_TASK:-0}"
 CPUS_PER_TASK="${CPUS_PER_TASK:-4}"
 resources=(--cpus-per-task="$CPUS_PER_TASK" --mem="${MEM:-16G}" --time="${TIME:-04:00:00}")
 encode_resources=()
 workers=1
-if [ "$GPUS_PER_TASK" -gt 0 ]; then
-  encode_resources=(--gres="gpu:$GPUS_PER_TASK")
-  workers="$GPUS_PER_TASK"
+if [ "$gpu_count" -gt 0 ]; then
+  encode_resources=("$gpu_gres")
+  workers="$gpu_count"
 fi
 after() { echo "--dependency=afterok:$1 --kill-on-invalid-dep=yes"; }
 job="$VAMPNET_ROOT/slurm/prep.sbatch"

@@ -7,16 +7,16 @@
 #
 # Arguments: conf/train.yaml overrides (the strategy is one: strategy=ddp|fsdp|fsdp2|deepspeed_zero2|...).
 # Environment:
-#   NODES (1)  GPUS_PER_NODE (1; 0 trains on CPUs)  TASKS_PER_NODE (= GPUS_PER_NODE, or 1 on CPUs)
+#   NODES (1)  GPUS_PER_NODE (1; a type too: a100:2; 0 trains on CPUs)  TASKS_PER_NODE (= the GPU count, or 1 on CPUs)
 #   CPUS_PER_TASK (8)  MEM (per node; default: the site's)  TIME (24:00:00)
 #   RUN_NAME   the run directory's name (default: <experiment>-<job id>); an earlier run's name resumes it
 #   and the site settings of slurm/common.sh (PARTITION, ACCOUNT, QOS, LOG_DIR, SBATCH_EXTRA).
 source "$(dirname "$0")/common.sh"
 NODES="${NODES:-1}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-1}"
-if [ "$GPUS_PER_NODE" -gt 0 ]; then
-  TASKS_PER_NODE="${TASKS_PER_NODE:-$GPUS_PER_NODE}"
-  options=(--gres="gpu:$GPUS_PER_NODE")
+parse_gpus GPUS_PER_NODE "${GPUS_PER_NODE:-1}"
+if [ "$gpu_count" -gt 0 ]; then
+  TASKS_PER_NODE="${TASKS_PER_NODE:-$gpu_count}"
+  options=("$gpu_gres")
   defaults=(trainer=gpu)
 else
   TASKS_PER_NODE="${TASKS_PER_NODE:-1}"

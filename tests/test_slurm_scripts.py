@@ -122,7 +122,8 @@ def compose_sweep_job(monkeypatch, overrides: list[str], **env: str):
 
 
 @pytest.mark.parametrize("env, tasks", [({"GPUS_PER_NODE": "0"}, 1), ({"GPUS_PER_NODE": "2"}, 2), ({}, 1),
-                                        ({"GPUS_PER_NODE": "0", "TASKS_PER_NODE": "3"}, 3)])
+                                        ({"GPUS_PER_NODE": "0", "TASKS_PER_NODE": "3"}, 3),
+                                        ({"GPUS_PER_NODE": "a100:2"}, 2)])
 def test_the_submitit_launcher_runs_one_task_per_gpu_and_one_on_cpus(env, tasks, monkeypatch):
     cfg = compose_sweep_job(monkeypatch, ["experiment=demo_coarse", "data.dataset_dir=codes"], **env)
     assert int(cfg.hydra.launcher.tasks_per_node) == tasks
@@ -140,3 +141,22 @@ def test_the_guides_submitit_sweep_trains_on_the_gpus_it_asks_for(monkeypatch):
     cfg = compose_sweep_job(monkeypatch, overrides, GPUS_PER_NODE=env["GPUS_PER_NODE"])
     assert cfg.hydra.launcher.gpus_per_node == int(env["GPUS_PER_NODE"])
     assert cfg.trainer.accelerator == "gpu"
+
+
+@pytest.mark.parametrize("script, variable, first_call", [("train.sh", "GPUS_PER_NODE", 0), ("eval.sh", "GPUS", 0),
+                                                          ("prep.sh", "GPUS_PER_TASK", 1)])
+def test_a_typed_gpu_count_is_passed_to_gres_and_counted(script, variable, first_call, tmp_path):
+    done, calls = submit(tmp_path, script, "catalog=/c", "out_dir=/o", **{variable: "a100:2"})
+    assert done.returncode == 0, done.stderr
+    call = calls[first_call]  # prep.sh: the encode array
+    assert "--gres=gpu:a100:2" in call
+    if script == "train.sh":
+        assert "--ntasks-per-node=2" in call and "trainer=gpu" in call
+    if script == "prep.sh":
+        assert "workers=2" in call
+
+
+@pytest.mark.parametrize("value", ["two", "a100", "a100:", "2.5"])
+def test_a_gpu_count_that_is_no_count_is_refused(value, tmp_path):
+    done, calls = submit(tmp_path, "train.sh", "experiment=vampnet_coarse", GPUS_PER_NODE=value)
+    assert done.returncode == 2 and f"GPUS_PER_NODE={value}: give a GPU count" in done.stderr and calls == []

@@ -342,9 +342,10 @@ register_schemas()
 
 
 def register_resolvers() -> None:
-    """``${at_least_one:N}``: max(1, N); one SLURM task per GPU, and one on CPUs (conf/hydra/launcher/slurm.yaml)."""
+    """``${at_least_one:N}``: max(1, N); one SLURM task per GPU, and one on CPUs (conf/hydra/launcher/slurm.yaml).
+    N may name a GPU type, as ``--gres`` does: ``a100:2`` counts 2."""
     if not OmegaConf.has_resolver("at_least_one"):
-        OmegaConf.register_new_resolver("at_least_one", lambda value: max(1, int(value)))
+        OmegaConf.register_new_resolver("at_least_one", lambda value: max(1, int(str(value).rsplit(":", 1)[-1])))
 
 
 register_resolvers()
