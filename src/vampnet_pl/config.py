@@ -351,6 +351,13 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def override_value(value: Any) -> str:
+    """A scalar as a Hydra override writes it (``true``, ``null``, ``0.5``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
 class UsageError(Exception):
     """A wrong configuration or invocation: reported in one line, exit status 2."""
 

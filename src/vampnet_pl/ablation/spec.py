@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vampnet_pl.config import AblationConfig, UsageError, compose
+from vampnet_pl.config import AblationConfig, UsageError, compose, override_value
 from vampnet_pl.training.csv_logs import csv_log_dirs
 
 # The baseline every condition is compared with unless the spec names one: VampNet's masking.
@@ -74,13 +74,9 @@ def load_spec(path: str | Path, extra_base: list[str] | None = None) -> Ablation
 
 def format_value(value: Any) -> str:
     """A grid value as a Hydra override value."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
     if isinstance(value, (list, dict)):
         raise SpecError(f"grid values must be scalars (write a list as a quoted override string): {value!r}")
-    return str(value)
+    return override_value(value)
 
 
 def _slug(text: str) -> str:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
+from vampnet_pl.config import override_value
 from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
 from vampnet_pl.masking.protocol import EvalProtocolConfig, protocol_masks
 from vampnet_pl.model import VampNet, VampNetConfig, load_exported
@@ -50,11 +51,6 @@ class MaskedLoss(NamedTuple):
 
 def _as(cls, value):
     return value if isinstance(value, cls) or value is None else cls(**value)
-
-
-def _override_value(value: Any) -> str:
-    """``value`` as a Hydra override writes it."""
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _key(name: str) -> str:
@@ -119,7 +115,7 @@ class MaskedTokenModule(L.LightningModule):
                   if f.name not in RUNTIME_FIELDS and getattr(source.cfg, f.name) != getattr(self.cfg, f.name)}
         if differ:
             found = "; ".join(f"{name}: {theirs!r} in the file, {ours!r} in this run" for name, (theirs, ours) in differ.items())
-            fix = " ".join(f"model.{name}={_override_value(theirs)}" for name, (theirs, _) in differ.items())
+            fix = " ".join(f"model.{name}={override_value(theirs)}" for name, (theirs, _) in differ.items())
             raise ValueError(f"init_from={path} was exported from another model than this run's ({found}): choose the "
                              "model preset it was trained with (an imported VampNet model: model=coarse_paper or "
                              f"model=c2f_paper) or set {fix}")

@@ -64,9 +64,7 @@ SCHEDULERS = {"warmup_cosine": _warmup_cosine, "noam": _noam, "constant": _const
 
 
 def lr_multiplier(cfg: OptimConfig, total_steps: int, d_model: int):
-    """step -> multiplier of the base learning rate."""
-    if cfg.scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; known: {sorted(SCHEDULERS)}")
+    """step -> multiplier of the base learning rate (``cfg.scheduler`` checked by the config)."""
     return SCHEDULERS[cfg.scheduler](cfg, max(1, cfg.warmup_steps), total_steps, d_model)
 
 

@@ -108,8 +108,8 @@ def fsdp2_strategy(timeout_minutes: float = 30.0):
 def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False,
                        batch_size: int = 1):
     """``batch_size`` only feeds DeepSpeed's own throughput log (the pipeline batches, the loader does not)."""
-    return AtomicDeepSpeedStrategy(stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
-                             logging_batch_size_per_gpu=batch_size)
+    return AtomicDeepSpeedStrategy(stage=stage, offload_optimizer=offload_optimizer,
+                                   offload_parameters=offload_parameters, logging_batch_size_per_gpu=batch_size)
 
 
 WRAPPER_KEYS = ("_orig_mod.", "_checkpoint_wrapped_module.")  # what compile and activation checkpointing add
