@@ -133,6 +133,26 @@ def test_c2f_keeps_the_input_fine_tokens_of_every_kept_frame(codec, models):
     assert (out[:, 4:][~kept[:, None].expand(-1, 10, -1)] != codes[:, 4:][~kept[:, None].expand(-1, 10, -1)]).any()
 
 
+def test_a_full_depth_prompt_keeps_its_fine_tokens_and_generates_its_masked_ones(codec, models):
+    """The fine rows of a prompt deeper than the coarse model were ignored: a kept fine token in a frame with a
+    masked coarse token was generated anew, and a masked fine token in a frame kept whole was never generated."""
+    from vampnet_pl.masking.prompts import compression, random_prompt
+    from vampnet_pl.model import load_exported
+
+    pipeline = VampPipeline(load_exported(models[0]), load_exported(models[1]), codec,
+                            GenerationConfig(coarse=SamplingConfig(passes=3, seed=0), c2f=SamplingConfig(passes=2, seed=0),
+                                             c2f_chunk_seconds=0.25))
+    codes = torch.randint(0, codec.codebook_size, (2, 14, 45), generator=torch.Generator().manual_seed(0))
+    scattered = random_prompt((2, 14, 45), 0.5, torch.Generator().manual_seed(1))  # keeps fine tokens of any frame
+    out = pipeline.generate(codes, scattered)
+    assert torch.equal(out[~scattered], codes[~scattered])
+    six_codebooks = compression((2, 14, 45), 6, 4)  # keep 6 of 14 codebooks every 4 frames: coarse rows kept whole
+    out = pipeline.generate(codes, six_codebooks)
+    assert torch.equal(out[~six_codebooks], codes[~six_codebooks])
+    assert (out[:, 6:, ::4] != codes[:, 6:, ::4]).float().mean() > 0.9  # generated, not the input's tokens
+    assert torch.equal(pipeline.generate(codes, six_codebooks[:, :4])[:, 6:, ::4], codes[:, 6:, ::4])  # frame rule
+
+
 class ModelSpy(torch.nn.Module):
     """A model stand-in recording what it is called with; logits favour token 1."""
 

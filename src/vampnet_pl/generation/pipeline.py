@@ -90,6 +90,8 @@ class VampPipeline:
         The coarse model generates the masked coarse tokens; c2f then generates the fine tokens of
         every frame that is not kept whole: a frame whose coarse tokens are all kept keeps the
         input's fine tokens too (``codes`` must then have them; codebooks ``codes`` lacks are generated).
+        A deeper ``prompt_mask`` says itself which fine tokens to keep (as the original's full-depth
+        masks): its fine rows are used as they are, the frame rule only for codebooks it lacks.
         ``example_ids`` (default ``range(B)``) name each example's random streams (see
         :func:`~vampnet_pl.generation.sampling.example_generators`): with seeds set, an example's result
         does not depend on what else is in the batch.
@@ -112,6 +114,8 @@ class VampPipeline:
         full[:, n_coarse:given] = codes[:, n_coarse:given]
         fine_mask = torch.zeros_like(full, dtype=torch.bool)
         fine_mask[:, n_coarse:] = prompt_mask[:, :n_coarse].any(1, keepdim=True)  # frames not kept whole
+        deep = min(prompt_mask.shape[1], depth)
+        fine_mask[:, n_coarse:deep] = prompt_mask[:, n_coarse:deep]  # fine rows the prompt gives itself
         fine_mask[:, given:] = True
         return self.coarse_to_fine(full, fine_mask, ids)
 
