@@ -344,6 +344,21 @@ def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models
     assert not captured["random_roll"]
 
 
+def test_vamp_compression_keeps_exactly_its_codebook_count(tmp_path, codec_path, models):
+    """The vamp prompts were as deep as the coarse model: ``compression:6:4`` (4 coarse codebooks) kept every
+    codebook of its frames, the same output as ``periodic:4``."""
+    from vampnet_pl.generation.vamp import load_pipeline, vamp_file
+
+    pipeline = load_pipeline(models[0], models[1], str(codec_path), "cpu",
+                             GenerationConfig(coarse=SamplingConfig(passes=2), c2f=SamplingConfig(passes=2)))
+    generate, seen = pipeline.generate, {}
+    pipeline.generate = lambda codes, mask, ids=None: seen.setdefault("run", (codes, generate(codes, mask, ids)))[1]
+    vamp_file(pipeline, write_tone(tmp_path / "song.wav", 0.5), tmp_path / "out", ["compression:6:4"])
+    codes, out = seen["run"]
+    assert torch.equal(out[:, :6, ::4], codes[:, :6, ::4])  # frames 0, 4, 8 ...: 6 codebooks kept
+    assert (out[:, 6:, ::4] != codes[:, 6:, ::4]).float().mean() > 0.9  # the other 8 generated
+
+
 def test_vamp_output_matches_the_input_loudness(tmp_path, codec_path, codec, models):
     from vampnet_pl.audio_io import read_audio
     from vampnet_pl.generation.vamp import load_pipeline, loudness, match_loudness, vamp_file

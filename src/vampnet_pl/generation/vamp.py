@@ -90,7 +90,7 @@ def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_sp
         raise ValueError(f"the codec makes {codes.shape[0]} codebooks, the models need {pipeline.n_codebooks}")
     count = loops if loops > 0 else max(variations, 1)
     batch = codes[None].repeat(count, 1, 1)
-    shape = (count, pipeline.coarse.cfg.n_codebooks, codes.shape[-1])
+    shape = (count, pipeline.n_codebooks, codes.shape[-1])  # every codebook: compression:N:P may keep fine ones
     generator = torch.Generator().manual_seed(seed)
     specs = prompt_specs or ["periodic:16"]
     masks = [build_prompt(spec, shape, resampled.numpy(), codec, generator, random_roll) for spec in specs]
