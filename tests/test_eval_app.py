@@ -102,6 +102,30 @@ def test_eval_scores_do_not_depend_on_the_batch_size(prepared, codec, codec_path
         assert [a[k] for k in numbers] == pytest.approx([b[k] for k in numbers], rel=1e-5, abs=1e-7), a["prompt"]
 
 
+def test_eval_prompts_are_as_deep_as_the_models(prepared, codec, codec_path, tmp_path, monkeypatch):
+    """Eval built its prompt masks only as deep as the coarse model, so ``compression:6:4`` kept every codebook of
+    its frames (``vamp`` had the same bug)."""
+    from vampnet_pl.evaluation.app import evaluate
+    from vampnet_pl.generation.pipeline import VampPipeline
+
+    save_exported(tmp_path / "coarse.pt", small_model(codec, 4, 0))
+    save_exported(tmp_path / "c2f.pt", small_model(codec, 14, 4))
+    generate, seen = VampPipeline.generate, []
+    monkeypatch.setattr(VampPipeline, "generate",
+                        lambda self, codes, mask, ids=None: seen.append((codes, mask, generate(self, codes, mask, ids)))
+                        or seen[-1][2])
+    overrides = [f"coarse={tmp_path / 'coarse.pt'}", f"c2f={tmp_path / 'c2f.pt'}", f"codec.source={codec_path}",
+                 "codec.device=cpu", f"dataset_dir={prepared}", "split=val", "window_seconds=1.0", "n_windows=2",
+                 "batch_size=2", "eval_protocol.periods=[8]", "eval_protocol.sweep_prompt=periodic_8",
+                 "eval_protocol.passes_sweep=[]", "eval_protocol.passes=1", "c2f_passes=1", "prompts=[compression:6:4]"]
+    with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        evaluate(OmegaConf.to_object(hydra.compose("eval", overrides=overrides)))
+    assert [mask.shape[1] for _, mask, _ in seen] == [14] * 6  # 5 protocol prompts, then the preset
+    codes, mask, out = seen[-1]
+    assert torch.equal(out[:, :6, ::4], codes[:, :6, ::4])  # 6 codebooks kept on every 4th frame
+    assert (out[:, 6:, ::4] != codes[:, 6:, ::4]).float().mean() > 0.9  # the other 8 generated
+
+
 def _callback_scores(rank: int, world_size: int, codec_path: str) -> dict:
     """The training-time evaluation of a fixed tiny model on 3 fixed windows, as rank ``rank`` of ``world_size``."""
     from types import SimpleNamespace

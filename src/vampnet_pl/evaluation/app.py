@@ -72,7 +72,6 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     codec = pipeline.codec
     full = eval_windows(cfg, codec)
     depth = pipeline.n_codebooks
-    n_coarse = pipeline.coarse.cfg.n_codebooks
     embed = fad_embedding(cfg.fad_backend, codec.sample_rate, cfg.fad_weights).to(codec.device)
 
     def generate(batch: torch.Tensor, mask: torch.Tensor, passes: int, ids: list[int]) -> torch.Tensor:
@@ -83,10 +82,12 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         streams = example_generators(cfg.seed, ids, "cpu", "noisy")
         return noisy_tokens(b[:, :depth], cfg.noisy_ratio, codec.codebook_size, 0, streams)
 
+    def mask_shape(b: torch.Tensor) -> tuple[int, int, int]:
+        return b.shape[0], depth, b.shape[-1]  # as deep as the models, as in vamp
+
     jobs = [("ceiling_codec", None, lambda b, ids: b[:, :depth]), ("baseline_noisy", None, noisy)]
-    jobs += protocol_jobs(protocol, lambda b: (b.shape[0], n_coarse, b.shape[-1]), 0, generate)
-    jobs += preset_jobs(cfg.prompts, lambda b: (b.shape[0], n_coarse, b.shape[-1]), codec.decode, codec, cfg.seed,
-                        generate, protocol.passes)
+    jobs += protocol_jobs(protocol, mask_shape, 0, generate)
+    jobs += preset_jobs(cfg.prompts, mask_shape, codec.decode, codec, cfg.seed, generate, protocol.passes)
     return evaluate_generation(protocol, full, jobs, codec.decode, codec.sample_rate, embed, cfg.batch_size, progress=True)
 
 
