@@ -229,6 +229,20 @@ def test_models_of_another_codec_are_refused(codec):
         VampPipeline(small_model(codec, 4, 0, fingerprint="0" * 64), None, codec)
 
 
+@pytest.mark.parametrize("bad", [{"window_seconds": 0.0}, {"overlap_seconds": -1.0},
+                                 {"c2f_chunk_seconds": 0.0}, {"c2f_max_batch": 0}])
+def test_generation_settings_out_of_range_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        GenerationConfig(**bad)
+
+
+def test_a_window_under_one_codec_frame_is_a_clear_error(codec):
+    pipeline = VampPipeline(small_model(codec, 4, 0), None, codec, GenerationConfig(window_seconds=1e-4,
+                                                                                     overlap_seconds=0.0))
+    with pytest.raises(ValueError, match="under one codec frame"):
+        pipeline.generate(torch.zeros(1, 4, 20, dtype=torch.long), torch.ones(1, 4, 20, dtype=torch.bool))
+
+
 def test_vamp_command_writes_variations_and_loops(tmp_path, codec_path, models):
     song = write_tone(tmp_path / "song.wav", 1.5, 22050, channels=2)
     common = ["--coarse", str(models[0]), "--c2f", str(models[1]), "--codec", str(codec_path), "--device", "cpu",

@@ -56,6 +56,15 @@ class GenerationConfig:
     c2f_chunk_seconds: float = 3.0  # the c2f model's chunk (the original trains and generates c2f on 3 s)
     c2f_max_batch: int = 64  # c2f chunks decoded together (all chunks of all examples, up to this many)
 
+    def __post_init__(self) -> None:
+        for name in ("window_seconds", "c2f_chunk_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.overlap_seconds < 0:  # at most a window less one frame is used
+            raise ValueError(f"overlap_seconds must be >= 0, got {self.overlap_seconds}")
+        if self.c2f_max_batch < 1:
+            raise ValueError(f"c2f_max_batch must be >= 1, got {self.c2f_max_batch}")
+
 
 class VampPipeline:
     """Coarse model + optional c2f model + codec: token prompts in, audio out.
@@ -101,6 +110,9 @@ class VampPipeline:
         if len(ids) != codes.shape[0]:
             raise ValueError(f"{len(ids)} example ids for a batch of {codes.shape[0]}")
         window = self.codec.frames_for(self.cfg.window_seconds)
+        if window < 1:
+            raise ValueError(f"window_seconds={self.cfg.window_seconds} is under one codec frame "
+                             f"({self.codec.hop_length / self.codec.sample_rate:.4f} s)")
         overlap = min(self.codec.frames_for(self.cfg.overlap_seconds), window - 1)
         n_coarse = self.coarse.cfg.n_codebooks
         coarse = sample_windowed(self.coarse, codes[:, :n_coarse], prompt_mask[:, :n_coarse], self.cfg.coarse,
@@ -135,7 +147,7 @@ class VampPipeline:
         pieces = torch.cat([codes[..., s : s + chunk] for s in starts])  # [n_chunks * B, K, chunk]
         piece_masks = torch.cat([mask[..., s : s + chunk] for s in starts])
         n_conditioning = self.c2f.cfg.n_conditioning_codebooks
-        step = max(1, self.cfg.c2f_max_batch)
+        step = self.cfg.c2f_max_batch
         ids = range(codes.shape[0]) if example_ids is None else example_ids
         generators = [g for chunk_index in range(len(starts))  # in the pieces' (chunk, example) order
                       for g in example_generators(self.cfg.c2f.seed, ids, codes.device, "c2f", chunk_index)]
