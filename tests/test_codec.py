@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +106,15 @@ def test_codebook_tables_are_the_projected_quantizer_codebooks(codec):
 def test_empty_waveform_is_refused(codec):
     with pytest.raises(ValueError, match="empty"):
         codec.encode(np.zeros(0, np.float32), 44100)
+
+
+def test_a_file_missing_codec_weights_is_refused(tmp_path, codec_path):
+    """audiotools' ``DAC.load`` is not strict: weights the file lacks would stay random (a new codec every load)."""
+    payload = torch.load(codec_path, weights_only=True)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if not k.startswith("decoder.")}
+    torch.save(payload, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"partial.pth is not a complete DAC checkpoint: it lacks \d+ of the codec's"):
+        Codec.load(str(tmp_path / "partial.pth"), device="cpu")
+    vampnet_model = Path(__file__).parent / "fixtures" / "vampnet_original" / "coarse.pth"  # audiotools-saved, no codec weights
+    with pytest.raises(ValueError, match="is not a complete DAC checkpoint"):
+        Codec.load(str(vampnet_model), device="cpu")

@@ -75,7 +75,25 @@ def _load_dac(source: str):
     from vampnet_pl.lac_codec import load_lac_if_converted
 
     lac = load_lac_if_converted(path)  # VampNet's codec, converted by `vampnet-pl import-vampnet`
-    return lac if lac is not None else dac.DAC.load(str(path))
+    if lac is not None:
+        return lac
+    model = dac.DAC.load(str(path))
+    missing = _missing_weights(model, path)
+    if missing:  # audiotools loads with strict=False: they would stay random, silently
+        raise ValueError(f"{path} is not a complete DAC checkpoint: it lacks {len(missing)} of the codec's "
+                         f"{len(model.state_dict())} weights, such as {missing[:3]} (a model file given as the codec?)")
+    return model
+
+
+def _missing_weights(model, path: Path) -> list[str]:
+    """The weights of ``model`` that the checkpoint file at ``path`` does not hold (none for a torch.package,
+    which holds the whole module)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a torch.package DAC: not a plain zip checkpoint
+        return []
+    state = payload.get("state_dict") if isinstance(payload, dict) else None
+    return sorted(set(model.state_dict()) - set(state if isinstance(state, dict) else {}))
 
 
 def resolve_device(device: str) -> torch.device:
