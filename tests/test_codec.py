@@ -118,3 +118,23 @@ def test_a_file_missing_codec_weights_is_refused(tmp_path, codec_path):
     vampnet_model = Path(__file__).parent / "fixtures" / "vampnet_original" / "coarse.pth"  # audiotools-saved, no codec weights
     with pytest.raises(ValueError, match="is not a complete DAC checkpoint"):
         Codec.load(str(vampnet_model), device="cpu")
+
+
+def test_files_that_are_no_codec_are_clear_errors(tmp_path, codec_path):
+    from vampnet_pl.model import VampNet, VampNetConfig, save_exported
+
+    data = codec_path.read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pth").write_text("hello")
+    save_exported(tmp_path / "exported.pt", VampNet(VampNetConfig(codebook_size=16)))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    for name, message in (("truncated.pth", "not a torch.save zip archive"), ("text.pth", "not a torch.save zip archive"),
+                          ("exported.pt", r"found \['codec_fingerprint', 'config', 'format', 'state_dict'\]"),
+                          ("tensor.pth", "found a Tensor")):
+        with pytest.raises(ValueError, match=f"{name} is not a DAC codec checkpoint .*{message}"):
+            Codec.load(str(tmp_path / name), device="cpu")
+    payload = torch.load(codec_path, weights_only=True)
+    payload["metadata"]["kwargs"]["codebook_dim"] = 4  # weights of another architecture than the metadata's
+    torch.save(payload, tmp_path / "mismatch.pth")
+    with pytest.raises(ValueError, match="mismatch.pth is not a DAC codec checkpoint: Error.*size mismatch"):
+        Codec.load(str(tmp_path / "mismatch.pth"), device="cpu")

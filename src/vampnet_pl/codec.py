@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -77,23 +78,36 @@ def _load_dac(source: str):
     lac = load_lac_if_converted(path)  # VampNet's codec, converted by `vampnet-pl import-vampnet`
     if lac is not None:
         return lac
-    model = dac.DAC.load(str(path))
-    missing = _missing_weights(model, path)
+    state = _dac_checkpoint_state(path)
+    try:
+        model = dac.DAC.load(str(path))
+    except RuntimeError as err:  # e.g. weights of other shapes than the metadata's architecture
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ValueError(f"{path} is not a DAC codec checkpoint: {' '.join(lines[:2])[:300]}") from None
+    missing = sorted(set(model.state_dict()) - set(state)) if state is not None else []
     if missing:  # audiotools loads with strict=False: they would stay random, silently
         raise ValueError(f"{path} is not a complete DAC checkpoint: it lacks {len(missing)} of the codec's "
                          f"{len(model.state_dict())} weights, such as {missing[:3]} (a model file given as the codec?)")
     return model
 
 
-def _missing_weights(model, path: Path) -> list[str]:
-    """The weights of ``model`` that the checkpoint file at ``path`` does not hold (none for a torch.package,
-    which holds the whole module)."""
+def _dac_checkpoint_state(path: Path) -> dict | None:
+    """The state dict of the audiotools checkpoint (``{"state_dict", "metadata": {"kwargs"}}``) at ``path``, None
+    for a torch.package DAC (it holds the whole module); ``ValueError`` for any other file, which audiotools'
+    loader would fail on with a bare ``KeyError`` or ``RuntimeError``."""
+    not_dac = f"{path} is not a DAC codec checkpoint"
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{not_dac} (not a torch.save zip archive: a truncated file, or another kind of file)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # a torch.package DAC: not a plain zip checkpoint
-        return []
+        return None
     state = payload.get("state_dict") if isinstance(payload, dict) else None
-    return sorted(set(model.state_dict()) - set(state if isinstance(state, dict) else {}))
+    if not isinstance(state, dict) or "kwargs" not in (payload.get("metadata") or {}):
+        found = sorted(map(str, payload))[:6] if isinstance(payload, dict) else f"a {type(payload).__name__}"
+        raise ValueError(f"{not_dac} (expected audiotools' 'state_dict' and 'metadata.kwargs', found {found}; "
+                         "an exported model or a training checkpoint is not a codec)")
+    return state
 
 
 def resolve_device(device: str) -> torch.device:
