@@ -183,3 +183,11 @@ def test_a_codec_that_does_not_match_the_models_is_refused(tmp_path, capsys):
         from vampnet_pl.model.import_vampnet import convert_codec
 
         convert_codec(FIXTURE / "coarse.pth", tmp_path / "x.pth")
+
+
+@pytest.mark.parametrize("flag, given, role", [("--coarse", "c2f.pth", "a c2f model"), ("--c2f", "coarse.pth", "a coarse model")])
+def test_a_model_given_in_the_other_stages_place_is_refused(tmp_path, capsys, flag, given, role):
+    assert cli_main(["import-vampnet", "--codec", str(FIXTURE / "codec.pth"), flag, str(FIXTURE / given),
+                     "--out-dir", str(tmp_path)]) == 2
+    assert f"{given} is {role}" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.pt"))  # no coarse.pt holding a c2f model (or the reverse)

@@ -206,6 +206,17 @@ def check_codec_fits(cfg_kwargs: dict, codec, source: str) -> None:
         raise ImportError_(f"the codec {codec.source} does not match {source}: " + "; ".join(problems))
 
 
+def check_role(cfg: VampNetConfig, name: str, source: str) -> None:
+    """A coarse model reads no conditioning codebooks, a c2f model does: refuse the one given in the other's place
+    (it would be written as the other's file, and generation would fail on it later)."""
+    is_c2f = cfg.n_conditioning_codebooks > 0
+    if name == "coarse" and is_c2f:
+        raise ImportError_(f"{source} is a c2f model (n_conditioning_codebooks={cfg.n_conditioning_codebooks}), "
+                           "not a coarse one: give it as --c2f")
+    if name == "c2f" and not is_c2f:
+        raise ImportError_(f"{source} is a coarse model (n_conditioning_codebooks=0), not a c2f one: give it as --coarse")
+
+
 def convert_codec(path: str | Path, out: str | Path, trust_pickle: bool = False) -> Path:
     """The original's LAC ``codec.pth`` -> a converted LAC file that ``Codec.load`` reads."""
     from vampnet_pl.lac_codec import is_original_lac, lac_from_state, save_lac
@@ -254,6 +265,7 @@ def import_vampnet(out_dir: str | Path, codec: str | Path, coarse: str | Path | 
         kwargs, state = read_checkpoint(path, trust_pickle)
         check_codec_fits(kwargs, loaded, str(path))
         cfg = paper_config(kwargs)
+        check_role(cfg, name, str(path))
         tables = loaded.codebook_tables("raw")[: cfg.n_codebooks]
         model = convert_state(kwargs, state, read_lora(lora) if lora else None, tables, loaded.fingerprint, str(path))
         written[name] = out_dir / f"{name}.pt"
