@@ -243,6 +243,18 @@ def test_a_lora_merge_keeps_the_biases_of_adapted_layers(targets):
         torch.testing.assert_close(plain.eval()(codes, mask), adapted.eval()(codes, mask), rtol=1e-4, atol=1e-5)
 
 
+def test_a_lora_merge_of_bf16_weights_keeps_the_adapters_delta():
+    """A bf16-true run saves bf16 weights and adapters; merged in bf16, ``W + B A`` would round a small delta away."""
+    w = torch.full((4, 4), 1.0, dtype=torch.bfloat16)  # bf16 steps are 2^-7 at 1.0
+    a, b = torch.eye(4, dtype=torch.bfloat16)[:2], torch.full((4, 2), 1e-3, dtype=torch.bfloat16)
+    from vampnet_pl.training.module import merge_lora_state
+
+    merged = merge_lora_state({"x.base_layer.weight": w, "x.lora_A.default.weight": a, "x.lora_B.default.weight": b},
+                              {"r": 2, "alpha": 2})["x.weight"]
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, w.float() + b.float() @ a.float())
+
+
 def test_a_checkpoint_loads_with_compile_switched_either_way():
     """Compiling a block adds a level to its state-dict keys: a GPU run (compile on by default) could not be resumed
     with compile off, on the CPU say (activation checkpointing's wrapper hides its own level)."""

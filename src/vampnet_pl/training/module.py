@@ -343,7 +343,8 @@ class MaskedTokenModule(L.LightningModule):
 
 
 def merge_lora_state(state: dict[str, torch.Tensor], lora: dict) -> dict[str, torch.Tensor]:
-    """Fold ``W + (alpha / r) B A`` into each adapted weight and drop the adapter tensors."""
+    """Fold ``W + (alpha / r) B A`` into each adapted weight and drop the adapter tensors. The merge is computed in
+    float32 (a bf16 sum would round a fine-tune's small ``B A`` away at ``W``'s precision)."""
     scale = lora.get("alpha", 16) / lora.get("r", 8)
     merged = {}
     for key, value in state.items():
@@ -353,7 +354,7 @@ def merge_lora_state(state: dict[str, torch.Tensor], lora: dict) -> dict[str, to
             prefix = key[: -len(".base_layer.weight")]
             a = state[f"{prefix}.lora_A.default.weight"]
             b = state[f"{prefix}.lora_B.default.weight"]
-            merged[f"{prefix}.weight"] = value + scale * (b @ a)
+            merged[f"{prefix}.weight"] = value.float() + scale * (b.float() @ a.float())
         elif key.endswith(".base_layer.bias"):  # peft moves an adapted layer's bias too
             merged[key[: -len(".base_layer.bias")] + ".bias"] = value
         else:
