@@ -191,3 +191,10 @@ def test_a_model_given_in_the_other_stages_place_is_refused(tmp_path, capsys, fl
                      "--out-dir", str(tmp_path)]) == 2
     assert f"{given} is {role}" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.pt"))  # no coarse.pt holding a c2f model (or the reverse)
+
+
+def test_a_folder_given_for_the_lora_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "latest").mkdir()  # the original's run folder (runs/NAME/coarse/latest/lora.pth)
+    assert cli_main(["import-vampnet", "--codec", str(FIXTURE / "codec.pth"), "--coarse", str(FIXTURE / "coarse.pth"),
+                     "--coarse-lora", str(tmp_path / "latest"), "--out-dir", str(tmp_path / "out")]) == 2
+    assert "latest: no such file (a folder: give the lora.pth in it)" in capsys.readouterr().err

@@ -73,9 +73,12 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[dict,
 
 def read_lora(path: str | Path) -> dict:
     """A LoRA fine-tune saved by the original (``loralib.lora_state_dict``): only ``lora_A``/``lora_B`` tensors."""
+    path = Path(path)
+    if not path.is_file():  # a run's folder given for its lora.pth: torch.load would fail with IsADirectoryError
+        raise ImportError_(f"{path}: no such file" + (" (a folder: give the lora.pth in it)" if path.is_dir() else ""))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, FileNotFoundError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise ImportError_(f"{path} is not a LoRA state dict: {str(err).splitlines()[0]}") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ImportError_(f"{path} is not a LoRA state dict (a flat dict of tensors)")
