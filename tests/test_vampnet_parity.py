@@ -198,3 +198,12 @@ def test_a_folder_given_for_the_lora_file_is_a_clear_error(tmp_path, capsys):
     assert cli_main(["import-vampnet", "--codec", str(FIXTURE / "codec.pth"), "--coarse", str(FIXTURE / "coarse.pth"),
                      "--coarse-lora", str(tmp_path / "latest"), "--out-dir", str(tmp_path / "out")]) == 2
     assert "latest: no such file (a folder: give the lora.pth in it)" in capsys.readouterr().err
+
+
+def test_the_original_codec_is_not_overwritten_by_its_conversion(tmp_path, capsys):
+    for name in ("codec.pth", "coarse.pth"):  # the release unzipped, and the import's output sent to that folder
+        (tmp_path / name).write_bytes((FIXTURE / name).read_bytes())
+    assert cli_main(["import-vampnet", "--codec", str(tmp_path / "codec.pth"), "--coarse", str(tmp_path / "coarse.pth"),
+                     "--out-dir", str(tmp_path)]) == 2
+    assert "the converted codec would be written over this original" in capsys.readouterr().err
+    assert (tmp_path / "codec.pth").read_bytes() == (FIXTURE / "codec.pth").read_bytes()

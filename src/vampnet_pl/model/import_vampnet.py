@@ -224,6 +224,9 @@ def convert_codec(path: str | Path, out: str | Path, trust_pickle: bool = False)
     """The original's LAC ``codec.pth`` -> a converted LAC file that ``Codec.load`` reads."""
     from vampnet_pl.lac_codec import is_original_lac, lac_from_state, save_lac
 
+    if Path(out).resolve() == Path(path).resolve():
+        raise ImportError_(f"{path}: the converted codec would be written over this original; choose another "
+                           "output folder (--out-dir)")
     kwargs, state = read_checkpoint(path, trust_pickle)
     if not is_original_lac(state):
         raise ImportError_(f"{path} is not a LAC codec checkpoint (a DAC checkpoint? Codec.load reads those as they are)")
