@@ -229,6 +229,11 @@ def test_models_of_another_codec_are_refused(codec):
         VampPipeline(small_model(codec, 4, 0, fingerprint="0" * 64), None, codec)
 
 
+def test_a_c2f_model_given_as_the_coarse_one_is_refused(codec):
+    with pytest.raises(ValueError, match="a c2f model given as the coarse one"):
+        VampPipeline(small_model(codec, 14, 4), None, codec)
+
+
 @pytest.mark.parametrize("bad", [{"window_seconds": 0.0}, {"overlap_seconds": -1.0},
                                  {"c2f_chunk_seconds": 0.0}, {"c2f_max_batch": 0}])
 def test_generation_settings_out_of_range_are_refused(bad):

@@ -79,6 +79,9 @@ class VampPipeline:
             if model is not None and model.cfg.codec_fingerprint != codec.fingerprint:
                 raise CodecMismatch(f"the {name} model was trained on codec {model.cfg.codec_fingerprint[:16]}, "
                                     f"the codec given is {codec.fingerprint[:16]}")
+        if coarse.cfg.n_conditioning_codebooks:
+            raise ValueError(f"the coarse model is conditioned on {coarse.cfg.n_conditioning_codebooks} codebooks: "
+                             "a c2f model given as the coarse one?")
         if c2f is not None and c2f.cfg.n_conditioning_codebooks != coarse.cfg.n_codebooks:
             raise ValueError(f"c2f is conditioned on {c2f.cfg.n_conditioning_codebooks} codebooks, "
                              f"the coarse model makes {coarse.cfg.n_codebooks}")
