@@ -205,3 +205,61 @@ def test_units_of_removed_files_are_moved_aside_and_flagged_by_verify(tmp_path, 
     shutil.copy(out / "orphaned" / "shards" / "train" / old_shards[0].name, old_shards[0])  # as before the fix
     assert verify(out) == [f"shards/train/{old_shards[0].name}: not in index.json (left by a unit no longer "
                            "planned? `prep finalize` moves such shards aside)"]
+
+
+def _folder_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_run_leaves_the_out_dir_byte_identical(tmp_path, fast_codec_path):
+    """A refused re-run had already rewritten prep_config.yaml and manifest.jsonl (the new splits, with another
+    salt), and with another codec and a new file it encoded the new file's unit before finalize refused it."""
+    import dataclasses
+
+    from vampnet_pl.codec import SyntheticCodecSpec, make_synthetic_codec
+    from vampnet_pl.prep.encode import EncodingChanged
+    from vampnet_pl.prep.index import repair
+    from vampnet_pl.prep.run import scan
+
+    from conftest import write_tone
+
+    catalog, out = tmp_path / "catalog", tmp_path / "out"
+    for i in range(3):
+        write_tone(catalog / f"t{i}.wav", 2.0, 16000, freq=200 + 50 * i)
+    cfg = prep_config(catalog, out, fast_codec_path)
+    run_all(cfg)
+    other = make_synthetic_codec(tmp_path / "other.pth", SyntheticCodecSpec(sample_rate=16000, encoder_dim=2,
+                                                                            decoder_dim=16, n_codebooks=4, seed=7))
+    other_codec = dataclasses.replace(cfg.codec, source=str(other))
+    before = _folder_bytes(out)
+    refused = [
+        (EncodingChanged, lambda: run_all(dataclasses.replace(cfg, segment_seconds=1.0))),
+        (EncodingChanged, lambda: run_all(dataclasses.replace(cfg, split=SplitConfig(0.25, 0.0, salt="other")))),
+        (EncodingChanged, lambda: run_all(dataclasses.replace(cfg, codec=other_codec))),
+        (EncodingChanged, lambda: scan(dataclasses.replace(cfg, loudness_lufs=-20.0))),
+        (FileNotFoundError, lambda: run_all(dataclasses.replace(cfg, catalog=str(tmp_path / "gone")))),
+    ]
+    for error, attempt in refused:
+        with pytest.raises(error):
+            attempt()
+        assert _folder_bytes(out) == before
+    write_tone(catalog / "t9.wav", 2.0, 16000, freq=700)  # a unit to encode: another codec must not write it
+    with pytest.raises(EncodingChanged, match="codec"):
+        run_all(dataclasses.replace(cfg, codec=other_codec))
+    assert _folder_bytes(out) == before
+    scan(cfg)
+    before = _folder_bytes(out)
+    for error, workers, balance in [(EncodingChanged, 1, "queue"), (EncodingChanged, 2, "queue"),
+                                    (RuntimeError, 2, "static")]:  # static: each worker process refuses
+        with pytest.raises(error, match="codec" if error is EncodingChanged else "encode worker"):
+            encode_local(dataclasses.replace(cfg, codec=other_codec, workers=workers, balance=balance))
+        assert _folder_bytes(out) == before
+    run_all(cfg)
+    shard = next(out.glob("shards/train/*.tar"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # a damaged shard for repair to redo
+    before = _folder_bytes(out)
+    with pytest.raises(EncodingChanged, match="codec"):
+        repair(dataclasses.replace(cfg, codec=other_codec))
+    assert _folder_bytes(out) == before
+    repair(cfg)
+    assert verify(out, deep=True) == []

@@ -38,7 +38,7 @@ def slurm_array_task() -> tuple[int, int] | None:
 
 def _cmd_prep(args: argparse.Namespace) -> int:
     from vampnet_pl.prep import index as prep_index
-    from vampnet_pl.prep import manifest, run
+    from vampnet_pl.prep import run
 
     if args.stage == "verify":
         if len(args.overrides) != 1 or not args.overrides[0].startswith("out_dir="):
@@ -54,8 +54,7 @@ def _cmd_prep(args: argparse.Namespace) -> int:
         return 0 if not problems else 1
     cfg = compose("prep", args.overrides)
     if args.stage == "scan":
-        run.save_config(cfg)
-        entries, failures = manifest.scan_catalog(cfg)
+        entries, failures = run.scan(cfg)
         print(f"scan: {len(entries)} files in manifest, {len(failures)} failures")
     elif args.stage == "encode":
         task = (args.task_index, args.num_tasks) if args.task_index is not None else slurm_array_task() or (0, 1)

@@ -95,6 +95,25 @@ def changed_encoding(out_dir: Path, what: str, recorded: dict, wanted: dict) -> 
                            f"{out_dir / 'units'} and {out_dir / 'shards'} to encode it all again")
 
 
+def unit_markers(out_dir: Path) -> list[Path]:
+    """The done-markers in ``out_dir`` (those moved to ``orphaned/`` are not counted)."""
+    return sorted((out_dir / "units").glob("unit-*.json"))
+
+
+def check_encoding(out_dir: Path, cfg: PrepConfig, fingerprint: str) -> None:
+    """Raise :class:`EncodingChanged` when any unit of ``out_dir`` was encoded with other settings than ``cfg``'s or
+    by another codec than ``fingerprint``'s. Stages call it before they write anything, so that a refused run
+    leaves ``out_dir`` as it was (markers that do not record a setting are taken as is)."""
+    import json
+
+    wanted = dict(encoding_settings(cfg), codec=fingerprint[:16])
+    for marker in unit_markers(out_dir):
+        record = json.loads(marker.read_text())
+        recorded = dict(record.get("encoding", {}), codec=record.get("codec_fingerprint", fingerprint)[:16])
+        if encoding_differences(recorded, wanted):
+            raise changed_encoding(out_dir, marker.stem, recorded, wanted)
+
+
 def unit_is_done(out_dir: Path, unit: Unit, cfg: PrepConfig) -> bool:
     """Its marker is there, for its files, with all its shards. Raises :class:`EncodingChanged` when it was
     encoded with other settings than ``cfg``'s (markers written before they were recorded are taken as is)."""
@@ -364,6 +383,7 @@ def run_encode_task(cfg: PrepConfig, task_index: int, num_tasks: int, device: st
     if not todo:
         return []
     codec = Codec.load(cfg.codec.source, device or cfg.codec.device, cfg.codec.chunk_seconds, cfg.codec.context_frames)
+    check_encoding(out_dir, cfg, codec.fingerprint)  # before the first shard: never mix codecs in one set
     markers = []
     with tqdm(
         total=sum(len(u.entries) for u in todo),

@@ -17,7 +17,7 @@ from vampnet_pl.codec import Codec
 from vampnet_pl.config import SPLITS, PrepConfig
 from vampnet_pl.data.index import INDEX_VERSION, index_path, load_index
 from vampnet_pl.data.validation import SampleInvalid, decode_npy, validate_codes
-from vampnet_pl.prep.encode import Unit, changed_encoding, plan_units, unit_is_done, unit_marker_path
+from vampnet_pl.prep.encode import Unit, changed_encoding, check_encoding, plan_units, unit_is_done, unit_marker_path
 from vampnet_pl.prep.manifest import file_sha256, load_manifest, read_jsonl, scan_failures_path, write_jsonl
 from vampnet_pl.utils.atomic import write_json_atomic
 
@@ -204,9 +204,10 @@ def repair(cfg: PrepConfig, deep: bool = True) -> list[str]:
             if not source.is_file() or file_sha256(source) != entry.sha256:
                 raise RuntimeError(f"{source} is missing or changed since the scan: cannot rebuild {unit.name} "
                                    "exactly; re-run `vampnet-pl prep all`")
+    codec = Codec.load(cfg.codec.source, cfg.codec.device, cfg.codec.chunk_seconds, cfg.codec.context_frames)
+    check_encoding(out_dir, cfg, codec.fingerprint)  # e.g. an override of the codec: refused before a marker goes
     for unit in redo.values():
         unit_marker_path(out_dir, unit).unlink(missing_ok=True)
-    codec = Codec.load(cfg.codec.source, cfg.codec.device, cfg.codec.chunk_seconds, cfg.codec.context_frames)
     for unit in tqdm(sorted(redo.values(), key=lambda u: u.index), desc="repair", unit="unit", dynamic_ncols=True):
         encode_unit(unit, cfg, codec)
     finalize(cfg, codec)

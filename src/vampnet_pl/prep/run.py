@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import PrepBalance, PrepConfig
-from vampnet_pl.prep.encode import Unit, encode_unit, plan_units, run_encode_task, unit_is_done, units_for_task
+from vampnet_pl.prep.encode import (Unit, check_encoding, encode_unit, plan_units, run_encode_task, unit_is_done,
+                                    unit_markers, units_for_task)
 from vampnet_pl.prep.index import finalize
 from vampnet_pl.prep.manifest import load_manifest, scan_catalog
 from vampnet_pl.utils.atomic import write_text_atomic
@@ -84,6 +85,7 @@ def encode_local(cfg: PrepConfig, task_index: int = 0, num_tasks: int = 1) -> No
              len(units) - len(todo), workers)
     if not todo:
         return
+    check_out_dir(cfg)  # before the pool writes a shard
     workers = min(workers, len(todo))
     devices = context.Queue()
     for w in range(workers):
@@ -129,14 +131,33 @@ def save_config(cfg: PrepConfig) -> None:
     write_text_atomic(out_dir / "prep_config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def load_codec(cfg: PrepConfig) -> Codec:
-    return Codec.load(cfg.codec.source, cfg.codec.device, cfg.codec.chunk_seconds, cfg.codec.context_frames)
+def load_codec(cfg: PrepConfig, device: str | None = None) -> Codec:
+    return Codec.load(cfg.codec.source, device or cfg.codec.device, cfg.codec.chunk_seconds, cfg.codec.context_frames)
+
+
+def check_out_dir(cfg: PrepConfig, codec: Codec | None = None) -> None:
+    """Refuse (:class:`EncodingChanged`), before anything is written, an ``out_dir`` whose units were encoded with
+    other settings or another codec. The codec is loaded (on the CPU: only its fingerprint counts) only when
+    ``out_dir`` holds encoded units and none is given."""
+    out_dir = Path(cfg.out_dir)
+    if not unit_markers(out_dir):
+        return
+    check_encoding(out_dir, cfg, (codec or load_codec(cfg, "cpu")).fingerprint)
+
+
+def scan(cfg: PrepConfig, codec: Codec | None = None) -> tuple[list, list]:
+    """Stage 1 (:func:`scan_catalog`), then the config saved beside the manifest; a refused or failed scan
+    leaves ``out_dir`` as it was."""
+    check_out_dir(cfg, codec)
+    entries, failures = scan_catalog(cfg)
+    save_config(cfg)
+    return entries, failures
 
 
 def run_all(cfg: PrepConfig) -> dict:
     """The whole pipeline on one machine; resumable at every stage."""
-    save_config(cfg)
-    scan_catalog(cfg)
+    codec = load_codec(cfg, "cpu")  # for its fingerprint: checked before anything is written, recorded in the index
+    scan(cfg, codec)
     started = time.perf_counter()
     encode_local(cfg)
     wall = time.perf_counter() - started
@@ -144,7 +165,7 @@ def run_all(cfg: PrepConfig) -> dict:
         (Path(cfg.out_dir) / "tmp").rmdir()  # per-unit work folders are gone once their units are done
     except OSError:
         pass
-    index = finalize(cfg, load_codec(cfg))
+    index = finalize(cfg, codec)
     print_summary(index, wall)
     return index
 
