@@ -179,3 +179,39 @@ def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path, fast_code
     run_all(prep_config(catalog, out, fast_codec_path))
     assert not (out / "failures.jsonl").read_text().strip()
     assert set(_samples_by_source(out)) == {"plain.wav", os.fsdecode(b"caf\xe9.wav")}
+
+
+def test_a_file_at_an_odd_sample_rate_is_encoded_in_bounded_memory(tmp_path, fast_codec_path):
+    """torchaudio's exact filter from 44101 to 16000 Hz is a 16000 x 44135 float64 table (5.6 GB, several times
+    over): one such file stopped the run (or the kernel killed it), and every re-run again."""
+    catalog = tmp_path / "c"
+    write_tone(catalog / "odd.wav", 2.0, sample_rate=44101)
+    write_tone(catalog / "plain.wav", 2.0, sample_rate=44100, freq=330.0)
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"  # an allocation past it fails, harmlessly
+        "from vampnet_pl.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "o"
+    args = ["prep", "all", f"catalog={catalog}", f"out_dir={out}", f"codec.source={fast_codec_path}", "codec.device=cpu",
+            "scan_workers=1", "split.val_fraction=0", "split.test_fraction=0"]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (out / "failures.jsonl").read_text().strip()
+    samples = _samples_by_source(out)
+    (meta, codes), = samples["odd.wav"]
+    assert meta["source_sample_rate"] == 44101 and codes.shape[1] == samples["plain.wav"][0][1].shape[1]
+
+
+def test_ffmpeg_resampling_keeps_length_and_waveform():
+    from vampnet_pl.audio_io import resample
+
+    for rate, target in [(44101, 16000), (44101, 44100), (11127, 44100)]:
+        wave = np.sin(2 * np.pi * 440 * np.arange(3 * rate) / rate).astype(np.float32)
+        out = resample(wave, rate, target)
+        expected = np.sin(2 * np.pi * 440 * np.arange(3 * target) / target)
+        assert out.dtype == np.float32 and out.shape == expected.shape
+        middle = slice(target // 2, -target // 2)  # away from the edges, where the filter sees zeros
+        assert np.abs(out[middle] - expected[middle]).max() < 1e-3

@@ -160,6 +160,21 @@ def _iter_blocks_av(path: Path, block_frames: int, info: AudioInfo) -> Iterator[
         yield start, np.concatenate(pending, axis=1)
 
 
+def resample(wave: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
+    """A mono float32 wave at ``target_rate``, by FFmpeg's resampler (libswresample, through PyAV).
+
+    Its cost does not depend on how the two rates divide, unlike an exact sinc filter's (torchaudio's, from
+    44101 to 44100 Hz, is a 44100 x 44115 table).
+    """
+    import av
+
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave, dtype=np.float32)[None], format="fltp", layout="mono")
+    frame.sample_rate = sample_rate
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=target_rate)
+    out = [f.to_ndarray()[0] for f in resampler.resample(frame) + resampler.resample(None)]  # None: flush
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """A whole (short) file as float32 ``[channels, frames]`` and its sample rate."""
     info = probe(path)
