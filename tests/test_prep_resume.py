@@ -263,3 +263,26 @@ def test_a_refused_run_leaves_the_out_dir_byte_identical(tmp_path, fast_codec_pa
     assert _folder_bytes(out) == before
     repair(cfg)
     assert verify(out, deep=True) == []
+
+
+def test_stages_run_with_other_split_settings_than_the_scan_are_refused(tmp_path, fast_codec_path):
+    """`prep scan` with one split setting, `prep encode` with another: the shards went to the scan's splits while
+    the markers and the index recorded the encode's, and a later `prep all` with them kept those shards."""
+    import dataclasses
+
+    from vampnet_pl.prep.encode import EncodingChanged
+    from vampnet_pl.prep.run import scan
+
+    from conftest import write_tone
+
+    catalog, out = tmp_path / "catalog", tmp_path / "out"
+    for i in range(4):
+        write_tone(catalog / f"t{i}.wav", 2.0, 16000, freq=200 + 50 * i)
+    cfg = prep_config(catalog, out, fast_codec_path, split=SplitConfig(val_fraction=0.0, test_fraction=0.0))
+    scan(dataclasses.replace(cfg, split=SplitConfig(val_fraction=0.5, test_fraction=0.0)))
+    for stage in (lambda: encode_local(cfg), lambda: run_encode_task(cfg, 0, 1), lambda: finalize(cfg, load_codec(cfg))):
+        with pytest.raises(EncodingChanged, match=r"manifest\.jsonl was scanned with other split settings.*prep scan"):
+            stage()
+    assert not (out / "units").exists()
+    index = run_all(cfg)  # scans again, with its own settings
+    assert index["splits"]["val"]["samples"] == 0 and index["splits"]["train"]["samples"] == 4

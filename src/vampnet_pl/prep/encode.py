@@ -27,7 +27,7 @@ from vampnet_pl.audio_io import AudioReadError, iter_blocks, probe, resample
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import ChannelMode, PrepConfig
 from vampnet_pl.data.validation import CHECKSUM_FIELD, codes_checksum, validate_codes
-from vampnet_pl.prep.manifest import Failure, ManifestEntry, file_sha256, load_manifest
+from vampnet_pl.prep.manifest import Failure, ManifestEntry, assign_split, file_sha256, load_manifest, manifest_path
 from vampnet_pl.utils.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,18 @@ def changed_encoding(out_dir: Path, what: str, recorded: dict, wanted: dict) -> 
                         for key, value in encoding_differences(recorded, wanted).items())
     return EncodingChanged(f"{out_dir} holds {what} encoded otherwise ({changes}): write to a new out_dir, or delete "
                            f"{out_dir / 'units'} and {out_dir / 'shards'} to encode it all again")
+
+
+def manifest_units(cfg: PrepConfig) -> list[Unit]:
+    """The units of ``out_dir``'s manifest. Raises :class:`EncodingChanged` when it was scanned with other split
+    settings than ``cfg``'s: its files would go to splits other than those the markers record."""
+    entries = load_manifest(Path(cfg.out_dir))
+    for entry in entries:
+        if (wanted := assign_split(entry.sha256, cfg.split)) != entry.split:
+            raise EncodingChanged(f"{manifest_path(Path(cfg.out_dir))} was scanned with other split settings than "
+                                  f"this run's (it puts {entry.path} in {entry.split}, these in {wanted}): run "
+                                  "`prep scan` with this run's split.* settings")
+    return plan_units(entries, cfg.files_per_unit)
 
 
 def unit_markers(out_dir: Path) -> list[Path]:
@@ -396,7 +408,7 @@ def encode_unit(unit: Unit, cfg: PrepConfig, codec: Codec, progress: tqdm | None
 def run_encode_task(cfg: PrepConfig, task_index: int, num_tasks: int, device: str | None = None) -> list[dict]:
     """Encode every unfinished unit owned by task ``task_index`` of ``num_tasks``."""
     out_dir = Path(cfg.out_dir)
-    units = units_for_task(plan_units(load_manifest(out_dir), cfg.files_per_unit), task_index, num_tasks)
+    units = units_for_task(manifest_units(cfg), task_index, num_tasks)
     todo = [u for u in units if not unit_is_done(out_dir, u, cfg)]
     log.info("task %d/%d: %d units, %d already done", task_index, num_tasks, len(units), len(units) - len(todo))
     if not todo:

@@ -17,7 +17,8 @@ from vampnet_pl.codec import Codec
 from vampnet_pl.config import SPLITS, PrepConfig
 from vampnet_pl.data.index import INDEX_VERSION, index_path, load_index
 from vampnet_pl.data.validation import SampleInvalid, decode_npy, validate_codes
-from vampnet_pl.prep.encode import Unit, changed_encoding, check_encoding, plan_units, unit_is_done, unit_marker_path
+from vampnet_pl.prep.encode import (Unit, changed_encoding, check_encoding, manifest_units, unit_is_done,
+                                    unit_marker_path)
 from vampnet_pl.prep.manifest import file_sha256, load_manifest, read_jsonl, scan_failures_path, write_jsonl
 from vampnet_pl.utils.atomic import write_json_atomic
 
@@ -61,7 +62,7 @@ def finalize(cfg: PrepConfig, codec: Codec) -> dict:
     """Write ``index.json`` and ``failures.jsonl`` once every unit is done; then move the shards and markers
     of units no longer planned aside (:func:`set_aside_orphans`)."""
     out_dir = Path(cfg.out_dir)
-    units = plan_units(load_manifest(out_dir), cfg.files_per_unit)
+    units = manifest_units(cfg)
     missing = [u.name for u in units if not unit_is_done(out_dir, u, cfg)]
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(units)} units are not done yet (first: {missing[:5]}); run encode")
@@ -185,7 +186,7 @@ def repair(cfg: PrepConfig, deep: bool = True) -> list[str]:
     from vampnet_pl.prep.encode import encode_unit
 
     out_dir = Path(cfg.out_dir)
-    units = plan_units(load_manifest(out_dir), cfg.files_per_unit)
+    units = manifest_units(cfg)
     failing = set(verify_shards(out_dir, deep)) if index_path(out_dir).is_file() else set()
     by_name = {unit.name: unit for unit in units}  # a shard is <split>/<unit name>-NNN.tar, marker or not
     owner = {path: by_name.get(_unit_name(Path(path))) for path in failing}

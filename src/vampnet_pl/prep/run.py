@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import PrepBalance, PrepConfig
-from vampnet_pl.prep.encode import (Unit, check_encoding, encode_unit, plan_units, run_encode_task, unit_is_done,
+from vampnet_pl.prep.encode import (Unit, check_encoding, encode_unit, manifest_units, run_encode_task, unit_is_done,
                                     unit_markers, units_for_task)
 from vampnet_pl.prep.index import finalize
-from vampnet_pl.prep.manifest import load_manifest, scan_catalog
+from vampnet_pl.prep.manifest import scan_catalog
 from vampnet_pl.utils.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def encode_local(cfg: PrepConfig, task_index: int = 0, num_tasks: int = 1) -> No
         _encode_static(cfg_yaml, cfg, task_index, num_tasks, workers, threads, context)
         return
     out_dir = Path(cfg.out_dir)
-    units = units_for_task(plan_units(load_manifest(out_dir), cfg.files_per_unit), task_index, num_tasks)
+    units = units_for_task(manifest_units(cfg), task_index, num_tasks)
     todo = sorted((u for u in units if not unit_is_done(out_dir, u, cfg)), key=unit_cost, reverse=True)
     log.info("task %d/%d: %d units, %d already done, %d processes on one queue", task_index, num_tasks, len(units),
              len(units) - len(todo), workers)
