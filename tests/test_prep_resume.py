@@ -286,3 +286,28 @@ def test_stages_run_with_other_split_settings_than_the_scan_are_refused(tmp_path
     assert not (out / "units").exists()
     index = run_all(cfg)  # scans again, with its own settings
     assert index["splits"]["val"]["samples"] == 0 and index["splits"]["train"]["samples"] == 4
+
+
+def test_a_kill_right_after_a_unit_is_marked_done_leaves_no_work_folder(tmp_path, fast_codec_path, monkeypatch):
+    """The unit's work folder was removed after its marker: killed in between, it stayed in tmp/ for good (a done
+    unit is never encoded again), unlike in an uninterrupted run."""
+    import vampnet_pl.prep.encode as encode
+
+    from conftest import write_tone
+
+    catalog, out = tmp_path / "catalog", tmp_path / "out"
+    for i in range(4):
+        write_tone(catalog / f"t{i}.wav", 2.0, 16000, freq=200 + 50 * i)
+    real = encode.write_json_atomic
+
+    def killed_after(path, obj):
+        real(path, obj)
+        if Path(path).name == "unit-00000.json":
+            raise KeyboardInterrupt("killed right after the marker")
+
+    monkeypatch.setattr(encode, "write_json_atomic", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        run_all(prep_config(catalog, out, fast_codec_path))
+    monkeypatch.setattr(encode, "write_json_atomic", real)
+    run_all(prep_config(catalog, out, fast_codec_path))
+    assert not (out / "tmp").exists() and verify(out) == []

@@ -400,8 +400,8 @@ def encode_unit(unit: Unit, cfg: PrepConfig, codec: Codec, progress: tqdm | None
         "finished_at": time.time(),
         "times": times.__dict__,
     }
+    shutil.rmtree(work, ignore_errors=True)  # before the marker: a done unit is never redone, so never cleaned
     write_json_atomic(unit_marker_path(out_dir, unit), marker)
-    shutil.rmtree(work, ignore_errors=True)
     return marker
 
 
