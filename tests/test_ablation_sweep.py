@@ -300,3 +300,74 @@ def test_local_runs_share_the_cpus_this_process_may_use(tmp_path, monkeypatch):
     runs = [Run(f"r{i}", "c", (), i, (), tmp_path / f"r{i}") for i in range(2)]
     runner.run_local(runs, {r.run_id: None for r in runs}, parallel=2, progress=False)
     assert [(r.run_dir / "threads").read_text() for r in runs] == ["2", "2"]
+
+
+FAKE_SACCT = """#!/bin/sh
+# sacct -o JobID,State,NodeList --parsable2 -j ID ...: the states in $SACCT_STATES (a JSON object id -> state)
+exec {python} -c 'import json, os; print("JobID|State|NodeList"); [print(f"{{i}}|{{s}}|n1") for i, s in json.load(open(os.environ["SACCT_STATES"])).items()]'
+"""
+
+
+def test_a_rerun_does_not_submit_a_run_whose_earlier_job_is_still_queued_or_running(tmp_path, monkeypatch):
+    """``ablate run --no-wait`` then ``ablate run`` again (or after a closed session) while the first jobs wait in the
+    queue: each run's job is recorded, and one that SLURM still has is waited for, not submitted a second time (two
+    jobs would train in the same folder). A job that ended without finishing its run is submitted again."""
+    import contextlib
+
+    import submitit
+    from submitit.core import utils
+
+    from vampnet_pl.ablation import slurm as ablation_slurm
+    from vampnet_pl.ablation.spec import Run, Sweep
+    from vampnet_pl.config import AblationConfig
+
+    states = tmp_path / "states.json"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(FAKE_SACCT.format(python=sys.executable))
+    (bin_dir / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SACCT_STATES", str(states))
+    submitit.SlurmJob.watcher.clear()
+
+    runs = [Run(f"{name}_seed-0", name, (), 0, (), tmp_path / "runs" / f"{name}_seed-0") for name in ("a", "b")]
+    submitted, finish_on_submit = [], []
+
+    def finish(run: Run, job_id: str) -> None:  # the job's task and rank 0 leave their records
+        job = submitit.SlurmJob(folder=tmp_path / "jobs" / "%j", job_id=job_id)
+        job.paths.folder.mkdir(parents=True, exist_ok=True)
+        utils.cloudpickle_dump(("success", run.run_id), job.paths.result_pickle)
+        (run.run_dir / "results.json").write_text(json.dumps({"status": "finished"}))
+
+    class FakeExecutor:
+        def batch(self):
+            return contextlib.nullcontext()
+
+        def submit(self, train_run):
+            submitted.append(train_run.run.run_id)
+            job_id = str(7100 + len(submitted))
+            if finish_on_submit:  # after the sweep looked for earlier jobs: b's earlier one and this one finish
+                finish(runs[1], "7102")
+                finish(train_run.run, job_id)
+            return submitit.SlurmJob(folder=tmp_path / "jobs" / "%j", job_id=job_id)
+
+    monkeypatch.setattr(ablation_slurm, "executor", lambda sweep: FakeExecutor())
+    sweep = Sweep(AblationConfig(name="q"), tmp_path, runs, "a")
+    first = ablation_slurm.run_slurm(sweep, runs, wait=False, progress=False)
+    assert submitted == ["a_seed-0", "b_seed-0"] and [o.status for o in first] == ["submitted", "submitted"]
+
+    states.write_text(json.dumps({"7101": "PENDING", "7102": "RUNNING"}))
+    again = ablation_slurm.run_slurm(sweep, runs, wait=False, progress=False)
+    assert submitted == ["a_seed-0", "b_seed-0"]  # nothing submitted twice
+    assert [(o.status, o.detail) for o in again] == [
+        ("submitted", "job 7101 of an earlier `ablate run` is PENDING; not submitted again"),
+        ("submitted", "job 7102 of an earlier `ablate run` is RUNNING; not submitted again")]
+
+    # a's job failed (its run is unfinished: submitted again); b's is still running, and this sweep waits for it
+    states.write_text(json.dumps({"7101": "FAILED", "7102": "RUNNING"}))
+    finish_on_submit.extend(runs)
+    waited = ablation_slurm.run_slurm(sweep, runs, wait=True, progress=False)
+    assert submitted == ["a_seed-0", "b_seed-0", "a_seed-0"]
+    assert sorted((o.run.run_id, o.status, o.detail) for o in waited) == [
+        ("a_seed-0", "finished", "job 7103"), ("b_seed-0", "finished", "job 7102")]
+    assert json.loads((runs[0].run_dir / "slurm_job.json").read_text())["job_id"] == "7103"

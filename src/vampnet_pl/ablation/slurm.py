@@ -4,20 +4,28 @@ As with Hydra's submitit launcher (conf/hydra/launcher/slurm.yaml), submitit own
 requeue (the training's own requeue sees ``SUBMITIT_EXECUTOR`` and stays out): ``checkpoint()`` resubmits the
 same run, which resumes from its ``last.ckpt``. Each job trains in-process, on every task of the job (one per
 device), and rank 0 writes ``results.json``.
+
+Each run's job is recorded in its folder (``slurm_job.json``). Re-running ``ablate run`` while that job is still
+queued or running (after ``--no-wait``, or a closed session) does not submit the run again: two jobs would train
+in the same folder. It waits for that job instead (or, with ``--no-wait``, reports it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import submitit
 
 from vampnet_pl.ablation import results
 from vampnet_pl.ablation.spec import Outcome, Run, Sweep, compose_run
+from vampnet_pl.utils.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
+JOB_RECORD = "slurm_job.json"  # the run's latest SLURM job, so that a re-run does not submit it a second time
 
 
 class TrainRun(submitit.helpers.Checkpointable):
@@ -83,20 +91,54 @@ def job_outcome(run: Run, job: submitit.Job) -> Outcome:
     return Outcome(run, "failed", error)
 
 
+def record_job(run: Run, job: submitit.Job) -> None:
+    write_json_atomic(Path(run.run_dir) / JOB_RECORD, {"job_id": job.job_id, "folder": str(job.paths.folder),
+                                                       "tasks": job.num_tasks})
+
+
+def earlier_job(run: Run) -> submitit.SlurmJob | None:
+    """The run's job from an earlier ``ablate run`` while it is not done: queued, running, requeued, or of a state
+    SLURM cannot tell (``UNKNOWN``: sacct failed, or no longer knows the job), as submitit's own wait counts them.
+    None when there was none, or it ended."""
+    try:
+        record = json.loads((Path(run.run_dir) / JOB_RECORD).read_text())
+    except FileNotFoundError:
+        return None
+    job = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"], tasks=tuple(range(record["tasks"])))
+    return None if job.done(force_check=True) else job
+
+
+def still_active(run: Run, job: submitit.Job) -> str:
+    """An Outcome's detail for a run whose earlier job is not done."""
+    state = job.state
+    detail = f"job {job.job_id} of an earlier `ablate run` is {state}; not submitted again"
+    if state == "UNKNOWN":
+        detail += f" (if that job is gone, delete {Path(run.run_dir) / JOB_RECORD} to submit the run)"
+    return detail
+
+
 def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool = True) -> list[Outcome]:
     from tqdm.auto import tqdm
 
     if not runs:
         return []
-    ex = executor(sweep)
-    with ex.batch():
-        jobs = [ex.submit(TrainRun(run)) for run in runs]
-    for run, job in zip(runs, jobs):
+    earlier = {run: job for run in runs if (job := earlier_job(run)) is not None}
+    for run, job in earlier.items():
+        log.info("%s: %s", run.run_id, still_active(run, job))
+    new = [run for run in runs if run not in earlier]
+    jobs = []
+    if new:
+        ex = executor(sweep)
+        with ex.batch():
+            jobs = [ex.submit(TrainRun(run)) for run in new]
+    for run, job in zip(new, jobs):
+        record_job(run, job)
         log.info("%s: SLURM job %s", run.run_id, job.job_id)
     if not wait:
-        return [Outcome(run, "submitted", f"job {job.job_id}") for run, job in zip(runs, jobs)]
+        return ([Outcome(run, "submitted", still_active(run, job)) for run, job in earlier.items()]
+                + [Outcome(run, "submitted", f"job {job.job_id}") for run, job in zip(new, jobs)])
     outcomes = []
-    pending = dict(zip(runs, jobs))
+    pending = {**earlier, **dict(zip(new, jobs))}
     with tqdm(total=len(runs), desc="sweep (SLURM)", unit="run", disable=not progress) as bar:
         while pending:
             for run, job in list(pending.items()):
