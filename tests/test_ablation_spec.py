@@ -82,6 +82,7 @@ def test_a_malformed_spec_file_fails(tmp_path, fields, message):
 @pytest.mark.parametrize("fields, message", [
     ({"seeds": []}, "no seeds"),
     ({"seeds": [1, 1]}, "seeds repeat"),
+    ({"seed_keys": []}, "seed_keys is empty"),
     ({"grid": {"masking.schedule": []}}, "has no values"),
     ({"grid": {"masking.schedule": ["cosine", "cosine"]}}, "repeats a value"),
     ({"grid": {"seed": [1, 2]}}, "is a seed key"),

@@ -313,7 +313,7 @@ class AblationConfig:
     base: list[str] = field(default_factory=list)  # overrides for conf/train.yaml every run shares
     grid: dict[str, list[Any]] = field(default_factory=dict)  # override key -> values; one condition per combination
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    seed_keys: list[str] = field(default_factory=lambda: ["seed"])  # keys set to the run's seed
+    seed_keys: list[str] = field(default_factory=lambda: ["seed"])  # keys set to the run's seed, at least one
     baseline: dict[str, Any] = field(default_factory=dict)  # default: cosine / random / uniform, else first values
     primary_metric: str = "val/loss"  # ranks the conditions
     launcher: SweepLauncher = SweepLauncher.local

@@ -113,6 +113,9 @@ def expand(spec: AblationConfig, sweep_dir: str | Path | None = None) -> Sweep:
         raise SpecError("the spec has no seeds")
     if len(set(spec.seeds)) != len(spec.seeds):
         raise SpecError(f"seeds repeat: {spec.seeds}")
+    if not spec.seed_keys:  # the runs of a condition would differ in their folder name only
+        raise SpecError("seed_keys is empty: every seed of a condition would train the same run; list the keys "
+                        "that get the run's seed (the default is [seed])")
     if spec.parallel < 1:
         raise SpecError(f"parallel must be at least 1, not {spec.parallel}")
     grid: dict[str, list[str]] = {}
