@@ -128,3 +128,23 @@ def test_negative_and_positive_values_get_their_own_condition_ids():
 
     ids = [name for _, name in condition_ids({"optim.weight_decay": ["0.1", "-0.1"]})]
     assert ids == ["weight-decay-0.1", "weight-decay-neg0.1"]
+
+
+def test_results_json_records_the_config_a_local_run_trained_with(tmp_path, monkeypatch):
+    """A local run's command adds ``slurm.requeue=off``; its results.json must record that, not the spec's value."""
+    import json
+    import sys
+
+    import torch
+
+    monkeypatch.setattr(runner, "train_command", lambda run: [sys.executable, "-c", "pass"])  # "trained" at once
+    spec = load_spec(write_spec(tmp_path, base=[*BASE, "slurm.requeue=on"], seeds=[0]))
+    for run in expand(spec).runs:
+        (run.run_dir / "checkpoints").mkdir(parents=True)
+        torch.save({"global_step": 8, "hyper_parameters": {"model": {}}}, run.run_dir / "checkpoints" / "last.ckpt")
+    outcomes = runner.run_sweep(spec, progress=False)
+    assert [o.status for o in outcomes] == ["finished", "finished"]
+    for outcome in outcomes:
+        recorded = json.loads((outcome.run.run_dir / "results.json").read_text())
+        assert recorded["config"]["slurm"]["requeue"] == "off"
+        assert recorded["overrides"] == list(outcome.run.overrides)  # what a re-run compares

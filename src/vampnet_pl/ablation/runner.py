@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.ablation import results
-from vampnet_pl.ablation.spec import Outcome, Run, SpecError, Sweep, validate
+from vampnet_pl.ablation.spec import Outcome, Run, SpecError, Sweep, compose_run, validate
 from vampnet_pl.config import SweepLauncher
 from vampnet_pl.utils.atomic import write_json_atomic, write_text_atomic
 
@@ -72,13 +72,14 @@ def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict[st
 def run_sweep(spec, sweep_dir=None, launcher: SweepLauncher | None = None, parallel: int | None = None,
               wait: bool = True, progress: bool = True) -> list[Outcome]:
     """Validate the whole spec, then run every unfinished run; returns one outcome per run."""
-    sweep, configs = prepare(spec, sweep_dir, progress)
+    sweep, _ = prepare(spec, sweep_dir, progress)
     todo = [r for r in sweep.runs if not finished(r)]
     outcomes = [Outcome(r, "skipped", "finished before") for r in sweep.runs if finished(r)]
     for outcome in outcomes:
         log.info("skip %s: finished (%s)", outcome.run.run_id, results.RESULTS)
     launcher = SweepLauncher(launcher or sweep.spec.launcher)
-    if launcher == SweepLauncher.local:
+    if launcher == SweepLauncher.local:  # results.json records the config each run's command trains with
+        configs = {r.run_id: compose_run(r, LOCAL_OVERRIDES) for r in todo}
         outcomes += run_local(todo, configs, parallel or sweep.spec.parallel, progress)
     else:
         from vampnet_pl.ablation.slurm import run_slurm
@@ -138,11 +139,14 @@ def lock_run(run_dir: Path):
     return handle
 
 
+# A local run is never a SLURM job of its own, even when the sweep runs inside an allocation (an interactive
+# ``salloc``, an ``sbatch`` job); requeueing that would requeue the whole sweep's job from inside one of its runs.
+LOCAL_OVERRIDES = ("slurm.requeue=off",)
+
+
 def train_command(run: Run) -> list[str]:
-    """A local run's command. ``slurm.requeue=off``: a local run is never a SLURM job of its own, even when the sweep
-    runs inside an allocation (an interactive ``salloc``, an ``sbatch`` job); requeueing that would requeue the
-    whole sweep's job from inside one of its runs."""
-    return [sys.executable, "-m", "vampnet_pl.cli", "train", *run.overrides, "slurm.requeue=off"]
+    """A local run's command: its overrides and :data:`LOCAL_OVERRIDES`."""
+    return [sys.executable, "-m", "vampnet_pl.cli", "train", *run.overrides, *LOCAL_OVERRIDES]
 
 
 def child_environment(threads: int) -> dict[str, str]:

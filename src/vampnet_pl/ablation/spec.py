@@ -162,10 +162,11 @@ def _baseline(spec: AblationConfig, grid: dict[str, list[str]], cells) -> str:
     return next(name for cell, name in cells if dict(cell) == choice)
 
 
-def compose_run(run: Run) -> DictConfig:
-    """The run's full training config, as `vampnet-pl train` will see it (schemas reject typos)."""
+def compose_run(run: Run, extra: tuple[str, ...] = ()) -> DictConfig:
+    """The run's full training config, as `vampnet-pl train` will see it (schemas reject typos); ``extra``: the
+    overrides its launcher adds."""
     try:
-        return compose("train", list(run.overrides), typed=False)
+        return compose("train", [*run.overrides, *extra], typed=False)
     except UsageError as err:
         raise SpecError(f"run {run.run_id}: {err}") from None
 
