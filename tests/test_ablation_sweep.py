@@ -371,3 +371,25 @@ def test_a_rerun_does_not_submit_a_run_whose_earlier_job_is_still_queued_or_runn
     assert sorted((o.run.run_id, o.status, o.detail) for o in waited) == [
         ("a_seed-0", "finished", "job 7103"), ("b_seed-0", "finished", "job 7102")]
     assert json.loads((runs[0].run_dir / "slurm_job.json").read_text())["job_id"] == "7103"
+
+
+def test_a_submitit_job_whose_training_returned_short_fails(tmp_path, monkeypatch):
+    """One process stopped by SIGTERM (a preemption, scancel): Lightning's loop stops and training returns. The job
+    must fail (as `vampnet-pl train` exits 143), not return as a success that SLURM counts COMPLETED."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from vampnet_pl.ablation import slurm as ablation_slurm
+    from vampnet_pl.ablation.results import RunIncomplete
+    from vampnet_pl.ablation.spec import Run
+    from vampnet_pl.training import app
+
+    run = Run("a_seed-0", "a", (), 0, (), tmp_path / "a_seed-0")
+    (run.run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 3, "hyper_parameters": {"model": {}}}, run.run_dir / "checkpoints" / "last.ckpt")
+    monkeypatch.setattr(ablation_slurm, "compose_run", lambda run: OmegaConf.create(
+        {"trainer": {"max_steps": STEPS}, "run_dir": str(run.run_dir), "logger": {}}))
+    monkeypatch.setattr(app, "run", lambda cfg: None)  # returned at step 3
+    with pytest.raises(RunIncomplete, match=f"a_seed-0 stopped at step 3 of {STEPS}"):  # the job's task raises
+        ablation_slurm.TrainRun(run)()
+    assert not (run.run_dir / "results.json").exists()

@@ -42,10 +42,9 @@ class TrainRun(submitit.helpers.Checkpointable):
         rank = int(os.environ.get("SLURM_PROCID", 0))
         train(cfg)  # rank 0 keeps an earlier attempt's CSV log (training.csv_logs)
         if rank == 0:
-            try:
-                results.write_results(self.run, cfg)
-            except results.RunIncomplete as err:  # stopped for a requeue: the requeued job finishes and records it
-                log.info("%s", err)
+            # RunIncomplete when training returned short of its last step (one process stopped by SIGTERM: a
+            # preemption, scancel): the job fails, as `vampnet-pl train` exits 143, and is no COMPLETED job to SLURM
+            results.write_results(self.run, cfg)
         return self.run.run_id
 
 
