@@ -112,6 +112,29 @@ def test_a_finished_run_with_other_overrides_is_refused(tmp_path):
         runner.prepare(load_spec(write_spec(tmp_path)), progress=False)
 
 
+def test_a_started_run_is_not_resumed_under_other_overrides(tmp_path, monkeypatch):
+    """A run killed mid-way resumes from its checkpoint at the next `ablate run`: under a changed spec it would go on
+    with other settings than its first steps had (and record only the new ones), so that is refused too."""
+    import sys
+
+    import torch
+
+    started = []
+    monkeypatch.setattr(runner, "train_command", lambda run: started.append(run.run_id) or [sys.executable, "-c", "1/0"])
+    spec = load_spec(write_spec(tmp_path, base=[*BASE, "optim.lr=0.001"], seeds=[0]))
+    assert [o.status for o in runner.run_sweep(spec, progress=False)] == ["failed", "failed"]  # killed mid-way
+    cosine = expand(spec).runs[0]
+    (cosine.run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 4}, cosine.run_dir / "checkpoints" / "last.ckpt")  # linear left no checkpoint
+    changed = load_spec(write_spec(tmp_path, base=[*BASE, "optim.lr=0.1"], seeds=[0]))
+    with pytest.raises(SpecError, match=r"1 run\(s\), finished or with a checkpoint to resume, were trained with "
+                                        r"other overrides than this spec gives them \(schedule-cosine_seed-0\)"):
+        runner.run_sweep(changed, progress=False)
+    started.clear()
+    runner.run_sweep(spec, progress=False)  # the spec it started under resumes it
+    assert set(started) == {"schedule-cosine_seed-0", "schedule-linear_seed-0"}
+
+
 def test_cli_dry_run_and_errors(tmp_path, capsys):
     assert main(["ablate", "run", str(write_spec(tmp_path)), "--dry-run", "optim.lr=0.01"]) == 0
     out = capsys.readouterr().out

@@ -2,6 +2,8 @@
 
 A run folder (``<sweep>/runs/<run id>/``) holds the training's checkpoints and logs, plus:
 - ``results.json``: written once the run has finished, atomically; its presence means "finished";
+- ``run.json``: the run (its overrides) as its latest attempt was started; a re-run under other overrides is refused
+  while the run has a checkpoint to resume;
 - ``failure.json``: the last failed attempt (exit status, log tail); removed when the run finishes;
 - ``curves/attempt-<k>.csv``: the CSV log of each earlier attempt (moved aside by the train app, see
   :mod:`vampnet_pl.training.csv_logs`); the live one is the CSV log itself.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -32,12 +35,31 @@ from vampnet_pl.utils.atomic import write_json_atomic
 
 RESULTS = "results.json"
 FAILURE = "failure.json"
+RUN = "run.json"
 # Columns of the CSV log that are bookkeeping or per-step noise, not final scores.
 _NOT_FINAL = re.compile(r"^(epoch|step|lr.*)$|_step$")
 
 
 def results_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / RESULTS
+
+
+def write_run_record(run) -> None:
+    """``run.json``: written as an attempt starts (a local process, a SLURM job submitted)."""
+    write_json_atomic(Path(run.run_dir) / RUN, run.to_dict())
+
+
+def trained_overrides(run_dir: str | Path) -> list[str] | None:
+    """The overrides the run was trained with so far: its ``results.json``'s once finished, else its latest attempt's
+    (``run.json``) while it has a checkpoint to resume; None when there is neither."""
+    from vampnet_pl.training.app import last_checkpoint
+
+    run_dir = Path(run_dir)
+    if results_path(run_dir).is_file():
+        return json.loads(results_path(run_dir).read_text()).get("overrides")
+    if (run_dir / RUN).is_file() and last_checkpoint(run_dir) is not None:
+        return json.loads((run_dir / RUN).read_text()).get("overrides")
+    return None
 
 
 def git_commit() -> str:

@@ -46,17 +46,18 @@ def finished(run: Run) -> bool:
     return results.results_path(run.run_dir).is_file()
 
 
-def check_finished_runs_match(sweep: Sweep) -> None:
-    """A finished run recorded with other overrides would be silently mixed into the report: refuse."""
+def check_runs_match(sweep: Sweep) -> None:
+    """A run trained with other overrides would be silently mixed into the report (finished), or resumed from its
+    checkpoint under the new ones (started): refuse."""
     stale = []
     for run in sweep.runs:
-        if finished(run):
-            recorded = json.loads(results.results_path(run.run_dir).read_text()).get("overrides")
-            if recorded != list(run.overrides):
-                stale.append(run.run_id)
+        recorded = results.trained_overrides(run.run_dir)
+        if recorded is not None and recorded != list(run.overrides):
+            stale.append(run.run_id)
     if stale:
-        raise SpecError(f"{len(stale)} finished run(s) were trained with other overrides than this spec gives them "
-                        f"({', '.join(stale[:5])}); use a new sweep_dir, or delete their folders to retrain them")
+        raise SpecError(f"{len(stale)} run(s), finished or with a checkpoint to resume, were trained with other "
+                        f"overrides than this spec gives them ({', '.join(stale[:5])}); use a new sweep_dir, or "
+                        "delete their folders to retrain them")
 
 
 def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict[str, DictConfig]]:
@@ -64,7 +65,7 @@ def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict[st
 
     sweep = expand(spec, sweep_dir)
     configs = validate(sweep, progress)
-    check_finished_runs_match(sweep)
+    check_runs_match(sweep)
     write_sweep_record(sweep, configs)
     return sweep, configs
 
@@ -173,6 +174,7 @@ def run_local_one(run: Run, cfg: DictConfig, threads: int, children: _Children |
         return Outcome(run, "running", f"being trained by another process (pid {pid}, holding {LOCK}); not started "
                                        "again: stop it, or wait and re-run")
     with lock:
+        results.write_run_record(run)
         return _train(run, cfg, threads, children, lock.fileno())
 
 

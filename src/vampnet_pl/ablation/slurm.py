@@ -126,6 +126,8 @@ def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool =
         log.info("%s: %s", run.run_id, still_active(run, job))
     new = [run for run in runs if run not in earlier]
     jobs = []
+    for run in new:
+        results.write_run_record(run)
     if new:
         ex = executor(sweep)
         with ex.batch():
