@@ -127,8 +127,8 @@ def test_a_started_run_is_not_resumed_under_other_overrides(tmp_path, monkeypatc
     (cosine.run_dir / "checkpoints").mkdir(parents=True)
     torch.save({"global_step": 4}, cosine.run_dir / "checkpoints" / "last.ckpt")  # linear left no checkpoint
     changed = load_spec(write_spec(tmp_path, base=[*BASE, "optim.lr=0.1"], seeds=[0]))
-    with pytest.raises(SpecError, match=r"1 run\(s\), finished or with a checkpoint to resume, were trained with "
-                                        r"other overrides than this spec gives them \(schedule-cosine_seed-0\)"):
+    with pytest.raises(SpecError, match=r"1 run\(s\) were trained or submitted with other overrides than this spec "
+                                        r"gives them \(schedule-cosine_seed-0\): finished, with a checkpoint to resume"):
         runner.run_sweep(changed, progress=False)
     started.clear()
     runner.run_sweep(spec, progress=False)  # the spec it started under resumes it

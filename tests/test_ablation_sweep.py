@@ -308,6 +308,21 @@ exec {python} -c 'import json, os; print("JobID|State|NodeList"); [print(f"{{i}}
 """
 
 
+def fake_sacct(tmp_path: Path, monkeypatch) -> Path:
+    """An ``sacct`` on PATH that reports the states written (as JSON, job id -> state) to the returned file."""
+    import submitit
+
+    states = tmp_path / "states.json"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(FAKE_SACCT.format(python=sys.executable))
+    (bin_dir / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SACCT_STATES", str(states))
+    submitit.SlurmJob.watcher.clear()  # its cache is shared by every SlurmJob
+    return states
+
+
 def test_a_rerun_does_not_submit_a_run_whose_earlier_job_is_still_queued_or_running(tmp_path, monkeypatch):
     """``ablate run --no-wait`` then ``ablate run`` again (or after a closed session) while the first jobs wait in the
     queue: each run's job is recorded, and one that SLURM still has is waited for, not submitted a second time (two
@@ -321,14 +336,7 @@ def test_a_rerun_does_not_submit_a_run_whose_earlier_job_is_still_queued_or_runn
     from vampnet_pl.ablation.spec import Run, Sweep
     from vampnet_pl.config import AblationConfig
 
-    states = tmp_path / "states.json"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sacct").write_text(FAKE_SACCT.format(python=sys.executable))
-    (bin_dir / "sacct").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("SACCT_STATES", str(states))
-    submitit.SlurmJob.watcher.clear()
+    states = fake_sacct(tmp_path, monkeypatch)
 
     runs = [Run(f"{name}_seed-0", name, (), 0, (), tmp_path / "runs" / f"{name}_seed-0") for name in ("a", "b")]
     submitted, finish_on_submit = [], []
@@ -393,3 +401,30 @@ def test_a_submitit_job_whose_training_returned_short_fails(tmp_path, monkeypatc
     with pytest.raises(RunIncomplete, match=f"a_seed-0 stopped at step 3 of {STEPS}"):  # the job's task raises
         ablation_slurm.TrainRun(run)()
     assert not (run.run_dir / "results.json").exists()
+
+
+def test_a_changed_spec_is_refused_while_a_job_of_the_old_one_is_queued(tmp_path, monkeypatch):
+    """The queued job trains the run as it was submitted and records it: under a changed spec, that run would enter
+    the new spec's report with the old overrides."""
+    import dataclasses
+
+    import submitit
+
+    from vampnet_pl.ablation import runner
+    from vampnet_pl.ablation.results import write_run_record
+    from vampnet_pl.ablation.slurm import record_job
+    from vampnet_pl.ablation.spec import Run, SpecError, Sweep
+    from vampnet_pl.config import AblationConfig
+
+    states = fake_sacct(tmp_path, monkeypatch)
+    submitted = Run("a_seed-0", "a", (), 0, ("optim.lr=0.001",), tmp_path / "a_seed-0")
+    write_run_record(submitted)
+    record_job(submitted, submitit.SlurmJob(folder=tmp_path / "jobs", job_id="7201"))
+    now = Sweep(AblationConfig(name="c"), tmp_path, [dataclasses.replace(submitted, overrides=("optim.lr=0.1",))], "a")
+    states.write_text(json.dumps({"7201": "PENDING"}))
+    with pytest.raises(SpecError, match=r"\(a_seed-0\): finished, with a checkpoint to resume, or with a SLURM job "
+                                        "still queued or running"):
+        runner.check_runs_match(now)
+    submitit.SlurmJob.watcher.clear()
+    states.write_text(json.dumps({"7201": "CANCELLED"}))  # cancelled before it trained: the new spec may run it
+    runner.check_runs_match(now)

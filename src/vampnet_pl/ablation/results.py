@@ -49,17 +49,21 @@ def write_run_record(run) -> None:
     write_json_atomic(Path(run.run_dir) / RUN, run.to_dict())
 
 
+def started_overrides(run_dir: str | Path) -> list[str] | None:
+    """The overrides the run's latest attempt started with (``run.json``), or None."""
+    path = Path(run_dir) / RUN
+    return json.loads(path.read_text()).get("overrides") if path.is_file() else None
+
+
 def trained_overrides(run_dir: str | Path) -> list[str] | None:
     """The overrides the run was trained with so far: its ``results.json``'s once finished, else its latest attempt's
-    (``run.json``) while it has a checkpoint to resume; None when there is neither."""
+    while it has a checkpoint to resume; None when there is neither."""
     from vampnet_pl.training.app import last_checkpoint
 
     run_dir = Path(run_dir)
     if results_path(run_dir).is_file():
         return json.loads(results_path(run_dir).read_text()).get("overrides")
-    if (run_dir / RUN).is_file() and last_checkpoint(run_dir) is not None:
-        return json.loads((run_dir / RUN).read_text()).get("overrides")
-    return None
+    return started_overrides(run_dir) if last_checkpoint(run_dir) is not None else None
 
 
 def git_commit() -> str:

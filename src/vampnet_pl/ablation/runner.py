@@ -47,17 +47,23 @@ def finished(run: Run) -> bool:
 
 
 def check_runs_match(sweep: Sweep) -> None:
-    """A run trained with other overrides would be silently mixed into the report (finished), or resumed from its
-    checkpoint under the new ones (started): refuse."""
+    """A run trained with other overrides would be silently mixed into the report (finished), resumed from its
+    checkpoint under the new ones (started), or trained and recorded with the old ones (a SLURM job still queued):
+    refuse."""
+    from vampnet_pl.ablation.slurm import earlier_job
+
     stale = []
     for run in sweep.runs:
         recorded = results.trained_overrides(run.run_dir)
+        if recorded is None and earlier_job(run) is not None:  # the job trains the run as it was submitted
+            recorded = results.started_overrides(run.run_dir)
         if recorded is not None and recorded != list(run.overrides):
             stale.append(run.run_id)
     if stale:
-        raise SpecError(f"{len(stale)} run(s), finished or with a checkpoint to resume, were trained with other "
-                        f"overrides than this spec gives them ({', '.join(stale[:5])}); use a new sweep_dir, or "
-                        "delete their folders to retrain them")
+        raise SpecError(f"{len(stale)} run(s) were trained or submitted with other overrides than this spec gives "
+                        f"them ({', '.join(stale[:5])}): finished, with a checkpoint to resume, or with a SLURM job "
+                        "still queued or running; use a new sweep_dir, or delete their folders (and cancel their "
+                        "jobs) to retrain them")
 
 
 def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict[str, DictConfig]]:
