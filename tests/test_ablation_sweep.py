@@ -304,6 +304,7 @@ def test_local_runs_share_the_cpus_this_process_may_use(tmp_path, monkeypatch):
 
 FAKE_SACCT = """#!/bin/sh
 # sacct -o JobID,State,NodeList --parsable2 -j ID ...: the states in $SACCT_STATES (a JSON object id -> state)
+echo "$@" >> "$SACCT_STATES.calls"
 exec {python} -c 'import json, os; print("JobID|State|NodeList"); [print(f"{{i}}|{{s}}|n1") for i, s in json.load(open(os.environ["SACCT_STATES"])).items()]'
 """
 
@@ -367,6 +368,7 @@ def test_a_rerun_does_not_submit_a_run_whose_earlier_job_is_still_queued_or_runn
     states.write_text(json.dumps({"7101": "PENDING", "7102": "RUNNING"}))
     again = ablation_slurm.run_slurm(sweep, runs, wait=False, progress=False)
     assert submitted == ["a_seed-0", "b_seed-0"]  # nothing submitted twice
+    assert len(Path(f"{states}.calls").read_text().splitlines()) == 1  # one sacct call for every run
     assert [(o.status, o.detail) for o in again] == [
         ("submitted", "job 7101 of an earlier `ablate run` is PENDING; not submitted again"),
         ("submitted", "job 7102 of an earlier `ablate run` is RUNNING; not submitted again")]

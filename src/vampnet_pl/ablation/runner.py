@@ -50,15 +50,13 @@ def check_runs_match(sweep: Sweep) -> None:
     """A run trained with other overrides would be silently mixed into the report (finished), resumed from its
     checkpoint under the new ones (started), or trained and recorded with the old ones (a SLURM job still queued):
     refuse."""
-    from vampnet_pl.ablation.slurm import earlier_job
+    from vampnet_pl.ablation.slurm import earlier_jobs
 
-    stale = []
-    for run in sweep.runs:
-        recorded = results.trained_overrides(run.run_dir)
-        if recorded is None and earlier_job(run) is not None:  # the job trains the run as it was submitted
-            recorded = results.started_overrides(run.run_dir)
-        if recorded is not None and recorded != list(run.overrides):
-            stale.append(run.run_id)
+    recorded = {run: results.trained_overrides(run.run_dir) for run in sweep.runs}
+    for run in earlier_jobs([run for run, overrides in recorded.items() if overrides is None]):
+        recorded[run] = results.started_overrides(run.run_dir)  # its job trains the run as it was submitted
+    stale = [run.run_id for run, overrides in recorded.items()
+             if overrides is not None and overrides != list(run.overrides)]
     if stale:
         raise SpecError(f"{len(stale)} run(s) were trained or submitted with other overrides than this spec gives "
                         f"them ({', '.join(stale[:5])}): finished, with a checkpoint to resume, or with a SLURM job "

@@ -95,16 +95,21 @@ def record_job(run: Run, job: submitit.Job) -> None:
                                                        "tasks": job.num_tasks})
 
 
-def earlier_job(run: Run) -> submitit.SlurmJob | None:
-    """The run's job from an earlier ``ablate run`` while it is not done: queued, running, requeued, or of a state
-    SLURM cannot tell (``UNKNOWN``: sacct failed, or no longer knows the job), as submitit's own wait counts them.
-    None when there was none, or it ended."""
-    try:
-        record = json.loads((Path(run.run_dir) / JOB_RECORD).read_text())
-    except FileNotFoundError:
-        return None
-    job = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"], tasks=tuple(range(record["tasks"])))
-    return None if job.done(force_check=True) else job
+def earlier_jobs(runs: list[Run]) -> dict[Run, submitit.SlurmJob]:
+    """The runs' jobs from an earlier ``ablate run`` that are not done: queued, running, requeued, or of a state SLURM
+    cannot tell (``UNKNOWN``: sacct failed, or no longer knows the job), as submitit's own wait counts them. One sacct
+    call for all of them."""
+    jobs = {}
+    for run in runs:
+        try:
+            record = json.loads((Path(run.run_dir) / JOB_RECORD).read_text())
+        except FileNotFoundError:
+            continue
+        jobs[run] = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"],
+                                      tasks=tuple(range(record["tasks"])))
+    if jobs:
+        submitit.SlurmJob.watcher.update()  # the jobs registered with it as they were made
+    return {run: job for run, job in jobs.items() if not job.done()}
 
 
 def still_active(run: Run, job: submitit.Job) -> str:
@@ -121,7 +126,7 @@ def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool =
 
     if not runs:
         return []
-    earlier = {run: job for run in runs if (job := earlier_job(run)) is not None}
+    earlier = earlier_jobs(runs)
     for run, job in earlier.items():
         log.info("%s: %s", run.run_id, still_active(run, job))
     new = [run for run in runs if run not in earlier]
