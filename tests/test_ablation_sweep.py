@@ -370,8 +370,8 @@ def test_a_rerun_does_not_submit_a_run_whose_earlier_job_is_still_queued_or_runn
     assert submitted == ["a_seed-0", "b_seed-0"]  # nothing submitted twice
     assert len(Path(f"{states}.calls").read_text().splitlines()) == 1  # one sacct call for every run
     assert [(o.status, o.detail) for o in again] == [
-        ("submitted", "job 7101 of an earlier `ablate run` is PENDING; not submitted again"),
-        ("submitted", "job 7102 of an earlier `ablate run` is RUNNING; not submitted again")]
+        ("submitted", "job 7101 of an earlier `ablate run` is PENDING; not started again"),
+        ("submitted", "job 7102 of an earlier `ablate run` is RUNNING; not started again")]
 
     # a's job failed (its run is unfinished: submitted again); b's is still running, and this sweep waits for it
     states.write_text(json.dumps({"7101": "FAILED", "7102": "RUNNING"}))
@@ -430,3 +430,54 @@ def test_a_changed_spec_is_refused_while_a_job_of_the_old_one_is_queued(tmp_path
     submitit.SlurmJob.watcher.clear()
     states.write_text(json.dumps({"7201": "CANCELLED"}))  # cancelled before it trained: the new spec may run it
     runner.check_runs_match(now)
+
+
+def test_neither_launcher_starts_a_run_the_other_one_trains(tmp_path, monkeypatch):
+    """`--launcher slurm` while a local sweep trains a run (its train.lock held), and a local sweep while a SLURM job
+    of an earlier `ablate run` trains it: neither starts that run a second time in the same folder."""
+    import contextlib
+
+    import submitit
+    import yaml
+
+    from vampnet_pl.ablation import runner
+    from vampnet_pl.ablation import slurm as ablation_slurm
+    from vampnet_pl.ablation.spec import load_spec
+
+    spec = {"name": "both", "sweep_dir": str(tmp_path / "sweep"), "seeds": [0], "grid": {"masking.schedule": ["cosine"]},
+            "base": ["experiment=demo_coarse", "data.dataset_dir=codes", "data.batches_per_epoch=4",
+                     "trainer.max_steps=8", "data.num_workers=0"]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "sweep" / "runs" / "schedule-cosine_seed-0"
+    run_dir.mkdir(parents=True)
+    started, submitted = [], []
+    monkeypatch.setattr(runner, "train_command", lambda run: started.append(run.run_id) or ["false"])
+
+    class FakeExecutor:
+        def batch(self):
+            return contextlib.nullcontext()
+
+        def submit(self, train_run):
+            submitted.append(train_run.run.run_id)
+            return submitit.SlurmJob(folder=tmp_path / "jobs" / "%j", job_id="7301")
+
+    monkeypatch.setattr(ablation_slurm, "executor", lambda sweep: FakeExecutor())
+
+    held = runner.lock_run(run_dir)  # a local sweep's training process
+    (run_dir / "attempt.json").write_text(json.dumps({"pid": 4321}))
+    outcomes = runner.run_sweep(load_spec(tmp_path / "spec.yaml"), launcher="slurm", wait=False, progress=False)
+    assert submitted == [] and [o.status for o in outcomes] == ["running"]
+    assert outcomes[0].detail.startswith("being trained by another process (pid 4321, holding train.lock)")
+    held.close()  # that process ended: the run may be submitted
+    runner.run_sweep(load_spec(tmp_path / "spec.yaml"), launcher="slurm", wait=False, progress=False)
+    assert submitted == ["schedule-cosine_seed-0"]
+
+    states = fake_sacct(tmp_path, monkeypatch)
+    states.write_text(json.dumps({"7301": "RUNNING"}))
+    outcomes = runner.run_sweep(load_spec(tmp_path / "spec.yaml"), launcher="local", progress=False)
+    assert started == [] and [(o.status, o.detail) for o in outcomes] == [
+        ("running", "job 7301 of an earlier `ablate run` is RUNNING; not started again")]
+    submitit.SlurmJob.watcher.clear()
+    states.write_text(json.dumps({"7301": "FAILED"}))
+    runner.run_sweep(load_spec(tmp_path / "spec.yaml"), launcher="local", progress=False)
+    assert set(started) == {"schedule-cosine_seed-0"}

@@ -83,7 +83,13 @@ def run_sweep(spec, sweep_dir=None, launcher: SweepLauncher | None = None, paral
     for outcome in outcomes:
         log.info("skip %s: finished (%s)", outcome.run.run_id, results.RESULTS)
     launcher = SweepLauncher(launcher or sweep.spec.launcher)
-    if launcher == SweepLauncher.local:  # results.json records the config each run's command trains with
+    if launcher == SweepLauncher.local:
+        from vampnet_pl.ablation.slurm import earlier_jobs, still_active
+
+        jobs = earlier_jobs(todo)  # a SLURM job of an earlier `ablate run` trains these runs
+        outcomes += [Outcome(r, "running", still_active(r, job)) for r, job in jobs.items()]
+        todo = [r for r in todo if r not in jobs]
+        # results.json records the config each run's command trains with
         configs = {r.run_id: compose_run(r, LOCAL_OVERRIDES) for r in todo}
         outcomes += run_local(todo, configs, parallel or sweep.spec.parallel, progress)
     else:
@@ -167,16 +173,32 @@ def child_environment(threads: int) -> dict[str, str]:
     return env
 
 
+def held_elsewhere(run: Run) -> str:
+    """An Outcome's detail for a run whose ``train.lock`` another process holds."""
+    try:
+        pid = json.loads((run.run_dir / "attempt.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        pid = "?"
+    return (f"being trained by another process (pid {pid}, holding {LOCK}); not started again: stop it, or wait "
+            "and re-run")
+
+
+def trained_locally(run: Run) -> str | None:
+    """:func:`held_elsewhere`'s detail while a local training process holds the run's lock, else None."""
+    if not (Path(run.run_dir) / LOCK).exists():
+        return None
+    lock = lock_run(run.run_dir)
+    if lock is None:
+        return held_elsewhere(run)
+    lock.close()
+    return None
+
+
 def run_local_one(run: Run, cfg: DictConfig, threads: int, children: _Children | None = None) -> Outcome:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run(run.run_dir)
     if lock is None:
-        try:
-            pid = json.loads((run.run_dir / "attempt.json").read_text())["pid"]
-        except (OSError, ValueError, KeyError):
-            pid = "?"
-        return Outcome(run, "running", f"being trained by another process (pid {pid}, holding {LOCK}); not started "
-                                       "again: stop it, or wait and re-run")
+        return Outcome(run, "running", held_elsewhere(run))
     with lock:
         results.write_run_record(run)
         return _train(run, cfg, threads, children, lock.fileno())

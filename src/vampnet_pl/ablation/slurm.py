@@ -115,21 +115,24 @@ def earlier_jobs(runs: list[Run]) -> dict[Run, submitit.SlurmJob]:
 def still_active(run: Run, job: submitit.Job) -> str:
     """An Outcome's detail for a run whose earlier job is not done."""
     state = job.state
-    detail = f"job {job.job_id} of an earlier `ablate run` is {state}; not submitted again"
+    detail = f"job {job.job_id} of an earlier `ablate run` is {state}; not started again"
     if state == "UNKNOWN":
-        detail += f" (if that job is gone, delete {Path(run.run_dir) / JOB_RECORD} to submit the run)"
+        detail += f" (if that job is gone, delete {Path(run.run_dir) / JOB_RECORD} to run it again)"
     return detail
 
 
 def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool = True) -> list[Outcome]:
     from tqdm.auto import tqdm
 
+    from vampnet_pl.ablation.runner import trained_locally
+
     if not runs:
         return []
-    earlier = earlier_jobs(runs)
+    local = {run: detail for run in runs if (detail := trained_locally(run))}  # a local sweep trains these
+    earlier = earlier_jobs([run for run in runs if run not in local])
     for run, job in earlier.items():
         log.info("%s: %s", run.run_id, still_active(run, job))
-    new = [run for run in runs if run not in earlier]
+    new = [run for run in runs if run not in earlier and run not in local]
     jobs = []
     for run in new:
         results.write_run_record(run)
@@ -140,12 +143,12 @@ def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool =
     for run, job in zip(new, jobs):
         record_job(run, job)
         log.info("%s: SLURM job %s", run.run_id, job.job_id)
+    outcomes = [Outcome(run, "running", detail) for run, detail in local.items()]
     if not wait:
-        return ([Outcome(run, "submitted", still_active(run, job)) for run, job in earlier.items()]
+        return (outcomes + [Outcome(run, "submitted", still_active(run, job)) for run, job in earlier.items()]
                 + [Outcome(run, "submitted", f"job {job.job_id}") for run, job in zip(new, jobs)])
-    outcomes = []
     pending = {**earlier, **dict(zip(new, jobs))}
-    with tqdm(total=len(runs), desc="sweep (SLURM)", unit="run", disable=not progress) as bar:
+    with tqdm(total=len(pending), desc="sweep (SLURM)", unit="run", disable=not progress) as bar:
         while pending:
             for run, job in list(pending.items()):
                 if not job.done():
