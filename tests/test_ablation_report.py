@@ -208,3 +208,19 @@ def test_stars_are_holm_adjusted_within_each_family_and_raw_p_is_kept():
     rows = list(csv.DictReader(report.summary_csv(analysis).splitlines()))
     row = next(r for r in rows if r["metric"] == "val/loss" and r["condition"] == "b")
     assert float(row["diff_p"]) == pytest.approx(raw["b"]) and float(row["diff_p_holm"]) == pytest.approx(2 * raw["b"])
+
+
+def test_a_sweep_folder_copied_elsewhere_is_reported_from_where_it_is(sweep_dir, tmp_path_factory):
+    """sweep.json and results.json hold absolute paths; a sweep copied from the cluster to be reported elsewhere
+    read as 'not started' everywhere."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("copied") / "sweep"
+    shutil.copytree(sweep_dir, copy)
+    shutil.rmtree(sweep_dir / "runs")
+    sweep, records = report.read_sweep(copy, progress=False)
+    assert [r.status for r in records].count("finished") == 9
+    assert next(r for r in records if r.run_id == "schedule-square_seed-3").status == "failed"
+    assert read_curves(copy / "runs" / "schedule-cosine_seed-0") == next(  # the live CSV log found, not only curves/
+        r.curves for r in records if r.run_id == "schedule-cosine_seed-0")
+    assert next(r.curves for r in records if r.run_id == "schedule-cosine_seed-0")["val/loss"][21] == 3.0

@@ -70,14 +70,17 @@ def read_sweep(sweep_dir: str | Path, progress: bool = True) -> tuple[dict, list
     sweep = json.loads((sweep_dir / SWEEP_FILE).read_text())
     records = []
     for run in tqdm(sweep["runs"], desc="read runs", unit="run", disable=not progress):
-        run_dir = Path(run["run_dir"])
+        # where the sweep put it, under this folder: the recorded absolute path is stale once the folder moved (a
+        # sweep copied from the cluster to be reported elsewhere)
+        run_dir = sweep_dir / "runs" / run["run_id"]
         record = RunRecord(run["run_id"], run["condition_id"], int(run["seed"]), "not started")
         if results.results_path(run_dir).is_file():
             saved = json.loads(results.results_path(run_dir).read_text())
             record.status, record.metrics, record.protocol = "finished", saved["metrics"], saved.get("protocol", "")
             record.metrics_step, record.final_step = saved.get("metrics_step"), saved.get("final_step")
             record.detail = "; ".join(score_warnings(saved))
-            record.curves = results.read_curves(run_dir, csv_log_dirs(OmegaConf.create(saved["config"])))
+            log_dirs = csv_log_dirs(OmegaConf.create(saved["config"]))
+            record.curves = results.read_curves(run_dir, [moved(d, Path(run["run_dir"]), run_dir) for d in log_dirs])
         elif (run_dir / results.FAILURE).is_file():
             failure = json.loads((run_dir / results.FAILURE).read_text())
             record.status, record.detail = "failed", failure.get("reason", "")
@@ -85,6 +88,14 @@ def read_sweep(sweep_dir: str | Path, progress: bool = True) -> tuple[dict, list
             record.status, record.detail = "incomplete", "started, no results.json (running, or stopped)"
         records.append(record)
     return sweep, records
+
+
+def moved(path: Path, recorded_run_dir: Path, run_dir: Path) -> Path:
+    """``path`` (a log folder the run's config names) in the run folder's place now, when it was inside it."""
+    try:
+        return run_dir / path.relative_to(recorded_run_dir)
+    except ValueError:  # a log folder outside the run folder stays where it was
+        return path
 
 
 def _names(metrics: list[str], limit: int = 6) -> str:
