@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from datetime import timedelta
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import webdataset as wds
 from vampnet_pl.data.datamodule import (
     CodecMismatch,
     CodesDataModule,
+    NoWindowShards,
     TrainWindowStream,
     expand_urls,
     rank_share,
@@ -109,6 +111,20 @@ def test_every_rank_gets_the_same_number_of_batches_with_uneven_shards(tmp_path)
     big = write_shard(tmp_path / "big.tar", [400] * 30, seed=1)
     counts = [sum(1 for _ in stream([small, big], rank=r, world_size=2, batches_per_worker=25)) for r in range(2)]
     assert counts == [25, 25]
+
+
+@pytest.mark.timeout(60)  # it hung before
+def test_a_worker_whose_shards_hold_only_samples_shorter_than_a_window_reads_the_others(tmp_path):
+    """Its stream searched them forever: a rank hung with no error (the set's longest sample fits a window)."""
+    short = write_shard(tmp_path / "short.tar", [10, 15])  # window: 20 frames
+    long = write_shard(tmp_path / "long.tar", [100] * 5, seed=1)
+    reader = stream([short, long], rank=0, world_size=2, batches_per_worker=3)
+    batches = [b["codes"] for b in islice(reader, 4)]
+    assert len(batches) == 3 and all(b.shape == (4, 4, 20) for b in batches)
+    again = [b["codes"] for b in stream([short, long], rank=0, world_size=2, batches_per_worker=3)]
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))  # the same stream each time (exact resume)
+    with pytest.raises(NoWindowShards, match=r"1 of 1 have only shorter ones .*short.tar.*shorten data.window_seconds"):
+        next(iter(stream([short])))
 
 
 def _ddp_rank(rank: int, world_size: int, urls: list[str], port: int, results):

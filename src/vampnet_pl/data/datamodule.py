@@ -13,7 +13,9 @@ Integrity: every sample is validated (:mod:`vampnet_pl.data.validation`) before 
 a damaged sample, or a shard that is missing, unreadable or truncated, is skipped and counted by
 reason (:class:`SkipCounter`); a dead shard leaves the resampling pool and streaming goes on with
 the others (a worker whose own shards are all dead reads the other live ones, so every rank still
-serves its fixed batch count). Too high a skip rate, or no readable shard, is a clear error.
+serves its fixed batch count). Too high a skip rate, or no readable shard, is a clear error. A shard
+whose samples are all shorter than a window leaves the epoch's pool the same way (a worker would
+search it forever); none with a long enough sample is a clear error.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class DataIntegrityError(RuntimeError):
 
 class NoReadableShards(DataIntegrityError):
     """Every shard of a split failed to open or read."""
+
+
+class NoWindowShards(ValueError):
+    """No live train shard has a valid sample as long as a window: no batch can be cut."""
 
 
 class NoLoudWindows(ValueError):
@@ -231,6 +237,7 @@ class TrainWindowStream(IterableDataset):
         self._warned_no_loudness = False
         self.quiet_windows = self.quiet_in_a_row = 0
         self.codebook_size, self.expected_codebooks = codebook_size, expected_codebooks
+        self.long_samples = 0  # valid samples with room for a window, read by this copy
         # The limit also stops a worker whose data is all damaged (it would otherwise search forever).
         self.skips = SkipCounter(max_skip_rate, skip_rate_min_samples, "train data")
 
@@ -251,6 +258,7 @@ class TrainWindowStream(IterableDataset):
     def _windows(self, samples: Iterable[tuple[np.ndarray, dict]], rng: random.Random) -> Iterator[np.ndarray]:
         for codes, meta in samples:
             starts = random_window_starts(codes.shape[1], self.window_frames, self.max_windows_per_sample, rng)
+            self.long_samples += bool(starts)
             if self.loudness_cutoff is not None:
                 starts = self._loud_enough(starts, meta)
             for start in starts:
@@ -289,7 +297,7 @@ class TrainWindowStream(IterableDataset):
         self.iterations += 1
         rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
         shards = self.shards_for(worker, num_workers)
-        samples = (sample for url in self._resampled(shards, rng) for sample in read_shard(url, self.skips))
+        samples = self._read(shards, rng, windowless=set())  # found again each epoch: a resumed run finds the same
         decoded = decode_samples(samples, self.n_codebooks, self.fingerprint, self.skips, self.codebook_size,
                                  self.expected_codebooks)
         windows = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(
@@ -300,16 +308,40 @@ class TrainWindowStream(IterableDataset):
             batch["data_health"] = {"worker": loader_worker, **self.skips.report()}  # cumulative, plain Python: DataHealth
             yield batch
 
-    def _resampled(self, shards: list[str], rng: random.Random) -> Iterator[str]:
-        """This worker's shards drawn forever, minus the dead ones; when all of its own are dead, any live shard."""
+    def _read(self, shards: list[str], rng: random.Random, windowless: set[str]) -> Iterator[dict]:
+        """Raw samples of shards drawn by :meth:`_resampled`; a live shard read whole whose valid samples are all
+        shorter than a window joins ``windowless`` (it would give no batch, ever). One with no valid sample stays:
+        its damage keeps counting towards the skip rate. The pipeline is lazy: when a shard's reader ends, its
+        last sample has been through :meth:`_windows`."""
+        for url in self._resampled(shards, rng, windowless):
+            valid_before, long_before = self.skips.samples, self.long_samples
+            yield from read_shard(url, self.skips)
+            only_short = self.skips.samples > valid_before and self.long_samples == long_before
+            if only_short and url not in self.skips.dead_shards:
+                windowless.add(url)
+                log.warning("train shard %s has no sample of at least %d frames (one window): left out of this "
+                            "epoch's stream", url, self.window_frames)
+
+    def _resampled(self, shards: list[str], rng: random.Random, windowless: set[str]) -> Iterator[str]:
+        """This worker's shards drawn forever, minus the dead and windowless ones; when none of its own is left,
+        any other shard still in the pool."""
         while True:
-            alive = [u for u in shards if u not in self.skips.dead_shards]
+            alive = [u for u in shards if u not in self.skips.dead_shards and u not in windowless]
             if not alive:
-                alive = [u for u in self.urls if u not in self.skips.dead_shards]
+                alive = [u for u in self.urls if u not in self.skips.dead_shards and u not in windowless]
                 if not alive:
-                    raise NoReadableShards(f"no readable train shard left: all {len(self.urls)} failed "
-                                           f"({', '.join(sorted(self.skips.dead_shards)[:20])})")
+                    raise self._no_shard_left(windowless)
             yield rng.choice(alive)
+
+    def _no_shard_left(self, windowless: set[str]) -> Exception:
+        dead = self.skips.dead_shards
+        if not windowless:
+            return NoReadableShards(f"no readable train shard left: all {len(self.urls)} failed "
+                                    f"({', '.join(sorted(dead)[:20])})")
+        return NoWindowShards(
+            f"no train shard has a valid sample of at least {self.window_frames} frames (one window): "
+            f"{len(windowless)} of {len(self.urls)} have only shorter ones ({', '.join(sorted(windowless)[:20])})"
+            f"{f', {len(dead)} failed' if dead else ''}; shorten data.window_seconds")
 
 
 def read_fixed_windows(
