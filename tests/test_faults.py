@@ -12,6 +12,7 @@ import subprocess
 import tarfile
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,9 @@ from vampnet_pl.data.datamodule import (
     CodesDataModule,
     DataIntegrityError,
     NoReadableShards,
+    SkipCounter,
     TrainWindowStream,
+    check_skip_rate,
     read_fixed_windows,
 )
 from vampnet_pl.data.validation import (REASONS, SampleInvalid, codes_checksum, decode_npy, legacy_codes_checksum,
@@ -227,13 +230,55 @@ def test_a_worker_whose_own_shards_are_gone_reads_the_others_and_none_left_is_a_
         read_fixed_windows([str(s) for s in shards], 20, 4, FINGERPRINT, 1, 10)
 
 
-def test_mostly_damaged_data_stops_with_the_damaged_shards_named(tmp_path):
+@pytest.mark.timeout(60)  # it searched forever before
+def test_a_worker_whose_shards_are_all_damaged_reads_the_others_and_all_damaged_stops_naming_them(tmp_path):
     good = write_shard(tmp_path / "good.tar", [40] * 2)
     bad = write_shard(tmp_path / "bad.tar", [40] * 6, seed=1)
     for i in range(6):
         flip_codes_bytes(bad, i)
-    with pytest.raises(DataIntegrityError, match=f"skipped as damaged .*6 checksum_mismatch.*{bad}"):
-        list(stream([good, bad], batches_per_worker=50, max_skip_rate=0.05, skip_rate_min_samples=8))
+    reader = stream([bad, good], rank=0, world_size=2, batches_per_worker=5)  # rank 0 owns only the bad shard
+    assert len(list(reader)) == 5 and reader.skips.counts["checksum_mismatch"] >= 6
+    with pytest.raises(DataIntegrityError, match=f"no train shard can give a window: of 1, 1 have only damaged "
+                                                 f"samples \\({bad}\\)"):
+        list(stream([bad], batches_per_worker=5))
+
+
+def test_the_train_skip_rate_is_judged_on_all_ranks_not_on_one_worker(tmp_path):
+    """One damaged shard in 40: rank 0's loader alone skips about 1 sample in 5, all 8 ranks together 1 in 20.
+    The limit (here 10%) applies to the sum (DataHealth): rank 0's reader stopped the run by its own count."""
+    shards = [write_shard(tmp_path / f"{i:02d}.tar", [40] * 10, seed=i) for i in range(40)]
+    for i in range(10):
+        flip_codes_bytes(shards[0], i)
+    limits = dict(max_skip_rate=0.1, skip_rate_min_samples=200)
+
+    def report(rank: int) -> dict:
+        dm = CodesDataModule(train_urls=[str(s) for s in shards], n_codebooks=4, hop_length=512, sample_rate=44100,
+                             window_seconds=20 * 512 / 44100, batch_size=4, num_workers=0, batches_per_epoch=100,
+                             **limits)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=8, global_step=0, accumulate_grad_batches=1)
+        return list(dm.train_dataloader())[-1]["data_health"]
+
+    reports = [report(rank) for rank in range(8)]
+    skipped = [sum(r["counts"].values()) for r in reports]
+    assert skipped[0] / (skipped[0] + reports[0]["samples"]) > 0.1
+    summed = {"samples": sum(r["samples"] for r in reports), "damaged_shards": [str(shards[0])],
+              "counts": {reason: sum(r["counts"][reason] for r in reports) for reason in REASONS}}
+    check_skip_rate(summed, limits["max_skip_rate"], limits["skip_rate_min_samples"], "train data")  # within it
+    with pytest.raises(DataIntegrityError, match=r"train data: \d+ of \d+ samples \(\d\.\d%\) were skipped"):
+        check_skip_rate(summed, 0.01, 200, "train data")
+
+
+def test_the_validation_skip_rate_is_judged_on_the_whole_set_once_read(tmp_path):
+    """3 damaged samples after 20 good ones, then 60 good: 3.6% of the set, 13% of what was read at the third."""
+    shards = [write_shard(tmp_path / "0.tar", [20] * 20), write_shard(tmp_path / "1.tar", [20] * 3, seed=1),
+              write_shard(tmp_path / "2.tar", [20] * 60, seed=2)]
+    for i in range(3):
+        flip_codes_bytes(shards[1], i)
+    urls = [str(s) for s in shards]
+    windows, skips = read_fixed_windows(urls, 20, 4, FINGERPRINT, 1, 1000, SkipCounter(0.05, 20, "validation data"))
+    assert len(windows) == 80 and skips.counts["checksum_mismatch"] == 3
+    with pytest.raises(DataIntegrityError, match="validation data: 3 of 83 samples"):
+        read_fixed_windows(urls, 20, 4, FINGERPRINT, 1, 1000, SkipCounter(0.03, 20, "validation data"))
 
 
 def test_a_damaged_validation_shard_is_skipped_or_stops_the_run_by_the_threshold(prepared, tmp_path):

@@ -117,7 +117,7 @@ class DataConfig:
     codebook_size: Optional[int] = None  # tokens must be below it (set by the train app from the codec)
     # Damaged samples are skipped and counted; more than this share of skips stops the run, naming the shards.
     max_skip_rate: float = 0.05
-    skip_rate_min_samples: int = 200  # a streaming reader judges the rate only after this many samples
+    skip_rate_min_samples: int = 200  # the training rate (summed over workers and ranks) is judged after this many
 
 
 @dataclass

@@ -13,9 +13,11 @@ Integrity: every sample is validated (:mod:`vampnet_pl.data.validation`) before 
 a damaged sample, or a shard that is missing, unreadable or truncated, is skipped and counted by
 reason (:class:`SkipCounter`); a dead shard leaves the resampling pool and streaming goes on with
 the others (a worker whose own shards are all dead reads the other live ones, so every rank still
-serves its fixed batch count). Too high a skip rate, or no readable shard, is a clear error. A shard
-whose samples are all shorter than a window leaves the epoch's pool the same way (a worker would
-search it forever); none with a long enough sample is a clear error.
+serves its fixed batch count). Too high a skip rate (judged on the sum over all workers and ranks by
+:class:`~vampnet_pl.training.callbacks.DataHealth`, on the whole set for validation), or no readable
+shard, is a clear error; so is no shard with a valid sample (a worker whose own shards hold only damaged
+ones reads the others, as for dead ones). A shard whose samples are all shorter than a window leaves
+the epoch's pool like a dead one (a worker would search it forever); none long enough is a clear error.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ QUIET_WINDOWS_LIMIT = 10_000  # in a row: even if 1 window in 500 passed, 10,000
 
 
 class SkipCounter:
-    """Counts read and skipped samples, by reason and by shard, and warns with the running total.
+    """Counts read and skipped samples, by reason and by shard, and warns with the running total. It judges the
+    skip rate only when asked (:meth:`check_rate`): a partial count is no verdict on the whole.
 
     Every skip has a reason from :data:`vampnet_pl.data.validation.REASONS`; ``dead_shards`` are those
     that failed to open or read as a whole (missing, unreadable, truncated).
@@ -101,7 +104,6 @@ class SkipCounter:
         if reason == UNREADABLE_SHARD:
             self.dead_shards.add(shard)
         log.warning("skipping %s: %s: %s (%d skipped so far in this reader)", what, reason, detail, self.total)
-        self.check_rate()
 
     def passed(self) -> None:
         self.samples += 1
@@ -215,8 +217,6 @@ class TrainWindowStream(IterableDataset):
         frame_rate: float | None = None,
         codebook_size: int | None = None,
         expected_codebooks: int | None = None,
-        max_skip_rate: float = 1.0,
-        skip_rate_min_samples: int = 0,
     ):
         self.urls = list(urls)
         self.window_frames = window_frames
@@ -238,8 +238,8 @@ class TrainWindowStream(IterableDataset):
         self.quiet_windows = self.quiet_in_a_row = 0
         self.codebook_size, self.expected_codebooks = codebook_size, expected_codebooks
         self.long_samples = 0  # valid samples with room for a window, read by this copy
-        # The limit also stops a worker whose data is all damaged (it would otherwise search forever).
-        self.skips = SkipCounter(max_skip_rate, skip_rate_min_samples, "train data")
+        # Counted only: data.max_skip_rate is judged on the sum over all workers and ranks (DataHealth).
+        self.skips = SkipCounter(what="train data")
 
     def __len__(self) -> int:
         """Batches per epoch on this rank: Lightning needs it to resume mid-epoch correctly."""
@@ -297,7 +297,7 @@ class TrainWindowStream(IterableDataset):
         self.iterations += 1
         rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
         shards = self.shards_for(worker, num_workers)
-        samples = self._read(shards, rng, windowless=set())  # found again each epoch: a resumed run finds the same
+        samples = self._read(shards, rng, short=set(), damaged=set())  # found anew each epoch: so does a resumed run
         decoded = decode_samples(samples, self.n_codebooks, self.fingerprint, self.skips, self.codebook_size,
                                  self.expected_codebooks)
         windows = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(
@@ -308,40 +308,48 @@ class TrainWindowStream(IterableDataset):
             batch["data_health"] = {"worker": loader_worker, **self.skips.report()}  # cumulative, plain Python: DataHealth
             yield batch
 
-    def _read(self, shards: list[str], rng: random.Random, windowless: set[str]) -> Iterator[dict]:
-        """Raw samples of shards drawn by :meth:`_resampled`; a live shard read whole whose valid samples are all
-        shorter than a window joins ``windowless`` (it would give no batch, ever). One with no valid sample stays:
-        its damage keeps counting towards the skip rate. The pipeline is lazy: when a shard's reader ends, its
-        last sample has been through :meth:`_windows`."""
-        for url in self._resampled(shards, rng, windowless):
+    def _read(self, shards: list[str], rng: random.Random, short: set[str], damaged: set[str]) -> Iterator[dict]:
+        """Raw samples of shards drawn by :meth:`_resampled`. A live shard read whole joins ``short`` when its valid
+        samples are all shorter than a window (it leaves the pool: it would never give a batch), ``damaged`` when
+        it has no valid sample (it stays, and its damage keeps counting, while the pool has other shards).
+        The pipeline is lazy: when a shard's reader ends, its last sample has been through :meth:`_windows`."""
+        for url in self._resampled(shards, rng, short, damaged):
             valid_before, long_before = self.skips.samples, self.long_samples
             yield from read_shard(url, self.skips)
-            only_short = self.skips.samples > valid_before and self.long_samples == long_before
-            if only_short and url not in self.skips.dead_shards:
-                windowless.add(url)
+            if url in self.skips.dead_shards or self.long_samples > long_before:
+                continue
+            if self.skips.samples > valid_before:
+                short.add(url)
                 log.warning("train shard %s has no sample of at least %d frames (one window): left out of this "
                             "epoch's stream", url, self.window_frames)
+            else:
+                damaged.add(url)
 
-    def _resampled(self, shards: list[str], rng: random.Random, windowless: set[str]) -> Iterator[str]:
-        """This worker's shards drawn forever, minus the dead and windowless ones; when none of its own is left,
-        any other shard still in the pool."""
+    def _resampled(self, shards: list[str], rng: random.Random, short: set[str], damaged: set[str]) -> Iterator[str]:
+        """This worker's shards drawn forever, minus the dead and short ones; when none of its own is left, or only
+        damaged ones, any other shard still in the pool."""
         while True:
-            alive = [u for u in shards if u not in self.skips.dead_shards and u not in windowless]
-            if not alive:
-                alive = [u for u in self.urls if u not in self.skips.dead_shards and u not in windowless]
-                if not alive:
-                    raise self._no_shard_left(windowless)
-            yield rng.choice(alive)
+            pool = [u for u in shards if u not in self.skips.dead_shards and u not in short]
+            if damaged.issuperset(pool):  # an empty pool too
+                pool = [u for u in self.urls if u not in self.skips.dead_shards and u not in short]
+                if damaged.issuperset(pool):
+                    raise self._no_shard_left(short, damaged)
+            yield rng.choice(pool)
 
-    def _no_shard_left(self, windowless: set[str]) -> Exception:
+    def _no_shard_left(self, short: set[str], damaged: set[str]) -> Exception:
         dead = self.skips.dead_shards
-        if not windowless:
+        if not short and not damaged:
             return NoReadableShards(f"no readable train shard left: all {len(self.urls)} failed "
                                     f"({', '.join(sorted(dead)[:20])})")
-        return NoWindowShards(
-            f"no train shard has a valid sample of at least {self.window_frames} frames (one window): "
-            f"{len(windowless)} of {len(self.urls)} have only shorter ones ({', '.join(sorted(windowless)[:20])})"
-            f"{f', {len(dead)} failed' if dead else ''}; shorten data.window_seconds")
+        parts = [f"{len(found)} {what} ({', '.join(sorted(found)[:20])}{' ...' if len(found) > 20 else ''})"
+                 for found, what in ((dead, "failed to read"), (damaged, "have only damaged samples"),
+                                     (short, f"have only samples shorter than a window ({self.window_frames} frames)"))
+                 if found]
+        message = f"no train shard can give a window: of {len(self.urls)}, {'; '.join(parts)}"
+        if damaged:
+            return DataIntegrityError(f"{message}. Run `vampnet-pl prep verify --deep out_dir=...` and "
+                                      "`vampnet-pl prep repair ...`")
+        return NoWindowShards(f"{message}; shorten data.window_seconds")
 
 
 def read_fixed_windows(
@@ -508,8 +516,6 @@ class CodesDataModule(L.LightningDataModule):
             frame_rate=self.sample_rate / self.hop_length,
             codebook_size=self.codebook_size,
             expected_codebooks=self.shard_codebooks,
-            max_skip_rate=self.hparams.max_skip_rate,
-            skip_rate_min_samples=self.hparams.skip_rate_min_samples,
         )
 
     def serve_micro_batches(self, micro_batch: int, accumulation: int) -> None:
