@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -204,6 +206,30 @@ def test_validation_windows_are_fixed_and_equal_per_rank(prepared):
     items = list(range(11))
     shares = [rank_share(items, r, 3) for r in range(3)]
     assert [len(s) for s in shares] == [3, 3, 3] and not set(shares[0]) & set(shares[1])
+
+
+def test_validation_windows_left_out_by_the_equal_share_are_logged(tmp_path, caplog):
+    val = write_shard(tmp_path / "val.tar", [20] * 11)
+
+    def validated(world_size: int) -> set[int]:
+        indices: set[int] = set()
+        for rank in range(world_size):
+            dm = CodesDataModule(train_urls=str(val), val_urls=str(val), n_codebooks=4, hop_length=512,
+                                 sample_rate=44100, window_seconds=20 * 512 / 44100, num_workers=0,
+                                 val_windows_per_sample=1)
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
+            indices.update(i for batch in dm.val_dataloader() for i in batch["index"].tolist())
+        return indices
+
+    with caplog.at_level(logging.WARNING, logger="vampnet_pl.data.datamodule"):
+        assert validated(3) == set(range(9))  # windows 9 and 10: no rank validates them
+    assert [r.getMessage() for r in caplog.records] == [
+        "validation: the last 2 of 11 windows are left out so that each of the 3 ranks gets 3 (val/ metrics cover "
+        "9 windows, a number that depends on the ranks)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vampnet_pl.data.datamodule"):
+        assert validated(1) == set(range(11))
+    assert not caplog.records
 
 
 def test_loaders_pin_memory_when_cuda_is_there(prepared, monkeypatch):

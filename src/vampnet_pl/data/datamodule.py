@@ -7,7 +7,7 @@ pipeline, and stops after a fixed number of batches (webdataset's ``with_epoch``
 of batches whatever the shard sizes (DDP never waits on a rank that ran dry).
 
 Validation: fixed windows from the start of each sample, read in a fixed order, dealt
-round-robin to ranks and cut to an equal count per rank.
+round-robin to ranks and cut to an equal count per rank (what the cut leaves out is logged).
 
 Integrity: every sample is validated (:mod:`vampnet_pl.data.validation`) before it is windowed;
 a damaged sample, or a shard that is missing, unreadable or truncated, is skipped and counted by
@@ -580,6 +580,11 @@ class CodesDataModule(L.LightningDataModule):
         share = rank_share(self.val_windows, rank, world_size)
         if not share:
             raise ValueError(f"{len(self.val_windows)} validation windows cannot be shared by {world_size} ranks")
+        left_out = len(self.val_windows) % world_size
+        if left_out and rank == 0:
+            log.warning("validation: the last %d of %d windows are left out so that each of the %d ranks gets %d "
+                        "(val/ metrics cover %d windows, a number that depends on the ranks)", left_out,
+                        len(self.val_windows), world_size, len(share), len(share) * world_size)
         indices = rank_share(list(range(len(self.val_windows))), rank, world_size)
         batches = FixedBatches(share, self.hparams.val_batch_size, self.n_codebooks, indices)
         return DataLoader(batches, batch_size=None, generator=torch.Generator(), pin_memory=torch.cuda.is_available())
