@@ -27,6 +27,7 @@ from vampnet_pl.data.datamodule import (
     TrainWindowStream,
     check_skip_rate,
     read_fixed_windows,
+    read_shard,
 )
 from vampnet_pl.data.validation import (REASONS, SampleInvalid, codes_checksum, decode_npy, legacy_codes_checksum,
                                         validate_codes)
@@ -214,6 +215,32 @@ def test_truncated_and_deleted_shards_drop_out_and_streaming_goes_on(tmp_path):
     assert len(first) + len(rest) == 30  # the fixed count per worker (and so per rank) still holds
     assert s.skips.dead_shards == {str(truncated), str(shards[1])}
     assert s.skips.counts["unreadable_shard"] == 2  # once per shard: a dead shard leaves the pool
+
+
+def test_a_run_resumed_after_a_shard_died_draws_the_uninterrupted_runs_stream(tmp_path):
+    """The pool left out dead shards for the rest of the run: resumed at the next epoch, a run drew again the one
+    its earlier attempt had found dead, and from then on other shards than the uninterrupted run."""
+    gone = tmp_path / "gone.tar"
+    urls = [gone, *(write_shard(tmp_path / f"{i}.tar", [100] * 3, seed=i) for i in range(4))]
+    straight = stream(urls, batches_per_worker=6)
+    assert len(list(straight)) == 6 and straight.skips.dead_shards == {str(gone)}  # found in the first epoch
+    second_epoch = [b["codes"] for b in straight]
+    resumed = [b["codes"] for b in stream(urls, batches_per_worker=6, start_batch=6)]
+    assert len(resumed) == 6 and all(torch.equal(a, b) for a, b in zip(resumed, second_epoch))
+
+
+def test_a_shard_back_after_a_failure_is_read_again_at_the_next_epoch(tmp_path):
+    other = write_shard(tmp_path / "other.tar", [100] * 3)
+    back = tmp_path / "back.tar"  # rank 0's only shard: missing in the first epoch (an object store's outage)
+    reader = stream([back, other], rank=0, world_size=2, batches_per_worker=3)
+    assert len(list(reader)) == 3 and reader.skips.counts["unreadable_shard"] == 1
+    write_shard(back, [100] * 3, seed=7)
+    codes = [decode_npy(sample["codes.npy"]) for sample in read_shard(str(back), SkipCounter())]
+
+    def from_back(window: np.ndarray) -> bool:
+        return any(np.array_equal(c[:, i : i + 20], window) for c in codes for i in range(c.shape[1] - 19))
+
+    assert all(from_back(w.numpy()) for batch in reader for w in batch["codes"])
 
 
 def test_a_worker_whose_own_shards_are_gone_reads_the_others_and_none_left_is_a_clear_error(tmp_path):

@@ -11,13 +11,14 @@ round-robin to ranks and cut to an equal count per rank (what the cut leaves out
 
 Integrity: every sample is validated (:mod:`vampnet_pl.data.validation`) before it is windowed;
 a damaged sample, or a shard that is missing, unreadable or truncated, is skipped and counted by
-reason (:class:`SkipCounter`); a dead shard leaves the resampling pool and streaming goes on with
-the others (a worker whose own shards are all dead reads the other live ones, so every rank still
-serves its fixed batch count). Too high a skip rate (judged on the sum over all workers and ranks by
-:class:`~vampnet_pl.training.callbacks.DataHealth`, on the whole set for validation), or no readable
-shard, is a clear error; so is no shard with a valid sample (a worker whose own shards hold only damaged
-ones reads the others, as for dead ones). A shard whose samples are all shorter than a window leaves
-the epoch's pool like a dead one (a worker would search it forever); none long enough is a clear error.
+reason (:class:`SkipCounter`); a dead shard leaves the epoch's resampling pool (:class:`ShardPool`,
+found anew each epoch) and streaming goes on with the others (a worker whose own shards are all dead
+reads the other live ones, so every rank still serves its fixed batch count). Too high a skip rate
+(judged on the sum over all workers and ranks by :class:`~vampnet_pl.training.callbacks.DataHealth`,
+on the whole set for validation), or no readable shard, is a clear error; so is no shard with a valid
+sample (a worker whose own shards hold only damaged ones reads the others, as for dead ones). A shard
+whose samples are all shorter than a window leaves the epoch's pool like a dead one (a worker would
+search it forever); none long enough is a clear error.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import logging
 import math
 import random
 from collections import Counter
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -195,6 +197,20 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
+@dataclass
+class ShardPool:
+    """What a train worker found out about shards in this epoch, by reading each whole. Found anew every epoch, so a
+    resumed run (which starts its epoch from the beginning) draws the same stream; a shard back after a failure
+    (an object store's outage) is read again."""
+
+    dead: set[str] = field(default_factory=set)  # failed to open or read: left out
+    short: set[str] = field(default_factory=set)  # its valid samples all shorter than a window: left out
+    damaged: set[str] = field(default_factory=set)  # no valid sample: drawn (its damage counts) while others are left
+
+    def usable(self, urls: list[str]) -> list[str]:
+        return [u for u in urls if u not in self.dead and u not in self.short]
+
+
 class TrainWindowStream(IterableDataset):
     """Endless, rank- and worker-split, resampled stream of shuffled batches of random windows."""
 
@@ -297,7 +313,7 @@ class TrainWindowStream(IterableDataset):
         self.iterations += 1
         rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
         shards = self.shards_for(worker, num_workers)
-        samples = self._read(shards, rng, short=set(), damaged=set())  # found anew each epoch: so does a resumed run
+        samples = self._read(shards, rng, ShardPool())
         decoded = decode_samples(samples, self.n_codebooks, self.fingerprint, self.skips, self.codebook_size,
                                  self.expected_codebooks)
         windows = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(
@@ -308,45 +324,43 @@ class TrainWindowStream(IterableDataset):
             batch["data_health"] = {"worker": loader_worker, **self.skips.report()}  # cumulative, plain Python: DataHealth
             yield batch
 
-    def _read(self, shards: list[str], rng: random.Random, short: set[str], damaged: set[str]) -> Iterator[dict]:
-        """Raw samples of shards drawn by :meth:`_resampled`. A live shard read whole joins ``short`` when its valid
-        samples are all shorter than a window (it leaves the pool: it would never give a batch), ``damaged`` when
-        it has no valid sample (it stays, and its damage keeps counting, while the pool has other shards).
+    def _read(self, shards: list[str], rng: random.Random, pool: ShardPool) -> Iterator[dict]:
+        """Raw samples of shards drawn by :meth:`_resampled`, what each whole read found noted in ``pool``.
         The pipeline is lazy: when a shard's reader ends, its last sample has been through :meth:`_windows`."""
-        for url in self._resampled(shards, rng, short, damaged):
+        for url in self._resampled(shards, rng, pool):
             valid_before, long_before = self.skips.samples, self.long_samples
+            failures_before = self.skips.counts[UNREADABLE_SHARD]
             yield from read_shard(url, self.skips)
-            if url in self.skips.dead_shards or self.long_samples > long_before:
-                continue
-            if self.skips.samples > valid_before:
-                short.add(url)
+            if self.skips.counts[UNREADABLE_SHARD] > failures_before:
+                pool.dead.add(url)
+            elif self.long_samples == long_before and self.skips.samples > valid_before:
+                pool.short.add(url)
                 log.warning("train shard %s has no sample of at least %d frames (one window): left out of this "
                             "epoch's stream", url, self.window_frames)
-            else:
-                damaged.add(url)
+            elif self.long_samples == long_before:
+                pool.damaged.add(url)
 
-    def _resampled(self, shards: list[str], rng: random.Random, short: set[str], damaged: set[str]) -> Iterator[str]:
+    def _resampled(self, shards: list[str], rng: random.Random, pool: ShardPool) -> Iterator[str]:
         """This worker's shards drawn forever, minus the dead and short ones; when none of its own is left, or only
         damaged ones, any other shard still in the pool."""
         while True:
-            pool = [u for u in shards if u not in self.skips.dead_shards and u not in short]
-            if damaged.issuperset(pool):  # an empty pool too
-                pool = [u for u in self.urls if u not in self.skips.dead_shards and u not in short]
-                if damaged.issuperset(pool):
-                    raise self._no_shard_left(short, damaged)
-            yield rng.choice(pool)
+            drawn = pool.usable(shards)
+            if pool.damaged.issuperset(drawn):  # an empty list too
+                drawn = pool.usable(self.urls)
+                if pool.damaged.issuperset(drawn):
+                    raise self._no_shard_left(pool)
+            yield rng.choice(drawn)
 
-    def _no_shard_left(self, short: set[str], damaged: set[str]) -> Exception:
-        dead = self.skips.dead_shards
-        if not short and not damaged:
+    def _no_shard_left(self, pool: ShardPool) -> Exception:
+        if not pool.short and not pool.damaged:
             return NoReadableShards(f"no readable train shard left: all {len(self.urls)} failed "
-                                    f"({', '.join(sorted(dead)[:20])})")
+                                    f"({', '.join(sorted(pool.dead)[:20])})")
+        short = f"have only samples shorter than a window ({self.window_frames} frames)"
         parts = [f"{len(found)} {what} ({', '.join(sorted(found)[:20])}{' ...' if len(found) > 20 else ''})"
-                 for found, what in ((dead, "failed to read"), (damaged, "have only damaged samples"),
-                                     (short, f"have only samples shorter than a window ({self.window_frames} frames)"))
-                 if found]
+                 for found, what in ((pool.dead, "failed to read"), (pool.damaged, "have only damaged samples"),
+                                     (pool.short, short)) if found]
         message = f"no train shard can give a window: of {len(self.urls)}, {'; '.join(parts)}"
-        if damaged:
+        if pool.damaged:
             return DataIntegrityError(f"{message}. Run `vampnet-pl prep verify --deep out_dir=...` and "
                                       "`vampnet-pl prep repair ...`")
         return NoWindowShards(f"{message}; shorten data.window_seconds")
