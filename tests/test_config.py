@@ -173,3 +173,11 @@ def test_best_checkpoints_follow_checkpoint_mode():
                        (["data.dataset_dir=codes", "checkpoint.mode=max"], "val/loss is a loss .*checkpoint.mode=min")):
         with pytest.raises(UsageError, match=match):
             compose("train", bad)
+
+
+def test_the_runs_seed_seeds_the_data_stream_unless_set_apart():
+    """``data.seed`` was a fixed 0: an ablation's seeds varied the initialisation but never the data order."""
+    from vampnet_pl.config import compose
+
+    assert compose("train", ["seed=7", "data.dataset_dir=/data"]).data.seed == 7
+    assert compose("train", ["seed=7", "data.seed=3", "data.dataset_dir=/data"]).data.seed == 3
