@@ -440,7 +440,7 @@ def test_neither_launcher_starts_a_run_the_other_one_trains(tmp_path, monkeypatc
     import submitit
     import yaml
 
-    from vampnet_pl.ablation import runner
+    from vampnet_pl.ablation import run_lock, runner
     from vampnet_pl.ablation import slurm as ablation_slurm
     from vampnet_pl.ablation.spec import load_spec
 
@@ -463,7 +463,7 @@ def test_neither_launcher_starts_a_run_the_other_one_trains(tmp_path, monkeypatc
 
     monkeypatch.setattr(ablation_slurm, "executor", lambda sweep: FakeExecutor())
 
-    held = runner.lock_run(run_dir)  # a local sweep's training process
+    held = run_lock.lock_run(run_dir)  # a local sweep's training process
     (run_dir / "attempt.json").write_text(json.dumps({"pid": 4321}))
     outcomes = runner.run_sweep(load_spec(tmp_path / "spec.yaml"), launcher="slurm", wait=False, progress=False)
     assert submitted == [] and [o.status for o in outcomes] == ["running"]

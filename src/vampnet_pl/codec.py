@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 # DAC builds its layers with the deprecated torch.nn.utils.weight_norm; the warning is not ours to fix.
 warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
 
+class CodecMismatch(ValueError):
+    """Tokens, shards or a model made by another codec (or with other codebooks) than the one in use."""
+
+
 PRETRAINED_MODEL_TYPES = ("44khz", "24khz", "16khz")
 
 

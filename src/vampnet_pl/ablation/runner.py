@@ -12,8 +12,6 @@ being trained by another process, and is not started a second time in the same f
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import signal
@@ -21,11 +19,11 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.ablation import results
+from vampnet_pl.ablation.run_lock import held_elsewhere, lock_run
 from vampnet_pl.ablation.spec import Outcome, Run, SpecError, Sweep, compose_run, validate
 from vampnet_pl.config import SweepLauncher
 from vampnet_pl.utils.atomic import write_json_atomic, write_text_atomic
@@ -102,7 +100,6 @@ def run_sweep(spec, sweep_dir=None, launcher: SweepLauncher | None = None, paral
 
 # -- local ----------------------------------------------------------------------------------------
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled as Ctrl-C is: stop the training processes first
-LOCK = "train.lock"  # held by the run's training process while it runs
 
 
 class SweepStopped(Exception):
@@ -138,18 +135,6 @@ class _Children:
                     process.send_signal(signal.SIGTERM)
 
 
-def lock_run(run_dir: Path):
-    """The run's ``train.lock``, opened and locked (``flock``), or None when another process holds it. The training
-    process inherits the open file, so the lock stays held while it runs, whatever becomes of this runner."""
-    handle = open(Path(run_dir) / LOCK, "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
-
-
 # A local run is never a SLURM job of its own, even when the sweep runs inside an allocation (an interactive
 # ``salloc``, an ``sbatch`` job); requeueing that would requeue the whole sweep's job from inside one of its runs.
 LOCAL_OVERRIDES = ("slurm.requeue=off",)
@@ -171,27 +156,6 @@ def child_environment(threads: int) -> dict[str, str]:
     for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
         env.pop(name, None)  # a launcher's variables of this process are not the run's
     return env
-
-
-def held_elsewhere(run: Run) -> str:
-    """An Outcome's detail for a run whose ``train.lock`` another process holds."""
-    try:
-        pid = json.loads((run.run_dir / "attempt.json").read_text())["pid"]
-    except (OSError, ValueError, KeyError):
-        pid = "?"
-    return (f"being trained by another process (pid {pid}, holding {LOCK}); not started again: stop it, or wait "
-            "and re-run")
-
-
-def trained_locally(run: Run) -> str | None:
-    """:func:`held_elsewhere`'s detail while a local training process holds the run's lock, else None."""
-    if not (Path(run.run_dir) / LOCK).exists():
-        return None
-    lock = lock_run(run.run_dir)
-    if lock is None:
-        return held_elsewhere(run)
-    lock.close()
-    return None
 
 
 def run_local_one(run: Run, cfg: DictConfig, threads: int, children: _Children | None = None) -> Outcome:

@@ -21,6 +21,7 @@ from pathlib import Path
 import submitit
 
 from vampnet_pl.ablation import results
+from vampnet_pl.ablation.run_lock import trained_locally
 from vampnet_pl.ablation.spec import Outcome, Run, Sweep, compose_run
 from vampnet_pl.utils.atomic import write_json_atomic
 
@@ -123,8 +124,6 @@ def still_active(run: Run, job: submitit.Job) -> str:
 
 def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool = True) -> list[Outcome]:
     from tqdm.auto import tqdm
-
-    from vampnet_pl.ablation.runner import trained_locally
 
     if not runs:
         return []

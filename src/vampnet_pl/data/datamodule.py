@@ -40,6 +40,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vampnet_pl.codec import CodecMismatch
 from vampnet_pl.data.validation import (REASONS, UNDECODABLE, UNREADABLE_SHARD, SampleInvalid, decode_npy,
                                         validate_codes)
 from vampnet_pl.data.windows import (collate_windows, fixed_window_starts, random_window_starts, window_frames,
@@ -47,10 +48,6 @@ from vampnet_pl.data.windows import (collate_windows, fixed_window_starts, rando
 from vampnet_pl.data.index import load_index
 
 log = logging.getLogger(__name__)
-
-
-class CodecMismatch(ValueError):
-    """Shards made by another codec, or with other codebooks, than the model expects."""
 
 
 def expand_urls(urls: str | Iterable[str] | None) -> list[str]:

@@ -14,13 +14,9 @@ from typing import Sequence
 
 import torch
 
-from vampnet_pl.codec import Codec
+from vampnet_pl.codec import Codec, CodecMismatch
 from vampnet_pl.model import VampNet
 from vampnet_pl.generation.sampling import SamplingConfig, example_generators, sample
-
-
-class CodecMismatch(ValueError):
-    """A model trained on tokens of another codec than the one given."""
 
 
 def sample_windowed(model: VampNet, codes: torch.Tensor, mask: torch.Tensor, cfg: SamplingConfig, window: int,
