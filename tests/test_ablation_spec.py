@@ -112,6 +112,15 @@ def test_a_finished_run_with_other_overrides_is_refused(tmp_path):
         runner.prepare(load_spec(write_spec(tmp_path)), progress=False)
 
 
+def test_a_local_sweep_needs_no_submitit(tmp_path, monkeypatch):
+    """submitit is the `slurm` extra: only a run with a SLURM job record makes the runner import it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    sweep, earlier = runner.prepare(load_spec(write_spec(tmp_path)), progress=False)
+    assert earlier == {} and sweep.runs
+
+
 def test_a_started_run_is_not_resumed_under_other_overrides(tmp_path, monkeypatch):
     """A run killed mid-way resumes from its checkpoint at the next `ablate run`: under a changed spec it would go on
     with other settings than its first steps had (and record only the new ones), so that is refused too."""

@@ -414,7 +414,7 @@ def test_a_changed_spec_is_refused_while_a_job_of_the_old_one_is_queued(tmp_path
 
     from vampnet_pl.ablation import runner
     from vampnet_pl.ablation.results import write_run_record
-    from vampnet_pl.ablation.slurm import record_job
+    from vampnet_pl.ablation.ownership import record_job
     from vampnet_pl.ablation.spec import Run, SpecError, Sweep
     from vampnet_pl.config import AblationConfig
 
@@ -440,7 +440,7 @@ def test_neither_launcher_starts_a_run_the_other_one_trains(tmp_path, monkeypatc
     import submitit
     import yaml
 
-    from vampnet_pl.ablation import run_lock, runner
+    from vampnet_pl.ablation import ownership, runner
     from vampnet_pl.ablation import slurm as ablation_slurm
     from vampnet_pl.ablation.spec import load_spec
 
@@ -463,7 +463,7 @@ def test_neither_launcher_starts_a_run_the_other_one_trains(tmp_path, monkeypatc
 
     monkeypatch.setattr(ablation_slurm, "executor", lambda sweep: FakeExecutor())
 
-    held = run_lock.lock_run(run_dir)  # a local sweep's training process
+    held = ownership.lock_run(run_dir)  # a local sweep's training process
     (run_dir / "attempt.json").write_text(json.dumps({"pid": 4321}))
     outcomes = runner.run_sweep(load_spec(tmp_path / "spec.yaml"), launcher="slurm", wait=False, progress=False)
     assert submitted == [] and [o.status for o in outcomes] == ["running"]
@@ -477,6 +477,10 @@ def test_neither_launcher_starts_a_run_the_other_one_trains(tmp_path, monkeypatc
     outcomes = runner.run_sweep(load_spec(tmp_path / "spec.yaml"), launcher="local", progress=False)
     assert started == [] and [(o.status, o.detail) for o in outcomes] == [
         ("running", "job 7301 of an earlier `ablate run` is RUNNING; not started again")]
+    assert len(Path(f"{states}.calls").read_text().splitlines()) == 1  # one sacct call for the whole `ablate run`
+    submitit.SlurmJob.watcher.clear()
+    runner.run_sweep(load_spec(tmp_path / "spec.yaml"), launcher="slurm", wait=False, progress=False)
+    assert len(Path(f"{states}.calls").read_text().splitlines()) == 2 and submitted == ["schedule-cosine_seed-0"]
     submitit.SlurmJob.watcher.clear()
     states.write_text(json.dumps({"7301": "FAILED"}))
     runner.run_sweep(load_spec(tmp_path / "spec.yaml"), launcher="local", progress=False)

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.ablation import results
-from vampnet_pl.ablation.run_lock import held_elsewhere, lock_run
+from vampnet_pl.ablation.ownership import earlier_jobs, held_elsewhere, lock_run, still_active
 from vampnet_pl.ablation.spec import Outcome, Run, SpecError, Sweep, compose_run, validate
 from vampnet_pl.config import SweepLauncher
 from vampnet_pl.utils.atomic import write_json_atomic, write_text_atomic
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"  # every run of the sweep, so the report can list the ones missing
 
 
-def write_sweep_record(sweep: Sweep, configs: dict[str, DictConfig]) -> None:
+def write_sweep_record(sweep: Sweep) -> None:
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(sweep.sweep_dir / "spec.yaml", OmegaConf.to_yaml(OmegaConf.structured(sweep.spec)))
     write_json_atomic(sweep.sweep_dir / SWEEP_FILE, {
@@ -44,14 +44,13 @@ def finished(run: Run) -> bool:
     return results.results_path(run.run_dir).is_file()
 
 
-def check_runs_match(sweep: Sweep) -> None:
+def check_runs_match(sweep: Sweep, earlier: dict | None = None) -> None:
     """A run trained with other overrides would be silently mixed into the report (finished), resumed from its
     checkpoint under the new ones (started), or trained and recorded with the old ones (a SLURM job still queued):
-    refuse."""
-    from vampnet_pl.ablation.slurm import earlier_jobs
-
+    refuse. ``earlier``: the runs' jobs of an earlier ``ablate run`` still in SLURM (looked up when not given)."""
     recorded = {run: results.trained_overrides(run.run_dir) for run in sweep.runs}
-    for run in earlier_jobs([run for run, overrides in recorded.items() if overrides is None]):
+    waiting = [run for run, overrides in recorded.items() if overrides is None]
+    for run in earlier_jobs(waiting) if earlier is None else [run for run in earlier if run in waiting]:
         recorded[run] = results.started_overrides(run.run_dir)  # its job trains the run as it was submitted
     stale = [run.run_id for run, overrides in recorded.items()
              if overrides is not None and overrides != list(run.overrides)]
@@ -62,38 +61,39 @@ def check_runs_match(sweep: Sweep) -> None:
                         "jobs) to retrain them")
 
 
-def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict[str, DictConfig]]:
+def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict]:
+    """The expanded, validated sweep (recorded in its folder), and its unfinished runs' SLURM jobs of an earlier
+    ``ablate run`` that are not done (one sacct call)."""
     from vampnet_pl.ablation.spec import expand
 
     sweep = expand(spec, sweep_dir)
-    configs = validate(sweep, progress)
-    check_runs_match(sweep)
-    write_sweep_record(sweep, configs)
-    return sweep, configs
+    validate(sweep, progress)
+    earlier = earlier_jobs([run for run in sweep.runs if not finished(run)])
+    check_runs_match(sweep, earlier)
+    write_sweep_record(sweep)
+    return sweep, earlier
 
 
 def run_sweep(spec, sweep_dir=None, launcher: SweepLauncher | None = None, parallel: int | None = None,
               wait: bool = True, progress: bool = True) -> list[Outcome]:
     """Validate the whole spec, then run every unfinished run; returns one outcome per run."""
-    sweep, _ = prepare(spec, sweep_dir, progress)
+    sweep, earlier = prepare(spec, sweep_dir, progress)
     todo = [r for r in sweep.runs if not finished(r)]
     outcomes = [Outcome(r, "skipped", "finished before") for r in sweep.runs if finished(r)]
     for outcome in outcomes:
         log.info("skip %s: finished (%s)", outcome.run.run_id, results.RESULTS)
     launcher = SweepLauncher(launcher or sweep.spec.launcher)
     if launcher == SweepLauncher.local:
-        from vampnet_pl.ablation.slurm import earlier_jobs, still_active
-
-        jobs = earlier_jobs(todo)  # a SLURM job of an earlier `ablate run` trains these runs
-        outcomes += [Outcome(r, "running", still_active(r, job)) for r, job in jobs.items()]
-        todo = [r for r in todo if r not in jobs]
+        # a SLURM job of an earlier `ablate run` trains these runs
+        outcomes += [Outcome(r, "running", still_active(r, job)) for r, job in earlier.items()]
+        todo = [r for r in todo if r not in earlier]
         # results.json records the config each run's command trains with
         configs = {r.run_id: compose_run(r, LOCAL_OVERRIDES) for r in todo}
         outcomes += run_local(todo, configs, parallel or sweep.spec.parallel, progress)
     else:
         from vampnet_pl.ablation.slurm import run_slurm
 
-        outcomes += run_slurm(sweep, todo, wait, progress)
+        outcomes += run_slurm(sweep, todo, wait, progress, earlier)
     order = {r.run_id: i for i, r in enumerate(sweep.runs)}
     return sorted(outcomes, key=lambda o: order[o.run.run_id])
 

@@ -12,21 +12,17 @@ in the same folder. It waits for that job instead (or, with ``--no-wait``, repor
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import submitit
 
 from vampnet_pl.ablation import results
-from vampnet_pl.ablation.run_lock import trained_locally
+from vampnet_pl.ablation.ownership import earlier_jobs, record_job, still_active, trained_locally
 from vampnet_pl.ablation.spec import Outcome, Run, Sweep, compose_run
-from vampnet_pl.utils.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
-JOB_RECORD = "slurm_job.json"  # the run's latest SLURM job, so that a re-run does not submit it a second time
 
 
 class TrainRun(submitit.helpers.Checkpointable):
@@ -91,44 +87,17 @@ def job_outcome(run: Run, job: submitit.Job) -> Outcome:
     return Outcome(run, "failed", error)
 
 
-def record_job(run: Run, job: submitit.Job) -> None:
-    write_json_atomic(Path(run.run_dir) / JOB_RECORD, {"job_id": job.job_id, "folder": str(job.paths.folder),
-                                                       "tasks": job.num_tasks})
-
-
-def earlier_jobs(runs: list[Run]) -> dict[Run, submitit.SlurmJob]:
-    """The runs' jobs from an earlier ``ablate run`` that are not done: queued, running, requeued, or of a state SLURM
-    cannot tell (``UNKNOWN``: sacct failed, or no longer knows the job), as submitit's own wait counts them. One sacct
-    call for all of them."""
-    jobs = {}
-    for run in runs:
-        try:
-            record = json.loads((Path(run.run_dir) / JOB_RECORD).read_text())
-        except FileNotFoundError:
-            continue
-        jobs[run] = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"],
-                                      tasks=tuple(range(record["tasks"])))
-    if jobs:
-        submitit.SlurmJob.watcher.update()  # the jobs registered with it as they were made
-    return {run: job for run, job in jobs.items() if not job.done()}
-
-
-def still_active(run: Run, job: submitit.Job) -> str:
-    """An Outcome's detail for a run whose earlier job is not done."""
-    state = job.state
-    detail = f"job {job.job_id} of an earlier `ablate run` is {state}; not started again"
-    if state == "UNKNOWN":
-        detail += f" (if that job is gone, delete {Path(run.run_dir) / JOB_RECORD} to run it again)"
-    return detail
-
-
-def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool = True) -> list[Outcome]:
+def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool = True,
+              earlier: dict[Run, submitit.SlurmJob] | None = None) -> list[Outcome]:
+    """Submit the runs no one trains yet; ``earlier``: their jobs from an earlier ``ablate run`` still in SLURM
+    (:func:`~vampnet_pl.ablation.ownership.earlier_jobs`, looked up here when not given)."""
     from tqdm.auto import tqdm
 
     if not runs:
         return []
     local = {run: detail for run in runs if (detail := trained_locally(run))}  # a local sweep trains these
-    earlier = earlier_jobs([run for run in runs if run not in local])
+    earlier = earlier_jobs(runs) if earlier is None else earlier
+    earlier = {run: job for run, job in earlier.items() if run in runs and run not in local}
     for run, job in earlier.items():
         log.info("%s: %s", run.run_id, still_active(run, job))
     new = [run for run in runs if run not in earlier and run not in local]
