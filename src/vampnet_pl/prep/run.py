@@ -72,6 +72,8 @@ def encode_local(cfg: PrepConfig, task_index: int = 0, num_tasks: int = 1) -> No
     if workers == 1:
         run_encode_task(cfg, task_index, num_tasks)
         return
+    units = units_for_task(manifest_units(cfg), task_index, num_tasks)  # refuses other split settings than the scan's
+    check_out_dir(cfg)  # other settings or another codec: refused here, once, before a worker process writes a shard
     cfg_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
@@ -79,13 +81,11 @@ def encode_local(cfg: PrepConfig, task_index: int = 0, num_tasks: int = 1) -> No
         _encode_static(cfg_yaml, cfg, task_index, num_tasks, workers, threads, context)
         return
     out_dir = Path(cfg.out_dir)
-    units = units_for_task(manifest_units(cfg), task_index, num_tasks)
     todo = sorted((u for u in units if not unit_is_done(out_dir, u, cfg)), key=unit_cost, reverse=True)
     log.info("task %d/%d: %d units, %d already done, %d processes on one queue", task_index, num_tasks, len(units),
              len(units) - len(todo), workers)
     if not todo:
         return
-    check_out_dir(cfg)  # before the pool writes a shard
     workers = min(workers, len(todo))
     devices = context.Queue()
     for w in range(workers):
