@@ -17,8 +17,7 @@ from vampnet_pl.codec import Codec
 from vampnet_pl.config import SPLITS, PrepConfig
 from vampnet_pl.data.index import INDEX_VERSION, index_path, load_index
 from vampnet_pl.data.validation import SampleInvalid, decode_npy, validate_codes
-from vampnet_pl.prep.encode import (Unit, changed_encoding, check_encoding, manifest_units, unit_is_done,
-                                    unit_marker_path)
+from vampnet_pl.prep.encode import Unit, check_encoding, manifest_units, unit_is_done, unit_marker_path
 from vampnet_pl.prep.manifest import file_sha256, load_manifest, read_jsonl, scan_failures_path, write_jsonl
 from vampnet_pl.utils.atomic import write_json_atomic
 
@@ -63,14 +62,11 @@ def finalize(cfg: PrepConfig, codec: Codec) -> dict:
     of units no longer planned aside (:func:`set_aside_orphans`)."""
     out_dir = Path(cfg.out_dir)
     units = manifest_units(cfg)
+    check_encoding(out_dir, cfg, codec.fingerprint)
     missing = [u.name for u in units if not unit_is_done(out_dir, u, cfg)]
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(units)} units are not done yet (first: {missing[:5]}); run encode")
     markers = [json.loads(unit_marker_path(out_dir, u).read_text()) for u in units]
-    for unit, marker in zip(units, markers):
-        if marker.get("codec_fingerprint", codec.fingerprint) != codec.fingerprint:
-            raise changed_encoding(out_dir, unit.name, {"codec": marker["codec_fingerprint"][:16]},
-                                   {"codec": codec.fingerprint[:16]})
     failures = read_jsonl(scan_failures_path(out_dir)) + [f for m in markers for f in m["failures"]]
     write_jsonl(out_dir / "failures.jsonl", failures)
     splits = {}
