@@ -138,3 +138,16 @@ def test_files_that_are_no_codec_are_clear_errors(tmp_path, codec_path):
     torch.save(payload, tmp_path / "mismatch.pth")
     with pytest.raises(ValueError, match="mismatch.pth is not a DAC codec checkpoint: Error.*size mismatch"):
         Codec.load(str(tmp_path / "mismatch.pth"), device="cpu")
+
+
+def test_an_odd_sample_rate_is_resampled_without_the_exact_filter(codec, monkeypatch):
+    """torchaudio's exact filter from 44101 Hz is a 44100 x 44101 table (tens of GB): every caller of the codec
+    (prep, vamp, eval) takes FFmpeg's resampler for such a rate, batched waves too."""
+    monkeypatch.setattr(type(codec), "_resampler", lambda self, rate: pytest.fail(f"exact filter built for {rate} Hz"))
+    t = np.arange(44101) / 44101
+    waves = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 880 * t)]).astype(np.float32)
+    out = codec.resample(waves[:, ::1], 44101)
+    assert out.shape[0] == 2 and abs(out.shape[-1] - codec.sample_rate) <= 2
+    spectrum = torch.fft.rfft(out[0, 1000:-1000]).abs()
+    assert spectrum.argmax() * codec.sample_rate / (out.shape[-1] - 2000) == pytest.approx(440, abs=2)
+    assert abs(codec.encode(waves[0], 44101).shape[-1] - codec.frames_for(1.0)) <= 1  # padded to whole frames

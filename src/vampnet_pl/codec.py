@@ -34,6 +34,18 @@ class CodecMismatch(ValueError):
     """Tokens, shards or a model made by another codec (or with other codebooks) than the one in use."""
 
 
+# Entries of torchaudio's exact resampling filter beyond which a wave is resampled by FFmpeg instead: the filter
+# is (target rate / gcd) x (source rate / gcd), built in float64 several times over (~32 bytes an entry), so an
+# odd rate (44101 Hz) would take tens of GB. Every standard rate (8 to 384 kHz) to every DAC rate is far below
+# (the most: 0.3 M entries) and keeps torchaudio's filter; legacy ones such as 44056 or 11127 Hz go to FFmpeg.
+MAX_SINC_FILTER_ENTRIES = 1 << 24
+
+
+def sinc_filter_entries(sample_rate: int, target_rate: int) -> int:
+    divisor = math.gcd(sample_rate, target_rate)
+    return (sample_rate // divisor) * (target_rate // divisor)
+
+
 PRETRAINED_MODEL_TYPES = ("44khz", "24khz", "16khz")
 
 
@@ -240,7 +252,17 @@ class Codec:
             cache[orig_rate] = torchaudio.transforms.Resample(orig_rate, self.sample_rate).to(self.device)
         return cache[orig_rate]
 
-    def resample(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    def resample(self, waveform: torch.Tensor | np.ndarray, sample_rate: int) -> torch.Tensor:
+        """Waves ``[..., samples]`` at the codec's rate, on its device: torchaudio's exact filter, or FFmpeg's
+        resampler for an odd rate whose exact filter would not fit in memory (``MAX_SINC_FILTER_ENTRIES``)."""
+        if isinstance(waveform, np.ndarray):
+            waveform = np.ascontiguousarray(waveform)
+        if sinc_filter_entries(int(sample_rate), self.sample_rate) > MAX_SINC_FILTER_ENTRIES:
+            from vampnet_pl.audio_io import resample
+
+            rows = np.asarray(torch.as_tensor(waveform, dtype=torch.float32).cpu())
+            out = np.stack([resample(row, int(sample_rate), self.sample_rate) for row in rows.reshape(-1, rows.shape[-1])])
+            return torch.from_numpy(out.reshape(*rows.shape[:-1], -1)).to(self.device)
         waveform = torch.as_tensor(waveform, dtype=torch.float32).to(self.device)
         if sample_rate == self.sample_rate:
             return waveform

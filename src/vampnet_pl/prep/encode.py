@@ -23,7 +23,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from vampnet_pl.audio_io import AudioReadError, iter_blocks, probe, resample
+from vampnet_pl.audio_io import AudioReadError, iter_blocks, probe
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import ChannelMode, PrepConfig
 from vampnet_pl.data.validation import CHECKSUM_FIELD, codes_checksum, validate_codes
@@ -198,25 +198,6 @@ def loudness_per_second(wave: torch.Tensor, sample_rate: int) -> list[float]:
     return track
 
 
-# Entries of torchaudio's exact resampling filter beyond which a wave is resampled by FFmpeg instead: the filter
-# is (target rate / gcd) x (source rate / gcd), built in float64 several times over (~32 bytes an entry), so an
-# odd rate (44101 Hz) would take tens of GB. Every standard rate (8 to 384 kHz) to every DAC rate is far below
-# (the most: 0.3 M entries) and keeps torchaudio's filter; legacy ones such as 44056 or 11127 Hz go to FFmpeg.
-MAX_SINC_FILTER_ENTRIES = 1 << 24
-
-
-def sinc_filter_entries(sample_rate: int, target_rate: int) -> int:
-    divisor = math.gcd(sample_rate, target_rate)
-    return (sample_rate // divisor) * (target_rate // divisor)
-
-
-def to_codec_rate(wave: np.ndarray, sample_rate: int, codec: Codec) -> torch.Tensor:
-    """A mono wave resampled to the codec's rate, on its device, in bounded memory whatever ``sample_rate`` is."""
-    if sinc_filter_entries(sample_rate, codec.sample_rate) > MAX_SINC_FILTER_ENTRIES:
-        return torch.from_numpy(resample(wave, sample_rate, codec.sample_rate)).to(codec.device)
-    return codec.resample(torch.from_numpy(np.ascontiguousarray(wave)), sample_rate)
-
-
 @dataclass
 class EncodedSample:
     key: str
@@ -273,7 +254,7 @@ def encode_file(entry: ManifestEntry, catalog: Path, cfg: PrepConfig, codec: Cod
                 silent_segments += 1
                 continue
             t0 = time.perf_counter()
-            resampled = to_codec_rate(wave, info.sample_rate, codec)
+            resampled = codec.resample(wave, info.sample_rate)
             if cfg.loudness_lufs is not None:
                 resampled = _normalize_loudness(resampled, codec.sample_rate, cfg.loudness_lufs)
             t1 = time.perf_counter()
