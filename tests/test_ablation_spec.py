@@ -112,6 +112,21 @@ def test_a_finished_run_with_other_overrides_is_refused(tmp_path):
         runner.prepare(load_spec(write_spec(tmp_path)), progress=False)
 
 
+def test_a_moved_sweep_folder_keeps_its_finished_runs(tmp_path):
+    """Every run's overrides hold its absolute ``run_dir``: a sweep folder copied from the cluster had every
+    finished run refused as trained with other overrides."""
+    import json
+    import shutil
+
+    sweep, _ = runner.prepare(load_spec(write_spec(tmp_path, sweep_dir=str(tmp_path / "here"))), progress=False)
+    for run in sweep.runs:
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "results.json").write_text(json.dumps({"overrides": list(run.overrides)}))
+    shutil.move(tmp_path / "here", tmp_path / "there")
+    moved, _ = runner.prepare(load_spec(write_spec(tmp_path, sweep_dir=str(tmp_path / "there"))), progress=False)
+    assert all(runner.finished(run) for run in moved.runs)
+
+
 def test_a_local_sweep_needs_no_submitit(tmp_path, monkeypatch):
     """submitit is the `slurm` extra: only a run with a SLURM job record makes the runner import it."""
     import sys
@@ -137,7 +152,9 @@ def test_a_started_run_is_not_resumed_under_other_overrides(tmp_path, monkeypatc
     torch.save({"global_step": 4}, cosine.run_dir / "checkpoints" / "last.ckpt")  # linear left no checkpoint
     changed = load_spec(write_spec(tmp_path, base=[*BASE, "optim.lr=0.1"], seeds=[0]))
     with pytest.raises(SpecError, match=r"1 run\(s\) were trained or submitted with other overrides than this spec "
-                                        r"gives them \(schedule-cosine_seed-0\): finished, with a checkpoint to resume"):
+                                        r"gives them \(schedule-cosine_seed-0; schedule-cosine_seed-0: "
+                                        r"\['optim.lr=0.001'\] then, \['optim.lr=0.1'\] now\): finished, with a "
+                                        r"checkpoint to resume"):
         runner.run_sweep(changed, progress=False)
     started.clear()
     runner.run_sweep(spec, progress=False)  # the spec it started under resumes it

@@ -52,13 +52,27 @@ def check_runs_match(sweep: Sweep, earlier: dict | None = None) -> None:
     waiting = [run for run, overrides in recorded.items() if overrides is None]
     for run in earlier_jobs(waiting) if earlier is None else [run for run in earlier if run in waiting]:
         recorded[run] = results.started_overrides(run.run_dir)  # its job trains the run as it was submitted
-    stale = [run.run_id for run, overrides in recorded.items()
-             if overrides is not None and overrides != list(run.overrides)]
+    stale = {run: override_changes(overrides, run.overrides) for run, overrides in recorded.items()
+             if overrides is not None and override_changes(overrides, run.overrides)}
     if stale:
+        first, (was, now) = next(iter(stale.items()))
         raise SpecError(f"{len(stale)} run(s) were trained or submitted with other overrides than this spec gives "
-                        f"them ({', '.join(stale[:5])}): finished, with a checkpoint to resume, or with a SLURM job "
-                        "still queued or running; use a new sweep_dir, or delete their folders (and cancel their "
-                        "jobs) to retrain them")
+                        f"them ({', '.join(run.run_id for run in list(stale)[:5])}; {first.run_id}: {was or '-'} "
+                        f"then, {now or '-'} now): finished, with a checkpoint to resume, or with a SLURM job still "
+                        "queued or running; use a new sweep_dir, or delete their folders (and cancel their jobs) to "
+                        "retrain them")
+
+
+def override_changes(recorded: list[str], wanted) -> tuple[list[str], list[str]] | None:
+    """(overrides only the record has, overrides only the spec gives), None when they agree. ``run_dir`` is left
+    out: a sweep folder moved or copied (from the cluster, say) still holds the same runs."""
+    def keyed(overrides) -> list[str]:
+        return [o for o in overrides if not o.startswith("run_dir=")]
+
+    was, now = keyed(recorded), keyed(wanted)
+    if was == now:
+        return None
+    return [o for o in was if o not in now], [o for o in now if o not in was]
 
 
 def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict]:
