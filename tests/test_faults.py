@@ -302,10 +302,10 @@ def test_the_validation_skip_rate_is_judged_on_the_whole_set_once_read(tmp_path)
     for i in range(3):
         flip_codes_bytes(shards[1], i)
     urls = [str(s) for s in shards]
-    windows, skips = read_fixed_windows(urls, 20, 4, FINGERPRINT, 1, 1000, SkipCounter(0.05, 20, "validation data"))
+    windows, skips = read_fixed_windows(urls, 20, 4, FINGERPRINT, 1, 1000, SkipCounter(0.05, "validation data"))
     assert len(windows) == 80 and skips.counts["checksum_mismatch"] == 3
     with pytest.raises(DataIntegrityError, match="validation data: 3 of 83 samples"):
-        read_fixed_windows(urls, 20, 4, FINGERPRINT, 1, 1000, SkipCounter(0.03, 20, "validation data"))
+        read_fixed_windows(urls, 20, 4, FINGERPRINT, 1, 1000, SkipCounter(0.03, "validation data"))
 
 
 def test_a_damaged_validation_shard_is_skipped_or_stops_the_run_by_the_threshold(prepared, tmp_path):

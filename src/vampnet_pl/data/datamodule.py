@@ -90,8 +90,8 @@ class SkipCounter:
     that failed to open or read as a whole (missing, unreadable, truncated).
     """
 
-    def __init__(self, max_rate: float = 1.0, min_samples: int = 0, what: str = "data") -> None:
-        self.max_rate, self.min_samples, self.what = max_rate, min_samples, what
+    def __init__(self, max_rate: float = 1.0, what: str = "data") -> None:
+        self.max_rate, self.what = max_rate, what
         self.counts: Counter[str] = Counter()
         self.samples = 0  # samples that passed every check
         self.damaged: Counter[str] = Counter()  # skips per shard
@@ -121,10 +121,10 @@ class SkipCounter:
         return {"samples": self.samples, "counts": {r: self.counts[r] for r in REASONS},
                 "damaged_shards": sorted(self.damaged)}
 
-    def check_rate(self, min_samples: int | None = None) -> None:
-        """Raise :class:`DataIntegrityError` once at least ``min_samples`` were read and too many were skipped."""
-        check_skip_rate(self.report(), self.max_rate, self.min_samples if min_samples is None else min_samples,
-                        self.what)
+    def check_rate(self) -> None:
+        """Raise :class:`DataIntegrityError` when too many of all the samples read were skipped (a whole read's
+        count: training judges its partial counts, summed over ranks, in ``DataHealth``)."""
+        check_skip_rate(self.report(), self.max_rate, 0, self.what)
 
 
 def check_skip_rate(report: dict, max_rate: float, min_samples: int, what: str) -> None:
@@ -379,11 +379,11 @@ def read_fixed_windows(
         for start in fixed_window_starts(codes.shape[1], window_frames, per_sample):
             windows.append(np.ascontiguousarray(codes[:, start : start + window_frames]))
             if len(windows) >= max_windows:
-                skips.check_rate(min_samples=0)
+                skips.check_rate()
                 return windows, skips
     if urls and set(urls) <= skips.dead_shards:
         raise NoReadableShards(f"no readable shard among {len(urls)}: {', '.join(urls[:20])}")
-    skips.check_rate(min_samples=0)
+    skips.check_rate()
     return windows, skips
 
 
@@ -461,7 +461,7 @@ class CodesDataModule(L.LightningDataModule):
         self.val_skips = self._skip_counter("validation data")
 
     def _skip_counter(self, what: str) -> SkipCounter:
-        return SkipCounter(self.hparams.max_skip_rate, self.hparams.skip_rate_min_samples, what)
+        return SkipCounter(self.hparams.max_skip_rate, what)
 
     def _read_index(self, dataset_dir: Path) -> None:
         index = self.index = load_index(dataset_dir)
