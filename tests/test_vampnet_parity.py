@@ -197,7 +197,7 @@ def test_a_folder_given_for_the_lora_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "latest").mkdir()  # the original's run folder (runs/NAME/coarse/latest/lora.pth)
     assert cli_main(["import-vampnet", "--codec", str(FIXTURE / "codec.pth"), "--coarse", str(FIXTURE / "coarse.pth"),
                      "--coarse-lora", str(tmp_path / "latest"), "--out-dir", str(tmp_path / "out")]) == 2
-    assert "latest: no such file (a folder: give the lora.pth in it)" in capsys.readouterr().err
+    assert "latest is a folder: give the lora.pth in it" in capsys.readouterr().err
 
 
 def test_the_original_codec_is_not_overwritten_by_its_conversion(tmp_path, capsys):

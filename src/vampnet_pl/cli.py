@@ -140,28 +140,34 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_vamp(args: argparse.Namespace) -> int:
-    from vampnet_pl.audio_io import AudioReadError
+def generation_config(args: argparse.Namespace):
+    """``vamp``'s sampling settings from its flags (both stages share the original app's settings)."""
     from vampnet_pl.generation.pipeline import GenerationConfig
     from vampnet_pl.generation.sampling import SamplingConfig
+
+    shared = dict(temperature=args.temperature, sample_cutoff=args.sample_cutoff, seed=args.seed,
+                  cuda_graphs=args.cuda_graphs)  # both stages, as the original's app
+    coarse_mask_temperature = 10.5 if args.mask_temperature is None else args.mask_temperature
+    c2f_mask_temperature = 1.0 if args.mask_temperature is None else args.mask_temperature
+    return GenerationConfig(coarse=SamplingConfig(passes=args.coarse_passes, top_k=args.top_k, top_p=args.top_p,
+                                                  typical_p=args.typical_p, typical_min_tokens=args.typical_min_tokens,
+                                                  mask_temperature=coarse_mask_temperature, **shared),
+                            c2f=SamplingConfig(passes=args.c2f_passes, mask_temperature=c2f_mask_temperature, **shared),
+                            window_seconds=args.window_seconds, c2f_chunk_seconds=args.c2f_chunk_seconds)
+
+
+def _cmd_vamp(args: argparse.Namespace) -> int:
+    from vampnet_pl.audio_io import AudioReadError
     from vampnet_pl.generation.vamp import load_pipeline, vamp_file
 
     for flag, value, lowest in (("--variations", args.variations, 1), ("--loop", args.loop, 0),
                                 ("--coarse-passes", args.coarse_passes, 1), ("--c2f-passes", args.c2f_passes, 1)):
         if value < lowest:
             raise UsageError(f"{flag} must be at least {lowest}, got {value}")
-    for flag, value in (("--window-seconds", args.window_seconds), ("--c2f-chunk-seconds", args.c2f_chunk_seconds)):
-        if not value > 0:
-            raise UsageError(f"{flag} must be above 0, got {value}")
-    shared = dict(temperature=args.temperature, sample_cutoff=args.sample_cutoff, seed=args.seed,
-                  cuda_graphs=args.cuda_graphs)  # both stages, as the original's app
-    coarse_mask_temperature = 10.5 if args.mask_temperature is None else args.mask_temperature
-    c2f_mask_temperature = 1.0 if args.mask_temperature is None else args.mask_temperature
-    cfg = GenerationConfig(coarse=SamplingConfig(passes=args.coarse_passes, top_k=args.top_k, top_p=args.top_p,
-                                                 typical_p=args.typical_p, typical_min_tokens=args.typical_min_tokens,
-                                                 mask_temperature=coarse_mask_temperature, **shared),
-                           c2f=SamplingConfig(passes=args.c2f_passes, mask_temperature=c2f_mask_temperature, **shared),
-                           window_seconds=args.window_seconds, c2f_chunk_seconds=args.c2f_chunk_seconds)
+    try:
+        cfg = generation_config(args)
+    except ValueError as err:  # a setting out of range (the configs' own checks)
+        raise UsageError(f"vamp: {err}") from None
     pipeline = load_pipeline(args.coarse, args.c2f, args.codec, args.device, cfg)
     try:
         written = vamp_file(pipeline, args.input, args.out_dir, args.prompt, args.variations, args.loop, args.seed,

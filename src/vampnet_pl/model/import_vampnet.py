@@ -75,7 +75,7 @@ def read_lora(path: str | Path) -> dict:
     """A LoRA fine-tune saved by the original (``loralib.lora_state_dict``): only ``lora_A``/``lora_B`` tensors."""
     path = Path(path)
     if not path.is_file():  # a run's folder given for its lora.pth: torch.load would fail with IsADirectoryError
-        raise ImportError_(f"{path}: no such file" + (" (a folder: give the lora.pth in it)" if path.is_dir() else ""))
+        raise ImportError_(f"{path} is a folder: give the lora.pth in it" if path.is_dir() else f"{path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
