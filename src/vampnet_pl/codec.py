@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import pickle
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -89,12 +90,18 @@ def _load_dac(source: str):
         raise FileNotFoundError(
             f"codec checkpoint not found: {source!r} (give a DAC .pth path or one of {PRETRAINED_MODEL_TYPES})"
         )
-    from vampnet_pl.lac_codec import load_lac_if_converted
+    from vampnet_pl.lac_codec import lac_from_payload, refusal_reason
 
-    lac = load_lac_if_converted(path)  # VampNet's codec, converted by `vampnet-pl import-vampnet`
+    try:
+        payload = peek_checkpoint(path)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds objects a weights-only load refuses ({refusal_reason(err)}). If it is VampNet's "
+                         "LAC codec.pth, convert it first with `vampnet-pl import-vampnet --codec PATH --out-dir DIR "
+                         "--trust-pickle` (only for a file from a source you trust: unpickling can run code)") from None
+    lac = lac_from_payload(payload, path)  # VampNet's codec, converted by `vampnet-pl import-vampnet`
     if lac is not None:
         return lac
-    state = _dac_checkpoint_state(path)
+    state = _dac_state(payload, path)
     try:
         model = dac.DAC.load(str(path))
     except RuntimeError as err:  # e.g. weights of other shapes than the metadata's architecture
@@ -107,22 +114,30 @@ def _load_dac(source: str):
     return model
 
 
-def _dac_checkpoint_state(path: Path) -> dict | None:
-    """The state dict of the audiotools checkpoint (``{"state_dict", "metadata": {"kwargs"}}``) at ``path``, None
-    for a torch.package DAC (it holds the whole module); ``ValueError`` for any other file, which audiotools'
-    loader would fail on with a bare ``KeyError`` or ``RuntimeError``."""
-    not_dac = f"{path} is not a DAC codec checkpoint"
+def peek_checkpoint(path: Path):
+    """A codec file's ``torch.load(weights_only=True)`` (memory-mapped), or None for a torch.package (a packaged DAC:
+    DAC's own loader reads it). ``ValueError`` for a file that is no zip archive (truncated, or another kind);
+    ``pickle.UnpicklingError`` for metadata that needs full unpickling (an original LAC ``codec.pth``)."""
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{not_dac} (not a torch.save zip archive: a truncated file, or another kind of file)")
+        raise ValueError(f"{path} is not a codec checkpoint (not a torch.save zip archive: a truncated file, or "
+                         "another kind of file)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a torch.package DAC: not a plain zip checkpoint
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a torch.package: not a plain zip checkpoint
+        return None
+
+
+def _dac_state(payload, path: Path) -> dict | None:
+    """The state dict of an audiotools DAC checkpoint (``{"state_dict", "metadata": {"kwargs"}}``), None for a
+    torch.package DAC (it holds the whole module); ``ValueError`` for any other payload, which audiotools' loader
+    would fail on with a bare ``KeyError`` or ``RuntimeError``."""
+    if payload is None:
         return None
     state = payload.get("state_dict") if isinstance(payload, dict) else None
     if not isinstance(state, dict) or "kwargs" not in (payload.get("metadata") or {}):
         found = sorted(map(str, payload))[:6] if isinstance(payload, dict) else f"a {type(payload).__name__}"
-        raise ValueError(f"{not_dac} (expected audiotools' 'state_dict' and 'metadata.kwargs', found {found}; "
-                         "an exported model or a training checkpoint is not a codec)")
+        raise ValueError(f"{path} is not a DAC codec checkpoint (expected audiotools' 'state_dict' and "
+                         f"'metadata.kwargs', found {found}; an exported model or a training checkpoint is not a codec)")
     return state
 
 

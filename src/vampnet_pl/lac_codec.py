@@ -169,21 +169,10 @@ def refusal_reason(err: pickle.UnpicklingError) -> str:
     return next((line for line in lines if "Unsupported" in line), lines[0]).strip()
 
 
-def load_lac_if_converted(path: str | Path) -> LAC | None:
-    """The LAC in ``path`` if it is a converted LAC file, else None (e.g. a DAC checkpoint).
-
-    A file whose metadata a weights-only load refuses (an original LAC ``codec.pth`` saved with
-    objects such as ``argparse.Namespace``) is refused with a pointer to the import and its
-    ``--trust-pickle``, not handed on to ``dac.DAC.load``, which cannot read it either.
-    """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path} holds objects a weights-only load refuses ({refusal_reason(err)}). If it is VampNet's "
-                         "LAC codec.pth, convert it first with `vampnet-pl import-vampnet --codec PATH --out-dir DIR "
-                         "--trust-pickle` (only for a file from a source you trust: unpickling can run code)") from None
-    except RuntimeError:  # not a plain zip checkpoint (a torch.package DAC, which dac.DAC.load reads): not ours
-        return None
+def lac_from_payload(payload, path: str | Path) -> LAC | None:
+    """The LAC in a codec file's weights-only ``payload`` (:func:`vampnet_pl.codec.peek_checkpoint`) if it is a
+    converted LAC file, else None (a DAC checkpoint). VampNet's LAC in its original format is refused with a pointer
+    to the import."""
     if not isinstance(payload, dict):
         return None
     if payload.get("format") != FORMAT:

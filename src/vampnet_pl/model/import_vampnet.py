@@ -242,7 +242,7 @@ def import_vampnet(out_dir: str | Path, codec: str | Path, coarse: str | Path | 
                    trust_pickle: bool = False) -> dict[str, Path]:
     """Convert the codec (LAC ``codec.pth``; a DAC checkpoint or an already converted file is used as is) and
     the models into ``out_dir``: ``codec.pth``, ``coarse.pt``, ``c2f.pt``. Returns the written paths."""
-    from vampnet_pl.codec import Codec
+    from vampnet_pl.codec import Codec, peek_checkpoint
     from vampnet_pl.model.vampnet import save_exported
 
     out_dir = Path(out_dir)
@@ -254,11 +254,9 @@ def import_vampnet(out_dir: str | Path, codec: str | Path, coarse: str | Path | 
     if not codec_path.is_file():
         raise ImportError_(f"{codec_path}: no such codec file")
     try:
-        peek = torch.load(codec_path, map_location="cpu", weights_only=True, mmap=True)
+        peek = peek_checkpoint(codec_path)  # None: a torch.package DAC, which Codec.load reads
     except pickle.UnpicklingError:  # metadata that needs unpickling: refused unless trust_pickle
         peek = {"state_dict": read_checkpoint(codec_path, trust_pickle)[1]}
-    except RuntimeError:  # not a plain zip checkpoint (a torch.package DAC): Codec.load reads it
-        peek = None
     if isinstance(peek, dict) and peek.get("format") != FORMAT and is_original_lac(peek.get("state_dict")):
         written["codec"] = convert_codec(codec_path, out_dir / "codec.pth", trust_pickle)
         codec_path = written["codec"]
