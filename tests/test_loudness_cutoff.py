@@ -35,13 +35,13 @@ def test_window_loudness_is_the_power_mean_of_the_seconds_it_touches():
     assert window_loudness([], 0, 10, 10.0) == -math.inf
 
 
-def _shard(path, with_track: bool):
+def _shard(path, with_track: bool, loud_seconds: int = 10):
     rng = np.random.default_rng(0)
     with wds.TarWriter(str(path)) as writer:
         for i in range(4):
             meta = {"codec_fingerprint": "f" * 64, "frames": 200, "source": f"s{i}"}
             if with_track:  # 10 frames per second: the first 10 seconds loud, the last 10 silent
-                meta["loudness_lufs_per_second"] = [-20.0] * 10 + [LOUDNESS_FLOOR] * 10
+                meta["loudness_lufs_per_second"] = [-20.0] * loud_seconds + [LOUDNESS_FLOOR] * (20 - loud_seconds)
             codes = rng.integers(0, 64, size=(2, 200), dtype=np.uint16)
             codes[:, :100] = 1  # loud half marked with code 1, quiet half with code 2
             codes[:, 100:] = 2
@@ -79,3 +79,16 @@ def test_a_cutoff_above_every_window_stops_with_a_clear_error(tmp_path):
     url = _shard(tmp_path / "a.tar", with_track=True)  # the loudest window is -20 LUFS
     with pytest.raises(NoLoudWindows, match=r"quieter than data.loudness_cutoff=-10.0 LUFS"):
         _windows(url, -10.0)
+
+
+def test_a_worker_whose_own_shards_are_quiet_reads_the_others(tmp_path, caplog):
+    """The cut-off was judged per worker (10,000 quiet windows in a row): a rank whose own shards were all quiet
+    stopped the whole run while the other ranks' data passed."""
+    quiet, loud = _shard(tmp_path / "quiet.tar", True, loud_seconds=0), _shard(tmp_path / "loud.tar", True)
+    stream = TrainWindowStream([quiet, loud], window_frames=20, n_codebooks=2, batch_size=4, batches_per_worker=5,
+                               fingerprint="f" * 64, shuffle_buffer=8, loudness_cutoff=-30.0, frame_rate=10.0,
+                               rank=0, world_size=2)  # rank 0 owns quiet.tar
+    with caplog.at_level(logging.WARNING):
+        codes = torch.cat([b["codes"] for b in stream])
+    assert codes.shape[0] == 20 and (codes[..., 0] == 1).all()  # loud windows, from the other rank's shard
+    assert any("quiet.tar gave no window as loud as data.loudness_cutoff=-30.0" in r.message for r in caplog.records)

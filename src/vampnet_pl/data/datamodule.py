@@ -76,10 +76,9 @@ class NoWindowShards(ValueError):
 
 
 class NoLoudWindows(ValueError):
-    """``loudness_cutoff`` drops every window a worker draws: its stream would search forever."""
+    """``loudness_cutoff`` drops every window of every train shard: the stream would search forever."""
 
 
-QUIET_WINDOWS_LIMIT = 10_000  # in a row: even if 1 window in 500 passed, 10,000 quiet ones in a row has odds of 2e-9
 
 
 class SkipCounter:
@@ -202,10 +201,11 @@ class ShardPool:
 
     dead: set[str] = field(default_factory=set)  # failed to open or read: left out
     short: set[str] = field(default_factory=set)  # its valid samples all shorter than a window: left out
+    quiet: set[str] = field(default_factory=set)  # every window drawn quieter than data.loudness_cutoff: left out
     damaged: set[str] = field(default_factory=set)  # no valid sample: drawn (its damage counts) while others are left
 
     def usable(self, urls: list[str]) -> list[str]:
-        return [u for u in urls if u not in self.dead and u not in self.short]
+        return [u for u in urls if u not in self.dead and u not in self.short and u not in self.quiet]
 
 
 class TrainWindowStream(IterableDataset):
@@ -248,7 +248,7 @@ class TrainWindowStream(IterableDataset):
         if loudness_cutoff is not None and not frame_rate:
             raise ValueError("loudness_cutoff needs the codec's frame_rate")
         self._warned_no_loudness = False
-        self.quiet_windows = self.quiet_in_a_row = 0
+        self.quiet_windows = self.loud_windows = 0  # windows the cut-off skipped and kept, by this copy
         self.codebook_size, self.expected_codebooks = codebook_size, expected_codebooks
         self.long_samples = 0  # valid samples with room for a window, read by this copy
         # Counted only: data.max_skip_rate is judged on the sum over all workers and ranks (DataHealth).
@@ -285,14 +285,11 @@ class TrainWindowStream(IterableDataset):
                 log.warning("data.loudness_cutoff=%s is not applied: the shards have no per-second loudness "
                             "(prepared before it was recorded; re-run prep to record it)", self.loudness_cutoff)
                 self._warned_no_loudness = True
+            self.loud_windows += len(starts)  # no track: every window is kept
             return starts
         kept = [s for s in starts if window_loudness(track, s, self.window_frames, self.frame_rate) >= self.loudness_cutoff]
         self.quiet_windows += len(starts) - len(kept)  # expected, not an error: counted, not logged
-        self.quiet_in_a_row = 0 if kept else self.quiet_in_a_row + len(starts)
-        if self.quiet_in_a_row >= QUIET_WINDOWS_LIMIT:
-            raise NoLoudWindows(
-                f"{self.quiet_in_a_row} windows in a row are quieter than data.loudness_cutoff={self.loudness_cutoff} "
-                f"LUFS ({self.quiet_windows} so far): lower it, or set it to null to keep every window")
+        self.loud_windows += len(kept)
         return kept
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -325,7 +322,7 @@ class TrainWindowStream(IterableDataset):
         """Raw samples of shards drawn by :meth:`_resampled`, what each whole read found noted in ``pool``.
         The pipeline is lazy: when a shard's reader ends, its last sample has been through :meth:`_windows`."""
         for url in self._resampled(shards, rng, pool):
-            valid_before, long_before = self.skips.samples, self.long_samples
+            valid_before, long_before, loud_before = self.skips.samples, self.long_samples, self.loud_windows
             failures_before = self.skips.counts[UNREADABLE_SHARD]
             yield from read_shard(url, self.skips)
             if self.skips.counts[UNREADABLE_SHARD] > failures_before:
@@ -336,9 +333,13 @@ class TrainWindowStream(IterableDataset):
                             "epoch's stream", url, self.window_frames)
             elif self.long_samples == long_before:
                 pool.damaged.add(url)
+            elif self.loudness_cutoff is not None and self.loud_windows == loud_before:
+                pool.quiet.add(url)
+                log.warning("train shard %s gave no window as loud as data.loudness_cutoff=%s LUFS: left out of this "
+                            "epoch's stream", url, self.loudness_cutoff)
 
     def _resampled(self, shards: list[str], rng: random.Random, pool: ShardPool) -> Iterator[str]:
-        """This worker's shards drawn forever, minus the dead and short ones; when none of its own is left, or only
+        """This worker's shards drawn forever, minus the dead, short and quiet ones; when none of its own is left, or only
         damaged ones, any other shard still in the pool."""
         while True:
             drawn = pool.usable(shards)
@@ -349,17 +350,21 @@ class TrainWindowStream(IterableDataset):
             yield rng.choice(drawn)
 
     def _no_shard_left(self, pool: ShardPool) -> Exception:
-        if not pool.short and not pool.damaged:
+        if not pool.short and not pool.damaged and not pool.quiet:
             return NoReadableShards(f"no readable train shard left: all {len(self.urls)} failed "
                                     f"({', '.join(sorted(pool.dead)[:20])})")
         short = f"have only samples shorter than a window ({self.window_frames} frames)"
         parts = [f"{len(found)} {what} ({', '.join(sorted(found)[:20])}{' ...' if len(found) > 20 else ''})"
                  for found, what in ((pool.dead, "failed to read"), (pool.damaged, "have only damaged samples"),
-                                     (pool.short, short)) if found]
+                                     (pool.short, short),
+                                     (pool.quiet, f"have only windows quieter than data.loudness_cutoff="
+                                                  f"{self.loudness_cutoff} LUFS")) if found]
         message = f"no train shard can give a window: of {len(self.urls)}, {'; '.join(parts)}"
         if pool.damaged:
             return DataIntegrityError(f"{message}. Run `vampnet-pl prep verify --deep out_dir=...` and "
                                       "`vampnet-pl prep repair ...`")
+        if pool.quiet:
+            return NoLoudWindows(f"{message}; lower data.loudness_cutoff, or set it to null to keep every window")
         return NoWindowShards(f"{message}; shorten data.window_seconds")
 
 
