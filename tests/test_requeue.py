@@ -97,9 +97,9 @@ def test_signal_checkpoints_at_the_step_boundary_and_stops(accumulate, prepared,
     cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=20", "data.batches_per_epoch=20",
                             "checkpoint.every_n_train_steps=100", "slurm.requeue=on",
                             f"trainer.accumulate_grad_batches={accumulate}"))
+    previous = signal.getsignal(signal.SIGUSR1)  # before build, which installs the requeue handler
     module, datamodule, trainer, _ = build(cfg)
     trainer.callbacks.append(signaller := SignalAtStep(5))
-    previous = signal.getsignal(signal.SIGUSR1)
     with caplog.at_level(logging.INFO, logger="vampnet_pl.training.slurm"):
         trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 6  # the step under way when the signal came was finished, not cut
@@ -117,11 +117,11 @@ def test_a_signal_in_the_last_step_lets_the_run_finish_without_a_requeue(prepare
                                                                          monkeypatch):
     cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=4", "data.batches_per_epoch=4",
                             "checkpoint.every_n_train_steps=100", "slurm.requeue=on", "data.val_max_windows=8"))
+    previous = signal.getsignal(signal.SIGUSR1)
     module, datamodule, trainer, _ = build(cfg)
     trainer.callbacks.append(signaller := SignalAtStep(3))  # the last step
     requeued = []
     monkeypatch.setattr(SlurmRequeue, "requeue", staticmethod(lambda: requeued.append(True)))
-    previous = signal.getsignal(signal.SIGUSR1)
     trainer.fit(module, datamodule=datamodule)
     signal.signal(signal.SIGUSR1, previous)
     assert trainer.global_step == 4 and requeued == []
@@ -134,9 +134,9 @@ def test_a_requeue_before_the_first_periodic_save_leaves_one_last_checkpoint(pre
     last-v1.ckpt, which resume would never read), so the next job resumes from the newest step."""
     cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=4", "data.batches_per_epoch=4",
                             "checkpoint.every_n_train_steps=2", "slurm.requeue=on", "data.val_max_windows=8"))
+    previous = signal.getsignal(signal.SIGUSR1)
     module, datamodule, trainer, resume = build(cfg)
     trainer.callbacks.append(SignalAtStep(0))
-    previous = signal.getsignal(signal.SIGUSR1)
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 1 and resume is None
     module, datamodule, trainer, resume = build(cfg)  # the requeued job
@@ -208,6 +208,36 @@ def test_a_failed_requeue_ends_train_with_a_non_zero_status(prepared, codec_path
     assert stopped.value.code == REQUEUE_FAILED_EXIT != 0
     assert read_checkpoint(tmp_path / "demo_coarse-4242" / "checkpoints" / "last.ckpt")["global_step"] == 3
 
+
+
+def test_a_requeue_signal_during_start_up_is_kept_and_acted_on_at_the_first_step(prepared, codec_path, tmp_path,
+                                                                                 monkeypatch, slurm_env):
+    """The signal's default action ends the process: one that comes while the codec, model or data load (before
+    fit) must not kill the job unrequeued, but checkpoint and requeue it at the first step boundary."""
+    from vampnet_pl.cli import main
+    from vampnet_pl.training import app
+
+    slurm_env(SLURM_JOB_ID=4243)
+    monkeypatch.setenv("PATH", fake_scontrol(tmp_path, f'echo "$@" > {tmp_path}/requeued'))
+    build_app = app.build
+
+    def build_then_signal(cfg):
+        built = build_app(cfg)
+        os.kill(os.getpid(), signal.SIGUSR1)  # start-up, before fit
+        return built
+
+    monkeypatch.setattr(app, "build", build_then_signal)
+    def ended(signum, frame):  # the default action, without ending pytest
+        raise SystemExit("the process ended on SIGUSR1")
+
+    previous = signal.signal(signal.SIGUSR1, ended)
+    try:
+        main(["train", *overrides(prepared, codec_path, tmp_path, "trainer.max_steps=20", "data.batches_per_epoch=20",
+                                  "checkpoint.every_n_train_steps=100", "slurm.requeue=on")])
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert read_checkpoint(tmp_path / "demo_coarse-4243" / "checkpoints" / "last.ckpt")["global_step"] == 1
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4243"]
 
 def bare_trainer() -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

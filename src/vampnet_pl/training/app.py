@@ -61,6 +61,11 @@ def build_loggers(node) -> list:
 def build(cfg: DictConfig):
     """Everything a run needs, from a composed config: (module, datamodule, trainer, resume checkpoint)."""
     schema: TrainConfig = OmegaConf.to_object(cfg)
+    signals = SharedSignals()  # SIGTERM and the requeue signal, exchanged by the ranks once per batch
+    requeue = (SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal, signals)
+               if requeue_enabled(schema.slurm.requeue) else None)
+    if requeue is not None:
+        requeue.listen()  # first: a requeue signal during start-up is kept (acted on at the first step), not fatal
     L.seed_everything(schema.seed, workers=True)
     codec = Codec.load(schema.codec.source, device="cpu")
     if schema.model.n_codebooks > codec.n_codebooks:
@@ -92,9 +97,8 @@ def build(cfg: DictConfig):
     callbacks.append(DataHealth())  # skip counts as metrics, the skip-rate limit over all ranks, the closing summary
     if schema.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(LogPointProgressBar())  # Lightning's own bar reads the training metrics every step
-    signals = SharedSignals()  # SIGTERM and the requeue signal, exchanged by the ranks once per batch
-    if requeue_enabled(schema.slurm.requeue):
-        callbacks.append(SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal, signals))
+    if requeue is not None:
+        callbacks.append(requeue)
     trainer_args = dataclasses.asdict(schema.trainer)
     if (layout := slurm_layout()) and trainer_args["devices"] == "auto":
         trainer_args["devices"], trainer_args["num_nodes"] = layout  # one process per SLURM task

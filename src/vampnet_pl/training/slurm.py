@@ -7,6 +7,8 @@ or an epoch end, at once), then every rank saves ``checkpoints/last.ckpt`` toget
 ``scontrol requeue``, and training stops. The requeued job keeps its job id, so its run directory is the
 same and it resumes from that checkpoint: no step is lost, none is applied twice. A signal in the last step
 (``trainer.max_steps``) is ignored: the run finishes as usual, final validation included, with nothing to requeue.
+A signal during start-up is recorded from the moment ``app.build`` has the config (:meth:`SlurmRequeue.listen`)
+and acted on at the first step boundary; left to its default action it would end the job unrequeued.
 
 Lightning's own ``auto_requeue`` saves from inside the signal handler, wherever each rank happens
 to be (mid-step, or inside a collective the other rank has not reached), so it is switched off here.
@@ -220,24 +222,33 @@ class SlurmRequeue(L.Callback):
         self.signum = signal.Signals[signal_name]
         self.signals = signals or SharedSignals()  # app.build passes the trainer's (see share_signals)
         self._previous_handler = None
+        self._listening = False  # our handler is installed (see listen)
         self._step_at_batch_start = -1
         self._limit_val_batches = None  # the trainer's, while validation is switched off for the requeue
 
     def _on_signal(self, signum, frame) -> None:
         self.signals.record("requeue")  # acted on at a step boundary, never here
 
+    def listen(self) -> None:
+        """Record the signal from now on; it is acted on at the first step boundary of training. ``app.build`` calls
+        this first, so that a signal during start-up (loading the codec, the model, the data, the process group;
+        its default action ends the process) is kept, not fatal. ``setup`` calls it for other callers."""
+        if not self._listening and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(self.signum, self._on_signal)
+            self._listening = True
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.signals.installed:  # before fit registers its handlers
             share_signals(trainer, self.signals)
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(self.signum, self._on_signal)
+        if stage == "fit":
+            self.listen()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous_handler is not None:
+        if self._listening:
             # A signal after training ends has nothing to save, and must not kill the finished job.
             keep = self._previous_handler not in (signal.SIG_DFL, None)
             signal.signal(self.signum, self._previous_handler if keep else signal.SIG_IGN)
-            self._previous_handler = None
+            self._previous_handler, self._listening = None, False
         if self._limit_val_batches is not None:
             trainer.limit_val_batches, self._limit_val_batches = self._limit_val_batches, None
 
