@@ -296,3 +296,40 @@ def test_lora_targets_that_match_no_layer_are_refused():
         module(lora={"r": 2, "target_modules": ["q", "v", "out", "ffn_in", "ffn_out"]})
     adapted = module(lora={"r": 2, "target_modules": ["qkv", "out"]})
     assert {n.split(".")[-4] for n, p in adapted.model.named_parameters() if p.requires_grad} == {"qkv", "out"}
+
+
+class RootFSDP:
+    """Stands in for Lightning's root FSDP module (FSDP (1) itself needs CUDA): records ``clip_grad_norm_``."""
+
+    def __init__(self):
+        self.clipped = []
+
+    def clip_grad_norm_(self, max_norm):
+        self.clipped.append(max_norm)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "single"])
+def test_gradients_are_clipped_by_norm_under_every_strategy(strategy):
+    """Lightning's FSDPPrecision refuses clipping by norm (every optimiser step would raise, with the default
+    trainer.gradient_clip_val=1.0): under FSDP the root FSDP module clips; elsewhere Lightning does."""
+    import lightning as L
+
+    from vampnet_pl.training.parallel import fsdp_strategy
+
+    m = module()
+    trainer = L.Trainer(accelerator="cpu", devices=1, gradient_clip_val=1.0, logger=False, enable_progress_bar=False,
+                        strategy=fsdp_strategy(activation_checkpointing=False) if strategy == "fsdp" else "auto")
+    m.trainer = trainer
+    trainer.strategy.connect(m)  # as fit does
+    if strategy == "fsdp":
+        trainer.strategy.model = root = RootFSDP()  # what FSDPStrategy's setup makes of the module
+    for p in m.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    optimizer = torch.optim.AdamW(m.parameters())
+    # what Lightning calls after every closure, before the optimiser step
+    trainer.precision_plugin._clip_gradients(m, optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+    if strategy == "fsdp":
+        assert root.clipped == [1.0]
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in m.parameters()])
+        assert norm == pytest.approx(1.0, rel=1e-4)

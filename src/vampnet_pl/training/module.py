@@ -315,6 +315,16 @@ class MaskedTokenModule(L.LightningModule):
         if sliced or any(p.grad is not None for p in self.model.parameters()):
             self.log("train/grad_norm", gradient_norm(self.model.parameters(), sliced), on_step=True, on_epoch=False)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except by norm under FSDP (1): Lightning refuses that there (its FSDPPrecision
+        raises at the first step, Lightning issue #19235: ``torch.nn.utils.clip_grad_norm_`` over each rank's slices
+        would be wrong), so the root FSDP module clips, with the norm over all ranks (every rank calls this)."""
+        by_norm = (gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm") == "norm"  # as Lightning
+        if gradient_clip_val and by_norm and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint written with ``compile`` on or off loads either way: its keys are renamed to this module's
         (a compiled block adds a level to its keys)."""
