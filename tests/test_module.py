@@ -333,3 +333,19 @@ def test_gradients_are_clipped_by_norm_under_every_strategy(strategy):
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in m.parameters()])
         assert norm == pytest.approx(1.0, rel=1e-4)
+
+
+def test_every_training_metric_is_logged_on_every_sampled_step_even_when_empty():
+    """At the epoch end each rank syncs the metrics it logged, one collective each: a metric one rank skipped (no
+    example in a mask-ratio bucket) left the other ranks waiting for ever. Empty ones log NaN for the step and add
+    nothing to the epoch mean."""
+    m = module()
+    logged = []
+    m.log = lambda name, value, **kwargs: logged.append(name)
+    codes = torch.randint(0, 64, (2, 4, 20))
+    m.masker = lambda c, *a, **k: (torch.rand(2, 4, 20) < 0.9, torch.full((2,), 0.9))  # every ratio above 0.75
+    m._step({"codes": codes}, "train", sampled=True)
+    assert len(logged) == len(set(logged)) == len(m.metrics["train_metrics"])  # one log call per metric
+    assert "train/top1_masked/ratio_le_0.25" in logged
+    bucket = m.metrics["train_metrics"]["top1_masked__ratio_le_0_25"]
+    assert torch.isnan(bucket._forward_cache) and bucket.weight == 0

@@ -244,12 +244,14 @@ class MaskedTokenModule(L.LightningModule):
                 lower = upper
         for name, value in values.items():
             key = name.replace("/", "__").replace(".", "_")
-            value = value.float().flatten()
-            if value.numel():
-                metrics[key](value)  # forward: updates the epoch state and gives the step value
-                # training metrics stay off Lightning's bar (it reads them every step): LogPointProgressBar
-                self.log(f"{stage}/{name}", metrics[key], on_step=stage == "train", on_epoch=True,
-                         prog_bar=stage != "train" and name in ("loss", "top1_masked"), batch_size=target.shape[0])
+            # Logged on every rank, empty or not (a mask-ratio bucket with no example in this batch): at the epoch end
+            # each rank syncs the metrics it logged that epoch, one collective each, so a metric logged on one rank
+            # only would leave the others waiting (a deadlock). An empty value adds nothing to the epoch mean; its
+            # step value is NaN (no such token in this step), never a number of another step.
+            metrics[key](value.float().flatten())  # forward: updates the epoch state and gives the step value
+            # training metrics stay off Lightning's bar (it reads them every step): LogPointProgressBar
+            self.log(f"{stage}/{name}", metrics[key], on_step=stage == "train", on_epoch=True,
+                     prog_bar=stage != "train" and name in ("loss", "top1_masked"), batch_size=target.shape[0])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch)
