@@ -215,6 +215,23 @@ def test_training_loop_reads_tensors_on_the_host_only_at_log_points(prepared, co
     assert bar.latest["train/loss_step"] == pytest.approx(loss[-1]) and len(loss) == 2  # as logged at step 10
 
 
+def test_every_log_point_logs_the_top_k_metrics_of_its_own_step(prepared, codec_path, tmp_path, monkeypatch):
+    """Lightning logs a metric's last value at every log point: one on a step that computed no top-k metrics
+    would log an earlier step's accuracy as its own. Log points (every 3rd step) are sampled too."""
+    from vampnet_pl.training.app import build
+
+    args = [a for a in overrides(prepared, codec_path, tmp_path, "trainer.max_steps=6", "data.batches_per_epoch=6",
+                                 "trainer.log_every_n_steps=3", "train_metrics_every_n_steps=2",
+                                 "checkpoint.every_n_train_steps=100") if a != "trainer.log_every_n_steps=1"]
+    module, datamodule, trainer, _ = build(compose(args))
+    sampled_steps, masked_loss = [], module.masked_loss
+    monkeypatch.setattr(module, "masked_loss", lambda codes, sampled: (
+        sampled and trainer.training and sampled_steps.append(trainer.global_step + 1)) or masked_loss(codes, sampled))
+    trainer.fit(module, datamodule=datamodule)
+    rows = csv.DictReader(open(tmp_path / "demo_coarse-local" / "csv" / "metrics.csv"))
+    logged_steps = [int(r["step"]) + 1 for r in rows if r.get("train/top1_masked_step")]
+    assert logged_steps == [3, 6] and sampled_steps == [2, 3, 4, 6]
+
 def test_a_training_step_waits_for_the_device_only_to_select_the_masked_tokens(prepared, codec_path, tmp_path):
     """Op by op, whatever the caller (Lightning, torchmetrics, this project): in the steps that are not sampled for
     metrics, the only operations that would wait for a GPU, those whose output shape or value the host must know

@@ -235,7 +235,8 @@ class TrainConfig:
     eval_protocol: EvalProtocolConfig = field(default_factory=EvalProtocolConfig)  # validation (conf/eval_protocol/)
     label_smoothing: float = 0.1
     loss_weighting: LossWeighting = LossWeighting.none
-    train_metrics_every_n_steps: int = 10  # accuracy/perplexity metrics on every n-th train step (loss: every step)
+    # top-k accuracy metrics on every n-th train step and every logged step (loss and perplexity: every step)
+    train_metrics_every_n_steps: int = 10
     compile: Optional[bool] = None  # torch.compile each transformer block; None: on when training on CUDA
     activation_checkpointing: bool = False
     init_from: Optional[str] = None  # an exported model to fine-tune (of this run's model config)

@@ -49,6 +49,15 @@ class MaskedLoss(NamedTuple):
     ratios: torch.Tensor  # [B] mask ratio of each example
 
 
+def samples_metrics(step: int, every: int, log_every: int) -> bool:
+    """Whether training step ``step`` (counted from 1) computes the top-k metrics: every ``every``-th step, and every
+    step a log point logs (``log_every``, Lightning's ``log_every_n_steps``; 0: none). Lightning logs the last value
+    of a metric at every log point, so a log point on an unsampled step would log an earlier step's accuracy as its
+    own. With the defaults (10 both) the two coincide, and the finiteness check's host read falls where the loggers
+    read anyway."""
+    return step % max(1, every) == 0 or (log_every > 0 and step % log_every == 0)
+
+
 def _as(cls, value):
     return value if isinstance(value, cls) or value is None else cls(**value)
 
@@ -178,10 +187,10 @@ class MaskedTokenModule(L.LightningModule):
     def _step(self, batch: dict, stage: str = "train", batch_idx: int = 0, sampled: bool | None = None) -> torch.Tensor:
         """Masks, loss and metrics of one batch. ``sampled``: also the top-k metrics (they need every token's
         logits); by default on every ``train_metrics_every_n_steps``-th training step and in other stages."""
-        if sampled is None:  # top-k metrics are costly: sample the train steps that complete a multiple of n
-            # (with n = trainer.log_every_n_steps, 10 both, a log point logs its own step's values, and the finiteness
-            # check's host read falls in the step whose metrics the loggers read anyway)
-            sampled = stage != "train" or (self.global_step + 1) % max(1, self.hparams.train_metrics_every_n_steps) == 0
+        if sampled is None:  # top-k metrics are costly: only on sampled train steps (see samples_metrics)
+            log_every = self._trainer.log_every_n_steps if self._trainer is not None else 0
+            sampled = stage != "train" or samples_metrics(self.global_step + 1, self.hparams.train_metrics_every_n_steps,
+                                                          log_every)
         out = self.masked_loss(batch["codes"], sampled)
         # The finiteness check reads the loss on the host: on an accelerator only on sampled steps (no sync per step).
         if (sampled or out.loss.device.type == "cpu") and not torch.isfinite(out.loss):
