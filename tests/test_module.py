@@ -349,3 +349,27 @@ def test_every_training_metric_is_logged_on_every_sampled_step_even_when_empty()
     assert "train/top1_masked/ratio_le_0.25" in logged
     bucket = m.metrics["train_metrics"]["top1_masked__ratio_le_0_25"]
     assert torch.isnan(bucket._forward_cache) and bucket.weight == 0
+
+
+def test_every_validation_metric_is_logged_on_every_batch_even_when_empty(monkeypatch):
+    """As in training: a codebook with no masked token in a rank's batch was not logged there (``level.unique()``
+    differs between ranks), so the epoch-end sync of the others would wait for ever."""
+    from vampnet_pl.training import module as module_file
+
+    m = module()
+    logged = []
+    m.log = lambda name, value, **kwargs: logged.append(name)
+    real = module_file.protocol_masks
+
+    def without_codebook_2(*args, **kwargs):
+        masks = real(*args, **kwargs)
+        for mask in masks.values():
+            mask[:, 2] = False
+        return masks
+
+    monkeypatch.setattr(module_file, "protocol_masks", without_codebook_2)
+    m.validation_step({"codes": torch.randint(0, 64, (2, 4, 20)), "index": torch.arange(2)}, 0)
+    per_condition = len(m.protocol.ratio_names) + len(m.protocol.prompt_names)
+    assert sorted(set(logged)) == sorted(f"val/{n}" for n in m.val_metric_names())
+    assert logged.count("val/loss/codebook_2") == per_condition
+    assert m.val_metrics["loss__codebook_2"].weight == 0

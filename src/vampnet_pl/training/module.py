@@ -309,17 +309,19 @@ class MaskedTokenModule(L.LightningModule):
                 per_window = per_window[counts > 0] / counts[counts > 0]  # [windows] mean over masked tokens
                 self._log_val(metric, per_window)
                 self._log_val(f"{metric}/{group}", per_window)
-                for k in level.unique().tolist():
+                for k in range(n_cond, self.cfg.n_codebooks):  # all, not level.unique(): the same on every rank
                     self._log_val(f"{metric}/codebook_{k}", value[level == k])
             totals.append(per_token.mean())
         return torch.stack(totals).mean()
 
     def _log_val(self, name: str, values: torch.Tensor) -> None:
-        if values.numel():
-            metric = self.val_metrics[_key(name)]
-            metric.update(values.float())
-            self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("loss", "acc1"),
-                     batch_size=values.numel())
+        """Logged on every rank, empty or not (a codebook with no masked token in this batch): each rank syncs the
+        metrics it logged at the epoch end, so one that a rank skipped would leave the others waiting. Empty values
+        add nothing to the mean."""
+        metric = self.val_metrics[_key(name)]
+        metric.update(values.float())
+        self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("loss", "acc1"),
+                 batch_size=max(1, values.numel()))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         sliced = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
