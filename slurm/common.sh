@@ -21,7 +21,7 @@ if [ -n "${SBATCH_EXTRA:-}" ]; then site_options+=($SBATCH_EXTRA); fi
 # stderr, the subshell exits 1, and the caller's assignment fails, which stops the script (set -e).
 submit() {
   local out id
-  if ! out=$(sbatch --parsable --export=ALL "${site_options[@]}" "$@"); then
+  if ! out=$(sbatch --parsable --export=ALL ${site_options[@]+"${site_options[@]}"} "$@"); then
     echo "error: sbatch failed (see its message above); nothing more is submitted" >&2
     exit 1
   fi

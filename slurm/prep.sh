@@ -31,7 +31,7 @@ scan=$(submit "${resources[@]}" --job-name=vampnet-prep-scan --output="$LOG_DIR/
   "$job" scan scan_workers="$CPUS_PER_TASK" "$@")
 submitted+=("$scan")
 # shellcheck disable=SC2046
-encode=$(submit "${resources[@]}" "${encode_resources[@]}" $(after "$scan") --array="0-$((TASKS - 1))" \
+encode=$(submit "${resources[@]}" ${encode_resources[@]+"${encode_resources[@]}"} $(after "$scan") --array="0-$((TASKS - 1))" \
   --job-name=vampnet-prep-encode --output="$LOG_DIR/%x-%A_%a.out" "$job" encode workers="$workers" "$@")
 submitted+=("$encode")
 # shellcheck disable=SC2046
