@@ -436,9 +436,9 @@ def test_runs_with_different_masking_are_validated_on_byte_identical_masks(prepa
         digests[kind] = module.protocol_digest  # sha256 of the window indices, codes and every mask it scored
         losses[kind] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     assert digests["span"] is not None and digests["span"] == digests["codebook_level"]
-    for run in losses.values():
+    for scores in losses.values():
         assert {"val/loss", "val/acc1", "val/acc25", "val/loss/ratio_0.10", "val/acc1/ratio_1.00",
-                "val/loss/prompt_periodic_16", "val/acc1/codebook_0", "val/loss/codebook_3"} <= set(run)
+                "val/loss/prompt_periodic_16", "val/acc1/codebook_0", "val/loss/codebook_3"} <= set(scores)
     hparams = (tmp_path / "span" / "demo_coarse-local" / "csv" / "hparams.yaml").read_text()
     assert "protocol: v1" in hparams
 
