@@ -22,6 +22,8 @@ def test_compose_validates_against_the_schema(tmp_path):
         compose("prep", ["min_seconds=long"])
     with pytest.raises(UsageError, match="channels"):
         compose("prep", ["channels=stereo"])
+    with pytest.raises(UsageError, match="min_seconds <= segment_seconds, got min_seconds=1.0, segment_seconds=0.5"):
+        compose("prep", [f"catalog={tmp_path}", f"out_dir={tmp_path}/o", "segment_seconds=0.5"])
 
 
 def test_slurm_array_environment_gives_the_task(monkeypatch):

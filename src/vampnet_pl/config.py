@@ -90,6 +90,11 @@ class PrepConfig:
     balance: PrepBalance = PrepBalance.queue  # how local workers share units (SLURM array tasks: always static)
     scan_workers: int = 2
 
+    def __post_init__(self) -> None:
+        if not 0 < self.min_seconds <= self.segment_seconds:  # else every file fails as too short
+            raise ValueError(f"prep needs 0 < min_seconds <= segment_seconds, got min_seconds={self.min_seconds}, "
+                             f"segment_seconds={self.segment_seconds}")
+
 
 @dataclass
 class DataConfig:
