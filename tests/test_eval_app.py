@@ -126,7 +126,7 @@ def test_eval_prompts_are_as_deep_as_the_models(prepared, codec, codec_path, tmp
     assert (out[:, 6:, ::4] != codes[:, 6:, ::4]).float().mean() > 0.9  # the other 8 generated
 
 
-def _callback_scores(rank: int, world_size: int, codec_path: str) -> dict:
+def _callback_scores(rank: int, world_size: int, codec_path: str, callbacks: tuple = ()) -> dict:
     """The training-time evaluation of a fixed tiny model on 3 fixed windows, as rank ``rank`` of ``world_size``."""
     from types import SimpleNamespace
 
@@ -148,12 +148,26 @@ def _callback_scores(rank: int, world_size: int, codec_path: str) -> dict:
 
     trainer = SimpleNamespace(datamodule=SimpleNamespace(val_windows=[w.numpy() for w in windows]), global_rank=rank,
                               world_size=world_size, strategy=SimpleNamespace(broadcast=broadcast),
-                              is_global_zero=rank == 0, logger=None, global_step=1)
+                              is_global_zero=rank == 0, logger=None, global_step=1, callbacks=list(callbacks))
     module = SimpleNamespace(model=model, cfg=model.cfg, device=torch.device("cpu"))
     protocol = EvalProtocolConfig(id="test", periods=[8], sweep_prompt="periodic_8", passes=2, passes_sweep=[])
     callback = PromptEvalCallback(codec_source=codec_path, protocol=protocol, n_windows=3, seed=3, log_audio=False,
                                   prompts=["random:0.5"])
     return callback.evaluate(trainer, module)
+
+
+def test_a_requeue_signal_cuts_the_training_time_evaluation_short(codec_path, tmp_path, caplog):
+    """SLURM signals a short grace (90 s) before the time limit; the evaluation's budget is longer (300 s), so a
+    signal during it left no time for the requeue checkpoint. It now skips the conditions left."""
+    import logging
+
+    from vampnet_pl.training.slurm import SlurmRequeue
+
+    requeue = SlurmRequeue(tmp_path / "last.ckpt")
+    requeue.signals.record("requeue")  # what its handler does
+    with caplog.at_level(logging.WARNING):
+        assert _callback_scores(0, 1, str(codec_path), callbacks=(requeue,)) == {}
+    assert "a requeue signal came: skipping ceiling_codec and later conditions" in caplog.text
 
 
 def _callback_rank(rank: int, port: int, results: dict) -> None:

@@ -27,6 +27,7 @@ from vampnet_pl.evaluation.scoring import noisy_tokens
 from vampnet_pl.generation.sampling import SamplingConfig, example_generators, sample
 from vampnet_pl.masking.protocol import EvalProtocolConfig
 from vampnet_pl.training.callbacks import LogPoints
+from vampnet_pl.training.slurm import requeue_pending
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,14 @@ class PromptEvalCallback(L.Callback):
                               cfg.n_conditioning_codebooks, generate)
         jobs += self.preset_jobs(generate, cfg.n_conditioning_codebooks, depth)
 
-        def over_budget(name: str) -> bool:
-            spent = torch.tensor(float(time.perf_counter() - started > self.time_budget))
-            if trainer.strategy.broadcast(spent, src=0).item():
+        def over_budget(name: str) -> bool:  # rank 0 decides for all
+            reason = 2.0 if requeue_pending(trainer) else float(time.perf_counter() - started > self.time_budget)
+            reason = trainer.strategy.broadcast(torch.tensor(reason), src=0).item()
+            if reason == 1:
                 log.warning("evaluation time budget of %.0f s spent: skipping %s and later conditions", self.time_budget, name)
-                return True
-            return False
+            elif reason == 2:  # SLURM's signal comes a short grace before the time limit: checkpoint first
+                log.warning("a requeue signal came: skipping %s and later conditions", name)
+            return reason > 0
 
         def media(name: str, audio: torch.Tensor) -> None:
             if self.log_audio and trainer.is_global_zero:

@@ -314,6 +314,13 @@ REQUEUE_TIMEOUT_S = 30  # well inside the signal's grace time (--signal=SIGUSR1@
 REQUEUE_FAILED_EXIT = 75
 
 
+def requeue_pending(trainer: L.Trainer) -> bool:
+    """This rank's requeue handler has recorded the signal (the requeue itself waits for a step boundary): work that
+    can be cut short (the generation evaluation) should end, so the checkpoint is written before the time limit."""
+    return any(isinstance(cb, SlurmRequeue) and (cb.signals.local["requeue"] or cb.signals.shared["requeue"])
+               for cb in getattr(trainer, "callbacks", None) or [])
+
+
 def requeue_failed(trainer: L.Trainer) -> bool:
     """Whether this process stopped training for a requeue that did not happen (rank 0 runs scontrol)."""
     return any(isinstance(c, SlurmRequeue) and c.requeue_failed for c in trainer.callbacks)
