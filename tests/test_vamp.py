@@ -306,6 +306,12 @@ def test_wrong_model_and_checkpoint_files_are_clear_errors(tmp_path, models, cap
     for wrong in (tmp_path / "tensor.pt", tmp_path / "text.pt", write_tone(tmp_path / "song.wav", 0.5)):
         with pytest.raises(ValueError, match="is not an exported vampnet-pl model"):
             load_exported(wrong)
+    payload = torch.load(models[0], weights_only=True)
+    payload["config"]["attention_sinks"] = 4  # a setting of a newer version
+    torch.save(payload, tmp_path / "newer.pt")
+    with pytest.raises(ValueError, match=r"newer.pt has model settings this vampnet-pl does not know \(attention_sinks\)"):
+        load_exported(tmp_path / "newer.pt")
+    assert not load_exported(models[0]).training  # dropout off, as inference wants
     (tmp_path / "empty").mkdir()
     assert main(["export", str(tmp_path / "empty"), str(tmp_path / "x.pt")]) == 2
     assert "is a folder but not a checkpoint" in capsys.readouterr().err

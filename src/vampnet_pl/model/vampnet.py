@@ -19,7 +19,7 @@ project's variants (projected tables, wider feed-forward, fused qkv, rotary posi
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
@@ -357,17 +357,22 @@ def save_exported(path, model: VampNet) -> None:
         torch.save(payload, tmp)
 
 
-def load_exported(path, map_location="cpu") -> VampNet:
-    """The model in a file :func:`save_exported` wrote; ``ValueError`` for any other file."""
+def load_exported(path) -> VampNet:
+    """The model in a file :func:`save_exported` wrote, on the CPU and in eval mode (as inference wants it: dropout
+    off); ``ValueError`` for any other file."""
     not_ours = f"{path} is not an exported vampnet-pl model (make one with `vampnet-pl export`)"
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise
     except Exception as err:  # torch.load of another format fails in many ways (unpickling, KeyError, IndexError ...)
         raise ValueError(f"{not_ours}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != "vampnet-pl/1":
         raise ValueError(not_ours)
+    unknown = sorted(set(payload["config"]) - {f.name for f in fields(VampNetConfig)})
+    if unknown:
+        raise ValueError(f"{path} has model settings this vampnet-pl does not know ({', '.join(unknown)}): exported by "
+                         "a newer version? Update vampnet-pl to load it")
     model = VampNet(VampNetConfig(**payload["config"]))
     model.load_state_dict(payload["state_dict"])
-    return model
+    return model.eval()
