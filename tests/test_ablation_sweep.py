@@ -424,8 +424,9 @@ def test_a_changed_spec_is_refused_while_a_job_of_the_old_one_is_queued(tmp_path
     record_job(submitted, submitit.SlurmJob(folder=tmp_path / "jobs", job_id="7201"))
     now = Sweep(AblationConfig(name="c"), tmp_path, [dataclasses.replace(submitted, overrides=("optim.lr=0.1",))], "a")
     states.write_text(json.dumps({"7201": "PENDING"}))
-    with pytest.raises(SpecError, match=r"\(a_seed-0\): finished, with a checkpoint to resume, or with a SLURM job "
-                                        "still queued or running"):
+    with pytest.raises(SpecError, match=r"\(a_seed-0; a_seed-0: \['optim.lr=0.001'\] then, \['optim.lr=0.1'\] now\): "
+                                        "finished, with a checkpoint to resume, or with a SLURM job still queued or "
+                                        "running"):
         runner.check_runs_match(now)
     submitit.SlurmJob.watcher.clear()
     states.write_text(json.dumps({"7201": "CANCELLED"}))  # cancelled before it trained: the new spec may run it
