@@ -74,7 +74,10 @@ def find_audio_files(catalog: Path, extensions: Iterable[str]) -> tuple[list[Pat
     def unlistable(err: OSError) -> None:
         failures.append(Failure(relative(err.filename), "scan", f"cannot list folder: {err.strerror or err}"))
 
-    for root, dirs, files in os.walk(catalog, onerror=unlistable, followlinks=True):
+    listing = tqdm(os.walk(catalog, onerror=unlistable, followlinks=True), desc="list catalog", unit=" folders",
+                   dynamic_ncols=True)  # a large network-mounted catalog takes a while before the scan's bar starts
+    for root, dirs, files in listing:
+        listing.set_postfix(audio_files=len(found), refresh=False)
         real = os.path.realpath(root)
         if real in scanned_as:
             failures.append(Failure(relative(root), "scan", f"folder skipped: the same folder as "
