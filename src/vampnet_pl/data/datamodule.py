@@ -17,8 +17,9 @@ reads the other live ones, so every rank still serves its fixed batch count). To
 (judged on the sum over all workers and ranks by :class:`~vampnet_pl.training.callbacks.DataHealth`,
 on the whole set for validation), or no readable shard, is a clear error; so is no shard with a valid
 sample (a worker whose own shards hold only damaged ones reads the others, as for dead ones). A shard
-whose samples are all shorter than a window leaves the epoch's pool like a dead one (a worker would
-search it forever); none long enough is a clear error.
+whose samples are all shorter than a window, or (with ``loudness_cutoff``) that gives no loud enough
+window, leaves the epoch's pool like a dead one (a worker would search it forever); none left that can
+give a window is a clear error.
 """
 
 from __future__ import annotations
@@ -77,8 +78,6 @@ class NoWindowShards(ValueError):
 
 class NoLoudWindows(ValueError):
     """``loudness_cutoff`` drops every window of every train shard: the stream would search forever."""
-
-
 
 
 class SkipCounter:
