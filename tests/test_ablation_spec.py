@@ -197,3 +197,11 @@ def test_results_json_records_the_config_a_local_run_trained_with(tmp_path, monk
         recorded = json.loads((outcome.run.run_dir / "results.json").read_text())
         assert recorded["config"]["slurm"]["requeue"] == "off"
         assert recorded["overrides"] == list(outcome.run.overrides)  # what a re-run compares
+
+
+def test_overrides_compare_as_hydra_applies_them():
+    """Another order of distinct keys is the same run (it was refused, naming no change); with a key given twice
+    the last one wins, so there the order counts. run_dir is never compared (a moved sweep folder)."""
+    assert runner.override_changes(["a=1", "b=2", "run_dir=/x"], ("b=2", "a=1", "run_dir=/y")) is None
+    assert runner.override_changes(["a=1", "a=2"], ("a=2", "a=1")) == (["(the same, in another order)"], [])
+    assert runner.override_changes(["a=1", "b=2"], ("a=1", "b=3")) == (["b=2"], ["b=3"])

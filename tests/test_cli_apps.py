@@ -84,8 +84,9 @@ def test_a_lora_key_without_a_lora_config_asks_for_the_group(capsys):
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--variations", "0", "--variations must be at least 1"), ("--loop", "-1", "--loop must be at least 0"),
-    ("--window-seconds", "0", "vamp: window_seconds must be > 0"),
-    ("--c2f-chunk-seconds", "0", "vamp: c2f_chunk_seconds must be > 0")])
+    ("--window-seconds", "0", "vamp: --window-seconds must be > 0"),
+    ("--c2f-chunk-seconds", "0", "vamp: --c2f-chunk-seconds must be > 0"),
+    ("--top-p", "1.5", "vamp: sampling --top-p must be in (0, 1] or null, got 1.5")])
 def test_vamp_refuses_counts_and_lengths_out_of_range(flag, value, message, tmp_path, capsys):
     """Checked before any model loads (--variations 0 wrote one variation, --window-seconds 0 a frame-count error)."""
     args = ["vamp", str(tmp_path / "in.wav"), "--coarse", str(tmp_path / "c.pt"), "--codec", str(tmp_path / "codec.pth")]

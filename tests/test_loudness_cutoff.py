@@ -91,4 +91,5 @@ def test_a_worker_whose_own_shards_are_quiet_reads_the_others(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         codes = torch.cat([b["codes"] for b in stream])
     assert codes.shape[0] == 20 and (codes[..., 0] == 1).all()  # loud windows, from the other rank's shard
-    assert any("quiet.tar gave no window as loud as data.loudness_cutoff=-30.0" in r.message for r in caplog.records)
+    assert any("quiet.tar gave no window as loud as data.loudness_cutoff=-30.0 LUFS in 3 reads" in r.message
+               for r in caplog.records)

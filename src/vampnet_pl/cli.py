@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -166,8 +167,11 @@ def _cmd_vamp(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be at least {lowest}, got {value}")
     try:
         cfg = generation_config(args)
-    except ValueError as err:  # a setting out of range (the configs' own checks)
-        raise UsageError(f"vamp: {err}") from None
+    except ValueError as err:  # a setting out of range (the configs' own checks), named by its flag
+        message = str(err)
+        for name in vars(args):
+            message = re.sub(rf"\b{name}\b", "--" + name.replace("_", "-"), message)
+        raise UsageError(f"vamp: {message}") from None
     pipeline = load_pipeline(args.coarse, args.c2f, args.codec, args.device, cfg)
     try:
         written = vamp_file(pipeline, args.input, args.out_dir, args.prompt, args.variations, args.loop, args.seed,

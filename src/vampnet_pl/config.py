@@ -91,7 +91,7 @@ class PrepConfig:
     scan_workers: int = 2
 
     def __post_init__(self) -> None:
-        if not 0 < self.min_seconds <= self.segment_seconds:  # else every file fails as too short
+        if not 0 < self.min_seconds <= self.segment_seconds:  # above it every file fails as too short
             raise ValueError(f"prep needs 0 < min_seconds <= segment_seconds, got min_seconds={self.min_seconds}, "
                              f"segment_seconds={self.segment_seconds}")
 

@@ -64,7 +64,12 @@ def earlier_jobs(runs: list[Run]) -> dict:
             continue
     if not records:
         return {}
-    import submitit
+    try:
+        import submitit
+    except ImportError:
+        raise ImportError(f"{len(records)} run(s) have a SLURM job record ({JOB_RECORD}) from an earlier `ablate run "
+                          "--launcher slurm`: install the slurm extra (pip install -e .[slurm]) to check those jobs, "
+                          f"or delete their {JOB_RECORD}") from None
 
     jobs = {run: submitit.SlurmJob(folder=r["folder"], job_id=r["job_id"], tasks=tuple(range(r["tasks"])))
             for run, r in records.items()}

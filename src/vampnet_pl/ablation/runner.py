@@ -70,9 +70,10 @@ def override_changes(recorded: list[str], wanted) -> tuple[list[str], list[str]]
         return [o for o in overrides if not o.startswith("run_dir=")]
 
     was, now = keyed(recorded), keyed(wanted)
-    if was == now:
+    keys = [o.split("=", 1)[0] for o in now]
+    if was == now or (sorted(was) == sorted(now) and len(set(keys)) == len(keys)):  # order counts for a repeated key
         return None
-    return [o for o in was if o not in now], [o for o in now if o not in was]
+    return [o for o in was if o not in now] or ["(the same, in another order)"], [o for o in now if o not in was]
 
 
 def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict]:

@@ -80,6 +80,11 @@ class NoLoudWindows(ValueError):
     """``loudness_cutoff`` drops every window of every train shard: the stream would search forever."""
 
 
+# Windows are drawn at random: one read of a shard without a loud enough window can be chance (a few samples, loud
+# in parts); this many in a row, in one epoch, leave it out.
+QUIET_READS = 3
+
+
 class SkipCounter:
     """Counts read and skipped samples, by reason and by shard, and warns with the running total. It judges the
     skip rate only when asked (:meth:`check_rate`): a partial count is no verdict on the whole.
@@ -200,7 +205,8 @@ class ShardPool:
 
     dead: set[str] = field(default_factory=set)  # failed to open or read: left out
     short: set[str] = field(default_factory=set)  # its valid samples all shorter than a window: left out
-    quiet: set[str] = field(default_factory=set)  # every window drawn quieter than data.loudness_cutoff: left out
+    quiet: set[str] = field(default_factory=set)  # QUIET_READS reads in a row without a loud enough window: left out
+    quiet_reads: Counter = field(default_factory=Counter)  # reads in a row without one, per shard
     damaged: set[str] = field(default_factory=set)  # no valid sample: drawn (its damage counts) while others are left
 
     def usable(self, urls: list[str]) -> list[str]:
@@ -333,9 +339,13 @@ class TrainWindowStream(IterableDataset):
             elif self.long_samples == long_before:
                 pool.damaged.add(url)
             elif self.loudness_cutoff is not None and self.loud_windows == loud_before:
-                pool.quiet.add(url)
-                log.warning("train shard %s gave no window as loud as data.loudness_cutoff=%s LUFS: left out of this "
-                            "epoch's stream", url, self.loudness_cutoff)
+                pool.quiet_reads[url] += 1
+                if pool.quiet_reads[url] == QUIET_READS:
+                    pool.quiet.add(url)
+                    log.warning("train shard %s gave no window as loud as data.loudness_cutoff=%s LUFS in %d reads: "
+                                "left out of this epoch's stream", url, self.loudness_cutoff, QUIET_READS)
+            else:
+                pool.quiet_reads.pop(url, None)
 
     def _resampled(self, shards: list[str], rng: random.Random, pool: ShardPool) -> Iterator[str]:
         """This worker's shards drawn forever, minus the dead, short and quiet ones; when none of its own is left, or only

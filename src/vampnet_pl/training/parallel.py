@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def fsdp2_strategy(timeout_minutes: float = 30.0):
 def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False,
                        batch_size: int = 1):
     """``batch_size`` only feeds DeepSpeed's own throughput log (the pipeline batches, the loader does not)."""
+    # The module overrides configure_gradient_clipping for FSDP (1) only; under DeepSpeed it changes nothing (DeepSpeed
+    # clips, from trainer.gradient_clip_val), so Lightning's warning that the hook "will not actually clip" misleads.
+    warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
     return AtomicDeepSpeedStrategy(stage=stage, offload_optimizer=offload_optimizer,
                                    offload_parameters=offload_parameters, logging_batch_size_per_gpu=batch_size)
 
