@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from lightning.fabric.utilities.data import AttributeDict
 
 from vampnet_pl.data.datamodule import (
     CodesDataModule,
@@ -25,7 +26,6 @@ from vampnet_pl.data.datamodule import (
     NoReadableShards,
     SkipCounter,
     TrainWindowStream,
-    check_skip_rate,
     read_fixed_windows,
     read_shard,
 )
@@ -34,6 +34,7 @@ from vampnet_pl.data.validation import (REASONS, SampleInvalid, codes_checksum, 
 from vampnet_pl.model.vampnet import VampNet, VampNetConfig, check_token_range
 from vampnet_pl.data.index import load_index
 from vampnet_pl.prep.index import repair, verify
+from vampnet_pl.training.callbacks import DataHealth
 from vampnet_pl.training.export import read_checkpoint
 
 from test_train import overrides, train, training_process
@@ -288,11 +289,21 @@ def test_the_train_skip_rate_is_judged_on_all_ranks_not_on_one_worker(tmp_path):
     reports = [report(rank) for rank in range(8)]
     skipped = [sum(r["counts"].values()) for r in reports]
     assert skipped[0] / (skipped[0] + reports[0]["samples"]) > 0.1
-    summed = {"samples": sum(r["samples"] for r in reports), "damaged_shards": [str(shards[0])],
-              "counts": {reason: sum(r["counts"][reason] for r in reports) for reason in REASONS}}
-    check_skip_rate(summed, limits["max_skip_rate"], limits["skip_rate_min_samples"], "train data")  # within it
-    with pytest.raises(DataIntegrityError, match=r"train data: \d+ of \d+ samples \(\d\.\d%\) were skipped"):
-        check_skip_rate(summed, 0.01, 200, "train data")
+
+    def rank_zero_health(max_skip_rate: float) -> dict:
+        """DataHealth on rank 0, its all-reduce standing in for DDP's: the sum of every rank's own local tensor."""
+        health = DataHealth()
+        health.reports = {0: reports[0]}  # rank 0's one loader worker
+        local = [torch.tensor([r["samples"], *(r["counts"][reason] for reason in REASONS)]) for r in reports]
+        trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda tensor, reduce_op: sum(local)), world_size=8,
+                                  datamodule=SimpleNamespace(hparams=AttributeDict(limits, max_skip_rate=max_skip_rate)))
+        return health._sync(trainer, SimpleNamespace(device=torch.device("cpu")), emit=False)
+
+    totals = rank_zero_health(limits["max_skip_rate"])  # within it
+    assert totals["samples"] == sum(r["samples"] for r in reports) and totals["damaged_shards"] == [str(shards[0])]
+    with pytest.raises(DataIntegrityError, match=r"train data \(all 8 ranks\): \d+ of \d+ samples \(\d\.\d%\) were "
+                                                 "skipped"):
+        rank_zero_health(0.01)
 
 
 def test_the_validation_skip_rate_is_judged_on_the_whole_set_once_read(tmp_path):
