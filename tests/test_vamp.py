@@ -339,7 +339,7 @@ def test_vamp_command_errors_are_clear(tmp_path, codec_path, models, capsys):
     assert main(["vamp", str(song), "--prompt", "periodic", *common]) == 2
     assert "needs more arguments" in capsys.readouterr().err
     assert main(["vamp", str(song), "--top-p", "0", *common]) == 2  # would filter out every token
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert "--top-p must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models, monkeypatch):
