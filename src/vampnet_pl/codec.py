@@ -270,15 +270,15 @@ class Codec:
     def resample(self, waveform: torch.Tensor | np.ndarray, sample_rate: int) -> torch.Tensor:
         """Waves ``[..., samples]`` at the codec's rate, on its device: torchaudio's exact filter, or FFmpeg's
         resampler for an odd rate whose exact filter would not fit in memory (``MAX_SINC_FILTER_ENTRIES``)."""
-        if isinstance(waveform, np.ndarray):
-            waveform = np.ascontiguousarray(waveform)
+        waveform = torch.as_tensor(np.ascontiguousarray(waveform) if isinstance(waveform, np.ndarray) else waveform,
+                                   dtype=torch.float32)
         if sinc_filter_entries(int(sample_rate), self.sample_rate) > MAX_SINC_FILTER_ENTRIES:
             from vampnet_pl.audio_io import resample
 
-            rows = np.asarray(torch.as_tensor(waveform, dtype=torch.float32).cpu())
+            rows = waveform.cpu().numpy()
             out = np.stack([resample(row, int(sample_rate), self.sample_rate) for row in rows.reshape(-1, rows.shape[-1])])
             return torch.from_numpy(out.reshape(*rows.shape[:-1], -1)).to(self.device)
-        waveform = torch.as_tensor(waveform, dtype=torch.float32).to(self.device)
+        waveform = waveform.to(self.device)
         if sample_rate == self.sample_rate:
             return waveform
         return self._resampler(int(sample_rate))(waveform)

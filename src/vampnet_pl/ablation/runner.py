@@ -52,8 +52,9 @@ def check_runs_match(sweep: Sweep, earlier: dict | None = None) -> None:
     waiting = [run for run, overrides in recorded.items() if overrides is None]
     for run in earlier_jobs(waiting) if earlier is None else [run for run in earlier if run in waiting]:
         recorded[run] = results.started_overrides(run.run_dir)  # its job trains the run as it was submitted
-    stale = {run: override_changes(overrides, run.overrides) for run, overrides in recorded.items()
-             if overrides is not None and override_changes(overrides, run.overrides)}
+    changes = {run: override_changes(overrides, run.overrides) for run, overrides in recorded.items()
+               if overrides is not None}
+    stale = {run: change for run, change in changes.items() if change}
     if stale:
         first, (was, now) = next(iter(stale.items()))
         raise SpecError(f"{len(stale)} run(s) were trained or submitted with other overrides than this spec gives "
