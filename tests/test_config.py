@@ -85,6 +85,8 @@ def test_vampnet_recipes_are_the_originals(name, model, window, cutoff, lora):
     assert cfg.model.n_layers == (20 if model == "coarse" else 16) and cfg.model.qkv == "separate"
     assert (cfg.data.window_seconds, cfg.data.loudness_cutoff, cfg.label_smoothing) == (window, cutoff, 0.1)
     assert (cfg.optim.scheduler, cfg.optim.lr, cfg.trainer.gradient_clip_val) == ("noam", 2.0, 5.0)
+    # scripts/exp/train.py: r from a scrambled Sobol engine, mask.random's Bernoulli(cos(r pi/2)) per token
+    assert (cfg.masking.schedule, cfg.masking.sampler, cfg.masking.kind) == ("cosine", "sobol", "bernoulli")
     fine_tune = name in ("vampnet_finetune", "vampnet_lora")
     assert (cfg.optim.warmup_steps, cfg.data.batch_size) == ((500, 6) if fine_tune else (10000, 8))
     assert cfg.batch_sizing.global_batch == cfg.data.batch_size  # over all GPUs, as audiotools divides it

@@ -9,8 +9,8 @@ import torch
 from vampnet_pl.masking import prompts
 from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
 from vampnet_pl.masking.schedules import SCHEDULES, RatioSampler, get_schedule, register_schedule, schedule_slope, truncate
-from vampnet_pl.masking.training import (codebook_level_mask, magnet_expected_fractions, magnet_span_counts,
-                                         magnet_span_mask, per_level_mask, random_mask, span_mask)
+from vampnet_pl.masking.training import (bernoulli_mask, codebook_level_mask, magnet_expected_fractions,
+                                         magnet_span_counts, magnet_span_mask, per_level_mask, random_mask, span_mask)
 
 SHAPE = (16, 6, 200)
 
@@ -54,6 +54,26 @@ def test_random_mask_has_the_exact_fraction_and_spares_conditioning(n_conditioni
     assert random_mask(SHAPE, torch.zeros(SHAPE[0]), n_conditioning).flatten(1).sum(1).min() == 1  # never empty
 
 
+def test_bernoulli_mask_masks_each_token_independently_as_the_original():
+    """The original's training mask (vampnet/mask.py ``random``) is Bernoulli(gamma(r)) per token: at r = 0.5 the
+    masked count of 400 predicted tokens is Binomial(400, cos(pi / 4)), mean 282.8 and standard deviation 9.1."""
+    import math
+
+    batch, p = 4000, math.cos(math.pi / 4)
+    mask = bernoulli_mask((batch, 6, 100), torch.full((batch,), p), 2, torch.Generator().manual_seed(0))
+    assert not mask[:, :2].any()
+    counts = mask[:, 2:].flatten(1).sum(1).double()
+    assert counts.mean().item() == pytest.approx(400 * p, abs=0.5)
+    assert counts.std().item() == pytest.approx(math.sqrt(400 * p * (1 - p)), rel=0.05)
+    # the masked positions are independent: the frames of one codebook are not those of another
+    assert mask[:, 2].float().mean().item() == pytest.approx(p, abs=0.01)
+    assert (mask[:, 2] & mask[:, 3]).float().mean().item() == pytest.approx(p * p, abs=0.01)
+    # an example left with no masked token gets one (the original's batch of empty masks has a NaN loss)
+    empty = bernoulli_mask((64, 4, 10), torch.zeros(64), 1, torch.Generator().manual_seed(0))
+    assert torch.equal(empty[:, 1:].flatten(1).sum(1), torch.ones(64, dtype=torch.long)) and not empty[:, 0].any()
+    assert len(set(empty[:, 1:].flatten(1).int().argmax(1).tolist())) > 10  # at a random position
+
+
 def test_span_mask_masks_whole_spans_at_about_the_ratio():
     ratios = torch.full((SHAPE[0],), 0.5)
     mask = span_mask(SHAPE, ratios, span_frames=10, n_conditioning=1, generator=torch.Generator().manual_seed(0))
@@ -89,7 +109,7 @@ def test_codebook_level_mask_masks_everything_above_the_chosen_level():
             assert full[levels[0] + 1 :].all() and not example[: levels[0]].any()
 
 
-@pytest.mark.parametrize("kind", ["random", "span", "magnet_span", "codebook_level", "per_level"])
+@pytest.mark.parametrize("kind", ["random", "bernoulli", "span", "magnet_span", "codebook_level", "per_level"])
 def test_training_masker_end_to_end(kind):
     masker = TrainingMasker(MaskingConfig(kind=kind, schedule="cosine", sampler="sobol"), n_conditioning=2)
     mask, ratios = masker(torch.zeros(SHAPE, dtype=torch.long))

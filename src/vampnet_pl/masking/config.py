@@ -3,7 +3,8 @@
 Names (Hydra ``masking.*``): ``schedule`` one of ``masking.schedules.SCHEDULES``; ``sampler``
 ``uniform|sobol``; ``kind`` one of ``masking.training.TRAINING_MASKS``:
 
-- ``random``: tokens at random, exactly the ratio (VampNet);
+- ``random``: tokens at random, exactly the ratio (this project's default);
+- ``bernoulli``: each token independently with probability the ratio (the original VampNet's training mask);
 - ``span``: non-overlapping spans of ``span_frames`` frames at a random phase, exactly round(ratio x frames)
   frames in all (the last span taken cut to fit);
 - ``magnet_span``: MAGNeT span masking, overlapping spans of ``span_frames``, span count from the rate;
@@ -28,7 +29,7 @@ from vampnet_pl.masking.training import TRAINING_MASKS
 class MaskingConfig:
     schedule: str = "cosine"  # see masking.schedules.SCHEDULES
     sampler: str = "uniform"  # uniform | sobol
-    kind: str = "random"  # random | span | magnet_span | codebook_level | per_level
+    kind: str = "random"  # random | bernoulli | span | magnet_span | codebook_level | per_level
     span_frames: int = 8  # for kind=span and kind=magnet_span
     level_schedules: list[str] = field(default_factory=list)  # kind=per_level: one per predicted level, the last repeats
     r_min: float = 0.0  # truncated schedule: r drawn from [r_min, r_max)

@@ -34,6 +34,21 @@ def random_mask(shape, ratios: torch.Tensor, n_conditioning: int = 0, generator:
     return mask
 
 
+def bernoulli_mask(shape, ratios: torch.Tensor, n_conditioning: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The original VampNet's training mask (``vampnet/mask.py`` ``random``): each predicted token masked independently
+    with probability ``ratio``, so the masked count varies around ``ratio * n``. An example left with no masked token
+    gets one, at random (the original keeps it empty; a batch with none at all would make its loss NaN)."""
+    batch, codebooks, frames = shape
+    scores = _rand((batch, codebooks - n_conditioning, frames), generator, ratios.device)
+    predicted = scores < ratios[:, None, None]
+    empty = ~predicted.flatten(1).any(1)
+    lowest = scores.flatten(1).argmin(1)  # uniformly random position: the rescue token of an empty example
+    predicted.view(batch, -1)[empty, lowest[empty]] = True
+    mask = torch.zeros(shape, dtype=torch.bool, device=ratios.device)
+    mask[:, n_conditioning:] = predicted
+    return mask
+
+
 def span_mask(
     shape, ratios: torch.Tensor, span_frames: int, n_conditioning: int = 0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -129,5 +144,5 @@ def per_level_mask(
 
 
 # Kinds of training mask, by name (``masking.kind``); see masking.config.TrainingMasker for their arguments.
-TRAINING_MASKS = {"random": random_mask, "span": span_mask, "magnet_span": magnet_span_mask,
-                  "codebook_level": codebook_level_mask, "per_level": per_level_mask}
+TRAINING_MASKS = {"random": random_mask, "bernoulli": bernoulli_mask, "span": span_mask,
+                  "magnet_span": magnet_span_mask, "codebook_level": codebook_level_mask, "per_level": per_level_mask}
