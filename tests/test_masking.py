@@ -221,6 +221,20 @@ def test_onset_prompt_is_computed_from_each_examples_own_audio():
         prompts.onset_prompt((3, 1, frames), np.stack([audio, shifted]), 22050, hop)
 
 
+def test_onset_prompt_can_keep_the_originals_width_around_each_onset(codec, monkeypatch):
+    """The original's onset_mask(width=w) keeps frames [onset - w, onset + w): ``onset:2w:w``; the default keeps w
+    frames from the onset. Clipped at the start (the original's negative slice keeps nothing there)."""
+    from vampnet_pl.masking.presets import build_prompt
+
+    monkeypatch.setattr(prompts, "onset_frames", lambda audio, sr, hop: np.array([3, 20]))
+    kept = lambda spec: torch.nonzero(~build_prompt(spec, (1, 2, 40), np.zeros(100), codec)[0, 0]).flatten().tolist()
+    assert kept("onset:5") == [3, 4, 5, 6, 7, 20, 21, 22, 23, 24]
+    assert kept("onset:10:5") == [0, 1, 2, 3, 4, 5, 6, 7, *range(15, 25)]
+    assert (~prompts.frames_to_mask((1, 1, 40), [20], 10, before=5)[0, 0]).nonzero().flatten().tolist() == [*range(15, 25)]
+    with pytest.raises(ValueError, match="argument 2 must be a whole number >= 0"):
+        build_prompt("onset:4:-1", (1, 2, 40), np.zeros(100), codec)
+
+
 def _clicks(sample_rate=22050, bpm=120, seconds=8.0):
     audio = np.zeros(int(sample_rate * seconds), np.float32)
     period = int(sample_rate * 60 / bpm)

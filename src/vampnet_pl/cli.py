@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     vamp.add_argument("--c2f", type=Path, default=None, help="exported coarse-to-fine model (.pt)")
     vamp.add_argument("--codec", required=True, help="the models' DAC: a checkpoint path or 44khz/24khz/16khz")
     vamp.add_argument("--prompt", action="append", default=[], help="periodic:P[:W], prefix:S, suffix:S, inpaint:S1:S2, "
-                      "compression:N:P, random:R, beat[:W], onset[:W] (repeat to combine)")
+                      "compression:N:P, random:R, beat[:W[:B]], onset[:W[:B]] (repeat to combine)")
     vamp.add_argument("--variations", type=int, default=1)
     vamp.add_argument("--loop", type=int, default=0, help="write one file: the input, then N vamps of it")
     vamp.add_argument("--out-dir", type=Path, default=Path("vamps"))

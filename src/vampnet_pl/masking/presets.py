@@ -3,8 +3,9 @@ the evaluation callback and the eval app take them.
 
 ``periodic:P[:W]`` keep W frames centred on every P-th frame (P 0: unconditional); ``prefix:S`` /
 ``suffix:S`` keep the first / last S seconds; ``inpaint:S1:S2`` keep both; ``compression:N:P`` keep
-N codebooks every P frames; ``random:R`` mask a fraction R; ``beat[:W]`` / ``onset[:W]`` keep W frames at each beat / onset,
-found in each example's own audio. With ``random_roll`` the periodic and compression prompts
+N codebooks every P frames; ``random:R`` mask a fraction R; ``beat[:W[:B]]`` / ``onset[:W[:B]]`` keep W frames from
+B (default 0) ahead of each beat / onset, found in each example's own audio (the original's onset mask of width w
+is ``onset:2w:w``). With ``random_roll`` the periodic and compression prompts
 start at a random phase per example (the original's app always rolls).
 """
 
@@ -56,8 +57,10 @@ def build_prompt(spec: str, shape: tuple[int, int, int], audio: np.ndarray, code
         "inpaint": lambda: prompts.inpaint(shape, frames(0), frames(1)),
         "compression": lambda: prompts.compression(shape, count(0, 0), count(1, 1), random_roll, generator),
         "random": lambda: prompts.random_prompt(shape, number(0, 0.0, 1.0), generator),
-        "beat": lambda: prompts.beat_prompt(shape, audio, codec.sample_rate, codec.hop_length, count(0, 1, 1)),
-        "onset": lambda: prompts.onset_prompt(shape, audio, codec.sample_rate, codec.hop_length, count(0, 1, 1)),
+        "beat": lambda: prompts.beat_prompt(shape, audio, codec.sample_rate, codec.hop_length, count(0, 1, 1),
+                                            before=count(1, 0, 0)),
+        "onset": lambda: prompts.onset_prompt(shape, audio, codec.sample_rate, codec.hop_length, count(0, 1, 1),
+                                              before=count(1, 0, 0)),
     }
     if name not in builders:
         raise ValueError(f"unknown prompt {name!r}; use one of {sorted(builders)}")

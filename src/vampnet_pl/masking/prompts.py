@@ -108,9 +108,11 @@ def keep_intersection(*masks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def frames_to_mask(shape, kept_frames, width: int = 1, device=None) -> torch.Tensor:
-    """Keep ``width`` frames starting at each of ``kept_frames``: one list for every example, or one
-    list per example (a list of ``batch`` arrays)."""
+def frames_to_mask(shape, kept_frames, width: int = 1, device=None, before: int = 0) -> torch.Tensor:
+    """Keep ``width`` frames starting ``before`` frames ahead of each of ``kept_frames`` (clipped at the ends): one
+    list for every example, or one list per example (a list of ``batch`` arrays)."""
+    if width < 0 or before < 0:
+        raise ValueError(f"width and before must be >= 0, got width={width}, before={before}")
     batch, codebooks, frames = shape
     per_example = isinstance(kept_frames, (list, tuple)) and len(kept_frames) == batch and all(
         isinstance(f, (list, tuple, np.ndarray)) for f in kept_frames)
@@ -118,7 +120,8 @@ def frames_to_mask(shape, kept_frames, width: int = 1, device=None) -> torch.Ten
     kept = torch.zeros(batch, frames, dtype=torch.bool, device=device)
     for row, row_frames in enumerate(rows):
         for frame in np.asarray(row_frames, dtype=int).reshape(-1):
-            kept[row, max(0, frame) : max(0, frame) + width] = True
+            start = frame - before
+            kept[row, max(0, start) : max(0, start + width)] = True
     return (~kept)[:, None, :].expand(batch, codebooks, frames).clone()
 
 
@@ -147,11 +150,17 @@ def _per_example(detect, shape, audio: np.ndarray, sample_rate: int, hop_length:
     return [detect(row, sample_rate, hop_length) for row in audio]
 
 
-def onset_prompt(shape, audio: np.ndarray, sample_rate: int, hop_length: int, width: int = 1, device=None) -> torch.Tensor:
-    """Keep ``width`` frames at each onset of each example's audio (``[samples]`` or ``[batch, samples]``)."""
-    return frames_to_mask(shape, _per_example(onset_frames, shape, audio, sample_rate, hop_length), width, device)
+def onset_prompt(shape, audio: np.ndarray, sample_rate: int, hop_length: int, width: int = 1, device=None,
+                 before: int = 0) -> torch.Tensor:
+    """Keep ``width`` frames, from ``before`` frames ahead of each onset of each example's audio (``[samples]`` or
+    ``[batch, samples]``). The original's ``onset_mask(width=w)`` keeps ``2w`` frames from ``w`` ahead: ``width=2w,
+    before=w`` (its detector is madmom's RNN, ours librosa's; an onset within ``w`` frames of the start keeps nothing
+    there, a negative slice, where ours keeps the frames from 0)."""
+    return frames_to_mask(shape, _per_example(onset_frames, shape, audio, sample_rate, hop_length), width, device, before)
 
 
-def beat_prompt(shape, audio: np.ndarray, sample_rate: int, hop_length: int, width: int = 1, device=None) -> torch.Tensor:
-    """Keep ``width`` frames at each beat of each example's audio (``[samples]`` or ``[batch, samples]``)."""
-    return frames_to_mask(shape, _per_example(beat_frames, shape, audio, sample_rate, hop_length), width, device)
+def beat_prompt(shape, audio: np.ndarray, sample_rate: int, hop_length: int, width: int = 1, device=None,
+                before: int = 0) -> torch.Tensor:
+    """Keep ``width`` frames, from ``before`` frames ahead of each beat of each example's audio (``[samples]`` or
+    ``[batch, samples]``)."""
+    return frames_to_mask(shape, _per_example(beat_frames, shape, audio, sample_rate, hop_length), width, device, before)
