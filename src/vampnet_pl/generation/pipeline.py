@@ -135,7 +135,7 @@ class VampPipeline:
         """c2f over ``[B, K, T]`` in chunks of ``c2f_chunk_seconds``, all chunks decoded as one batch.
 
         Chunks start every chunk length; the last one is the signal's last chunk-length frames
-        (it keeps only the frames no earlier chunk wrote). Each chunk of each example has its own random
+        (it keeps only the frames no earlier chunk wrote; the original zero-pads to whole chunks instead). Each chunk of each example has its own random
         stream, named by its example id and chunk number.
         """
         frames = codes.shape[-1]

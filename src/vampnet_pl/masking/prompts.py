@@ -31,6 +31,7 @@ def inpaint(shape, prefix_frames: int = 0, suffix_frames: int = 0, device=None) 
 
 
 def seconds_to_frames(seconds: float, frame_rate: float) -> int:
+    """Rounded to the nearest frame (the original's ``Interface.s2t`` rounds up)."""
     return int(round(seconds * frame_rate))
 
 
@@ -42,7 +43,9 @@ def periodic(
     The centres are frames 0, P, 2P, ... or, with ``random_roll``, shifted by a random phase in
     [0, P) per example. ``width`` frames run from ``centre - width // 2`` (an even width has one
     more frame before the centre than after; the original keeps ``width + 1`` frames then).
-    ``period`` 0 keeps nothing: unconditional generation.
+    ``period`` 0 keeps nothing: unconditional generation. The original's ``random_roll`` rolls the whole mask by
+    one offset for the batch (``torch.roll``): frames rolled past the end come back at the start, so the kept
+    frames are not periodic across that seam when ``period`` does not divide the frame count; ours shifts the centres.
     """
     if period < 0 or width < 0:
         raise ValueError(f"period and width must be >= 0, got period={period}, width={width}")
