@@ -210,6 +210,29 @@ def test_stars_are_holm_adjusted_within_each_family_and_raw_p_is_kept():
     assert float(row["diff_p"]) == pytest.approx(raw["b"]) and float(row["diff_p_holm"]) == pytest.approx(2 * raw["b"])
 
 
+def test_bookkeeping_metrics_are_not_compared_nor_counted_in_a_holm_family():
+    """Every run logs data-health counts (data/), throughput (perf/) and the gradient norm beside its scores; counted
+    as headline comparisons they made the family 5 tests instead of 1 and multiplied val/acc1's p by 5."""
+    runs, records = [], []
+    for condition in ("a", "b"):
+        for seed in range(3):
+            run = {"run_id": f"{condition}_seed-{seed}", "condition_id": condition, "seed": seed}
+            runs.append(run)
+            records.append(report.RunRecord(run["run_id"], condition, seed, "finished", metrics={
+                "val/loss": 3.0 + seed, "val/acc1": 0.5 + seed / 10 + (0.1 + seed / 1000 if condition == "b" else 0),
+                "data/samples_read": 70.0, "data/skipped/undecodable": 0.0, "perf/tokens_per_s": 2000.0 + seed,
+                "train/grad_norm": 0.5 + seed / 10 + (condition == "b")}))
+    sweep = {"name": "bookkeeping", "baseline": "a", "primary_metric": "val/loss", "runs": runs}
+    analysis = report.analyse(sweep, records)
+    assert set(analysis.differences) == {"val/loss", "val/acc1"}
+    assert analysis.family_sizes["headline"] == 1
+    p = analysis.differences["val/acc1"]["b"].p_value
+    assert analysis.adjusted["val/acc1"]["b"] == pytest.approx(p)
+    assert report.headline_metrics(analysis) == ["val/loss", "val/acc1"]
+    rows = {r["metric"]: r for r in csv.DictReader(report.summary_csv(analysis).splitlines()) if r["condition"] == "b"}
+    assert float(rows["data/samples_read"]["mean"]) == 70.0 and rows["data/samples_read"]["diff_p"] == ""  # kept
+
+
 def test_a_sweep_folder_copied_elsewhere_is_reported_from_where_it_is(sweep_dir, tmp_path_factory):
     """sweep.json and results.json hold absolute paths; a sweep copied from the cluster to be reported elsewhere
     read as 'not started' everywhere."""

@@ -51,6 +51,9 @@ def test_direction_ranking_and_scores():
     assert stats.higher_is_better("val/acc1") and stats.higher_is_better("val/top1_masked/ratio_le_0.25")
     assert not stats.higher_is_better("val/loss") and not stats.higher_is_better("gen/fad/periodic:16")
     assert not stats.is_score("gen/n_embeddings/periodic:16") and stats.is_score("gen/kad/prefix")
+    for bookkeeping in ("data/skipped/undecodable", "data/samples_read", "perf/tokens_per_s", "train/grad_norm", "lr"):
+        assert not stats.is_score(bookkeeping), bookkeeping
+    assert stats.is_score("val/loss/prompt_prefix") and stats.is_score("train/loss_epoch")
     estimates = {"a": stats.Estimate(0.3, 0.1, 2), "b": stats.Estimate(0.1, 0.1, 2), "c": stats.Estimate(math.nan, math.nan, 0)}
     assert stats.rank(estimates, higher_better=False) == ["b", "a", "c"]
     assert stats.rank(estimates, higher_better=True) == ["a", "b", "c"]

@@ -81,7 +81,9 @@ def holm(p_values: Mapping[Hashable, float]) -> dict[Hashable, float]:
 
 
 _HIGHER_IS_BETTER = re.compile(r"(^|/)(acc\w*|top\d+\w*|accuracy\w*)(/|$)")
-_NOT_A_SCORE = re.compile(r"(^|/)(n_embeddings|epoch|step|lr)(/|$)")
+# Logged beside the scores but no measure of the model: the data readers' health counts (data/), throughput (perf/),
+# gradient norms, embedding counts, steps, the learning rate.
+_NOT_A_SCORE = re.compile(r"^(data|perf)/|(^|/)(n_embeddings|epoch|step|lr|grad_norm)(/|$)")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -90,7 +92,8 @@ def higher_is_better(metric: str) -> bool:
 
 
 def is_score(metric: str) -> bool:
-    """False for bookkeeping numbers reported beside scores (embedding counts, steps, learning rate)."""
+    """False for bookkeeping numbers reported beside scores (data-health counts, throughput, gradient norm, embedding
+    counts, steps, learning rate): they are neither compared with the baseline nor counted in a Holm family."""
     return not _NOT_A_SCORE.search(metric)
 
 
