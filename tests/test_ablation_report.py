@@ -247,3 +247,20 @@ def test_a_sweep_folder_copied_elsewhere_is_reported_from_where_it_is(sweep_dir,
     assert read_curves(copy / "runs" / "schedule-cosine_seed-0") == next(  # the live CSV log found, not only curves/
         r.curves for r in records if r.run_id == "schedule-cosine_seed-0")
     assert next(r.curves for r in records if r.run_id == "schedule-cosine_seed-0")["val/loss"][21] == 3.0
+
+
+def test_a_moved_sweep_run_again_in_its_new_place_keeps_its_curves(sweep_dir, tmp_path_factory):
+    """`ablate run` in the new place rewrites sweep.json's run folders; the finished runs' configs still name the
+    old ones. The report looked for the CSV logs there: every curve was lost, without a word."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("moved") / "sweep"
+    shutil.copytree(sweep_dir, copy)
+    shutil.rmtree(sweep_dir / "runs")
+    recorded = json.loads((copy / "sweep.json").read_text())
+    for run in recorded["runs"]:
+        run["run_dir"] = str(copy / "runs" / run["run_id"])  # as write_sweep_record writes it in the new place
+    (copy / "sweep.json").write_text(json.dumps(recorded))
+    sweep, records = report.read_sweep(copy, progress=False)
+    curves = next(r.curves for r in records if r.run_id == "schedule-cosine_seed-0")
+    assert curves == read_curves(copy / "runs" / "schedule-cosine_seed-0") and curves["val/loss"][21] == 3.0

@@ -80,7 +80,10 @@ def read_sweep(sweep_dir: str | Path, progress: bool = True) -> tuple[dict, list
             record.metrics_step, record.final_step = saved.get("metrics_step"), saved.get("final_step")
             record.detail = "; ".join(score_warnings(saved))
             log_dirs = csv_log_dirs(OmegaConf.create(saved["config"]))
-            record.curves = results.read_curves(run_dir, [moved(d, Path(run["run_dir"]), run_dir) for d in log_dirs])
+            # the config's paths are where the run trained (results.json's run_dir), which sweep.json no longer
+            # names once `ablate run` was re-run from a moved folder
+            trained_in = Path(saved.get("run_dir") or run["run_dir"])
+            record.curves = results.read_curves(run_dir, [moved(d, trained_in, run_dir) for d in log_dirs])
         elif (run_dir / results.FAILURE).is_file():
             failure = json.loads((run_dir / results.FAILURE).read_text())
             record.status, record.detail = "failed", failure.get("reason", "")
