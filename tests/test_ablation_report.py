@@ -180,6 +180,9 @@ def test_report_markdown_figures_and_gaps(sweep_dir, capsys):
     text = (sweep_dir / "report.md").read_text()
     assert "baseline: `schedule-linear`" in text and "By `val/acc1` (higher is better)" in text
     assert main(["ablate", "report", str(sweep_dir), "--baseline", "schedule-nope"]) == 2
+    # a bookkeeping number ranks nothing (it has no paired differences: the ranking raised KeyError)
+    assert main(["ablate", "report", str(sweep_dir), "--metric", "gen/n_embeddings/periodic:16"]) == 2
+    assert "is bookkeeping, not a score" in capsys.readouterr().err
 
 
 def test_stars_are_holm_adjusted_within_each_family_and_raw_p_is_kept():

@@ -90,6 +90,7 @@ def test_a_malformed_spec_file_fails(tmp_path, fields, message):
     ({"baseline": {"masking.schedule": "square"}}, "not in the grid"),
     ({"baseline": {"masking.kind": "random"}}, "does not vary"),
     ({"parallel": 0}, "parallel"),
+    ({"primary_metric": "data/skip_rate"}, "primary_metric 'data/skip_rate' is bookkeeping"),
 ])
 def test_inconsistent_specs_fail(tmp_path, fields, message):
     with pytest.raises(SpecError, match=message):

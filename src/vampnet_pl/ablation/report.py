@@ -153,6 +153,10 @@ def analyse(sweep: dict, records: list[RunRecord], baseline: str | None = None, 
     baseline = baseline or sweep["baseline"]
     if baseline not in conditions:
         raise ValueError(f"baseline {baseline!r} is not a condition of this sweep: {conditions}")
+    primary = primary or sweep.get("primary_metric") or "val/loss"
+    if not stats.is_score(primary):
+        raise ValueError(f"the primary metric {primary!r} is bookkeeping, not a score (see stats.is_score): the "
+                         "ranking compares scores; pick one such as val/loss or val/acc1")
     values: dict[str, dict[str, dict[int, float]]] = {}
     for record in records:
         if record.status == "finished":
@@ -161,8 +165,7 @@ def analyse(sweep: dict, records: list[RunRecord], baseline: str | None = None, 
     estimates = {m: {c: stats.mean_ci(by.get(c, {}).values()) for c in conditions} for m, by in values.items()}
     differences = {m: {c: stats.paired_difference(by.get(c, {}), by.get(baseline, {})) for c in conditions if c != baseline}
                    for m, by in values.items() if stats.is_score(m)}
-    analysis = Analysis(conditions, baseline, primary or sweep.get("primary_metric") or "val/loss", values, estimates,
-                        differences)
+    analysis = Analysis(conditions, baseline, primary, values, estimates, differences)
     analysis.adjust()
     return analysis
 

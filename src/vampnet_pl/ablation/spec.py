@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vampnet_pl.ablation.stats import is_score
 from vampnet_pl.config import AblationConfig, UsageError, compose, override_value
 from vampnet_pl.training.csv_logs import csv_log_dirs
 
@@ -118,6 +119,9 @@ def expand(spec: AblationConfig, sweep_dir: str | Path | None = None) -> Sweep:
                         "that get the run's seed (the default is [seed])")
     if spec.parallel < 1:
         raise SpecError(f"parallel must be at least 1, not {spec.parallel}")
+    if not is_score(spec.primary_metric):
+        raise SpecError(f"primary_metric {spec.primary_metric!r} is bookkeeping, not a score; the report ranks the "
+                        "conditions by a score such as val/loss or val/acc1")
     grid: dict[str, list[str]] = {}
     for key, values in spec.grid.items():
         if not re.fullmatch(r"[+~]{0,2}[A-Za-z_][\w.\-/@]*", key):
