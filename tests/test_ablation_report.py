@@ -267,3 +267,29 @@ def test_a_moved_sweep_run_again_in_its_new_place_keeps_its_curves(sweep_dir, tm
     sweep, records = report.read_sweep(copy, progress=False)
     curves = next(r.curves for r in records if r.run_id == "schedule-cosine_seed-0")
     assert curves == read_curves(copy / "runs" / "schedule-cosine_seed-0") and curves["val/loss"][21] == 3.0
+
+
+def test_runs_trained_under_a_changed_config_are_flagged(sweep_dir):
+    """The sweep was resumed after a config default changed: every linear run trained with another learning rate
+    (the same overrides, so `ablate run` skipped the finished cosine runs). The report compared them silently."""
+    for path in sorted((sweep_dir / "runs").glob("*/results.json")):
+        saved = json.loads(path.read_text())
+        schedule, seed = saved["condition"]["masking.schedule"], saved["seed"]
+        saved["config"].update(seed=seed, data={"seed": seed}, masking={"schedule": schedule},
+                               optim={"lr": 0.02 if schedule == "linear" else 0.002})
+        path.write_text(json.dumps(saved))
+    sweep, records = report.read_sweep(sweep_dir, progress=False)
+    drift = report.unexplained_settings(records, ["masking.schedule"])
+    assert drift == {"optim.lr": {"0.002": [f"schedule-{c}_seed-{s}" for c in ("cosine", "square") for s in SEEDS],
+                                  "0.02": [f"schedule-linear_seed-{s}" for s in SEEDS]}}
+    text = report.render(sweep, records, report.analyse(sweep, records), [])
+    warning = text.split("## Runs")[0]
+    assert "**Warning:** the finished runs were trained with settings that neither the grid nor the seed" in warning
+    assert "`optim.lr`: 0.002 (`schedule-cosine_seed-0`" in warning and "0.02 (`schedule-linear_seed-0`" in warning
+    # what the grid, the seed and each run's own folder set apart is no drift; a group in the grid may set any key
+    # the same way in all of a condition's runs
+    assert "data.seed" not in warning and "masking.schedule" not in warning and "logger" not in warning
+    assert report.unexplained_settings(records, ["masking"]) == {}
+    for record in records:
+        record.settings.pop("optim.lr", None)
+    assert "**Warning:** the finished runs" not in report.render(sweep, records, report.analyse(sweep, records), [])

@@ -5,7 +5,8 @@ baseline condition (paired by seed), their t-test p-values Holm-adjusted within 
 primary metric; the other headline metrics; the series metrics) and starred on the adjusted p; a ranking by the
 primary metric; curves over training steps with CI bands;
 series figures (accuracy against mask ratio, per codebook, quality against passes) and per-prompt bars.
-Runs that are missing or failed are listed, never dropped silently.
+Runs that are missing or failed are listed, never dropped silently; so are config keys in which finished runs differ
+although neither the grid nor the seed sets them apart.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class RunRecord:
     protocol: str = ""
     metrics_step: int | None = None
     final_step: int | None = None
+    settings: dict[str, str] = field(default_factory=dict)  # the resolved config, flat, run-neutral (see run_settings)
 
 
 def read_sweep(sweep_dir: str | Path, progress: bool = True) -> tuple[dict, list[RunRecord]]:
@@ -79,6 +81,8 @@ def read_sweep(sweep_dir: str | Path, progress: bool = True) -> tuple[dict, list
             record.status, record.metrics, record.protocol = "finished", saved["metrics"], saved.get("protocol", "")
             record.metrics_step, record.final_step = saved.get("metrics_step"), saved.get("final_step")
             record.detail = "; ".join(score_warnings(saved))
+            record.settings = run_settings(saved["config"], [saved.get("run_dir"), saved["config"].get("run_dir")],
+                                           run["run_id"])
             log_dirs = csv_log_dirs(OmegaConf.create(saved["config"]))
             # the config's paths are where the run trained (results.json's run_dir), which sweep.json no longer
             # names once `ablate run` was re-run from a moved folder
@@ -120,6 +124,82 @@ def score_warnings(saved: dict) -> list[str]:
     if nan := sorted(k for k, v in saved.get("metrics", {}).items() if isinstance(v, float) and math.isnan(v)):
         notes.append(f"NaN (diverged?), left out of the means: {_names(nan)}")
     return notes
+
+
+# -- do the runs differ in the grid and the seed alone? ----------------------------------------------
+LAUNCHER_KEYS = ("slurm.",)  # how a run was launched (local: slurm.requeue=off), not what it trained
+
+
+def run_settings(config: dict, run_dirs: list[str | None], run_id: str) -> dict[str, str]:
+    """A run's resolved config as dotted key -> JSON value, its own folder and id replaced by placeholders (every
+    run has its own: they are no setting) and launcher keys left out."""
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif not prefix.startswith(LAUNCHER_KEYS):
+            text = json.dumps(node, sort_keys=True)
+            for run_dir in sorted({d for d in run_dirs if d}, key=len, reverse=True):
+                text = text.replace(run_dir, "<run_dir>")
+            flat[prefix[:-1]] = text.replace(run_id, "<run_id>")
+
+    walk(config, "")
+    return flat
+
+
+def _is_group(key: str) -> bool:
+    """Whether a grid key picks a config group (``masking``, ``experiment``): its options may set keys anywhere."""
+    from vampnet_pl.config import conf_dir
+
+    try:
+        return (conf_dir() / key.split("@")[0].lstrip("+~").replace(".", "/")).is_dir()
+    except FileNotFoundError:  # no conf/ here: every grid key may be one
+        return True
+
+
+def unexplained_settings(records: list[RunRecord], grid_keys: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Config keys in which the finished runs differ although neither the grid nor the seed sets them apart (the
+    config or its defaults changed between runs of the sweep): key -> value -> run ids.
+
+    A key may differ where the grid sets it (the key, or one below it), where every run's value is its seed or a
+    grid key's value (``data.seed: ${seed}``, interpolations), or, when a grid key picks a config group (which may
+    set any key), where it is the same in every run of a condition."""
+    runs = [r for r in records if r.status == "finished" and r.settings]
+    paths = [k.split("@")[0].lstrip("+~") for k in grid_keys]
+    groups = any(_is_group(k) for k in grid_keys)
+    drift = {}
+    for key in sorted(set().union(*[r.settings for r in runs]) if runs else ()):
+        values = {r.run_id: r.settings.get(key, "(absent)") for r in runs}
+        if len(set(values.values())) < 2 or any(key == p or key.startswith(p + ".") for p in paths):
+            continue
+        if all(values[r.run_id] == json.dumps(r.seed) for r in runs):
+            continue
+        if any(all(values[r.run_id] == r.settings.get(p) for r in runs) for p in paths):
+            continue
+        by_condition = {}
+        for r in runs:
+            by_condition.setdefault(r.condition_id, set()).add(values[r.run_id])
+        if groups and all(len(v) == 1 for v in by_condition.values()):
+            continue
+        drift[key] = {}
+        for r in runs:
+            drift[key].setdefault(values[r.run_id], []).append(r.run_id)
+    return drift
+
+
+def drift_warning(drift: dict[str, dict[str, list[str]]], limit: int = 8) -> str:
+    if not drift:
+        return ""
+    shown = []
+    for key, by_value in list(drift.items())[:limit]:
+        shown.append(f"`{key}`: " + "; ".join(f"{value} ({', '.join(f'`{r}`' for r in run_ids)})"
+                                               for value, run_ids in by_value.items()))
+    more = f"; and {len(drift) - limit} more keys" if len(drift) > limit else ""
+    return ("**Warning:** the finished runs were trained with settings that neither the grid nor the seed sets "
+            "apart (the config changed during the sweep?), so their differences are not the grid's alone: "
+            + " — ".join(shown) + more + ".")
 
 
 @dataclass
@@ -255,6 +335,9 @@ def render(sweep: dict, records: list[RunRecord], analysis: Analysis, figures: l
     if len(protocols) > 1:
         lines += [f"**Warning:** the runs were scored under different protocols ({', '.join(protocols)}); "
                   "their scores are not comparable.", ""]
+    grid_keys = sweep.get("grid_keys") or list(dict.fromkeys(k for r in sweep["runs"] for k in r.get("condition", {})))
+    if warning := drift_warning(unexplained_settings(records, grid_keys)):
+        lines += [warning, ""]
     lines += ["## Runs", "", runs_section(records), "", "## Ranking", "", ranking_section(analysis), ""]
     headline = headline_metrics(analysis)
     if headline:
