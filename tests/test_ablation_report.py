@@ -121,13 +121,16 @@ def test_the_report_flags_scores_not_measured_at_the_final_step(sweep_dir):
     path = sweep_dir / "runs" / "schedule-linear_seed-1" / "results.json"
     saved = json.loads(path.read_text())
     saved["metrics"]["val/loss"] = math.nan
+    saved["metrics"]["val/top1_masked/ratio_le_0.25"] = math.nan  # no example's mask ratio fell in that bucket
     saved.update(gen_metrics_step=10, missing_metrics=["gen/fad/prefix:1.0"])
     path.write_text(json.dumps(saved))
     sweep, records = report.read_sweep(sweep_dir, progress=False)
     detail = next(r.detail for r in records if r.run_id == "schedule-linear_seed-1")
     assert detail == ("gen/ scores from the generation evaluation at step 10, training ended at 20; "
                       "no value at the last evaluation, left out: `gen/fad/prefix:1.0`; "
-                      "NaN (diverged?), left out of the means: `val/loss`")
+                      "NaN (diverged?), left out of the means: `val/loss`; "
+                      "NaN (no masked token in that mask-ratio bucket), left out of the means: "
+                      "`val/top1_masked/ratio_le_0.25`")
     analysis = report.analyse(sweep, records)
     assert analysis.estimates["val/loss"]["schedule-linear"].n == 2
     assert "| `schedule-linear_seed-1` | finished | gen/ scores from the generation evaluation at step 10" in \
@@ -293,3 +296,9 @@ def test_runs_trained_under_a_changed_config_are_flagged(sweep_dir):
     for record in records:
         record.settings.pop("optim.lr", None)
     assert "**Warning:** the finished runs" not in report.render(sweep, records, report.analyse(sweep, records), [])
+
+
+def test_series_figures_order_prompts_with_their_numbers_as_numbers():
+    assert report.x_order(["periodic:16", "periodic:4", "onset:2:1", "prefix:1.0"], "prompt") == [
+        "onset:2:1", "periodic:4", "periodic:16", "prefix:1.0"]
+    assert report.x_order(["0.5", "0.25", "1.0"], "ratio") == ["0.25", "0.5", "1.0"]

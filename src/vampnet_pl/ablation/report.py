@@ -121,9 +121,17 @@ def score_warnings(saved: dict) -> list[str]:
         notes.append(f"gen/ scores from the generation evaluation at step {gen_step}, training ended at {final}")
     if missing := list(saved.get("missing_metrics") or []):
         notes.append(f"no value at the last evaluation, left out: {_names(missing)}")
-    if nan := sorted(k for k, v in saved.get("metrics", {}).items() if isinstance(v, float) and math.isnan(v)):
-        notes.append(f"NaN (diverged?), left out of the means: {_names(nan)}")
+    nan = sorted(k for k, v in saved.get("metrics", {}).items() if isinstance(v, float) and math.isnan(v))
+    if diverged := [k for k in nan if not _by_mask_ratio(k)]:
+        notes.append(f"NaN (diverged?), left out of the means: {_names(diverged)}")
+    if empty := [k for k in nan if _by_mask_ratio(k)]:
+        notes.append(f"NaN (no masked token in that mask-ratio bucket), left out of the means: {_names(empty)}")
     return notes
+
+
+def _by_mask_ratio(metric: str) -> bool:
+    """Metrics over one mask-ratio bucket: a mean of nothing (NaN) when no example's ratio fell in it."""
+    return "/ratio_le_" in metric
 
 
 # -- do the runs differ in the grid and the seed alone? ----------------------------------------------
@@ -424,6 +432,12 @@ def curves_figure(analysis: Analysis, records: list[RunRecord], path: Path) -> P
     return _save(fig, path)
 
 
+def x_order(labels, kind: str) -> list[str]:
+    """A series figure's x labels in reading order: numbers (mask ratios, passes) by value, prompts by name with
+    their numbers compared as numbers (periodic:4 before periodic:16)."""
+    return sorted(labels, key=(lambda x: float(x)) if kind != "prompt" else _natural)
+
+
 def series_figure(analysis: Analysis, kind: str, path: Path) -> Path | None:
     families: dict[str, dict[str, str]] = {}  # family -> x label -> metric
     for metric in analysis.values:
@@ -434,7 +448,7 @@ def series_figure(analysis: Analysis, kind: str, path: Path) -> Path | None:
     fig, axes = _panels(len(families))
     width = 0.8 / max(1, len(analysis.conditions))
     for ax, (family, points) in zip(axes, sorted(families.items())):
-        xs = sorted(points, key=lambda x: float(x)) if kind != "prompt" else sorted(points)
+        xs = x_order(points, kind)
         for i, condition in enumerate(analysis.conditions):
             es = [analysis.estimates[points[x]][condition] for x in xs]
             mean = [e.mean for e in es]
