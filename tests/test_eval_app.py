@@ -207,3 +207,17 @@ def test_eval_scores_the_requested_split_or_refuses(prepared, codec, tmp_path):
                                          "score another with split=train or split=val"):  # the fixture's test_fraction is 0
         eval_windows(compose("eval", [*base, "split=test"]), codec)
     assert eval_windows(compose("eval", [*base, "split=val"]), codec).shape[0] == 2
+
+
+def test_results_without_a_passes_sweep_write_no_sweep_plot(tmp_path):
+    """``eval_protocol.passes_sweep=[]`` is allowed, but the empty log-scale plot raised after every score was computed."""
+    from vampnet_pl.evaluation.app import write_results
+
+    row = dict(protocol="v1", mel=1.0, mel_dac=0.5, mel_vampnet=2.0, fad=3.0, kad=0.1, n_embeddings=4)
+    rows = [{**row, "prompt": "ceiling_codec", "coarse_passes": ""}, {**row, "prompt": "periodic_8", "coarse_passes": 12}]
+    stale = tmp_path / "quality_vs_passes.png"
+    stale.write_bytes(b"an earlier run's curve")
+    paths = write_results(rows, tmp_path)
+    assert [p.name for p in paths] == ["results.csv", "per_prompt.png"]
+    assert not stale.exists()  # it would not match the new results.csv
+    assert [r["prompt"] for r in csv.DictReader(open(tmp_path / "results.csv"))] == ["ceiling_codec", "periodic_8"]

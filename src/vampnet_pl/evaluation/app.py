@@ -111,6 +111,10 @@ def write_results(rows: list[dict], out_dir: Path) -> list[Path]:
     per_prompt = out_dir / "per_prompt.png"
     fig.savefig(per_prompt, dpi=90)
     plt.close(fig)
+    sweep_plot = out_dir / "quality_vs_passes.png"
+    if not sweep:  # eval_protocol.passes_sweep=[]: no curve to draw (a log axis of nothing fails)
+        sweep_plot.unlink(missing_ok=True)  # an earlier run's curve would not match this results.csv
+        return [table, per_prompt]
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     passes = [r["coarse_passes"] for r in sweep]
     ax.plot(passes, [r["mel"] for r in sweep], "o-", label="mel distance")
@@ -119,7 +123,6 @@ def write_results(rows: list[dict], out_dir: Path) -> list[Path]:
     ax.set(xscale="log", xlabel="coarse sampling passes", ylabel="mel distance", title=f"quality against passes (protocol {protocol})")
     twin.set_ylabel("FAD")
     fig.legend(loc="upper right")
-    sweep_plot = out_dir / "quality_vs_passes.png"
     fig.savefig(sweep_plot, dpi=90)
     plt.close(fig)
     return [table, per_prompt, sweep_plot]
