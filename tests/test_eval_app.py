@@ -221,3 +221,15 @@ def test_results_without_a_passes_sweep_write_no_sweep_plot(tmp_path):
     assert [p.name for p in paths] == ["results.csv", "per_prompt.png"]
     assert not stale.exists()  # it would not match the new results.csv
     assert [r["prompt"] for r in csv.DictReader(open(tmp_path / "results.csv"))] == ["ceiling_codec", "periodic_8"]
+
+
+@pytest.mark.parametrize("override", ["eval_protocol.passes_sweep=[0,4]", "eval_protocol.passes_sweep=[-1]",
+                                      "eval_protocol.passes=0"])
+def test_protocol_passes_below_one_are_refused_at_compose_time(override):
+    """``passes_sweep=[0]`` was accepted: eval wrote a ``passes_0`` row that was the ungenerated real tokens (the
+    ceiling's scores), and the training-time callback raised at its first evaluation, ending the run."""
+    from vampnet_pl.config import UsageError, compose
+
+    for name, base in (("eval", ["coarse=c.pt", "dataset_dir=/data"]), ("train", ["data.dataset_dir=/data", "callbacks=with_eval"])):
+        with pytest.raises(UsageError, match="eval_protocol.passes and passes_sweep must be >= 1"):
+            compose(name, [*base, override])

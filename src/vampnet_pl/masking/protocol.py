@@ -49,6 +49,9 @@ class EvalProtocolConfig:
             raise ValueError(f"eval_protocol.ratios must lie in (0, 1], got {list(self.ratios)}")
         if not 0 <= self.context_fraction < 0.5:
             raise ValueError(f"eval_protocol.context_fraction must lie in [0, 0.5), got {self.context_fraction}")
+        if self.passes < 1 or not all(n >= 1 for n in self.passes_sweep):  # 0 passes generate nothing
+            raise ValueError(f"eval_protocol.passes and passes_sweep must be >= 1, got passes={self.passes}, "
+                             f"passes_sweep={list(self.passes_sweep)}")
         if self.sweep_prompt not in self.prompt_names:
             raise ValueError(f"eval_protocol.sweep_prompt {self.sweep_prompt!r} is not one of {self.prompt_names}")
 
