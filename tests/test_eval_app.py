@@ -233,3 +233,20 @@ def test_protocol_passes_below_one_are_refused_at_compose_time(override):
     for name, base in (("eval", ["coarse=c.pt", "dataset_dir=/data"]), ("train", ["data.dataset_dir=/data", "callbacks=with_eval"])):
         with pytest.raises(UsageError, match="eval_protocol.passes and passes_sweep must be >= 1"):
             compose(name, [*base, override])
+
+
+@pytest.mark.parametrize("spec, message", [("beet", "unknown prompt 'beet'"), ("random:2", r"must lie in \[0, 1\]"),
+                                           ("periodic", "needs more arguments")])
+def test_wrong_prompt_presets_are_refused_before_anything_runs(spec, message):
+    """A wrong preset was found only when its job ran: after every protocol prompt in eval, and at the first
+    generation evaluation of a training run (which it ended)."""
+    from vampnet_pl.config import UsageError, compose
+    from vampnet_pl.evaluation.callback import PromptEvalCallback
+
+    with pytest.raises(UsageError, match=f"prompts: .*{message}"):
+        compose("eval", ["coarse=c.pt", "dataset_dir=/data", f"prompts=[{spec}]"])
+    with pytest.raises(UsageError, match=f"callbacks.prompt_eval.prompts: .*{message}"):
+        compose("train", ["data.dataset_dir=/data", "callbacks=with_eval", f"callbacks.prompt_eval.prompts=[{spec}]"])
+    with pytest.raises(ValueError, match=message):
+        PromptEvalCallback(codec_source="unused", prompts=[spec])
+    compose("eval", ["coarse=c.pt", "dataset_dir=/data", "prompts=[beat,onset:2,random:0.5,compression:6:4]"])

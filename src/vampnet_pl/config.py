@@ -40,6 +40,18 @@ def check_fad_backend(name: str, key: str) -> None:
         raise ValueError(f"unknown FAD backend {name!r} ({key}); known: {sorted(EMBEDDINGS)}")
 
 
+def check_prompt_presets(specs, key: str) -> None:
+    """Prompt presets (``beat``, ``random:0.5`` ...), parsed as masking/presets.py parses them, so that a wrong one
+    stops the config, not the evaluation after hours (or the training run at its first generation evaluation)."""
+    from vampnet_pl.masking.presets import prompt_arguments
+
+    for spec in specs or []:
+        try:
+            prompt_arguments(str(spec))
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+
+
 @dataclass
 class CodecConfig:
     # A pretrained DAC name (44khz, 24khz, 16khz; needs internet once) or a DAC checkpoint path.
@@ -255,6 +267,8 @@ class TrainConfig:
         for name, node in (self.callbacks or {}).items():  # the generation callback (callbacks=with_eval)
             if isinstance(node, dict) and "fad_backend" in node:
                 check_fad_backend(node["fad_backend"], f"callbacks.{name}.fad_backend")
+            if isinstance(node, dict) and "prompts" in node:
+                check_prompt_presets(node["prompts"], f"callbacks.{name}.prompts")
         if self.init_from is None and (self.lora is not None or self.fine_tune):
             why = "LoRA adapters (lora=...) train on" if self.lora is not None else f"experiment={self.experiment} fine-tunes"
             raise ValueError(f"init_from is not set: {why} a pretrained model; give init_from=<exported model .pt>")
@@ -285,6 +299,7 @@ class EvalConfig:
 
     def __post_init__(self):
         check_fad_backend(self.fad_backend, "fad_backend")
+        check_prompt_presets(self.prompts, "prompts")
 
 
 class SweepLauncher(str, Enum):

@@ -25,6 +25,7 @@ from vampnet_pl.evaluation.metrics import fad_embedding
 from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, protocol_jobs, rows_to_metrics
 from vampnet_pl.evaluation.scoring import noisy_tokens
 from vampnet_pl.generation.sampling import SamplingConfig, example_generators, sample
+from vampnet_pl.masking.presets import prompt_arguments
 from vampnet_pl.masking.protocol import EvalProtocolConfig
 from vampnet_pl.training.callbacks import LogPoints
 from vampnet_pl.training.slurm import requeue_pending
@@ -47,6 +48,8 @@ class PromptEvalCallback(L.Callback):
                  prompts: list[str] | None = None):
         self.codec_source, self.protocol = codec_source, as_protocol(protocol)
         self.prompts = list(prompts or [])  # extra presets beside the protocol's (``beat`` ...), per window
+        for spec in self.prompts:  # a wrong one must stop the run now, not at its first evaluation
+            prompt_arguments(spec)
         self.every_n_steps = every_n_steps
         self.n_windows = n_windows or self.protocol.gen_windows
         self.noisy_ratio, self.time_budget, self.seed, self.log_audio = noisy_ratio, time_budget_seconds, seed, log_audio

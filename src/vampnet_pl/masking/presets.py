@@ -18,13 +18,10 @@ from vampnet_pl.codec import Codec
 from vampnet_pl.masking import prompts
 
 
-def build_prompt(spec: str, shape: tuple[int, int, int], audio: np.ndarray, codec: Codec,
-                 generator: torch.Generator | None = None, random_roll: bool = False) -> torch.Tensor:
-    """One prompt preset (see the module docstring) as a mask ``[B, K, T]`` (True = generate).
+def prompt_arguments(spec: str) -> tuple[str, list[float | int]]:
+    """A preset's name and its checked arguments (seconds stay seconds): what :func:`build_prompt` builds from.
 
-    ``audio``: the examples' audio at the codec rate, ``[samples]`` (the same for all) or
-    ``[B, samples]``; only beat and onset prompts read it.
-    """
+    Needs no audio or codec, so configs can refuse a wrong preset before anything runs."""
     name, *args = spec.split(":")
     try:
         values = [float(a) for a in args]
@@ -38,9 +35,6 @@ def build_prompt(spec: str, shape: tuple[int, int, int], audio: np.ndarray, code
                              f"got {value:g}")
         return value
 
-    def frames(position: int) -> int:  # an argument in seconds, as frames
-        return prompts.seconds_to_frames(number(position, 0.0), codec.frame_rate)
-
     def count(position: int, lowest: int, default: int | None = None) -> int:
         """A whole-number argument (a period, a width, a codebook count), at least ``lowest``."""
         if position >= len(values) and default is not None:
@@ -50,21 +44,43 @@ def build_prompt(spec: str, shape: tuple[int, int, int], audio: np.ndarray, code
             raise ValueError(f"bad prompt {spec!r}: argument {position + 1} must be a whole number >= {lowest}, got {value:g}")
         return int(value)
 
-    builders = {
-        "periodic": lambda: prompts.periodic(shape, count(0, 0), count(1, 1, 1), random_roll, generator),
-        "prefix": lambda: prompts.inpaint(shape, prefix_frames=frames(0)),
-        "suffix": lambda: prompts.inpaint(shape, suffix_frames=frames(0)),
-        "inpaint": lambda: prompts.inpaint(shape, frames(0), frames(1)),
-        "compression": lambda: prompts.compression(shape, count(0, 0), count(1, 1), random_roll, generator),
-        "random": lambda: prompts.random_prompt(shape, number(0, 0.0, 1.0), generator),
-        "beat": lambda: prompts.beat_prompt(shape, audio, codec.sample_rate, codec.hop_length, count(0, 1, 1),
-                                            before=count(1, 0, 0)),
-        "onset": lambda: prompts.onset_prompt(shape, audio, codec.sample_rate, codec.hop_length, count(0, 1, 1),
-                                              before=count(1, 0, 0)),
+    readers = {
+        "periodic": lambda: [count(0, 0), count(1, 1, 1)],
+        "prefix": lambda: [number(0, 0.0)],
+        "suffix": lambda: [number(0, 0.0)],
+        "inpaint": lambda: [number(0, 0.0), number(1, 0.0)],
+        "compression": lambda: [count(0, 0), count(1, 1)],
+        "random": lambda: [number(0, 0.0, 1.0)],
+        "beat": lambda: [count(0, 1, 1), count(1, 0, 0)],
+        "onset": lambda: [count(0, 1, 1), count(1, 0, 0)],
     }
-    if name not in builders:
-        raise ValueError(f"unknown prompt {name!r}; use one of {sorted(builders)}")
+    if name not in readers:
+        raise ValueError(f"unknown prompt {name!r}; use one of {sorted(readers)}")
     try:
-        return builders[name]()
+        return name, readers[name]()
     except IndexError:
         raise ValueError(f"prompt {spec!r} needs more arguments (see vampnet-pl vamp --help)") from None
+
+
+def build_prompt(spec: str, shape: tuple[int, int, int], audio: np.ndarray, codec: Codec,
+                 generator: torch.Generator | None = None, random_roll: bool = False) -> torch.Tensor:
+    """One prompt preset (see the module docstring) as a mask ``[B, K, T]`` (True = generate).
+
+    ``audio``: the examples' audio at the codec rate, ``[samples]`` (the same for all) or
+    ``[B, samples]``; only beat and onset prompts read it.
+    """
+    name, args = prompt_arguments(spec)
+    frames = lambda seconds: prompts.seconds_to_frames(seconds, codec.frame_rate)  # noqa: E731
+    builders = {
+        "periodic": lambda period, width: prompts.periodic(shape, period, width, random_roll, generator),
+        "prefix": lambda seconds: prompts.inpaint(shape, prefix_frames=frames(seconds)),
+        "suffix": lambda seconds: prompts.inpaint(shape, suffix_frames=frames(seconds)),
+        "inpaint": lambda start, end: prompts.inpaint(shape, frames(start), frames(end)),
+        "compression": lambda n, period: prompts.compression(shape, n, period, random_roll, generator),
+        "random": lambda ratio: prompts.random_prompt(shape, ratio, generator),
+        "beat": lambda width, before: prompts.beat_prompt(shape, audio, codec.sample_rate, codec.hop_length, width,
+                                                          before=before),
+        "onset": lambda width, before: prompts.onset_prompt(shape, audio, codec.sample_rate, codec.hop_length, width,
+                                                            before=before),
+    }
+    return builders[name](*args)
