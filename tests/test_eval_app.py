@@ -250,3 +250,41 @@ def test_wrong_prompt_presets_are_refused_before_anything_runs(spec, message):
     with pytest.raises(ValueError, match=message):
         PromptEvalCallback(codec_source="unused", prompts=[spec])
     compose("eval", ["coarse=c.pt", "dataset_dir=/data", "prompts=[beat,onset:2,random:0.5,compression:6:4]"])
+
+
+@pytest.mark.parametrize("seconds, n_windows, message", [
+    (0.5, 2, r"0.50 s evaluation windows are too short for the FAD embedding \(audio is shorter than one embedding patch\)"),
+    (1.0, 1, r"1 evaluation window\(s\) of 1.00 s give 1 embedding\(s\) per side; FAD and KAD need at least 2"),
+])
+def test_windows_too_short_or_few_for_fad_are_refused_before_training(codec_path, seconds, n_windows, message):
+    """The training-time evaluation raised at its first run (``audio is shorter than one embedding patch``, ``FAD
+    needs at least 2 real embeddings``), ending the training run after ``every_n_steps`` steps."""
+    from types import SimpleNamespace
+
+    from vampnet_pl.codec import Codec
+    from vampnet_pl.evaluation.callback import PromptEvalCallback
+
+    codec = Codec.load(str(codec_path), device="cpu")
+    windows = torch.zeros(n_windows, 14, codec.frames_for(seconds), dtype=torch.long)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_windows=[w.numpy() for w in windows]), global_rank=0,
+                              world_size=1, global_step=0)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    callback = PromptEvalCallback(codec_source=str(codec_path), n_windows=8)
+    with pytest.raises(ValueError, match=f"{message}: raise callbacks.prompt_eval.n_windows or data.window_seconds"):
+        callback.on_train_start(trainer, module)
+    trainer.datamodule.val_windows = [w.numpy() for w in torch.zeros(2, 14, codec.frames_for(1.0), dtype=torch.long)]
+    PromptEvalCallback(codec_source=str(codec_path), n_windows=8).on_train_start(trainer, module)  # 2 x 1 embedding
+
+
+def test_eval_refuses_windows_too_short_for_fad_before_generating(prepared, codec, codec_path, tmp_path, monkeypatch):
+    from vampnet_pl.evaluation.app import evaluate
+    from vampnet_pl.generation.pipeline import VampPipeline
+
+    save_exported(tmp_path / "coarse.pt", small_model(codec, 4, 0))
+    monkeypatch.setattr(VampPipeline, "generate", lambda *args: pytest.fail("generated before the check"))
+    overrides = [f"coarse={tmp_path / 'coarse.pt'}", f"codec.source={codec_path}", "codec.device=cpu",
+                 f"dataset_dir={prepared}", "split=val", "window_seconds=0.5", "n_windows=2"]
+    with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = OmegaConf.to_object(hydra.compose("eval", overrides=overrides))
+    with pytest.raises(ValueError, match="0.50 s evaluation windows are too short .*: raise n_windows or window_seconds"):
+        evaluate(cfg)

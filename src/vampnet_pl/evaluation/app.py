@@ -29,7 +29,7 @@ from vampnet_pl.data.index import load_index  # noqa: E402
 from vampnet_pl.data.windows import window_frames  # noqa: E402
 from vampnet_pl.evaluation.metrics import fad_embedding  # noqa: E402
 from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, protocol_jobs  # noqa: E402
-from vampnet_pl.evaluation.scoring import SCORES, noisy_tokens  # noqa: E402
+from vampnet_pl.evaluation.scoring import SCORES, check_embedding_count, noisy_tokens  # noqa: E402
 from vampnet_pl.generation.pipeline import GenerationConfig  # noqa: E402
 from vampnet_pl.generation.sampling import SamplingConfig, example_generators  # noqa: E402
 from vampnet_pl.generation.vamp import load_pipeline  # noqa: E402
@@ -73,6 +73,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     full = eval_windows(cfg, codec)
     depth = pipeline.n_codebooks
     embed = fad_embedding(cfg.fad_backend, codec.sample_rate, cfg.fad_weights).to(codec.device)
+    check_embedding_count(embed, len(full), full.shape[-1] * codec.hop_length, codec.sample_rate,
+                          "raise n_windows or window_seconds", codec.device)
 
     def generate(batch: torch.Tensor, mask: torch.Tensor, passes: int, ids: list[int]) -> torch.Tensor:
         pipeline.cfg.coarse.passes = passes

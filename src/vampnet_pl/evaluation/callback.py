@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from vampnet_pl.codec import Codec
 from vampnet_pl.evaluation.metrics import fad_embedding
 from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, protocol_jobs, rows_to_metrics
-from vampnet_pl.evaluation.scoring import noisy_tokens
+from vampnet_pl.evaluation.scoring import check_embedding_count, noisy_tokens
 from vampnet_pl.generation.sampling import SamplingConfig, example_generators, sample
 from vampnet_pl.masking.presets import prompt_arguments
 from vampnet_pl.masking.protocol import EvalProtocolConfig
@@ -62,6 +62,21 @@ class PromptEvalCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.steps.start(trainer)
+        self.check_windows(trainer, pl_module)
+
+    def _load(self, device: torch.device) -> None:
+        if self.codec is None:
+            self.codec = Codec.load(self.codec_source, device=str(device))
+            self.embed = fad_embedding(self.fad_backend, self.codec.sample_rate, self.fad_weights).to(device)
+
+    def check_windows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse, before the first step, windows that the first evaluation could not score: too few for the ranks,
+        or too short or too few for two FAD embeddings per side (that evaluation would end the run)."""
+        self._load(pl_module.device)
+        windows, _ = self._windows(trainer)
+        n_windows = min(self.n_windows, len(trainer.datamodule.val_windows))
+        check_embedding_count(self.embed, n_windows, windows.shape[-1] * self.codec.hop_length, self.codec.sample_rate,
+                              "raise callbacks.prompt_eval.n_windows or data.window_seconds", pl_module.device)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         # at the batch that completes the step, once (the other micro-batches of an accumulation keep its number)
@@ -84,9 +99,7 @@ class PromptEvalCallback(L.Callback):
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         started = time.perf_counter()
-        if self.codec is None:
-            self.codec = Codec.load(self.codec_source, device=str(pl_module.device))
-            self.embed = fad_embedding(self.fad_backend, self.codec.sample_rate, self.fad_weights).to(pl_module.device)
+        self._load(pl_module.device)
         codec, model, cfg = self.codec, pl_module.model, pl_module.cfg
         full, ids = self._windows(trainer)  # [N, all codebooks, T]
         full = full.to(pl_module.device)

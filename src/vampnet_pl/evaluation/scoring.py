@@ -24,6 +24,22 @@ def noisy_tokens(codes: torch.Tensor, ratio: float, codebook_size: int, n_condit
     return torch.where(replace, noise, codes)
 
 
+def check_embedding_count(embed: torch.nn.Module, n_windows: int, samples: int, sample_rate: int, fix: str,
+                          device: torch.device | str = "cpu") -> int:
+    """The embeddings per side that ``n_windows`` windows of ``samples`` give (FAD and KAD need at least 2), found
+    from one silent window; else a ValueError that says what to change (``fix``) before any audio is generated."""
+    seconds = samples / sample_rate
+    try:
+        with torch.no_grad():
+            per_window = embed(torch.zeros(1, samples, device=device)).shape[0]
+    except ValueError as err:  # a window shorter than one embedding patch
+        raise ValueError(f"{seconds:.2f} s evaluation windows are too short for the FAD embedding ({err}): {fix}") from None
+    if n_windows * per_window < 2:
+        raise ValueError(f"{n_windows} evaluation window(s) of {seconds:.2f} s give {n_windows * per_window} embedding(s) "
+                         f"per side; FAD and KAD need at least 2: {fix}")
+    return n_windows * per_window
+
+
 def score(audio: torch.Tensor, reference: torch.Tensor, sample_rate: int, embed: torch.nn.Module) -> dict[str, float]:
     """Every score of ``audio`` against ``reference`` (``[N, samples]``): mel distance (this project's, DAC's and
     VampNet's configuration), FAD and KAD with the ``embed`` backend, and the number of embeddings behind them."""
