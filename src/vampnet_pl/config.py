@@ -286,7 +286,7 @@ class EvalConfig:
     split: DataSplit = DataSplit.test  # an empty split is an error (prep's split.test_fraction=0 leaves test empty)
     window_seconds: float = 10.0
     c2f_chunk_seconds: float = 3.0  # c2f generates in chunks of this length (the original's 3 s)
-    n_windows: Optional[int] = None  # windows scored; None: eval_protocol.gen_windows (n_embeddings shows the count)
+    n_windows: Optional[int] = None  # windows scored; None: eval_protocol.gen_windows (n_embeddings: their FAD embeddings)
     batch_size: int = 8
     eval_protocol: EvalProtocolConfig = field(default_factory=EvalProtocolConfig)  # prompts, passes, sweep
     prompts: list[str] = field(default_factory=lambda: ["beat", "random:0.5", "random:0.8"])  # extra presets, beside the protocol's
