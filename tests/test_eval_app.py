@@ -209,6 +209,22 @@ def test_eval_scores_the_requested_split_or_refuses(prepared, codec, tmp_path):
     assert eval_windows(compose("eval", [*base, "split=val"]), codec).shape[0] == 2
 
 
+
+def test_eval_can_score_the_windows_the_training_time_evaluation_scores(prepared, codec):
+    """The callback scores the DataModule's validation windows (``data.val_windows_per_sample``, 2 per sample);
+    eval's default is 1 per sample, so only its first window was one of them."""
+    from vampnet_pl.config import compose
+    from vampnet_pl.data.datamodule import CodesDataModule
+    from vampnet_pl.evaluation.app import eval_windows
+
+    dm = CodesDataModule(dataset_dir=str(prepared), window_seconds=1.0, num_workers=0, val_windows_per_sample=2)
+    dm.setup("fit")
+    dm.val_dataloader()
+    base = ["coarse=c.pt", f"dataset_dir={prepared}", "window_seconds=1.0", "n_windows=4", "split=val"]
+    same = eval_windows(compose("eval", [*base, "windows_per_sample=2"]), codec)
+    assert torch.equal(same, torch.stack([torch.from_numpy(w.astype("int64")) for w in dm.val_windows[:4]]))
+    assert not torch.equal(eval_windows(compose("eval", base), codec), same)
+
 def test_results_without_a_passes_sweep_write_no_sweep_plot(tmp_path):
     """``eval_protocol.passes_sweep=[]`` is allowed, but the empty log-scale plot raised after every score was computed."""
     from vampnet_pl.evaluation.app import write_results

@@ -287,6 +287,7 @@ class EvalConfig:
     window_seconds: float = 10.0
     c2f_chunk_seconds: float = 3.0  # c2f generates in chunks of this length (the original's 3 s)
     n_windows: Optional[int] = None  # windows scored; None: eval_protocol.gen_windows (n_embeddings: their FAD embeddings)
+    windows_per_sample: int = 1  # as data.val_windows_per_sample (2): the training-time evaluation's windows
     batch_size: int = 8
     eval_protocol: EvalProtocolConfig = field(default_factory=EvalProtocolConfig)  # prompts, passes, sweep
     prompts: list[str] = field(default_factory=lambda: ["beat", "random:0.5", "random:0.8"])  # extra presets, beside the protocol's
@@ -300,6 +301,8 @@ class EvalConfig:
     def __post_init__(self):
         check_fad_backend(self.fad_backend, "fad_backend")
         check_prompt_presets(self.prompts, "prompts")
+        if self.windows_per_sample < 1:
+            raise ValueError(f"windows_per_sample must be >= 1, got {self.windows_per_sample}")
 
 
 class SweepLauncher(str, Enum):

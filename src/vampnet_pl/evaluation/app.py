@@ -53,7 +53,8 @@ def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
                          + (f"; score another with {others}" if others else ""))
     urls = [str(Path(cfg.dataset_dir) / s["path"]) for s in shards]
     frames = window_frames(cfg.window_seconds, codec.sample_rate, codec.hop_length)
-    windows, _ = read_fixed_windows(urls, frames, index["codec"]["config"]["n_codebooks"], codec.fingerprint, 1,
+    windows, _ = read_fixed_windows(urls, frames, index["codec"]["config"]["n_codebooks"], codec.fingerprint,
+                                    cfg.windows_per_sample,
                                     cfg.n_windows or cfg.eval_protocol.gen_windows, codebook_size=codec.codebook_size,
                                     expected_codebooks=index["codec"]["config"]["n_codebooks"])
     if not windows:
