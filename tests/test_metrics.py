@@ -90,6 +90,41 @@ def test_fad_backends_by_name_and_clear_errors_offline(monkeypatch):
         fad_embedding("clap", 16000)
 
 
+
+HUBCONF = """
+import numpy as np
+import torch
+from torch import nn
+
+
+class StandIn(nn.Module):  # torchvggish's VGGish: embeddings ending in a ReLU, PCA + 8-bit postprocessing on
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.postprocess = True
+        self.embeddings = nn.Sequential(nn.Linear(4, 128), nn.ReLU(True))
+
+    def forward(self, x, fs):
+        patches = torch.from_numpy(np.asarray(x, dtype=np.float32)[: len(x) // 15360 * 15360]).reshape(-1, 15360)
+        out = self.embeddings(patches[:, :4] * 100)
+        return torch.clamp(out * 20, 0, 255).round() if self.postprocess else out
+
+
+def vggish():
+    return StandIn()
+"""
+
+
+def test_vggish_embeds_as_the_fad_reference_does_without_pca_quantisation_or_final_relu(tmp_path):
+    """torchvggish's defaults (PCA, 8-bit quantisation, a final ReLU) put FAD off the papers' scale."""
+    from vampnet_pl.evaluation.metrics import fad_embedding
+
+    (tmp_path / "hubconf.py").write_text(HUBCONF)
+    embed = fad_embedding("vggish", 16000, str(tmp_path))
+    out = embed(torch.randn(2, 16000 * 2))
+    assert out.shape == (4, 128)
+    assert (out < 0).any() and not torch.equal(out, out.round())
+
 def test_dac_and_vampnet_mel_configurations_equal_audiotools_mel_spectrogram_loss():
     from audiotools import AudioSignal
     from audiotools.metrics.spectral import MelSpectrogramLoss

@@ -198,7 +198,11 @@ class LogMelPatchEmbedding(nn.Module):
 
 
 class VGGishEmbedding(nn.Module):
-    """VGGish, the paper's FAD embedding (128-d per 0.96 s), from torch hub or a local hub checkout."""
+    """VGGish, the paper's FAD embedding (128-d per 0.96 s), from torch hub or a local hub checkout.
+
+    As Google's FAD reference takes it (and the ``frechet_audio_distance`` package with ``use_pca=False,
+    use_activation=False``): the last layer's raw output, without torchvggish's default PCA and 8-bit quantisation
+    or its final ReLU, so that scores are on the papers' scale."""
 
     dim = 128
 
@@ -210,10 +214,15 @@ class VGGishEmbedding(nn.Module):
         except Exception as err:  # offline, or no such checkout
             raise RuntimeError(f"VGGish is not available ({type(err).__name__}: {err}); use fad_backend=logmel offline, "
                                "or give a local torchvggish checkout as fad_weights") from None
+        self.model.postprocess = False  # no PCA whitening, no 8-bit quantisation
+        layers = list(self.model.embeddings.children())
+        if layers and isinstance(layers[-1], nn.ReLU):
+            self.model.embeddings = nn.Sequential(*layers[:-1])  # the embedding before its final ReLU
         self.model.eval()
         self.sample_rate = sample_rate
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        self.model.device = next(self.model.parameters()).device  # torchvggish moves its input to this one
         return torch.cat([self.model.forward(a.cpu().numpy(), self.sample_rate).reshape(-1, self.dim) for a in audio])
 
 
