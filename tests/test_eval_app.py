@@ -304,3 +304,14 @@ def test_eval_refuses_windows_too_short_for_fad_before_generating(prepared, code
         cfg = OmegaConf.to_object(hydra.compose("eval", overrides=overrides))
     with pytest.raises(ValueError, match="0.50 s evaluation windows are too short .*: raise n_windows or window_seconds"):
         evaluate(cfg)
+
+
+def test_a_noisy_ratio_outside_0_1_is_refused_before_anything_runs(codec_path):
+    """1.5 silently replaced every token (the noisy-token baseline then was pure noise)."""
+    from vampnet_pl.config import UsageError, compose
+    from vampnet_pl.evaluation.callback import PromptEvalCallback
+
+    with pytest.raises((UsageError, ValueError), match="noisy_ratio is a fraction of tokens"):
+        compose("eval", ["coarse=c.pt", "dataset_dir=d", "noisy_ratio=1.5"])
+    with pytest.raises(ValueError, match="noisy_ratio is a fraction of tokens"):
+        PromptEvalCallback(str(codec_path), None, noisy_ratio=-0.1)

@@ -301,6 +301,8 @@ class EvalConfig:
     def __post_init__(self):
         check_fad_backend(self.fad_backend, "fad_backend")
         check_prompt_presets(self.prompts, "prompts")
+        if not 0 <= self.noisy_ratio <= 1:
+            raise ValueError(f"noisy_ratio is a fraction of tokens, in [0, 1]; got {self.noisy_ratio}")
         if self.windows_per_sample < 1:
             raise ValueError(f"windows_per_sample must be >= 1, got {self.windows_per_sample}")
 

@@ -52,6 +52,8 @@ class PromptEvalCallback(L.Callback):
             prompt_arguments(spec)
         self.every_n_steps = every_n_steps
         self.n_windows = n_windows or self.protocol.gen_windows
+        if not 0 <= noisy_ratio <= 1:
+            raise ValueError(f"callbacks.prompt_eval.noisy_ratio is a fraction of tokens, in [0, 1]; got {noisy_ratio}")
         self.noisy_ratio, self.time_budget, self.seed, self.log_audio = noisy_ratio, time_budget_seconds, seed, log_audio
         self.fad_backend, self.fad_weights = fad_backend, fad_weights
         self.codec: Codec | None = None
