@@ -259,3 +259,13 @@ def test_mel_distance_uses_htk_filters_and_is_documented_as_not_the_papers_scale
     assert all(t.mel_scale.mel_scale == "htk" and t.mel_scale.norm is None for t in ours.transforms)
     docs = metrics.__doc__ + MelDistance.__doc__
     assert "close to" not in docs and "not comparable" in docs and "mel_dac" in MelDistance.__doc__
+
+
+def test_a_mel_distance_of_no_examples_is_nan_not_a_perfect_score():
+    import warnings
+
+    from vampnet_pl.evaluation.metrics import MelDistance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchmetrics warns of compute before update
+        assert math.isnan(MelDistance(sample_rate=16000).compute().item())

@@ -69,7 +69,7 @@ class _PerExampleDistance(Metric):
         self.count += distances.numel()
 
     def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp_min(1)).float()
+        return (self.total / self.count).float()  # no examples: NaN (no value), not 0 (a perfect score)
 
 
 class MelDistance(_PerExampleDistance):
