@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,31 @@ def test_the_gpu_script_runs_every_test_file_with_gpu_tests():
     marked = sorted(p.name for p in (ROOT / "tests").glob("test_*.py")
                     if "pytest.mark.gpu" in p.read_text() and p.name != Path(__file__).name)
     assert marked and [name for name in marked if f"tests/{name}" not in script] == []
+
+
+def command_blocks(markdown: str) -> list[str]:
+    """The fenced and the 4-space-indented blocks of a Markdown text."""
+    blocks, current, fenced = [], [], False
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("```"):
+            fenced = not fenced
+        elif fenced or line.startswith("    "):
+            current.append(line)
+            continue
+        if current and not fenced:
+            blocks.append("\n".join(current))
+            current = []
+    return blocks
+
+
+def test_benchmarks_md_says_a_command_writes_a_file_only_where_it_does():
+    """bench/run.py writes its tables (to --out, default bench/results); the bench_*.py scripts print theirs, and
+    write one only when given --out."""
+    claims = re.compile(r"#[^\n]*(output:|writes |results:)[^\n]*bench/results/")
+    wrong = []
+    for block in command_blocks((ROOT / "BENCHMARKS.md").read_text()):
+        if claims.search(block):
+            for script, options in re.findall(r"python (bench/\S+\.py)((?:[^\n]*\\\n)*[^\n]*)", block):
+                if script != "bench/run.py" and "--out" not in options:
+                    wrong.append(f"{script}{options.split('#')[0]}")
+    assert wrong == []
