@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,3 +109,43 @@ def test_benchmarks_md_says_a_command_writes_a_file_only_where_it_does():
                 if script != "bench/run.py" and "--out" not in options:
                     wrong.append(f"{script}{options.split('#')[0]}")
     assert wrong == []
+
+
+def shell_array(script: str, name: str) -> set[str]:
+    """The normalised package names of a bash array ``name=(...)`` in ``script`` (empty when there is none)."""
+    found = re.search(rf"^{name}=\(([^)]*)\)", script, re.M)
+    return {re.sub(r"[-_.]+", "-", word).lower() for word in found.group(1).split()} if found else set()
+
+
+def test_the_device_wheels_and_the_lent_machine_cover_every_dependency():
+    """What the project needs on the lent GPU machine (its dependencies, with the dev extra's, for CPython 3.12 on
+    Linux) is there or carried: each requirement is on the machine (``present``), not needed by the GPU checks
+    (``unneeded``), or a wheel of scripts/device_wheels.sh, whose own requirements are covered the same way."""
+    try:
+        metadata.distribution("vampnet-pl")
+    except metadata.PackageNotFoundError:
+        pytest.skip("the project is not installed (make .venv/.installed)")
+    script = (ROOT / "scripts" / "device_wheels.sh").read_text()
+    carried = shell_array(script, "binary") | shell_array(script, "source")
+    covered = shell_array(script, "present") | shell_array(script, "unneeded")
+    target = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+              "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+              "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+
+    def needs(name: str, extras: tuple[str, ...] = ()) -> list:
+        wanted = [Requirement(line) for line in metadata.distribution(name).requires or []]
+        return [r for r in wanted if r.marker is None or any(r.marker.evaluate({**target, "extra": e})
+                                                                 for e in (*extras, ""))]
+
+    missing, seen, stack = set(), set(), needs("vampnet-pl", ("dev",))
+    while stack:
+        requirement = stack.pop()
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        if name in seen or name in covered:
+            continue
+        seen.add(name)
+        if name not in carried:
+            missing.add(name)
+        else:
+            stack += needs(requirement.name, tuple(requirement.extras))
+    assert sorted(missing) == []
