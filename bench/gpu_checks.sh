@@ -20,5 +20,5 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 timeout 320 python3 bench/run.py --out "$OUT" train-gpu 2>&1 | tee "$OUT/train_gpu.log"
 timeout 105 python3 bench/run.py --out "$OUT" generate --device cuda --sizes paper --batches 1 2 4 8 16 --cuda-graphs \
     --bf16 2>&1 | tee "$OUT/generate.log"
-timeout 115 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_size.py tests/test_sampling.py \
+timeout 115 python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_batch_size.py tests/test_sampling.py \
     tests/test_vamp.py tests/test_train.py tests/test_requeue.py tests/test_attention.py tests/test_model.py 2>&1 | tee "$OUT/pytest_gpu.log"
