@@ -159,3 +159,24 @@ def test_model_dropout_is_deterministic_under_a_seed_and_off_in_eval():
     assert not torch.equal(model(codes, mask), first)
     model.eval()
     assert torch.equal(model(codes, mask), model(codes, mask))
+
+
+def test_a_training_block_with_dropout_compiles_whole_on_the_cpu():
+    """``compile=true`` on the CPU: the NumPy mask cannot be traced (it broke the graph, and aot_autograd then
+    failed on its int16 view of the words); a compiled block keeps torch's dropout and SDPA's, in its graph."""
+    torch.manual_seed(0)
+    cfg = VampNetConfig(n_codebooks=2, codebook_size=16, latent_dim=4, d_model=32, n_layers=1, n_heads=2, dropout=0.3)
+    model = VampNet(cfg, torch.randn(2, 16, 4)).train()
+    block = model.blocks[0]
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    torch.manual_seed(3)
+    first = compiled(x, model.position_bias(13))
+    grads = torch.autograd.grad(first.square().sum(), [x, *block.parameters()])
+    assert all(torch.isfinite(grad).all() for grad in grads)
+    torch.manual_seed(3)
+    assert torch.equal(compiled(x, model.position_bias(13)), first)  # seeded
+    assert not torch.equal(compiled(x, model.position_bias(13)), first)  # dropout is on
+    drop = torch.compile(lambda t: dropout(t, 0.25), backend="aot_eager", fullgraph=True)
+    y = drop(torch.ones(200_000))
+    assert abs((y == 0).float().mean().item() - 0.25) < 0.005 and torch.allclose(y[y != 0], torch.tensor(1 / 0.75))

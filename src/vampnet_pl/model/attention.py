@@ -27,7 +27,8 @@ backward on CPU (and compiles its CPU forward slowly), so ``auto`` uses ``sdpa``
 with attention dropout (training), ``sdpa`` runs SDPA's math as one autograd function
 (:func:`attention_with_dropout`), so that the mask comes from :mod:`vampnet_pl.model.dropout` (SDPA's
 CPU dropout draws it with ``bernoulli_``, several times slower, and checks every row for -inf) and
-few ``T x T`` tensors are allocated.
+few ``T x T`` tensors are allocated. Code that ``torch.compile`` traces keeps SDPA's own dropout (the
+NumPy draw cannot be traced).
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_bias: 
     chosen = resolve_backend(backend, q.device, position_bias is not None, dropout_p)
     if chosen == "sdpa":
         mask = position_bias.materialise().to(q.dtype) if position_bias is not None else None
-        if dropout_p > 0.0 and q.device.type == "cpu":
+        if dropout_p > 0.0 and q.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled: SDPA's own
             return attention_with_dropout(q, k, v, mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     score_mod = position_bias.score_mod()

@@ -10,8 +10,9 @@ into four signed 16-bit lanes and keeps an element when its lane is at or above
 seventh of the cost. :func:`keep_factors` writes that mask as 0/1 floats, the form the model
 multiplies by. The drop probability is ``p`` rounded to a multiple of ``2**-16`` (0.1 becomes
 0.100006); kept values are scaled by ``1 / (1 - p)`` as in
-``F.dropout``. Other devices use ``F.dropout`` (its fused kernels). The random stream is not
-``F.dropout``'s, so a CPU run is reproducible against itself, not bit for bit against torch's dropout.
+``F.dropout``. Other devices use ``F.dropout`` (its fused kernels), and so does code that ``torch.compile``
+traces (a compiled block: the NumPy draw cannot be traced). The random stream is not ``F.dropout``'s, so
+a CPU run is reproducible against itself, not bit for bit against torch's dropout.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)``, with the mask of :func:`keep_mask` on the CPU."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p == 1.0:
+    if x.device.type != "cpu" or p == 1.0 or torch.compiler.is_compiling():  # compiled: NumPy cannot be traced
         return F.dropout(x, p, training)
     return x * keep_factors(random_lanes(x.shape), p, x.dtype).mul_(1.0 / (1.0 - p))
 
