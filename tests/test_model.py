@@ -79,6 +79,15 @@ def test_bad_configs_are_refused():
         VampNetConfig(n_codebooks=4, n_conditioning_codebooks=4)
     with pytest.raises(ValueError, match="position must be one of"):
         VampNetConfig(position="absolute")
+    # T5 buckets: no exact bucket, or a max distance within the exact ones (it gave buckets that wrapped around
+    # the table, or an IndexError at index -2**63)
+    with pytest.raises(ValueError, match="relative_buckets must be at least 4"):
+        VampNetConfig(relative_buckets=2)
+    for max_distance in (4, 8):
+        with pytest.raises(ValueError, match=f"relative_max_distance={max_distance} must exceed relative_buckets // 4"):
+            VampNetConfig(relative_buckets=32, relative_max_distance=max_distance)
+    VampNetConfig(relative_buckets=32, relative_max_distance=9)
+    VampNetConfig(position="rotary", relative_max_distance=4)  # no relative bias: not read
 
 
 @pytest.mark.parametrize("name, layers, width, heads, predicted", [

@@ -70,6 +70,8 @@ class VampNetConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.position == "relative":
+            check_relative_buckets(self.relative_buckets, self.relative_max_distance)
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         if self.cpu_matmul not in CPU_MATMUL:
@@ -94,6 +96,18 @@ KERNEL_FIELDS = ("attention_backend", "cpu_matmul")
 # Fields that leave the function a trained model computes as it is: the kernels and dropout (training only). Every
 # other field is part of what the weights mean (init_from checks them).
 RUNTIME_FIELDS = ("dropout", *KERNEL_FIELDS)
+
+
+def check_relative_buckets(n_buckets: int, max_distance: int) -> None:
+    """Raise ``ValueError`` unless the T5 buckets are well formed: at least one exact bucket per direction, and
+    ``max_distance`` beyond the exact ones (else the log-spaced buckets divide by zero or run backwards, into
+    negative indices that wrap around the table)."""
+    exact = n_buckets // 4
+    if exact < 1:
+        raise ValueError(f"relative_buckets must be at least 4 (a quarter exact per direction), got {n_buckets}")
+    if max_distance <= exact:
+        raise ValueError(f"relative_max_distance={max_distance} must exceed relative_buckets // 4 = {exact} "
+                         "(the distances with a bucket each)")
 
 
 class RelativePositionBias(nn.Module):
