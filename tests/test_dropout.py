@@ -180,3 +180,13 @@ def test_a_training_block_with_dropout_compiles_whole_on_the_cpu():
     drop = torch.compile(lambda t: dropout(t, 0.25), backend="aot_eager", fullgraph=True)
     y = drop(torch.ones(200_000))
     assert abs((y == 0).float().mean().item() - 0.25) < 0.005 and torch.allclose(y[y != 0], torch.tensor(1 / 0.75))
+
+
+def test_attention_dropping_everything_gives_zeros_as_sdpa_on_the_cpu():
+    """p = 1 (``model.dropout`` accepts it): zeros and zero gradients, as SDPA's and F.dropout's; it divided by zero."""
+    q, k, v = (torch.randn(2, 2, 7, 4, requires_grad=True) for _ in range(3))
+    out = attend(q, k, v, dropout_p=1.0, backend="sdpa")
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, dropout_p=1.0))
+    for grad in torch.autograd.grad(out.square().sum() + out.sum(), (q, k, v)):
+        assert torch.equal(grad, torch.zeros_like(grad))

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vampnet_pl.model.dropout import keep_factors, random_lanes
+from vampnet_pl.model.dropout import keep_factors, keep_scale, random_lanes
 
 BACKENDS = ("auto", "flex", "sdpa")
 
@@ -192,7 +192,7 @@ class _AttentionWithDropout(torch.autograd.Function):
         ctx.scale, ctx.dropout_p = scale, dropout_p
         ctx.mask_shape = mask.shape if mask is not None else None
         dropped = keep_factors(lanes, dropout_p, probs.dtype).mul_(probs)  # the factors' buffer, reused
-        return (dropped @ v).mul_(1.0 / (1.0 - dropout_p))
+        return (dropped @ v).mul_(keep_scale(dropout_p))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -200,7 +200,7 @@ class _AttentionWithDropout(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, probs, lanes = ctx.saved_tensors
         keep = keep_factors(lanes, ctx.dropout_p, probs.dtype)
-        grad_out = grad_out * (1.0 / (1.0 - ctx.dropout_p))
+        grad_out = grad_out * keep_scale(ctx.dropout_p)
         grad = grad_out @ v.transpose(-2, -1)  # d loss / d (dropped probabilities)
         grad.mul_(keep)  # / d probabilities
         torch.ops.aten._softmax_backward_data.out(grad, probs, -1, probs.dtype, grad_input=grad)  # / d scores
@@ -245,7 +245,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_bias: 
     out = _flex(q, k, v, score_mod)
     if dropout_p == 0.0:
         return out
-    return out * (1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)  # p = 1: zeros, as F.dropout gives
+    return out * keep_scale(dropout_p)
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod) -> torch.Tensor:

@@ -34,6 +34,11 @@ def drop_threshold(p: float) -> int:
     return round(p * _LANES) - _LANES // 2
 
 
+def keep_scale(p: float) -> float:
+    """The factor of kept values, ``1 / (1 - p)``; 0 at ``p = 1`` (everything dropped: zeros, as ``F.dropout``)."""
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+
 def random_lanes(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """A CPU int16 tensor of ``shape``, uniform over all 2**16 values: SFC64 words seeded from torch's
     generator, four lanes a word."""
@@ -60,7 +65,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or p == 1.0 or torch.compiler.is_compiling():  # compiled: NumPy cannot be traced
         return F.dropout(x, p, training)
-    return x * keep_factors(random_lanes(x.shape), p, x.dtype).mul_(1.0 / (1.0 - p))
+    return x * keep_factors(random_lanes(x.shape), p, x.dtype).mul_(keep_scale(p))
 
 
 class Dropout(nn.Module):
