@@ -88,6 +88,10 @@ def test_bad_configs_are_refused():
             VampNetConfig(relative_buckets=32, relative_max_distance=max_distance)
     VampNetConfig(relative_buckets=32, relative_max_distance=9)
     VampNetConfig(position="rotary", relative_max_distance=4)  # no relative bias: not read
+    # rotary on an odd head width broadcast the lone last dimension into q and k, one wider than v (no error)
+    with pytest.raises(ValueError, match="head width d_model / n_heads = 3 must be even"):
+        VampNetConfig(position="rotary", d_model=12, n_heads=4)
+    VampNetConfig(position="relative", d_model=12, n_heads=4)
 
 
 @pytest.mark.parametrize("name, layers, width, heads, predicted", [

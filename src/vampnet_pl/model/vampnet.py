@@ -70,6 +70,9 @@ class VampNetConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.position == "rotary" and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"position=rotary rotates pairs of dimensions: the head width d_model / n_heads = "
+                             f"{self.d_model // self.n_heads} must be even")
         if self.position == "relative":
             check_relative_buckets(self.relative_buckets, self.relative_max_distance)
         if self.attention_backend not in BACKENDS:
