@@ -27,3 +27,12 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "TensorBoard" not in out and ("(test split;" in out or "(val split;" in out)
     assert (tmp_path / "eval" / "results.csv").is_file() and (tmp_path / "eval" / "quality_vs_passes.png").is_file()
     assert len(list((tmp_path / "vamps").glob("demo_clip_vamp_*.wav"))) == 2
+
+
+@pytest.mark.parametrize("bad, named", [("train_overrides=['trainer.max_stepz=3']", "trainer.max_stepz"),
+                                        ("train_overrides=['masking.schedule=cosin']", "cosin")])
+def test_a_wrong_train_override_fails_before_anything_is_written(bad, named, tmp_path, capsys):
+    """A typo in train_overrides failed only when training began, after the catalog was written and encoded."""
+    assert main(["demo", f"work_dir={tmp_path / 'demo'}", bad]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -29,10 +29,15 @@ def first_sample(dataset_dir: Path, index: dict) -> tuple[np.ndarray, dict]:
     return np.load(io.BytesIO(sample["codes.npy"])), json.loads(sample["json"])
 
 
+STAGES = ("coarse", "c2f")
+
+
 def run_demo(overrides: list[str]) -> dict:
     cfg = compose("demo", overrides)
     work = Path(cfg.work_dir)
     codec_path = Path(cfg.prep.codec.source)
+    for stage in STAGES:  # a wrong train_overrides entry fails now, not after the catalog is encoded
+        compose("train", train_overrides(cfg, stage, codec_path))
     if not codec_path.is_file():
         make_synthetic_codec(codec_path, SyntheticCodecSpec(seed=cfg.seed))
     write_catalog(cfg.prep.catalog, n_files=cfg.catalog_files, seconds=cfg.catalog_seconds, seed=cfg.seed,
@@ -49,7 +54,7 @@ def run_demo(overrides: list[str]) -> dict:
     picture = plot_codes_and_audio(codes, source, codec.decode(codes), codec.sample_rate, codec.frame_rate,
                                    meta["source"], work / "shards_overview.png")
     models, curves, logs = {}, {}, []
-    for stage in ("coarse", "c2f"):
+    for stage in STAGES:
         run_dir, exported = train_demo_model(cfg, stage, codec_path)
         models[stage] = exported
         logs.append(run_dir / "csv" / "metrics.csv")  # the demo trains with logger=csv
@@ -101,16 +106,21 @@ def vamp_demo_clip(cfg, models: dict[str, Path], codec_path: Path) -> list[Path]
                      overwrite=True)  # a demo rerun replaces its own vamps
 
 
+def train_overrides(cfg, stage: str, codec_path: Path) -> list[str]:
+    """The conf/train.yaml overrides that train the demo's ``stage`` model, the user's ``train_overrides`` last."""
+    work = Path(cfg.work_dir)
+    return [f"experiment=demo_{stage}", f"data.dataset_dir={cfg.prep.out_dir}", f"codec.source={codec_path}",
+            f"runs_dir={work / 'runs'}", "run_name=" + stage, "resume=false", f"trainer.max_steps={cfg.train_steps}",
+            f"seed={cfg.seed}", "logger=csv", *cfg.train_overrides]
+
+
 def train_demo_model(cfg, stage: str, codec_path: Path) -> tuple[Path, Path]:
     """Train the tiny ``stage`` model on the demo's shards; returns (run dir, exported model)."""
     from vampnet_pl.training.export import export_checkpoint
     from vampnet_pl.training.app import run
 
     work = Path(cfg.work_dir)
-    overrides = [f"experiment=demo_{stage}", f"data.dataset_dir={cfg.prep.out_dir}", f"codec.source={codec_path}",
-                 f"runs_dir={work / 'runs'}", "run_name=" + stage, "resume=false", f"trainer.max_steps={cfg.train_steps}",
-                 f"seed={cfg.seed}", "logger=csv", *cfg.train_overrides]
-    trainer = run(compose("train", overrides, typed=False))
+    trainer = run(compose("train", train_overrides(cfg, stage, codec_path), typed=False))
     run_dir = work / "runs" / stage
     exported = export_checkpoint(Path(trainer.checkpoint_callback.last_model_path), work / "models" / f"{stage}.pt")
     return run_dir, exported
