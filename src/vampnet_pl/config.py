@@ -8,6 +8,8 @@ of the matching YAML file.
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -404,6 +406,26 @@ def compose(config_name: str, overrides: list[str], typed: bool = True):
         return OmegaConf.to_object(cfg) if typed else cfg
     except (HydraException, OmegaConfBaseException, ValueError) as err:  # ValueError: a schema's own check
         raise UsageError(f"bad configuration for {config_name}: {err}") from None
+
+
+def check_composed(config_name: str, cfg):
+    """The schema's own checks (``__post_init__``) on a config Hydra composed for a ``@hydra.main`` app, which
+    runs them only when the app builds its dataclass: a :class:`UsageError`, as :func:`compose` raises."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise UsageError(f"bad configuration for {config_name}: {err}") from None
+
+
+@contextmanager
+def usage_errors_exit():
+    """In a ``@hydra.main`` app (train, eval): a user's mistake (a schema's check, a missing file) ends the run with
+    a one-line ``error: ...`` and exit status 2, as the other commands do, not with Hydra's traceback and status 1."""
+    try:
+        yield
+    except (UsageError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def require_lora_group(overrides: list[str]) -> None:

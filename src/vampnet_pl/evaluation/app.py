@@ -21,9 +21,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from vampnet_pl.config import EvalConfig, conf_dir  # noqa: E402
+from vampnet_pl.config import EvalConfig, check_composed, conf_dir, usage_errors_exit  # noqa: E402
 from vampnet_pl.data.datamodule import read_fixed_windows  # noqa: E402
 from vampnet_pl.data.index import load_index  # noqa: E402
 from vampnet_pl.data.windows import window_frames  # noqa: E402
@@ -132,7 +132,7 @@ def write_results(rows: list[dict], out_dir: Path) -> list[Path]:
 
 
 def run(cfg: DictConfig) -> list[Path]:
-    schema: EvalConfig = OmegaConf.to_object(cfg)
+    schema: EvalConfig = check_composed("eval", cfg)
     paths = write_results(evaluate(schema), Path(schema.out_dir))
     for path in paths:
         print(path)
@@ -141,7 +141,9 @@ def run(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(config_path=str(conf_dir()), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    """``vampnet-pl eval``. A wrong setting or a missing file exits with 2 and a one-line error."""
+    with usage_errors_exit():
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from hydra.types import RunMode
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vampnet_pl.codec import Codec
-from vampnet_pl.config import TrainConfig, conf_dir
+from vampnet_pl.config import TrainConfig, check_composed, conf_dir, usage_errors_exit
 from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth, LogPointProgressBar
 from vampnet_pl.training.checkpointing import AtomicCheckpointIO, check_resumable, remove_checkpoint_leftovers
@@ -60,7 +60,7 @@ def build_loggers(node) -> list:
 
 def build(cfg: DictConfig):
     """Everything a run needs, from a composed config: (module, datamodule, trainer, resume checkpoint)."""
-    schema: TrainConfig = OmegaConf.to_object(cfg)
+    schema: TrainConfig = check_composed("train", cfg)
     signals = SharedSignals()  # SIGTERM and the requeue signal, exchanged by the ranks once per batch
     requeue = (SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal, signals)
                if requeue_enabled(schema.slurm.requeue) else None)
@@ -148,10 +148,12 @@ def give_job_its_own_folder(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     """``vampnet-pl train``. A run stopped by SIGTERM exits with 143, not 0, so that a caller (the ablation
     runner, a script) does not take it for finished; it resumes from its checkpoint when run again. A run that
-    checkpointed for a requeue that then failed exits with ``REQUEUE_FAILED_EXIT`` (75; see training/slurm.py)."""
+    checkpointed for a requeue that then failed exits with ``REQUEUE_FAILED_EXIT`` (75; see training/slurm.py). A wrong
+    setting or a missing file exits with 2 and a one-line error."""
     give_job_its_own_folder(cfg)
     try:
-        trainer = run(cfg)
+        with usage_errors_exit():
+            trainer = run(cfg)
     except SIGTERMException:  # several ranks: raised on each once they agreed to stop
         sys.exit(SIGTERM_EXIT)
     if trainer.received_sigterm:  # one process: Lightning's loop stopped
