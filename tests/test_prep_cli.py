@@ -26,6 +26,20 @@ def test_compose_validates_against_the_schema(tmp_path):
         compose("prep", [f"catalog={tmp_path}", f"out_dir={tmp_path}/o", "segment_seconds=0.5"])
 
 
+@pytest.mark.parametrize("fractions, message", [
+    (["split.val_fraction=-0.1"], r"split.val_fraction must be in \[0, 1\], got -0.1"),
+    (["split.test_fraction=1.5"], r"split.test_fraction must be in \[0, 1\], got 1.5"),
+    (["split.val_fraction=0.7", "split.test_fraction=0.6"], r"val_fraction \+ split.test_fraction must be at most 1")])
+def test_split_fractions_out_of_range_fail_at_compose_time(fractions, message, tmp_path):
+    """A negative val_fraction silently left val empty; fractions summing past 1 silently shrank val and left no train."""
+    with pytest.raises(UsageError, match=message):
+        compose("prep", [f"catalog={tmp_path}", f"out_dir={tmp_path}/o", *fractions])
+    with pytest.raises(UsageError, match=message):  # the demo's prep too
+        compose("demo", [f"prep.{f}" for f in fractions])
+    assert compose("prep", [f"catalog={tmp_path}", f"out_dir={tmp_path}/o", "split.val_fraction=0.5",
+                            "split.test_fraction=0.5"]).split.val_fraction == 0.5  # a set with no train split
+
+
 def test_slurm_array_environment_gives_the_task(monkeypatch):
     assert slurm_array_task() is None
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")

@@ -82,6 +82,14 @@ class SplitConfig:
     test_fraction: float = 0.05
     salt: str = "vampnet-pl"
 
+    def __post_init__(self) -> None:  # a draw in [0, 1) picks test below test_fraction, val in the next val_fraction
+        for name in ("val_fraction", "test_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"split.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.val_fraction + self.test_fraction > 1:
+            raise ValueError(f"split.val_fraction + split.test_fraction must be at most 1, got {self.val_fraction} + "
+                             f"{self.test_fraction}")
+
 
 @dataclass
 class PrepConfig:
