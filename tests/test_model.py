@@ -92,6 +92,20 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="head width d_model / n_heads = 3 must be even"):
         VampNetConfig(position="rotary", d_model=12, n_heads=4)
     VampNetConfig(position="relative", d_model=12, n_heads=4)
+    for name in ("n_heads", "n_layers", "d_model"):  # n_heads=0 was a ZeroDivisionError, n_layers=0 a model of no layers
+        with pytest.raises(ValueError, match=f"{name} must be at least 1, got 0"):
+            VampNetConfig(**{name: 0})
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
+        VampNetConfig(dropout=1.5)
+
+
+@pytest.mark.parametrize("bad, message", [("model.n_heads=0", "n_heads must be at least 1"),
+                                          ("model.dropout=-0.1", "dropout must be in")])
+def test_bad_model_settings_fail_at_compose_time(bad, message):
+    from vampnet_pl.config import UsageError, compose
+
+    with pytest.raises(UsageError, match=message):
+        compose("train", ["data.dataset_dir=codes", bad])
 
 
 @pytest.mark.parametrize("name, layers, width, heads, predicted", [

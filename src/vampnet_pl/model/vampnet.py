@@ -61,6 +61,11 @@ class VampNetConfig:
     codec_fingerprint: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "codebook_size", "latent_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 0 <= self.n_conditioning_codebooks < self.n_codebooks:
