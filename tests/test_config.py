@@ -183,3 +183,20 @@ def test_the_runs_seed_seeds_the_data_stream_unless_set_apart():
 
     assert compose("train", ["seed=7", "data.dataset_dir=/data"]).data.seed == 7
     assert compose("train", ["seed=7", "data.seed=3", "data.dataset_dir=/data"]).data.seed == 3
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("data.batch_size=0", "data.batch_size must be at least 1, got 0"),  # was numpy's "need at least one array to stack"
+    ("data.val_batch_size=0", "data.val_batch_size must be at least 1"),  # was a ZeroDivisionError at validation
+    ("data.num_workers=-1", "data.num_workers must be at least 0"),
+    ("data.max_skip_rate=1.5", r"data.max_skip_rate must be in \[0, 1\]"),
+    ("trainer.max_steps=-5", "trainer.max_steps must be at least 0"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be at least 1"),  # a ZeroDivisionError
+    ("label_smoothing=2", r"label_smoothing must be in \[0, 1\], got 2")])
+def test_counts_and_rates_out_of_range_fail_at_compose_time(bad, message):
+    """Each was accepted when composed and failed once the run had loaded its codec and data, most in another library."""
+    from vampnet_pl.config import UsageError, compose
+
+    with pytest.raises(UsageError, match=message):
+        compose("train", ["data.dataset_dir=codes", bad])
+    assert compose("train", ["data.dataset_dir=codes", "trainer.max_steps=-1", "data.num_workers=0"]).trainer.max_steps == -1

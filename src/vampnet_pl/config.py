@@ -146,6 +146,15 @@ class DataConfig:
     max_skip_rate: float = 0.05
     skip_rate_min_samples: int = 200  # the training rate (summed over workers and ranks) is judged after this many
 
+    def __post_init__(self) -> None:  # at compose time: 0 failed only once data loaded, in numpy or as a ZeroDivisionError
+        for name in ("batch_size", "val_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be at least 0, got {self.num_workers}")
+        if not 0 <= self.max_skip_rate <= 1:
+            raise ValueError(f"data.max_skip_rate must be in [0, 1], got {self.max_skip_rate}")
+
 
 @dataclass
 class DemoConfig:
@@ -172,6 +181,12 @@ class TrainerConfig:
     num_sanity_val_steps: int = 0
     deterministic: bool = False
     enable_progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps < -1:
+            raise ValueError(f"trainer.max_steps must be at least 0 (or -1: no limit), got {self.max_steps}")
+        if self.accumulate_grad_batches < 1:
+            raise ValueError(f"trainer.accumulate_grad_batches must be at least 1, got {self.accumulate_grad_batches}")
 
 
 @dataclass
@@ -271,6 +286,8 @@ class TrainConfig:
     lora: Optional[LoraConfig] = None  # with init_from (required): train LoRA adapters only
 
     def __post_init__(self):  # required keys whose schema default is None (``???`` over None is a no-op in OmegaConf)
+        if not 0 <= self.label_smoothing <= 1:  # else torch refuses it at the first training step
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
         if self.data.dataset_dir is None and self.data.train_urls is None:
             raise ValueError("data.dataset_dir is not set: give data.dataset_dir=<a prep out_dir> "
                              "(or data.train_urls=... and data.val_urls=...)")
