@@ -200,3 +200,21 @@ def test_counts_and_rates_out_of_range_fail_at_compose_time(bad, message):
     with pytest.raises(UsageError, match=message):
         compose("train", ["data.dataset_dir=codes", bad])
     assert compose("train", ["data.dataset_dir=codes", "trainer.max_steps=-1", "data.num_workers=0"]).trainer.max_steps == -1
+
+
+@pytest.mark.parametrize("config, bad, message", [
+    ("train", "eval_protocol.gen_windows=0", "eval_protocol.gen_windows must be at least 1"),
+    ("train", "callbacks.prompt_eval.n_windows=0", "callbacks.prompt_eval.n_windows must be at least 1"),
+    ("eval", "n_windows=0", "n_windows must be at least 1"),
+    ("eval", "c2f_passes=0", "c2f_passes must be at least 1"),
+    ("eval", "batch_size=0", "batch_size must be at least 1"),
+    ("eval", "windows_per_sample=0", "windows_per_sample must be at least 1")])
+def test_generation_counts_below_one_fail_at_compose_time(config, bad, message):
+    """Zero windows stopped a training run at its first generation evaluation; eval's n_windows=0 silently scored
+    eval_protocol.gen_windows windows, and batch_size=0 or c2f_passes=0 failed after the models loaded."""
+    from vampnet_pl.config import UsageError, compose
+
+    base = ["data.dataset_dir=codes", "callbacks=with_eval"] if config == "train" else ["coarse=c.pt", "dataset_dir=d"]
+    with pytest.raises(UsageError, match=message):
+        compose(config, [*base, bad])
+    assert compose(config, [*base, "eval_protocol.gen_windows=1"]).eval_protocol.gen_windows == 1

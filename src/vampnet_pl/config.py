@@ -42,6 +42,12 @@ def check_fad_backend(name: str, key: str) -> None:
         raise ValueError(f"unknown FAD backend {name!r} ({key}); known: {sorted(EMBEDDINGS)}")
 
 
+def check_at_least_one(value, key: str) -> None:
+    """A count (None: its default elsewhere) must be at least 1."""
+    if value is not None and value < 1:
+        raise ValueError(f"{key} must be at least 1, got {value}")
+
+
 def check_prompt_presets(specs, key: str) -> None:
     """Prompt presets (``beat``, ``random:0.5`` ...), parsed as masking/presets.py parses them, so that a wrong one
     stops the config, not the evaluation after hours (or the training run at its first generation evaluation)."""
@@ -296,6 +302,8 @@ class TrainConfig:
                 check_fad_backend(node["fad_backend"], f"callbacks.{name}.fad_backend")
             if isinstance(node, dict) and "prompts" in node:
                 check_prompt_presets(node["prompts"], f"callbacks.{name}.prompts")
+            if isinstance(node, dict) and "n_windows" in node:  # else the first generation evaluation fails
+                check_at_least_one(node["n_windows"], f"callbacks.{name}.n_windows")
         if self.init_from is None and (self.lora is not None or self.fine_tune):
             why = "LoRA adapters (lora=...) train on" if self.lora is not None else f"experiment={self.experiment} fine-tunes"
             raise ValueError(f"init_from is not set: {why} a pretrained model; give init_from=<exported model .pt>")
@@ -330,8 +338,8 @@ class EvalConfig:
         check_prompt_presets(self.prompts, "prompts")
         if not 0 <= self.noisy_ratio <= 1:
             raise ValueError(f"noisy_ratio is a fraction of tokens, in [0, 1]; got {self.noisy_ratio}")
-        if self.windows_per_sample < 1:
-            raise ValueError(f"windows_per_sample must be >= 1, got {self.windows_per_sample}")
+        for name in ("windows_per_sample", "batch_size", "c2f_passes", "n_windows"):  # n_windows=0 meant gen_windows
+            check_at_least_one(getattr(self, name), name)
 
 
 class SweepLauncher(str, Enum):
