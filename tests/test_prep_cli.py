@@ -26,6 +26,16 @@ def test_compose_validates_against_the_schema(tmp_path):
         compose("prep", [f"catalog={tmp_path}", f"out_dir={tmp_path}/o", "segment_seconds=0.5"])
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("files_per_unit=0", "files_per_unit must be at least 1, got 0"),  # was "range() arg 3 must not be zero", after the scan
+    ("shard_max_samples=0", "shard_max_samples must be at least 1"),
+    ("codec.chunk_seconds=-1", "codec.chunk_seconds must be > 0"),  # was torch.cat's "expected a non-empty list"
+    ("codec.context_frames=-1", "codec.context_frames must be at least 0")])
+def test_prep_counts_out_of_range_fail_at_compose_time(bad, message, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        compose("prep", [f"catalog={tmp_path}", f"out_dir={tmp_path}/o", bad])
+
+
 @pytest.mark.parametrize("fractions, message", [
     (["split.val_fraction=-0.1"], r"split.val_fraction must be in \[0, 1\], got -0.1"),
     (["split.test_fraction=1.5"], r"split.test_fraction must be in \[0, 1\], got 1.5"),

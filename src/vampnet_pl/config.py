@@ -68,6 +68,12 @@ class CodecConfig:
     chunk_seconds: float = 30.0
     context_frames: int = 32
 
+    def __post_init__(self) -> None:  # else prep fails after its scan, in torch.cat
+        if not self.chunk_seconds > 0:
+            raise ValueError(f"codec.chunk_seconds must be > 0, got {self.chunk_seconds}")
+        if self.context_frames < 0:
+            raise ValueError(f"codec.context_frames must be at least 0, got {self.context_frames}")
+
 
 class ChannelMode(str, Enum):
     mono = "mono"  # mix all channels down to one example
@@ -122,6 +128,9 @@ class PrepConfig:
         if not 0 < self.min_seconds <= self.segment_seconds:  # above it every file fails as too short
             raise ValueError(f"prep needs 0 < min_seconds <= segment_seconds, got min_seconds={self.min_seconds}, "
                              f"segment_seconds={self.segment_seconds}")
+        for name in ("files_per_unit", "shard_max_samples", "shard_max_bytes"):  # files_per_unit=0: a range() error
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
