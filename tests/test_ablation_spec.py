@@ -173,6 +173,17 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
     assert "not a sweep folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("parallel", ["0", "-1"])
+def test_parallel_below_one_is_refused_before_the_sweep_starts(parallel, tmp_path, capsys, monkeypatch):
+    """`--parallel 0` ran the spec's number of runs at a time (`0 or spec.parallel`); `--dry-run` said OK."""
+    used = []
+    monkeypatch.setattr(runner, "run_local", lambda runs, configs, parallel, progress=True: used.append(parallel) or [])
+    for dry in ([], ["--dry-run"]):
+        assert main(["ablate", "run", str(write_spec(tmp_path)), "--parallel", parallel, *dry]) == 2
+        assert f"--parallel must be at least 1, got {parallel}" in capsys.readouterr().err
+    assert used == [] and not (tmp_path / "sweep").exists()
+
+
 def test_negative_and_positive_values_get_their_own_condition_ids():
     from vampnet_pl.ablation.spec import condition_ids
 

@@ -232,6 +232,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         path = report.write_report(args.target, args.baseline, args.metric)
         print(f"wrote {path}")
         return 0
+    if args.parallel is not None and args.parallel < 1:  # 0 fell back to the spec's value, -1 failed after validation
+        raise UsageError(f"--parallel must be at least 1, got {args.parallel}")
     spec = load_spec(args.target, args.overrides)
     if args.dry_run:
         sweep = expand(spec, args.sweep_dir)
