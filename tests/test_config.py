@@ -218,3 +218,17 @@ def test_generation_counts_below_one_fail_at_compose_time(config, bad, message):
     with pytest.raises(UsageError, match=message):
         compose(config, [*base, bad])
     assert compose(config, [*base, "eval_protocol.gen_windows=1"]).eval_protocol.gen_windows == 1
+
+
+def test_a_learning_rate_on_the_other_schedulers_scale_is_refused():
+    """A recipe's Noam factor under another scheduler trained at lr 2.0 (experiment=vampnet_coarse optim=adamw_cosine);
+    a plain learning rate as the Noam factor gives a peak lr thousands of times too small."""
+    from vampnet_pl.config import UsageError, compose
+
+    base = ["data.dataset_dir=codes"]
+    with pytest.raises(UsageError, match=r"optim.lr=2 under scheduler=warmup_cosine is the peak learning rate"):
+        compose("train", [*base, "experiment=vampnet_coarse", "optim=adamw_cosine"])
+    assert compose("train", [*base, "experiment=vampnet_coarse", "optim=adamw_cosine", "optim.lr=3e-4"]).optim.lr == 3e-4
+    with pytest.raises(UsageError, match=r"optim.lr=0.0003 under scheduler=noam is the Noam factor"):
+        compose("train", [*base, "optim.scheduler=noam"])
+    assert compose("train", [*base, "experiment=vampnet_coarse"]).optim.lr == 2.0

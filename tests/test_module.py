@@ -71,7 +71,7 @@ def test_schedules():
     assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0) and cosine(10) < 1.0  # the peak once
     assert cosine(59) == pytest.approx(0.55) and cosine(109) == pytest.approx(0.1)  # min_lr at the last of 110 steps
     assert cosine(500) == pytest.approx(0.1)
-    noam = lr_multiplier(OptimConfig(scheduler="noam", warmup_steps=100), 1000, 256)
+    noam = lr_multiplier(OptimConfig(lr=1.0, scheduler="noam", warmup_steps=100), 1000, 256)
     peak = 256**-0.5 * 100**-0.5
     assert noam(99) == pytest.approx(peak) and noam(399) == pytest.approx(peak / 2)
     assert noam(10) < noam(50) < noam(99)

@@ -25,6 +25,22 @@ class OptimConfig:
     def __post_init__(self):  # at compose time (and in ablate --dry-run), not when the fit starts
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r} (optim.scheduler); known: {sorted(SCHEDULERS)}")
+        check_lr_scale(self.lr, self.scheduler)
+
+
+# Under noam, optim.lr is the Noam factor (VampNet's 2.0; peak lr = factor / sqrt(d_model * warmup)); under the other
+# schedulers it is the peak learning rate itself. A value on the wrong scale is a recipe's lr left under another
+# scheduler (experiment=vampnet_coarse optim=adamw_cosine trained at 2.0), so it is refused.
+MAX_PLAIN_LR, MIN_NOAM_FACTOR = 0.1, 0.05
+
+
+def check_lr_scale(lr: float, scheduler: str) -> None:
+    if scheduler == "noam" and lr < MIN_NOAM_FACTOR:
+        raise ValueError(f"optim.lr={lr:g} under scheduler=noam is the Noam factor (peak lr = factor / sqrt(d_model x "
+                         f"warmup_steps); VampNet's is 2.0), not a learning rate: give optim.lr >= {MIN_NOAM_FACTOR:g}")
+    if scheduler != "noam" and lr > MAX_PLAIN_LR:
+        raise ValueError(f"optim.lr={lr:g} under scheduler={scheduler} is the peak learning rate; {lr:g} is a Noam "
+                         f"factor (a recipe's, e.g. experiment=vampnet_coarse): give optim.lr <= {MAX_PLAIN_LR:g} with it")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
