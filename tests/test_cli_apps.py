@@ -99,11 +99,14 @@ def test_vamp_refuses_counts_and_lengths_out_of_range(flag, value, message, tmp_
     ("train", ["data.dataset_dir=codes", "masking.schedule=cosin"], "error: bad configuration for train: unknown masking schedule 'cosin'"),
     ("train", ["data.dataset_dir=codes", "codec.source=/nonexistent/codec.pth"], "error: codec checkpoint not found"),
     ("eval", ["coarse=c.pt", "dataset_dir=codes", "fad_backend=clapp"], "error: bad configuration for eval: unknown FAD backend"),
-    ("eval", ["coarse=/nonexistent/c.pt", "dataset_dir=codes"], "error: model not found")])
-def test_a_wrong_setting_or_missing_file_is_one_line_and_exit_2(stage, args, message, tmp_path, capsys):
+    ("eval", ["coarse=/nonexistent/c.pt", "dataset_dir=codes"], "error: model not found"),
+    ("train", ["data.dataset_dir=codes", "codec.source={codec}", "model.n_codebooks=20"],
+     "error: model reads 20 codebooks, the codec has 14")])
+def test_a_wrong_setting_or_missing_file_is_one_line_and_exit_2(stage, args, message, tmp_path, capsys, codec_path):
     """The schemas' own checks and missing files ended in Hydra's traceback and exit status 1 (the other commands: 2)."""
     with pytest.raises(SystemExit) as err:
-        main([stage, f"{'runs_dir' if stage == 'train' else 'out_dir'}={tmp_path}", *args])
+        main([stage, f"{'runs_dir' if stage == 'train' else 'out_dir'}={tmp_path}",
+              *[a.format(codec=codec_path) for a in args]])
     assert err.value.code == 2
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]

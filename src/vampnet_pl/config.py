@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vampnet_pl.codec import CodecMismatch
 from vampnet_pl.masking.config import MaskingConfig
 from vampnet_pl.masking.protocol import EvalProtocolConfig
 from vampnet_pl.model import VampNetConfig
@@ -465,7 +466,7 @@ def usage_errors_exit():
     a one-line ``error: ...`` and exit status 2, as the other commands do, not with Hydra's traceback and status 1."""
     try:
         yield
-    except (UsageError, FileNotFoundError) as err:
+    except (UsageError, FileNotFoundError, CodecMismatch) as err:  # CodecMismatch: model, codec and shards disagree
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

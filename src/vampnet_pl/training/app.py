@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from vampnet_pl.codec import Codec
+from vampnet_pl.codec import Codec, CodecMismatch
 from vampnet_pl.config import TrainConfig, check_composed, conf_dir, usage_errors_exit
 from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth, LogPointProgressBar
@@ -69,7 +69,7 @@ def build(cfg: DictConfig):
     L.seed_everything(schema.seed, workers=True)
     codec = Codec.load(schema.codec.source, device="cpu")
     if schema.model.n_codebooks > codec.n_codebooks:
-        raise ValueError(f"model reads {schema.model.n_codebooks} codebooks, the codec has {codec.n_codebooks}")
+        raise CodecMismatch(f"model reads {schema.model.n_codebooks} codebooks, the codec has {codec.n_codebooks}")
     model_cfg = dataclasses.replace(
         schema.model, codebook_size=codec.codebook_size, latent_dim=codec.table_width(schema.model.embedding),
         codec_fingerprint=codec.fingerprint,
