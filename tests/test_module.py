@@ -373,3 +373,15 @@ def test_every_validation_metric_is_logged_on_every_batch_even_when_empty(monkey
     assert sorted(set(logged)) == sorted(f"val/{n}" for n in m.val_metric_names())
     assert logged.count("val/loss/codebook_2") == per_condition
     assert m.val_metrics["loss__codebook_2"].weight == 0
+
+
+def test_lora_targets_must_be_linear_layers_and_may_be_full_names():
+    """peft adapts an embedding too (``table``, the relative position bias): it trained, then the export's merge
+    raised a KeyError; a full dotted name, which peft matches, was refused as matching no layer."""
+    with pytest.raises(ValueError, match=r"not linear: table \(Embedding position_bias.table\)"):
+        module(lora={"r": 2, "target_modules": ["qkv", "table"]})
+    with pytest.raises(ValueError, match=r"not linear: ffn \(GEGLU blocks.0.ffn\)"):
+        module(lora={"r": 2, "target_modules": ["ffn"]})
+    adapted = module(lora={"r": 2, "target_modules": ["blocks.1.attn.qkv"]})
+    assert {n.rsplit(".lora_", 1)[0] for n, p in adapted.model.named_parameters() if p.requires_grad} == {"blocks.1.attn.qkv"}
+    adapted.plain_model()  # merges

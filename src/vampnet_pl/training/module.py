@@ -134,11 +134,7 @@ class MaskedTokenModule(L.LightningModule):
         import peft
 
         targets = list(lora.get("target_modules", ["qkv", "out", "ffn_in", "ffn_out"]))
-        layers = {name.rsplit(".", 1)[-1] for name, _ in self.model.named_modules()}
-        if unmatched := [t for t in targets if t not in layers]:  # peft would adapt the others silently
-            attention = "qkv" if self.cfg.qkv == "fused" else "q, k, v"
-            raise ValueError(f"lora.target_modules {unmatched} match no layer of this model (qkv={self.cfg.qkv}: its "
-                             f"attention projections are {attention}, then out, ffn_in, ffn_out)")
+        check_lora_targets(self.model, targets, self.cfg.qkv)
         config = peft.LoraConfig(
             r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
             target_modules=targets,
@@ -363,6 +359,27 @@ class MaskedTokenModule(L.LightningModule):
             state = merge_lora_state(state, self.hparams.lora)
         model.load_state_dict(state)
         return model
+
+
+def lora_matches(name: str, target: str) -> bool:
+    """peft's rule for a list of target names: the module's full name, or its name's last dotted parts."""
+    return name == target or name.endswith(f".{target}")
+
+
+def check_lora_targets(model: torch.nn.Module, targets: list[str], qkv: str) -> None:
+    """Each LoRA target must name at least one layer, and only linear layers: peft adapts the matching layers
+    silently (a typo trains nothing there), and the export merges linear adapters only (peft adapts an embedding
+    too, whose merge would fail after training)."""
+    modules = dict(model.named_modules())
+    if unmatched := [t for t in targets if not any(lora_matches(n, t) for n in modules)]:
+        attention = "qkv" if qkv == "fused" else "q, k, v"
+        raise ValueError(f"lora.target_modules {unmatched} match no layer of this model (qkv={qkv}: its "
+                         f"attention projections are {attention}, then out, ffn_in, ffn_out)")
+    other = sorted({f"{t} ({type(m).__name__} {n})" for t in targets for n, m in modules.items()
+                    if lora_matches(n, t) and not isinstance(m, torch.nn.Linear)})
+    if other:
+        raise ValueError(f"lora.target_modules name layers that are not linear: {', '.join(other)}; LoRA adapts "
+                         "linear layers only (attention projections, out, ffn_in, ffn_out, proj, head)")
 
 
 def merge_lora_state(state: dict[str, torch.Tensor], lora: dict) -> dict[str, torch.Tensor]:
