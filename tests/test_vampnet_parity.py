@@ -207,3 +207,15 @@ def test_the_original_codec_is_not_overwritten_by_its_conversion(tmp_path, capsy
                      "--out-dir", str(tmp_path)]) == 2
     assert "the converted codec would be written over this original" in capsys.readouterr().err
     assert (tmp_path / "codec.pth").read_bytes() == (FIXTURE / "codec.pth").read_bytes()
+
+
+def test_an_original_checkpoint_given_as_a_model_points_to_the_import(imported):
+    """``init_from=coarse.pth`` (the original's file, not its conversion) was told to use `vampnet-pl export`,
+    which refuses that file too."""
+    from vampnet_pl.training.module import MaskedTokenModule
+
+    cfg = load_exported(imported / "coarse.pt").cfg
+    with pytest.raises(ValueError, match=r"coarse.pth is an original VampNet checkpoint .*`vampnet-pl import-vampnet`"):
+        MaskedTokenModule(cfg, init_from=str(FIXTURE / "coarse.pth"))
+    with pytest.raises(ValueError, match="original VampNet checkpoint"):
+        load_exported(FIXTURE / "c2f.pth")

@@ -382,13 +382,17 @@ def save_exported(path, model: VampNet) -> None:
 def load_exported(path) -> VampNet:
     """The model in a file :func:`save_exported` wrote, on the CPU and in eval mode (as inference wants it: dropout
     off); ``ValueError`` for any other file."""
-    not_ours = f"{path} is not an exported vampnet-pl model (make one with `vampnet-pl export`)"
+    not_ours = (f"{path} is not an exported vampnet-pl model (make one with `vampnet-pl export` from a training "
+                "checkpoint, or `vampnet-pl import-vampnet` from the original VampNet's)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise
     except Exception as err:  # torch.load of another format fails in many ways (unpickling, KeyError, IndexError ...)
         raise ValueError(f"{not_ours}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if isinstance(payload, dict) and isinstance(payload.get("metadata"), dict) and "kwargs" in payload["metadata"]:
+        raise ValueError(f"{path} is an original VampNet checkpoint (audiotools), not an exported vampnet-pl model: "
+                         "convert it with `vampnet-pl import-vampnet` and give the .pt it writes")
     if not isinstance(payload, dict) or payload.get("format") != "vampnet-pl/1":
         raise ValueError(not_ours)
     unknown = sorted(set(payload["config"]) - {f.name for f in fields(VampNetConfig)})
