@@ -322,6 +322,31 @@ def test_fine_tune_with_lora_trains_adapters_only_and_exports_merged(prepared, c
     assert changed and all(k.endswith(("qkv.weight", "out.weight", "ffn_in.weight", "ffn_out.weight")) for k in changed)
 
 
+def test_a_resume_from_another_init_from_is_refused(prepared, codec_path, tmp_path):
+    """The checkpoint's weights win on resume: a rerun in the same folder with init_from another model trained on
+    from the first one (a LoRA run's frozen base included) and recorded the new init_from in its checkpoint."""
+    from vampnet_pl.model import save_exported
+    from vampnet_pl.training.checkpointing import ResumeMismatch
+
+    common = ["data.batches_per_epoch=2", "checkpoint.every_n_train_steps=2"]
+    train(overrides(prepared, codec_path, tmp_path / "base", "trainer.max_steps=2", *common))
+    base = export_checkpoint(tmp_path / "base" / "demo_coarse-local" / "checkpoints" / "last.ckpt", tmp_path / "base.pt")
+    other = load_exported(base)
+    with torch.no_grad():
+        other.head.weight.add_(0.1)
+    save_exported(tmp_path / "other.pt", other)
+    lora = ["lora=default", "lora.r=4", *common]
+    train(overrides(prepared, codec_path, tmp_path / "lora", "trainer.max_steps=2", f"init_from={base}", *lora))
+    with pytest.raises(ResumeMismatch, match=r"init_from '.*base.pt' \(sha256 \w+\) -> '.*other.pt' .*another model"):
+        train(overrides(prepared, codec_path, tmp_path / "lora", "trainer.max_steps=4", f"init_from={tmp_path / 'other.pt'}", *lora))
+    moved = tmp_path / "moved" / "base.pt"
+    moved.parent.mkdir()
+    base.rename(moved)  # the same model elsewhere resumes
+    assert train(overrides(prepared, codec_path, tmp_path / "lora", "trainer.max_steps=4", f"init_from={moved}", *lora)).global_step == 4
+    with pytest.raises(ResumeMismatch, match=r"init_from None -> '.*base.pt'"):  # a from-scratch run's folder
+        train(overrides(prepared, codec_path, tmp_path / "base", "trainer.max_steps=4", f"init_from={moved}", *common))
+
+
 def test_bad_configs_and_data_fail_clearly(prepared, codec_path, tmp_path):
     from vampnet_pl.codec import SyntheticCodecSpec, make_synthetic_codec
 

@@ -91,7 +91,7 @@ def build(cfg: DictConfig):
     remove_checkpoint_leftovers(last_checkpoint_path(schema.run_dir).parent)  # of a write killed mid-way
     resume_from = last_checkpoint(schema.run_dir) if schema.resume else None
     if resume_from is not None:
-        check_resumable(resume_from, dict(module.hparams))
+        check_resumable(resume_from, dict(module.hparams), module.init_from_sha256)
     # micro-batch and accumulation, before the data loads; a resumed run keeps its own
     callbacks.append(AutoBatchSize(schema.batch_sizing, resume_from))
     callbacks.append(DataHealth())  # skip counts as metrics, the skip-rate limit over all ranks, the closing summary

@@ -85,14 +85,32 @@ def checkpoint_metadata(checkpoint: str | Path) -> dict | None:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # our own
 
 
-def check_resumable(checkpoint: str | Path, hparams: dict) -> None:
+def init_from_change(metadata: dict, hparams: dict, init_from_sha256: str | None) -> list[str]:
+    """The start a resume would give up: ``init_from`` another model than the checkpoint's run started from
+    (told by the file's sha256, so a moved file is the same start), or set where that run started from scratch.
+    The checkpoint's weights win on resume, so this run's ``init_from`` would be silently ignored (and recorded)."""
+    before = metadata["hyper_parameters"].get("init_from")
+    if init_from_sha256 is None:
+        return []  # no init_from now: the run goes on from the checkpoint's weights, whatever it started from
+    if before is None:
+        return [f"init_from None -> {hparams.get('init_from')!r}"]
+    recorded = metadata.get("init_from_sha256")
+    if recorded is not None and recorded != init_from_sha256:  # older checkpoints recorded no digest
+        return [f"init_from {before!r} (sha256 {recorded[:12]}) -> {hparams.get('init_from')!r} (sha256 "
+                f"{init_from_sha256[:12]}), another model"]
+    return []
+
+
+def check_resumable(checkpoint: str | Path, hparams: dict, init_from_sha256: str | None = None) -> None:
     """Raise :class:`ResumeMismatch`, naming the differences, when ``checkpoint`` was trained with another model,
-    masking or loss than ``hparams`` (a module's): resuming would load another run's weights and carry on as if
-    they were this one's. Everything else (steps, devices, learning rate, logging) may change on resume."""
-    recorded = (checkpoint_metadata(checkpoint) or {}).get("hyper_parameters")
+    masking or loss than ``hparams`` (a module's), or started from another ``init_from`` (``init_from_sha256``, the
+    module's): resuming would load another run's weights and carry on as if they were this one's. Everything else
+    (steps, devices, learning rate, logging) may change on resume."""
+    metadata = checkpoint_metadata(checkpoint) or {}
+    recorded = metadata.get("hyper_parameters")
     if recorded is None:
         return
-    changes = []
+    changes = init_from_change(metadata, hparams, init_from_sha256)
     for key in RUN_DEFINING:
         before, after = recorded.get(key), hparams.get(key)
         if isinstance(before, dict) and isinstance(after, dict):

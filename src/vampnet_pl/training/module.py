@@ -100,6 +100,7 @@ class MaskedTokenModule(L.LightningModule):
         self.protocol_digest: str | None = None  # sha256 of the windows and masks of the last validation (this rank)
         self._digest = hashlib.sha256()
         self.model = VampNet(model_cfg, codebook_tables)
+        self.init_from_sha256: str | None = None  # of the init_from file: a resume checks it is the same model's
         if init_from:
             self._init_from(init_from)
         if lora:
@@ -129,6 +130,7 @@ class MaskedTokenModule(L.LightningModule):
                              "model preset it was trained with (an imported VampNet model: model=coarse_paper or "
                              f"model=c2f_paper) or set {fix}")
         self.model.load_state_dict(source.state_dict())
+        self.init_from_sha256 = file_sha256(path)
 
     def _apply_lora(self, lora: dict) -> None:
         import peft
@@ -341,6 +343,10 @@ class MaskedTokenModule(L.LightningModule):
             own = {unwrapped_key(key): key for key in self.state_dict()}
             checkpoint["state_dict"] = {own.get(unwrapped_key(k), k): v for k, v in checkpoint["state_dict"].items()}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.init_from_sha256:  # a resume with another init_from is another run's (checkpointing.check_resumable)
+            checkpoint["init_from_sha256"] = self.init_from_sha256
+
     def on_train_start(self) -> None:
         """The configured learning rate, also after a resume (the restored states carry the checkpoint's)."""
         apply_base_lr(self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler, self.optim_cfg.lr)
@@ -359,6 +365,14 @@ class MaskedTokenModule(L.LightningModule):
             state = merge_lora_state(state, self.hparams.lora)
         model.load_state_dict(state)
         return model
+
+
+def file_sha256(path: str, block: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def lora_matches(name: str, target: str) -> bool:
