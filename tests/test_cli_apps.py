@@ -112,3 +112,20 @@ def test_a_wrong_setting_or_missing_file_is_one_line_and_exit_2(stage, args, mes
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), stderr
     assert "HYDRA_FULL_ERROR" not in stderr  # Hydra's report of an exception, with its traceback
+
+
+def test_a_process_lightning_starts_for_a_multi_device_train_runs_train(capsys, monkeypatch):
+    """Lightning re-runs the program (sys.argv[0], kept by `vampnet-pl train`) with the overrides and its own Hydra
+    ones, without the stage: that was an argparse error, and the first rank waited for the others until killed."""
+    from vampnet_pl import cli
+
+    seen = []
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/vampnet-pl", "train", "x=1"])
+    cli._run_hydra_app(lambda: seen.append(list(sys.argv)), ["x=1"])
+    assert seen == [["/venv/bin/vampnet-pl", "x=1"]]  # the program itself, not "vampnet-pl train" (no such file)
+    child = ["experiment=demo_coarse", 'hydra.run.dir="runs/x/hydra"', "hydra.job.name=train_ddp_process_1",
+             "hydra.output_subdir=null", "--cfg", "job"]
+    assert main(child) == 0
+    assert "experiment: demo_coarse" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # without Lightning's job name an override alone is still no command
+        main(["experiment=demo_coarse"])

@@ -410,6 +410,27 @@ def test_two_cpu_processes_train_save_resume_and_export(strategy, prepared, code
     assert model.cfg.n_codebooks == 4
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("entry", ["module", "script"])
+def test_vampnet_pl_train_starts_the_other_processes_of_a_multi_device_run(entry, prepared, codec_path, tmp_path):
+    """Lightning starts each other rank as ``python <sys.argv[0]> <sys.argv[1:]>`` (or ``-m <module>``): through
+    ``vampnet-pl train`` that was ``<cwd>/vampnet-pl train`` (no such file) or ``-m vampnet_pl.cli`` without the
+    stage (an argparse error), and rank 0 was killed waiting for them."""
+    args = overrides(prepared, codec_path, tmp_path, "trainer.devices=2", "strategy=ddp", "data.batches_per_epoch=1",
+                     "trainer.max_steps=1", "data.val_max_windows=8")
+    script = tmp_path / "vampnet-pl"  # what pip writes for the console script
+    script.write_text("import sys\nfrom vampnet_pl.cli import main\nsys.exit(main())\n")
+    command = ["-m", "vampnet_pl.cli"] if entry == "module" else [str(script)]
+    done = training_process([*command, "train", *args], PYTHONPATH=os.pathsep.join(sys.path))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert read_checkpoint_step(tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt") == 1
+
+
+def read_checkpoint_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])

@@ -197,10 +197,12 @@ def _cmd_import_vampnet(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_hydra_app(main_fn, prog: str, overrides: list[str]) -> int:
-    """Run a ``@hydra.main`` app with the overrides (and Hydra flags such as ``-m``) as its command line."""
+def _run_hydra_app(main_fn, overrides: list[str]) -> int:
+    """Run a ``@hydra.main`` app with the overrides (and Hydra flags such as ``-m``) as its command line. Its program
+    stays this one (the ``vampnet-pl`` script, or ``-m vampnet_pl.cli``): Lightning starts the other processes of a
+    multi-device run as that program with the overrides, which :func:`main` sends back to ``train``."""
     saved = sys.argv
-    sys.argv = [prog, *overrides]
+    sys.argv = [saved[0], *overrides]
     try:
         main_fn()
     finally:
@@ -213,13 +215,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vampnet_pl.training.app import main as train_main
 
     require_lora_group(args.overrides)
-    return _run_hydra_app(train_main, "vampnet-pl train", args.overrides)
+    return _run_hydra_app(train_main, args.overrides)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vampnet_pl.evaluation.app import main as eval_main
 
-    return _run_hydra_app(eval_main, "vampnet-pl eval", args.overrides)
+    return _run_hydra_app(eval_main, args.overrides)
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
@@ -369,10 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what Lightning's launcher adds to the command line of each process it starts for a multi-device Hydra run
+LIGHTNING_CHILD = "hydra.job.name=train_ddp_process_"
+
+
+def relaunched_train(argv: list[str]) -> bool:
+    """A process Lightning started for ``vampnet-pl train trainer.devices=N``: the program again, without the stage."""
+    return bool(argv) and argv[0] not in ("train", "eval") and any(a.startswith(LIGHTNING_CHILD) for a in argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
+    if relaunched_train(argv):
+        argv = ["train", *argv]
     if argv and argv[0] in ("train", "eval"):  # Hydra apps: everything after the stage is theirs
         args = argparse.Namespace(func=_cmd_train if argv[0] == "train" else _cmd_eval, overrides=list(argv[1:]))
         try:
