@@ -27,8 +27,9 @@ from vampnet_pl.audio_io import AudioReadError, iter_blocks, probe
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import ChannelMode, PrepConfig
 from vampnet_pl.data.validation import CHECKSUM_FIELD, codes_checksum, validate_codes
-from vampnet_pl.prep.manifest import Failure, ManifestEntry, assign_split, file_sha256, load_manifest, manifest_path
+from vampnet_pl.prep.manifest import Failure, ManifestEntry, assign_split, load_manifest, manifest_path
 from vampnet_pl.utils.atomic import write_json_atomic
+from vampnet_pl.utils.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 

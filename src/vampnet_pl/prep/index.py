@@ -18,8 +18,9 @@ from vampnet_pl.config import SPLITS, PrepConfig
 from vampnet_pl.data.index import INDEX_VERSION, index_path, load_index
 from vampnet_pl.data.validation import SampleInvalid, decode_npy, validate_codes
 from vampnet_pl.prep.encode import Unit, check_encoding, manifest_units, unit_is_done, unit_marker_path
-from vampnet_pl.prep.manifest import file_sha256, load_manifest, read_jsonl, scan_failures_path, write_jsonl
+from vampnet_pl.prep.manifest import load_manifest, read_jsonl, scan_failures_path, write_jsonl
 from vampnet_pl.utils.atomic import write_json_atomic
+from vampnet_pl.utils.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 

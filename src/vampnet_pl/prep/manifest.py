@@ -22,6 +22,7 @@ from tqdm import tqdm
 from vampnet_pl.audio_io import AudioReadError, probe
 from vampnet_pl.config import PrepConfig, SplitConfig
 from vampnet_pl.utils.atomic import write_text_atomic
+from vampnet_pl.utils.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +90,6 @@ def find_audio_files(catalog: Path, extensions: Iterable[str]) -> tuple[list[Pat
         names = files + [d for d in dirs if Path(d).suffix.lower() in wanted]  # a folder named x.wav is reported
         found.extend(Path(root) / name for name in names if Path(name).suffix.lower() in wanted)
     return sorted(found), sorted(failures, key=lambda f: f.path)
-
-
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _scan_one(args: tuple[Path, Path, SplitConfig, dict | None]) -> ManifestEntry | Failure:

@@ -31,6 +31,7 @@ from vampnet_pl.model import VampNet, VampNetConfig, load_exported
 from vampnet_pl.model.vampnet import RUNTIME_FIELDS, check_token_range, packed
 from vampnet_pl.training.optim import OptimConfig, apply_base_lr, build_optimizer
 from vampnet_pl.training.parallel import gradient_norm, parallelize, unwrapped_key
+from vampnet_pl.utils.hashing import file_sha256
 
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0)
 LOSS_WEIGHTINGS = ("none", "diffusion")
@@ -365,14 +366,6 @@ class MaskedTokenModule(L.LightningModule):
             state = merge_lora_state(state, self.hparams.lora)
         model.load_state_dict(state)
         return model
-
-
-def file_sha256(path: str, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def lora_matches(name: str, target: str) -> bool:
