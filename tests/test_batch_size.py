@@ -287,6 +287,40 @@ def test_an_epoch_is_whole_optimiser_steps_shared_evenly_by_the_loader_workers(p
     assert datamodule.train_batches_per_epoch == 20
 
 
+@pytest.mark.parametrize("workers", [0, 2, 3])
+@pytest.mark.parametrize("batches_per_epoch", [4, 5, 7, 10])
+def test_a_split_of_the_global_batch_keeps_at_least_the_epochs_windows_and_the_configured_split_its_epoch(
+        workers, batches_per_epoch):
+    """An epoch of ``batches_per_epoch`` batches of 8 is rounded up, never down, whatever the split; the configured
+    split served as micro-batches is the same epoch as served as configured batches. Rounding down (a floor per
+    worker, then to the nearest step) gave 8 x 2 batches half the optimiser steps (and validations) of 8 x 1."""
+    from vampnet_pl.data.datamodule import CodesDataModule
+
+    datamodule = CodesDataModule(train_urls=["a.tar"], val_urls=["b.tar"], n_codebooks=4, hop_length=512,
+                                 sample_rate=44100, batch_size=8, batches_per_epoch=batches_per_epoch,
+                                 num_workers=workers)
+
+    def served(micro_batch: int, accumulation: int, configured: bool = False) -> tuple[int, int]:
+        """(optimiser steps, windows) of an epoch on a rank."""
+        if configured:
+            datamodule.serve_configured_batches(accumulation)
+        else:
+            datamodule.serve_micro_batches(micro_batch, accumulation)
+        batches = datamodule.train_batches_per_epoch
+        assert batches % accumulation == 0 and batches % max(1, workers) == 0  # whole steps, shared evenly
+        return batches // accumulation, batches * micro_batch
+
+    windows = 8 * batches_per_epoch
+    for accumulation in (1, 2, 3):
+        steps, _ = served(8, accumulation, configured=True)
+        assert served(8, accumulation) == (steps, steps * 8 * accumulation)
+    for micro_batch, accumulation in ((8, 1), (4, 2), (2, 4), (1, 8), (8, 2), (4, 4), (16, 1)):
+        steps, served_windows = served(micro_batch, accumulation)
+        assert served_windows >= windows
+        if workers <= 1:  # no rounding for the workers: exactly the steps that take the epoch's windows
+            assert steps == -(-windows // (micro_batch * accumulation))
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy, probed", [("ddp", [16, 1, 2, 4, 8]), ("fsdp2", [1, 4])])

@@ -553,16 +553,21 @@ class CodesDataModule(L.LightningDataModule):
         """
         if micro_batch < 1 or accumulation < 1:
             raise ValueError(f"micro_batch and accumulation must be >= 1, got {micro_batch} and {accumulation}")
-        workers = max(1, self.hparams.num_workers)
-        windows = self.hparams.batch_size * max(1, self.hparams.batches_per_epoch // workers) * workers
-        batches = max(1, round(windows / (micro_batch * accumulation))) * accumulation
-        self.train_batch_size, self.train_batches_per_epoch = micro_batch, self._whole_steps(batches, accumulation)
+        self.train_batch_size = micro_batch
+        self.train_batches_per_epoch = self._epoch_batches(micro_batch, accumulation)
 
     def serve_configured_batches(self, accumulation: int = 1) -> None:
         """Serve training batches of ``batch_size``, about ``batches_per_epoch`` an epoch (the default): rounded up
         to whole optimiser steps of ``accumulation`` batches that the loader workers share evenly."""
         self.train_batch_size = self.hparams.batch_size
-        self.train_batches_per_epoch = self._whole_steps(self.hparams.batches_per_epoch, accumulation)
+        self.train_batches_per_epoch = self._epoch_batches(self.hparams.batch_size, accumulation)
+
+    def _epoch_batches(self, micro_batch: int, accumulation: int) -> int:
+        """Micro-batches an epoch: the optimiser steps that take the windows of ``batches_per_epoch`` batches of
+        ``batch_size``, rounded up (never down: the same split served either way is the same epoch)."""
+        windows = self.hparams.batch_size * self.hparams.batches_per_epoch
+        steps = -(-windows // (micro_batch * accumulation))
+        return self._whole_steps(steps * accumulation, accumulation)
 
     def _whole_steps(self, batches: int, accumulation: int) -> int:
         """``batches`` rounded up to a multiple of both ``accumulation`` and the loader workers. Lightning ends an
