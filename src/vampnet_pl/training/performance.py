@@ -83,8 +83,8 @@ class PerformanceMonitor(L.Callback):
         if device.type == "cuda":
             metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        for logger in trainer.loggers:  # at Lightning's log step for the step just taken, as its train/ rows
+            logger.log_metrics(metrics, step=trainer.global_step - 1)
         self._reset(now)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
