@@ -281,44 +281,66 @@ def test_the_accumulation_is_set_before_the_strategy_is(prepared, codec_path, tm
 
 def test_an_epoch_is_whole_optimiser_steps_shared_evenly_by_the_loader_workers(prepared, codec_path, tmp_path):
     _, datamodule, _, _ = _runs(tmp_path, prepared, codec_path, "data.num_workers=2", "data.batches_per_epoch=10")
-    datamodule.serve_micro_batches(8, 3)  # 80 windows an epoch: 2 steps of 3 micro-batches per worker pair
+    datamodule.serve_micro_batches(8, 3, 3)  # 10 batches at 3 a step: 4 steps, 2 of 3 micro-batches per worker pair
     assert datamodule.train_batches_per_epoch == 12 and len(datamodule.train_dataset()) == 12
-    datamodule.serve_micro_batches(4, 1)
+    datamodule.serve_micro_batches(4, 2)  # 10 steps of 2 micro-batches
     assert datamodule.train_batches_per_epoch == 20
+
+
+def _datamodule(batches_per_epoch: int, workers: int):
+    from vampnet_pl.data.datamodule import CodesDataModule
+
+    return CodesDataModule(train_urls=["a.tar"], val_urls=["b.tar"], n_codebooks=4, hop_length=512, sample_rate=44100,
+                           batch_size=8, batches_per_epoch=batches_per_epoch, num_workers=workers)
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
 @pytest.mark.parametrize("batches_per_epoch", [4, 5, 7, 10])
-def test_a_split_of_the_global_batch_keeps_at_least_the_epochs_windows_and_the_configured_split_its_epoch(
-        workers, batches_per_epoch):
-    """An epoch of ``batches_per_epoch`` batches of 8 is rounded up, never down, whatever the split; the configured
-    split served as micro-batches is the same epoch as served as configured batches. Rounding down (a floor per
-    worker, then to the nearest step) gave 8 x 2 batches half the optimiser steps (and validations) of 8 x 1."""
-    from vampnet_pl.data.datamodule import CodesDataModule
+def test_an_epoch_keeps_its_optimiser_steps_whatever_the_split(workers, batches_per_epoch):
+    """``batches_per_epoch / accumulate_grad_batches`` optimiser steps, rounded up (never down) so that the loader
+    workers share them; the configured split served as micro-batches is the same epoch as served as configured.
+    Rounding down (a floor per worker, then to the nearest step) gave 4 x 2 with 3 workers half the steps (and
+    validations) of 8 x 1."""
+    datamodule = _datamodule(batches_per_epoch, workers)
 
-    datamodule = CodesDataModule(train_urls=["a.tar"], val_urls=["b.tar"], n_codebooks=4, hop_length=512,
-                                 sample_rate=44100, batch_size=8, batches_per_epoch=batches_per_epoch,
-                                 num_workers=workers)
-
-    def served(micro_batch: int, accumulation: int, configured: bool = False) -> tuple[int, int]:
-        """(optimiser steps, windows) of an epoch on a rank."""
-        if configured:
+    def steps(micro_batch: int, accumulation: int, configured: int | None = None) -> int:
+        if configured is None:
             datamodule.serve_configured_batches(accumulation)
         else:
-            datamodule.serve_micro_batches(micro_batch, accumulation)
+            datamodule.serve_micro_batches(micro_batch, accumulation, configured)
         batches = datamodule.train_batches_per_epoch
+        assert datamodule.train_batch_size == micro_batch
         assert batches % accumulation == 0 and batches % max(1, workers) == 0  # whole steps, shared evenly
-        return batches // accumulation, batches * micro_batch
+        return batches // accumulation
 
-    windows = 8 * batches_per_epoch
-    for accumulation in (1, 2, 3):
-        steps, _ = served(8, accumulation, configured=True)
-        assert served(8, accumulation) == (steps, steps * 8 * accumulation)
-    for micro_batch, accumulation in ((8, 1), (4, 2), (2, 4), (1, 8), (8, 2), (4, 4), (16, 1)):
-        steps, served_windows = served(micro_batch, accumulation)
-        assert served_windows >= windows
-        if workers <= 1:  # no rounding for the workers: exactly the steps that take the epoch's windows
-            assert steps == -(-windows // (micro_batch * accumulation))
+    for configured in (1, 2, 3):
+        wanted = -(-batches_per_epoch // configured)
+        assert steps(8, configured) == steps(8, configured, configured) >= wanted
+        for micro_batch, accumulation in ((8, 1), (4, 2), (2, 4), (1, 8), (8, 2), (4, 4), (16, 1)):
+            served = steps(micro_batch, accumulation, configured)
+            assert served >= wanted and (workers > 1 or served == wanted)
+
+
+@pytest.mark.parametrize("global_batch, batch_size, accumulation", [(24, 8, 1), (24, 8, 2), (12, 8, 1), (6, 2, 3)])
+def test_a_global_batch_keeps_its_epoch_on_one_two_or_three_ranks(global_batch, batch_size, accumulation):
+    """A recipe's epoch (and so its validation cadence) is the same number of optimiser steps on any number of
+    ranks; it was the windows of one rank, so that 2 ranks validated half as often as one."""
+    from types import SimpleNamespace
+
+    from vampnet_pl.data.datamodule import CodesDataModule
+
+    epochs = set()
+    for ranks in (1, 2, 3):
+        datamodule = CodesDataModule(train_urls=["a.tar"], val_urls=["b.tar"], n_codebooks=4, hop_length=512,
+                                     sample_rate=44100, batch_size=batch_size, batches_per_epoch=6, num_workers=0)
+        trainer = SimpleNamespace(datamodule=datamodule, accumulate_grad_batches=accumulation, world_size=ranks)
+        sizer = AutoBatchSize(BatchSizingConfig(global_batch=global_batch))
+        sizer.setup(trainer, None, "fit")
+        assert sizer.split.global_batch == global_batch and sizer.split.ranks == ranks
+        assert trainer.accumulate_grad_batches == sizer.split.accumulation
+        assert datamodule.train_batch_size == sizer.split.micro_batch
+        epochs.add(datamodule.train_batches_per_epoch // sizer.split.accumulation)
+    assert epochs == {-(-6 // accumulation)}
 
 
 @pytest.mark.slow

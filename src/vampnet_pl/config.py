@@ -149,7 +149,7 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 2
     shuffle_buffer: int = 1000
-    batches_per_epoch: int = 1000
+    batches_per_epoch: int = 1000  # an epoch (validation at its end): this / trainer.accumulate_grad_batches steps
     val_windows_per_sample: int = 2
     val_max_windows: int = 512
     val_batch_size: int = 8

@@ -543,30 +543,30 @@ class CodesDataModule(L.LightningDataModule):
             expected_codebooks=self.shard_codebooks,
         )
 
-    def serve_micro_batches(self, micro_batch: int, accumulation: int) -> None:
+    def serve_micro_batches(self, micro_batch: int, accumulation: int, configured_accumulation: int = 1) -> None:
         """Serve training batches of ``micro_batch`` windows, ``accumulation`` of them per optimiser step.
 
-        An epoch keeps the windows of an epoch of ``batch_size`` batches, so a split of the same global batch
-        keeps its optimiser steps (and the validation cadence). Its micro-batches are whole optimiser steps
-        that the loader workers share evenly (rounded up where they cannot be). Call before the train
-        dataloader is built.
+        An epoch keeps its optimiser steps whatever the split, the global batch and the number of ranks: those of
+        ``batches_per_epoch`` batches at ``configured_accumulation`` a step (``trainer.accumulate_grad_batches`` as
+        set), so validation comes at the same steps. Its micro-batches are whole optimiser steps that the loader
+        workers share evenly (rounded up where they cannot be). Call before the train dataloader is built.
         """
-        if micro_batch < 1 or accumulation < 1:
-            raise ValueError(f"micro_batch and accumulation must be >= 1, got {micro_batch} and {accumulation}")
+        if micro_batch < 1 or accumulation < 1 or configured_accumulation < 1:
+            raise ValueError(f"micro_batch, accumulation and configured_accumulation must be >= 1, got {micro_batch}, "
+                             f"{accumulation} and {configured_accumulation}")
         self.train_batch_size = micro_batch
-        self.train_batches_per_epoch = self._epoch_batches(micro_batch, accumulation)
+        self.train_batches_per_epoch = self._epoch_batches(accumulation, configured_accumulation)
 
     def serve_configured_batches(self, accumulation: int = 1) -> None:
         """Serve training batches of ``batch_size``, about ``batches_per_epoch`` an epoch (the default): rounded up
         to whole optimiser steps of ``accumulation`` batches that the loader workers share evenly."""
         self.train_batch_size = self.hparams.batch_size
-        self.train_batches_per_epoch = self._epoch_batches(self.hparams.batch_size, accumulation)
+        self.train_batches_per_epoch = self._epoch_batches(accumulation, accumulation)
 
-    def _epoch_batches(self, micro_batch: int, accumulation: int) -> int:
-        """Micro-batches an epoch: the optimiser steps that take the windows of ``batches_per_epoch`` batches of
-        ``batch_size``, rounded up (never down: the same split served either way is the same epoch)."""
-        windows = self.hparams.batch_size * self.hparams.batches_per_epoch
-        steps = -(-windows // (micro_batch * accumulation))
+    def _epoch_batches(self, accumulation: int, configured_accumulation: int) -> int:
+        """Micro-batches an epoch: ``accumulation`` for each of its optimiser steps, ``batches_per_epoch /
+        configured_accumulation`` rounded up (never down: the same split served either way is the same epoch)."""
+        steps = -(-self.hparams.batches_per_epoch // configured_accumulation)
         return self._whole_steps(steps * accumulation, accumulation)
 
     def _whole_steps(self, batches: int, accumulation: int) -> int:

@@ -13,8 +13,8 @@ ranks``. The split is hardware. ``batch_sizing.mode``:
   On other devices, and under strategies whose model a probe cannot call (Lightning's FSDP, DeepSpeed), it
   acts as ``fixed``.
 
-An epoch keeps its windows, and so its optimiser steps, whatever the split
-(:meth:`CodesDataModule.serve_micro_batches`). Every rank takes the same decisions: each measurement is
+An epoch keeps its optimiser steps, ``data.batches_per_epoch / trainer.accumulate_grad_batches``, whatever the
+global batch, its split and the number of ranks (:meth:`CodesDataModule.serve_micro_batches`). Every rank takes the same decisions: each measurement is
 the maximum over ranks, and a probe that fails on one rank stops all. Checkpoints carry their split, and a
 resumed run keeps it.
 """
@@ -284,7 +284,7 @@ class AutoBatchSize(L.Callback):
         if (split.micro_batch, split.accumulation) == self.configured:
             trainer.datamodule.serve_configured_batches(split.accumulation)
         else:
-            trainer.datamodule.serve_micro_batches(split.micro_batch, split.accumulation)
+            trainer.datamodule.serve_micro_batches(split.micro_batch, split.accumulation, self.configured[1])
         trainer.accumulate_grad_batches = split.accumulation
         self.split = split
 
