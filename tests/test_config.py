@@ -30,6 +30,7 @@ EXPECTED = {
     "lightning.pytorch.loggers.CSVLogger": "CSVLogger",
     "lightning.pytorch.loggers.WandbLogger": "WandbLogger",
     "lightning.pytorch.callbacks.ModelCheckpoint": "ModelCheckpoint",
+    "vampnet_pl.training.checkpointing.LastCheckpoint": "LastCheckpoint",
     "vampnet_pl.training.callbacks.StepSeedCallback": "StepSeedCallback",
     "vampnet_pl.training.performance.PerformanceMonitor": "PerformanceMonitor",
     "vampnet_pl.evaluation.callback.PromptEvalCallback": "PromptEvalCallback",

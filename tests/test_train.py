@@ -109,6 +109,19 @@ def test_a_resumed_run_keeps_the_csv_log_of_its_earlier_attempt(prepared, codec_
     assert attempt_logs(run_dir) == [earlier]  # another run's log is not kept as an attempt of this one
 
 
+def test_last_checkpoint_holds_the_last_step_when_max_steps_falls_between_checkpoints(prepared, codec_path, tmp_path):
+    """Lightning writes last.ckpt at the end only when it never wrote it: a run of 3 steps with
+    every_n_train_steps=2 left it at step 2, so export (and the demo, and the ablation's results) took step 2's
+    weights, and a finished run looked unfinished."""
+    common = ["data.batches_per_epoch=2", "checkpoint.every_n_train_steps=2", "trainer.accumulate_grad_batches=2"]
+    trainer = train(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=3", *common))
+    last = tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt"
+    assert trainer.global_step == 3 and torch.load(last, weights_only=False)["global_step"] == 3
+    assert trainer.checkpoint_callback.last_model_path == str(last)
+    exported = model_from_checkpoint(last).state_dict()
+    assert all(torch.equal(v, trainer.lightning_module.plain_model().state_dict()[k]) for k, v in exported.items())
+
+
 @pytest.mark.slow
 def test_resume_is_exact_when_the_accumulation_does_not_divide_the_configured_epoch(prepared, codec_path, tmp_path):
     """3 batches an epoch, 2 a step: the epoch is served as 4 (whole steps), so a resumed run's
