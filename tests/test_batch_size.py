@@ -147,6 +147,17 @@ def test_batch_sizing_settings_are_checked_at_compose_time():
             compose_checked("train", [data, bad])
 
 
+def test_the_counts_that_size_a_step_or_an_epoch_are_checked_at_compose_time():
+    """Zeros failed deep in the run (``max() arg is an empty sequence``, a ZeroDivisionError, an empty stack) or,
+    for batches_per_epoch, trained with an epoch of no batches."""
+    data = "data.dataset_dir=codes"
+    for bad in ("data.batch_size=0", "data.batches_per_epoch=0", "data.val_batch_size=0", "data.num_workers=-1",
+                "trainer.accumulate_grad_batches=0", "trainer.log_every_n_steps=-1"):
+        with pytest.raises(UsageError, match=f"{bad.split('=')[0]} must be at least "):
+            compose_checked("train", [data, bad])
+    compose_checked("train", [data, "data.num_workers=0", "trainer.log_every_n_steps=0"])  # allowed: off
+
+
 def test_probes_run_only_under_strategies_whose_model_they_can_call():
     assert probe_supported(SingleDeviceStrategy("cpu")) and probe_supported(DDPStrategy())
     assert not probe_supported(FSDPStrategy()) and not probe_supported(DeepSpeedStrategy())

@@ -43,12 +43,6 @@ def check_fad_backend(name: str, key: str) -> None:
         raise ValueError(f"unknown FAD backend {name!r} ({key}); known: {sorted(EMBEDDINGS)}")
 
 
-def check_at_least_one(value, key: str) -> None:
-    """A count (None: its default elsewhere) must be at least 1."""
-    if value is not None and value < 1:
-        raise ValueError(f"{key} must be at least 1, got {value}")
-
-
 def check_prompt_presets(specs, key: str) -> None:
     """Prompt presets (``beat``, ``random:0.5`` ...), parsed as masking/presets.py parses them, so that a wrong one
     stops the config, not the evaluation after hours (or the training run at its first generation evaluation)."""
@@ -59,6 +53,15 @@ def check_prompt_presets(specs, key: str) -> None:
             prompt_arguments(str(spec))
         except ValueError as err:
             raise ValueError(f"{key}: {err}") from None
+
+
+def check_at_least(node, prefix: str, **least: int) -> None:
+    """Each named setting of ``node`` is at least its given value, or None (its default elsewhere); ``prefix``: the
+    config key's group ("" at the top level)."""
+    for name, lowest in least.items():
+        value = getattr(node, name)
+        if value is not None and value < lowest:
+            raise ValueError(f"{prefix + '.' if prefix else ''}{name} must be at least {lowest}, got {value}")
 
 
 @dataclass
@@ -162,12 +165,8 @@ class DataConfig:
     max_skip_rate: float = 0.05
     skip_rate_min_samples: int = 200  # the training rate (summed over workers and ranks) is judged after this many
 
-    def __post_init__(self) -> None:  # at compose time: 0 failed only once data loaded, in numpy or as a ZeroDivisionError
-        for name in ("batch_size", "val_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be at least 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be at least 0, got {self.num_workers}")
+    def __post_init__(self) -> None:  # at compose time: a zero here fails deep inside the loader or the split
+        check_at_least(self, "data", batch_size=1, batches_per_epoch=1, val_batch_size=1, num_workers=0)
         if not 0 <= self.max_skip_rate <= 1:
             raise ValueError(f"data.max_skip_rate must be in [0, 1], got {self.max_skip_rate}")
 
@@ -199,10 +198,9 @@ class TrainerConfig:
     enable_progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        check_at_least(self, "trainer", accumulate_grad_batches=1, log_every_n_steps=0)
         if self.max_steps < -1:
             raise ValueError(f"trainer.max_steps must be at least 0 (or -1: no limit), got {self.max_steps}")
-        if self.accumulate_grad_batches < 1:
-            raise ValueError(f"trainer.accumulate_grad_batches must be at least 1, got {self.accumulate_grad_batches}")
 
 
 @dataclass
@@ -312,8 +310,8 @@ class TrainConfig:
                 check_fad_backend(node["fad_backend"], f"callbacks.{name}.fad_backend")
             if isinstance(node, dict) and "prompts" in node:
                 check_prompt_presets(node["prompts"], f"callbacks.{name}.prompts")
-            if isinstance(node, dict) and "n_windows" in node:  # else the first generation evaluation fails
-                check_at_least_one(node["n_windows"], f"callbacks.{name}.n_windows")
+            if isinstance(node, dict) and node.get("n_windows") is not None and node["n_windows"] < 1:  # else its first evaluation fails
+                raise ValueError(f"callbacks.{name}.n_windows must be at least 1, got {node['n_windows']}")
         if self.init_from is None and (self.lora is not None or self.fine_tune):
             why = "LoRA adapters (lora=...) train on" if self.lora is not None else f"experiment={self.experiment} fine-tunes"
             raise ValueError(f"init_from is not set: {why} a pretrained model; give init_from=<exported model .pt>")
@@ -348,8 +346,7 @@ class EvalConfig:
         check_prompt_presets(self.prompts, "prompts")
         if not 0 <= self.noisy_ratio <= 1:
             raise ValueError(f"noisy_ratio is a fraction of tokens, in [0, 1]; got {self.noisy_ratio}")
-        for name in ("windows_per_sample", "batch_size", "c2f_passes", "n_windows"):  # n_windows=0 meant gen_windows
-            check_at_least_one(getattr(self, name), name)
+        check_at_least(self, "", windows_per_sample=1, batch_size=1, c2f_passes=1, n_windows=1)  # 0: gen_windows
 
 
 class SweepLauncher(str, Enum):
