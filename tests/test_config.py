@@ -200,7 +200,8 @@ def test_counts_and_rates_out_of_range_fail_at_compose_time(bad, message):
 
     with pytest.raises(UsageError, match=message):
         compose("train", ["data.dataset_dir=codes", bad])
-    assert compose("train", ["data.dataset_dir=codes", "trainer.max_steps=-1", "data.num_workers=0"]).trainer.max_steps == -1
+    assert compose("train", ["data.dataset_dir=codes", "trainer.max_steps=-1", "optim.total_steps=100", "data.num_workers=0"]
+                   ).trainer.max_steps == -1
 
 
 @pytest.mark.parametrize("config, bad, message", [
@@ -233,3 +234,14 @@ def test_a_learning_rate_on_the_other_schedulers_scale_is_refused():
     with pytest.raises(UsageError, match=r"optim.lr=0.0003 under scheduler=noam is the Noam factor"):
         compose("train", [*base, "optim.scheduler=noam"])
     assert compose("train", [*base, "experiment=vampnet_coarse"]).optim.lr == 2.0
+
+
+def test_a_cosine_schedule_without_an_end_is_refused():
+    """trainer.max_steps=-1 with optim.total_steps=0 decayed over an arbitrary 100,000 steps."""
+    from vampnet_pl.config import UsageError, compose
+
+    base = ["data.dataset_dir=codes", "trainer.max_steps=-1"]
+    with pytest.raises(UsageError, match="trainer.max_steps=-1 sets no end: give optim.total_steps"):
+        compose("train", base)
+    assert compose("train", [*base, "optim.total_steps=5000"]).optim.total_steps == 5000
+    assert compose("train", [*base, "optim=noam"]).optim.scheduler == "noam"  # no end needed

@@ -312,6 +312,9 @@ class TrainConfig:
                 check_prompt_presets(node["prompts"], f"callbacks.{name}.prompts")
             if isinstance(node, dict) and node.get("n_windows") is not None and node["n_windows"] < 1:  # else its first evaluation fails
                 raise ValueError(f"callbacks.{name}.n_windows must be at least 1, got {node['n_windows']}")
+        if self.optim.scheduler == "warmup_cosine" and self.optim.total_steps == 0 and self.trainer.max_steps == -1:
+            raise ValueError("optim.scheduler=warmup_cosine decays over optim.total_steps (0: trainer.max_steps), and "
+                             "trainer.max_steps=-1 sets no end: give optim.total_steps=<steps>")
         if self.init_from is None and (self.lora is not None or self.fine_tune):
             why = "LoRA adapters (lora=...) train on" if self.lora is not None else f"experiment={self.experiment} fine-tunes"
             raise ValueError(f"init_from is not set: {why} a pretrained model; give init_from=<exported model .pt>")

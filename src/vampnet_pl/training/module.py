@@ -353,7 +353,7 @@ class MaskedTokenModule(L.LightningModule):
         apply_base_lr(self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler, self.optim_cfg.lr)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 100_000
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0  # 0: optim.total_steps
         optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, total, self.cfg.d_model)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
