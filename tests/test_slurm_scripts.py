@@ -160,3 +160,25 @@ def test_a_typed_gpu_count_is_passed_to_gres_and_counted(script, variable, first
 def test_a_gpu_count_that_is_no_count_is_refused(value, tmp_path):
     done, calls = submit(tmp_path, "train.sh", "experiment=vampnet_coarse", GPUS_PER_NODE=value)
     assert done.returncode == 2 and f"GPUS_PER_NODE={value}: give a GPU count" in done.stderr and calls == []
+
+
+FAKE_SRUN = '#!/bin/bash\nprintf "%s\\n" "$@" > "$CALLS"\n'
+
+
+@pytest.mark.parametrize("slurm_env, devices", [({}, "1"), ({"SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2"}, "2"),
+                                                ({"SLURM_NTASKS_PER_NODE": "3", "SLURM_NTASKS": "3"}, "3")])
+def test_train_sbatch_submitted_directly_gives_srun_its_layout(slurm_env, devices, tmp_path):
+    """`sbatch slurm/train.sbatch ...` (the guide allows it) without --ntasks: SLURM sets no SLURM_NTASKS, and srun
+    starts one task per node; the job script must not stop on the unset variable."""
+    calls = tmp_path / "srun_args"
+    fake_bin(tmp_path, "vampnet-pl", "#!/bin/bash\n")
+    folder = fake_bin(tmp_path, "srun", FAKE_SRUN)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    environment.update(PATH=f"{folder}:{os.environ['PATH']}", CALLS=str(calls), VAMPNET_ROOT=str(ROOT),
+                       VAMPNET_VENV=str(tmp_path / "none"), SLURM_JOB_ID="7", **slurm_env)
+    done = subprocess.run(["bash", str(ROOT / "slurm" / "train.sbatch"), "experiment=vampnet_coarse"],
+                          capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    args = calls.read_text().split()
+    assert f"trainer.devices={devices}" in args and "experiment=vampnet_coarse" in args
+    assert f"trainer.num_nodes={slurm_env.get('SLURM_JOB_NUM_NODES', '1')}" in args
