@@ -11,6 +11,11 @@
 #   and the site settings of slurm/common.sh (PARTITION, ACCOUNT, QOS, LOG_DIR, SBATCH_EXTRA).
 source "$(dirname "$0")/common.sh"
 TASKS="${TASKS:-8}"
+if ! [[ "$TASKS" =~ ^[0-9]+$ ]] || [ "$((10#$TASKS))" -lt 1 ]; then  # checked before anything is submitted
+  echo "error: TASKS=$TASKS: give the number of encode array tasks, 1 or more" >&2
+  exit 2
+fi
+TASKS=$((10#$TASKS))
 parse_gpus GPUS_PER_TASK "${GPUS_PER_TASK:-0}"
 CPUS_PER_TASK="${CPUS_PER_TASK:-4}"
 resources=(--cpus-per-task="$CPUS_PER_TASK" --mem="${MEM:-16G}" --time="${TIME:-04:00:00}")

@@ -182,3 +182,18 @@ def test_train_sbatch_submitted_directly_gives_srun_its_layout(slurm_env, device
     args = calls.read_text().split()
     assert f"trainer.devices={devices}" in args and "experiment=vampnet_coarse" in args
     assert f"trainer.num_nodes={slurm_env.get('SLURM_JOB_NUM_NODES', '1')}" in args
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-2", "1.5", ""])
+def test_a_task_count_that_is_no_count_is_refused_before_anything_is_submitted(value, tmp_path):
+    """prep.sh TASKS: checked first (it submitted the scan job, then failed on the array: an orphaned scan job)."""
+    done, calls = submit(tmp_path, "prep.sh", "catalog=/c", "out_dir=/o", TASKS=value)
+    if value == "":  # empty is unset: the default
+        assert done.returncode == 0 and "--array=0-7" in calls[1], done.stderr
+        return
+    assert done.returncode == 2 and f"TASKS={value}: give the number" in done.stderr and calls == []
+
+
+def test_a_task_count_with_a_leading_zero_is_decimal(tmp_path):
+    done, calls = submit(tmp_path, "prep.sh", "catalog=/c", "out_dir=/o", TASKS="010")
+    assert done.returncode == 0 and "--array=0-9" in calls[1], done.stderr
