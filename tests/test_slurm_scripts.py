@@ -197,3 +197,13 @@ def test_a_task_count_that_is_no_count_is_refused_before_anything_is_submitted(v
 def test_a_task_count_with_a_leading_zero_is_decimal(tmp_path):
     done, calls = submit(tmp_path, "prep.sh", "catalog=/c", "out_dir=/o", TASKS="010")
     assert done.returncode == 0 and "--array=0-9" in calls[1], done.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["bogus"]])
+def test_prep_sbatch_without_a_known_stage_prints_its_usage(args, tmp_path):
+    folder = fake_bin(tmp_path, "vampnet-pl", "#!/bin/bash\n")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    environment.update(PATH=f"{folder}:{os.environ['PATH']}", VAMPNET_ROOT=str(ROOT), VAMPNET_VENV=str(tmp_path / "none"))
+    done = subprocess.run(["bash", str(ROOT / "slurm" / "prep.sbatch"), *args], capture_output=True, text=True,
+                          env=environment, cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and "usage: prep.sbatch scan|encode|finalize" in done.stderr, done.stderr
