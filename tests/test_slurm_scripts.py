@@ -207,3 +207,30 @@ def test_prep_sbatch_without_a_known_stage_prints_its_usage(args, tmp_path):
     done = subprocess.run(["bash", str(ROOT / "slurm" / "prep.sbatch"), *args], capture_output=True, text=True,
                           env=environment, cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and "usage: prep.sbatch scan|encode|finalize" in done.stderr, done.stderr
+
+
+def test_the_guide_names_the_variables_the_submitit_launcher_reads(monkeypatch):
+    """slurm/README.md's list of train.sh's variables that a submitit sweep reads (it said "the same variables as
+    train.sh", but MEM, SBATCH_EXTRA and VAMPNET_SETUP were silently ignored), and its overrides for the others."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    text = (ROOT / "slurm" / "README.md").read_text().split("## Hydra sweeps on SLURM")[1]
+    reads = re.search(r"Of `train.sh`'s variables it reads (.*?);", text, re.S)
+    ignores = re.search(r"It does not read (.*?):", text, re.S)
+    assert reads and ignores, "the guide lists which variables the launcher reads"
+    base = ["experiment=demo_coarse", "data.dataset_dir=codes"]
+    plain = OmegaConf.to_container(compose_sweep_job(monkeypatch, base).hydra.launcher, resolve=True)
+    for names, read in ((reads.group(1), True), (ignores.group(1), False)):
+        for name in re.findall(r"`([A-Z_]+)`", names):
+            with monkeypatch.context() as scoped:  # this variable only
+                launcher = compose_sweep_job(scoped, base, **{name: "3"}).hydra.launcher
+                changed = OmegaConf.to_container(launcher, resolve=True) != plain
+            assert changed == read, f"{name}: the guide says the launcher {'reads' if read else 'ignores'} it"
+    advice = ignores.string[ignores.end():].split("Override any field")[0]
+    overrides = re.findall(r"`(\+?hydra\.launcher\.[^`]+)`", advice)
+    assert len(overrides) == 3, overrides
+    launcher = compose_sweep_job(monkeypatch, [*base, *(o.replace("'", "") for o in overrides)]).hydra.launcher
+    assert launcher.mem_gb == 64 and launcher.additional_parameters.constraint == "a100"
+    assert list(launcher.setup) == ["module load cuda/12.4"]
