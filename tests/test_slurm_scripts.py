@@ -234,3 +234,16 @@ def test_the_guide_names_the_variables_the_submitit_launcher_reads(monkeypatch):
     launcher = compose_sweep_job(monkeypatch, [*base, *(o.replace("'", "") for o in overrides)]).hydra.launcher
     assert launcher.mem_gb == 64 and launcher.additional_parameters.constraint == "a100"
     assert list(launcher.setup) == ["module load cuda/12.4"]
+
+
+@pytest.mark.parametrize("args, missing", [(["out_dir=/o"], "catalog"), (["catalog=/c"], "out_dir"),
+                                           (["codec.catalog=/c", "out_dir=/o"], "catalog")])
+def test_prep_without_catalog_or_out_dir_submits_nothing(args, missing, tmp_path):
+    """Both are required (conf/prep.yaml: ???): the scan job failed on them after its wait in the queue."""
+    done, calls = submit(tmp_path, "prep.sh", *args)
+    assert done.returncode == 2 and f"give {missing}=" in done.stderr and calls == []
+
+
+def test_prep_takes_catalog_and_out_dir_given_with_a_plus(tmp_path):
+    done, calls = submit(tmp_path, "prep.sh", "++catalog=/c", "+out_dir=/o")
+    assert done.returncode == 0 and len(calls) == 3, done.stderr
