@@ -1,12 +1,16 @@
 # Sourced by the job scripts (*.sbatch): makes `vampnet-pl` runnable on the compute node.
 #   VAMPNET_SETUP  site commands to run first, e.g. "module load cuda/12.4"
-#   VAMPNET_VENV   the virtual environment to activate (default: <checkout>/.venv when it exists)
+#   VAMPNET_VENV   the virtual environment to activate (default: <checkout>/.venv when it exists; when set, it must exist)
 set -euo pipefail
 VAMPNET_ROOT="${VAMPNET_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 if [ -n "${VAMPNET_SETUP:-}" ]; then
   eval "$VAMPNET_SETUP"
 fi
 venv="${VAMPNET_VENV:-$VAMPNET_ROOT/.venv}"
+if [ -n "${VAMPNET_VENV:-}" ] && [ ! -f "$venv/bin/activate" ]; then  # a typo would run whatever is on PATH
+  echo "VAMPNET_VENV=$VAMPNET_VENV: no environment there (no bin/activate); as the compute node sees it" >&2
+  exit 2
+fi
 if [ -f "$venv/bin/activate" ]; then
   # shellcheck disable=SC1091
   source "$venv/bin/activate"

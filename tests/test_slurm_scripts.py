@@ -34,6 +34,13 @@ def fake_bin(tmp_path: Path, name: str, text: str) -> Path:
     return folder
 
 
+def empty_venv(tmp_path: Path) -> Path:
+    """A VAMPNET_VENV whose activation changes nothing (the fake vampnet-pl on PATH stays first)."""
+    (tmp_path / "venv" / "bin").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "venv" / "bin" / "activate").write_text("")
+    return tmp_path / "venv"
+
+
 def submit(tmp_path: Path, script: str, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     """Run ``slurm/<script>`` with the fake sbatch; returns the process and each sbatch call's arguments."""
     calls = tmp_path / "sbatch_calls"
@@ -88,7 +95,7 @@ def test_the_finalize_job_verifies_the_out_dir_that_hydra_parsed(out_dir, prepar
     shutil.copytree(prepared, codes)
     folder = fake_bin(tmp_path, "vampnet-pl", f'#!/bin/bash\nexec "{sys.executable}" -m vampnet_pl.cli "$@"\n')
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    environment.update(PATH=f"{folder}:{os.environ['PATH']}", VAMPNET_ROOT=str(ROOT), VAMPNET_VENV=str(tmp_path / "none"),
+    environment.update(PATH=f"{folder}:{os.environ['PATH']}", VAMPNET_ROOT=str(ROOT), VAMPNET_VENV=str(empty_venv(tmp_path)),
                        PYTHONPATH=str(ROOT / "src"), CODES_DIR=str(codes), OMP_NUM_THREADS="1")
     done = subprocess.run(
         ["bash", str(ROOT / "slurm" / "prep.sbatch"), "finalize", f"catalog={synthetic_catalog}",
@@ -175,7 +182,7 @@ def test_train_sbatch_submitted_directly_gives_srun_its_layout(slurm_env, device
     folder = fake_bin(tmp_path, "srun", FAKE_SRUN)
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     environment.update(PATH=f"{folder}:{os.environ['PATH']}", CALLS=str(calls), VAMPNET_ROOT=str(ROOT),
-                       VAMPNET_VENV=str(tmp_path / "none"), SLURM_JOB_ID="7", **slurm_env)
+                       VAMPNET_VENV=str(empty_venv(tmp_path)), SLURM_JOB_ID="7", **slurm_env)
     done = subprocess.run(["bash", str(ROOT / "slurm" / "train.sbatch"), "experiment=vampnet_coarse"],
                           capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -203,7 +210,7 @@ def test_a_task_count_with_a_leading_zero_is_decimal(tmp_path):
 def test_prep_sbatch_without_a_known_stage_prints_its_usage(args, tmp_path):
     folder = fake_bin(tmp_path, "vampnet-pl", "#!/bin/bash\n")
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    environment.update(PATH=f"{folder}:{os.environ['PATH']}", VAMPNET_ROOT=str(ROOT), VAMPNET_VENV=str(tmp_path / "none"))
+    environment.update(PATH=f"{folder}:{os.environ['PATH']}", VAMPNET_ROOT=str(ROOT), VAMPNET_VENV=str(empty_venv(tmp_path)))
     done = subprocess.run(["bash", str(ROOT / "slurm" / "prep.sbatch"), *args], capture_output=True, text=True,
                           env=environment, cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and "usage: prep.sbatch scan|encode|finalize" in done.stderr, done.stderr
@@ -247,3 +254,15 @@ def test_prep_without_catalog_or_out_dir_submits_nothing(args, missing, tmp_path
 def test_prep_takes_catalog_and_out_dir_given_with_a_plus(tmp_path):
     done, calls = submit(tmp_path, "prep.sh", "++catalog=/c", "+out_dir=/o")
     assert done.returncode == 0 and len(calls) == 3, done.stderr
+
+
+def test_a_vampnet_venv_that_does_not_exist_stops_the_job_naming_it(tmp_path):
+    """A misspelt VAMPNET_VENV was passed over: the job ran whatever vampnet-pl was on PATH (the submitting shell's,
+    with --export=ALL), or said "set VAMPNET_VENV", which was set."""
+    folder = fake_bin(tmp_path, "vampnet-pl", "#!/bin/bash\necho ran\n")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    environment.update(PATH=f"{folder}:{os.environ['PATH']}", VAMPNET_ROOT=str(ROOT), VAMPNET_VENV=str(tmp_path / "vnev"))
+    done = subprocess.run(["bash", str(ROOT / "slurm" / "eval.sbatch"), "coarse=m.pt"], capture_output=True, text=True,
+                          env=environment, cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and f"VAMPNET_VENV={tmp_path / 'vnev'}: no environment there" in done.stderr
+    assert "ran" not in done.stdout
