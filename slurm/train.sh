@@ -26,7 +26,13 @@ fi
 options+=(--nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE" --cpus-per-task="${CPUS_PER_TASK:-8}"
   --time="${TIME:-24:00:00}")
 if [ -n "${MEM:-}" ]; then options+=(--mem="$MEM"); fi
-if [ -n "${RUN_NAME:-}" ]; then defaults+=(run_name="$RUN_NAME"); fi
+if [ -n "${RUN_NAME:-}" ]; then
+  if [[ "$RUN_NAME" =~ [\'\\] ]]; then  # they would end or escape the quoted Hydra value below
+    echo "error: RUN_NAME=$RUN_NAME: give a name without ' or \\" >&2
+    exit 2
+  fi
+  defaults+=("run_name='$RUN_NAME'")  # quoted for Hydra: a comma or brackets are part of the name
+fi
 
 job=$(submit "${options[@]}" --output="$LOG_DIR/%x-%j.out" "$VAMPNET_ROOT/slurm/train.sbatch" "${defaults[@]}" "$@")
 echo "training job $job: $NODES node(s) x $TASKS_PER_NODE process(es)" >&2

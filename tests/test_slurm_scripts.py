@@ -266,3 +266,24 @@ def test_a_vampnet_venv_that_does_not_exist_stops_the_job_naming_it(tmp_path):
                           env=environment, cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and f"VAMPNET_VENV={tmp_path / 'vnev'}: no environment there" in done.stderr
     assert "ran" not in done.stdout
+
+
+@pytest.mark.parametrize("name", ["coarse-123456", "a,b", "c2f(v2)", "my run", "x=y", "[1]", "group/run"])
+def test_run_name_reaches_the_training_config_as_given(name, tmp_path, monkeypatch):
+    """train.sh RUN_NAME: passed unquoted, a comma made a Hydra sweep and brackets a function call, and the job failed
+    at its start after its wait in the queue."""
+    from hydra import compose, initialize_config_dir
+
+    from vampnet_pl.config import conf_dir
+
+    done, calls = submit(tmp_path, "train.sh", "experiment=demo_coarse", "data.dataset_dir=codes", RUN_NAME=name)
+    assert done.returncode == 0, done.stderr
+    overrides = calls[0][calls[0].index(str(ROOT / "slurm" / "train.sbatch")) + 1:]
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        assert compose("train", overrides).run_name == name
+
+
+@pytest.mark.parametrize("name", ["it's", "a\\b"])
+def test_a_run_name_hydra_cannot_quote_is_refused(name, tmp_path):
+    done, calls = submit(tmp_path, "train.sh", "experiment=demo_coarse", RUN_NAME=name)
+    assert done.returncode == 2 and "give a name without" in done.stderr and calls == []
