@@ -47,3 +47,15 @@ parse_gpus() {
   gpu_gres=""
   if [ "$gpu_count" -gt 0 ]; then gpu_gres="--gres=gpu:$2"; fi
 }
+
+# require_override KEY ARGS...: stop the script unless ARGS set KEY (KEY=, +KEY= or ++KEY=): a required setting left
+# out would fail the job only at its start, after its wait in the queue.
+require_override() {
+  local key="$1" arg
+  shift
+  for arg in "$@"; do
+    if [[ "$arg" =~ ^\+{0,2}([^=]*)= ]] && [ "${BASH_REMATCH[1]}" = "$key" ]; then return 0; fi
+  done
+  echo "error: give $key=... (a Hydra override); nothing is submitted" >&2
+  exit 2
+}

@@ -9,6 +9,8 @@
 # Environment: GPUS (1; a type too: a100:1; 0 evaluates on CPUs)  CPUS_PER_TASK (8)  MEM  TIME (02:00:00)
 #   and the site settings of slurm/common.sh (PARTITION, ACCOUNT, QOS, LOG_DIR, SBATCH_EXTRA).
 source "$(dirname "$0")/common.sh"
+require_override coarse "$@"  # conf/eval.yaml leaves both unset
+require_override dataset_dir "$@"
 parse_gpus GPUS "${GPUS:-1}"
 options=(--ntasks=1 --cpus-per-task="${CPUS_PER_TASK:-8}" --time="${TIME:-02:00:00}")
 if [ -n "$gpu_gres" ]; then options+=("$gpu_gres"); fi

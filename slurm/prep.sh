@@ -16,21 +16,8 @@ if ! [[ "$TASKS" =~ ^[0-9]+$ ]] || [ "$((10#$TASKS))" -lt 1 ]; then  # checked b
   exit 2
 fi
 TASKS=$((10#$TASKS))
-# given_override KEY ARGS...: whether ARGS set KEY (KEY=, +KEY= or ++KEY=)
-given_override() {
-  local key="$1" arg
-  shift
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^\+{0,2}([^=]*)= ]] && [ "${BASH_REMATCH[1]}" = "$key" ]; then return 0; fi
-  done
-  return 1
-}
-for key in catalog out_dir; do  # conf/prep.yaml leaves them unset: the scan job would fail after its wait in the queue
-  if ! given_override "$key" "$@"; then
-    echo "error: give $key=... (a conf/prep.yaml override); nothing is submitted" >&2
-    exit 2
-  fi
-done
+require_override catalog "$@"  # conf/prep.yaml leaves both unset
+require_override out_dir "$@"
 parse_gpus GPUS_PER_TASK "${GPUS_PER_TASK:-0}"
 CPUS_PER_TASK="${CPUS_PER_TASK:-4}"
 resources=(--cpus-per-task="$CPUS_PER_TASK" --mem="${MEM:-16G}" --time="${TIME:-04:00:00}")

@@ -25,6 +25,10 @@ printf '%s\\n' "${SBATCH_OUTPUT-$((1000 + n));cluster}"
 """
 
 
+# The overrides each submit script requires (prep.sh: catalog, out_dir; eval.sh: coarse, dataset_dir).
+REQUIRED = ("catalog=/c", "out_dir=/o", "coarse=/m.pt", "dataset_dir=/d")
+
+
 def fake_bin(tmp_path: Path, name: str, text: str) -> Path:
     folder = tmp_path / "bin"
     folder.mkdir(exist_ok=True)
@@ -65,7 +69,7 @@ def test_submit_scripts_print_the_job_ids(tmp_path):
 
 @pytest.mark.parametrize("script", ["train.sh", "eval.sh", "prep.sh"])
 def test_a_failed_sbatch_fails_the_submit_script(script, tmp_path):
-    done, calls = submit(tmp_path, script, "catalog=/c", "out_dir=/o", FAIL_AT="1")
+    done, calls = submit(tmp_path, script, *REQUIRED, FAIL_AT="1")
     assert done.returncode != 0
     assert "sbatch failed" in done.stderr and "invalid partition" in done.stderr
     assert done.stdout.strip() == ""  # no empty job id for a caller to read
@@ -153,7 +157,7 @@ def test_the_guides_submitit_sweep_trains_on_the_gpus_it_asks_for(monkeypatch):
 @pytest.mark.parametrize("script, variable, first_call", [("train.sh", "GPUS_PER_NODE", 0), ("eval.sh", "GPUS", 0),
                                                           ("prep.sh", "GPUS_PER_TASK", 1)])
 def test_a_typed_gpu_count_is_passed_to_gres_and_counted(script, variable, first_call, tmp_path):
-    done, calls = submit(tmp_path, script, "catalog=/c", "out_dir=/o", **{variable: "a100:2"})
+    done, calls = submit(tmp_path, script, *REQUIRED, **{variable: "a100:2"})
     assert done.returncode == 0, done.stderr
     call = calls[first_call]  # prep.sh: the encode array
     assert "--gres=gpu:a100:2" in call
@@ -243,11 +247,13 @@ def test_the_guide_names_the_variables_the_submitit_launcher_reads(monkeypatch):
     assert list(launcher.setup) == ["module load cuda/12.4"]
 
 
-@pytest.mark.parametrize("args, missing", [(["out_dir=/o"], "catalog"), (["catalog=/c"], "out_dir"),
-                                           (["codec.catalog=/c", "out_dir=/o"], "catalog")])
-def test_prep_without_catalog_or_out_dir_submits_nothing(args, missing, tmp_path):
-    """Both are required (conf/prep.yaml: ???): the scan job failed on them after its wait in the queue."""
-    done, calls = submit(tmp_path, "prep.sh", *args)
+@pytest.mark.parametrize("script, args, missing", [
+    ("prep.sh", ["out_dir=/o"], "catalog"), ("prep.sh", ["catalog=/c"], "out_dir"),
+    ("prep.sh", ["codec.catalog=/c", "out_dir=/o"], "catalog"), ("eval.sh", ["dataset_dir=/d"], "coarse"),
+    ("eval.sh", ["coarse=/m.pt"], "dataset_dir")])
+def test_a_submit_script_without_a_required_override_submits_nothing(script, args, missing, tmp_path):
+    """Required by conf/prep.yaml and conf/eval.yaml (???): the job failed on them after its wait in the queue."""
+    done, calls = submit(tmp_path, script, *args)
     assert done.returncode == 2 and f"give {missing}=" in done.stderr and calls == []
 
 
