@@ -140,6 +140,25 @@ def test_the_submitit_launcher_runs_one_task_per_gpu_and_one_on_cpus(env, tasks,
     assert int(cfg.hydra.launcher.tasks_per_node) == tasks
 
 
+@pytest.mark.parametrize("gpus, per_node, gres", [("2", 2, None), ("0", 0, None), ("a100:2", None, "gpu:a100:2"),
+                                                  ("a100:0", None, None)])
+def test_the_submitit_launcher_takes_a_typed_gpu_count_as_train_sh_does(gpus, per_node, gres, monkeypatch):
+    """GPUS_PER_NODE=a100:2 (slurm/train.sh takes it): gpus_per_node is an int in the launcher's schema, and the sweep
+    stopped on 'Value 'a100:2' of type 'str' could not be converted to Integer'."""
+    launcher = compose_sweep_job(monkeypatch, ["experiment=demo_coarse", "data.dataset_dir=codes"],
+                                 GPUS_PER_NODE=gpus).hydra.launcher
+    assert launcher.gpus_per_node == per_node and launcher.gres == gres
+
+
+def test_the_submitit_launcher_refuses_a_gpu_count_that_is_no_count(monkeypatch):
+    from omegaconf.errors import InterpolationResolutionError
+
+    launcher = compose_sweep_job(monkeypatch, ["experiment=demo_coarse", "data.dataset_dir=codes"],
+                                 GPUS_PER_NODE="two").hydra.launcher
+    with pytest.raises(InterpolationResolutionError, match="GPUS_PER_NODE=two: give a GPU count"):
+        launcher.gpus_per_node
+
+
 def test_the_guides_submitit_sweep_trains_on_the_gpus_it_asks_for(monkeypatch):
     """The example in slurm/README.md, composed as its first job: GPUs asked for are GPUs trained on."""
     text = (ROOT / "slurm" / "README.md").read_text()

@@ -412,11 +412,28 @@ def register_schemas() -> None:
 register_schemas()
 
 
+def slurm_gpus(field_name: str, value: Any) -> int | str | None:
+    """``${slurm_gpus:FIELD,GPUS_PER_NODE}`` (conf/hydra/launcher/slurm.yaml): a GPU count (``2``) is the launcher's
+    ``gpus_per_node``; a GPU type and a count (``a100:2``, as slurm/train.sh takes it) is its ``gres`` (``gpu:a100:2``),
+    as ``gpus_per_node`` takes only a number. FIELD is ``gpus_per_node`` or ``gres``; the other one is None."""
+    text = str(value)
+    kind, _, count = text.rpartition(":")
+    if not count.isdigit() or (kind and not all(c.isalnum() or c in "_.-" for c in kind)):
+        raise ValueError(f"GPUS_PER_NODE={text}: give a GPU count (2) or a GPU type and a count (a100:2)")
+    if field_name == "gpus_per_node":
+        return None if kind else int(count)
+    if field_name == "gres":
+        return f"gpu:{kind}:{int(count)}" if kind and int(count) > 0 else None
+    raise ValueError(f"slurm_gpus: unknown field {field_name!r} (gpus_per_node or gres)")
+
+
 def register_resolvers() -> None:
     """``${at_least_one:N}``: max(1, N); one SLURM task per GPU, and one on CPUs (conf/hydra/launcher/slurm.yaml).
-    N may name a GPU type, as ``--gres`` does: ``a100:2`` counts 2."""
+    N may name a GPU type, as ``--gres`` does: ``a100:2`` counts 2. ``${slurm_gpus:...}``: see :func:`slurm_gpus`."""
     if not OmegaConf.has_resolver("at_least_one"):
         OmegaConf.register_new_resolver("at_least_one", lambda value: max(1, int(str(value).rsplit(":", 1)[-1])))
+    if not OmegaConf.has_resolver("slurm_gpus"):
+        OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus)
 
 
 register_resolvers()
