@@ -245,3 +245,16 @@ def test_a_cosine_schedule_without_an_end_is_refused():
         compose("train", base)
     assert compose("train", [*base, "optim.total_steps=5000"]).optim.total_steps == 5000
     assert compose("train", [*base, "optim=noam"]).optim.scheduler == "noam"  # no end needed
+
+
+@pytest.mark.parametrize("recipe", ["vampnet_coarse", "vampnet_c2f", "vampnet_lora"])
+def test_a_masking_preset_given_with_a_vampnet_recipe_replaces_the_recipes(recipe):
+    """The recipe set masking.* itself, after the masking group: masking=span with it trained the recipe's mask, and
+    an ablation grid over masking presets trained one mask under every name."""
+    from vampnet_pl.config import compose
+
+    base = ["data.dataset_dir=codes", f"experiment={recipe}", "init_from=m.pt"]
+    assert compose("train", base).masking.kind == "bernoulli"
+    span = compose("train", [*base, "masking=span"]).masking
+    assert (span.kind, span.sampler) == ("span", "uniform")
+    assert compose("train", [*base, "masking=codebook_level"]).masking.kind == "codebook_level"
