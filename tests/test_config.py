@@ -258,3 +258,21 @@ def test_a_masking_preset_given_with_a_vampnet_recipe_replaces_the_recipes(recip
     span = compose("train", [*base, "masking=span"]).masking
     assert (span.kind, span.sampler) == ("span", "uniform")
     assert compose("train", [*base, "masking=codebook_level"]).masking.kind == "codebook_level"
+
+
+def test_the_last_review_s_checks_fire_at_compose_time():
+    """A stray prompt argument was dropped without a word; callbacks.prompt_eval.noisy_ratio passed compose and failed
+    after the data loaded (as a traceback); negative optim step counts were accepted."""
+    from vampnet_pl.config import UsageError, compose
+
+    base = ["data.dataset_dir=codes"]
+    for bad, message in (("prompts=[random:0.5:0.9]", r"bad prompt 'random:0.5:0.9': random takes at most 1"),
+                         ("prompts=[beat:2:1:5]", r"beat takes at most 2")):
+        with pytest.raises(UsageError, match=message):
+            compose("eval", ["coarse=c.pt", "dataset_dir=d", bad])
+    with pytest.raises(UsageError, match=r"callbacks.prompt_eval.noisy_ratio is a fraction of tokens"):
+        compose("train", [*base, "callbacks=with_eval", "callbacks.prompt_eval.noisy_ratio=2"])
+    for bad in ("optim.total_steps=-5", "optim.warmup_steps=-1"):
+        with pytest.raises(UsageError, match="must be at least 0"):
+            compose("train", [*base, bad])
+    assert compose("eval", ["coarse=c.pt", "dataset_dir=d", "prompts=[beat:2:1,periodic:4:1]"]).prompts

@@ -183,7 +183,8 @@ def test_a_training_block_with_dropout_compiles_whole_on_the_cpu():
 
 
 def test_attention_dropping_everything_gives_zeros_as_sdpa_on_the_cpu():
-    """p = 1 (``model.dropout`` accepts it): zeros and zero gradients, as SDPA's and F.dropout's; it divided by zero."""
+    """p = 1 (``attend`` called directly; ``model.dropout`` stops below 1): zeros and zero gradients, as SDPA's and
+    F.dropout's; it divided by zero."""
     q, k, v = (torch.randn(2, 2, 7, 4, requires_grad=True) for _ in range(3))
     out = attend(q, k, v, dropout_p=1.0, backend="sdpa")
     assert torch.equal(out, torch.zeros_like(out))

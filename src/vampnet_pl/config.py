@@ -55,6 +55,12 @@ def check_prompt_presets(specs, key: str) -> None:
             raise ValueError(f"{key}: {err}") from None
 
 
+def check_fraction(value: float, key: str) -> None:
+    """A share of tokens (``noisy_ratio``) lies in [0, 1]."""
+    if not 0 <= value <= 1:
+        raise ValueError(f"{key} is a fraction of tokens, in [0, 1]; got {value}")
+
+
 def check_at_least(node, prefix: str, **least: int) -> None:
     """Each named setting of ``node`` is at least its given value, or None (its default elsewhere); ``prefix``: the
     config key's group ("" at the top level)."""
@@ -132,9 +138,7 @@ class PrepConfig:
         if not 0 < self.min_seconds <= self.segment_seconds:  # above it every file fails as too short
             raise ValueError(f"prep needs 0 < min_seconds <= segment_seconds, got min_seconds={self.min_seconds}, "
                              f"segment_seconds={self.segment_seconds}")
-        for name in ("files_per_unit", "shard_max_samples", "shard_max_bytes"):  # files_per_unit=0: a range() error
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_at_least(self, "", files_per_unit=1, shard_max_samples=1, shard_max_bytes=1)  # files_per_unit=0: range()
 
 
 @dataclass
@@ -312,6 +316,8 @@ class TrainConfig:
                 check_prompt_presets(node["prompts"], f"callbacks.{name}.prompts")
             if isinstance(node, dict) and node.get("n_windows") is not None and node["n_windows"] < 1:  # else its first evaluation fails
                 raise ValueError(f"callbacks.{name}.n_windows must be at least 1, got {node['n_windows']}")
+            if isinstance(node, dict) and "noisy_ratio" in node:  # else the callback refuses it after the data loaded
+                check_fraction(node["noisy_ratio"], f"callbacks.{name}.noisy_ratio")
         if self.optim.scheduler == "warmup_cosine" and self.optim.total_steps == 0 and self.trainer.max_steps == -1:
             raise ValueError("optim.scheduler=warmup_cosine decays over optim.total_steps (0: trainer.max_steps), and "
                              "trainer.max_steps=-1 sets no end: give optim.total_steps=<steps>")
@@ -333,7 +339,7 @@ class EvalConfig:
     window_seconds: float = 10.0
     c2f_chunk_seconds: float = 3.0  # c2f generates in chunks of this length (the original's 3 s)
     n_windows: Optional[int] = None  # windows scored; None: eval_protocol.gen_windows (n_embeddings: their FAD embeddings)
-    windows_per_sample: int = 1  # as data.val_windows_per_sample (2): the training-time evaluation's windows
+    windows_per_sample: int = 1  # split=val, 2 (data.val_windows_per_sample): the training-time evaluation's windows
     batch_size: int = 8
     eval_protocol: EvalProtocolConfig = field(default_factory=EvalProtocolConfig)  # prompts, passes, sweep
     prompts: list[str] = field(default_factory=lambda: ["beat", "random:0.5", "random:0.8"])  # extra presets, beside the protocol's
@@ -347,8 +353,7 @@ class EvalConfig:
     def __post_init__(self):
         check_fad_backend(self.fad_backend, "fad_backend")
         check_prompt_presets(self.prompts, "prompts")
-        if not 0 <= self.noisy_ratio <= 1:
-            raise ValueError(f"noisy_ratio is a fraction of tokens, in [0, 1]; got {self.noisy_ratio}")
+        check_fraction(self.noisy_ratio, "noisy_ratio")
         check_at_least(self, "", windows_per_sample=1, batch_size=1, c2f_passes=1, n_windows=1)  # 0: gen_windows
 
 

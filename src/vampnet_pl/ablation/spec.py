@@ -15,7 +15,7 @@ from vampnet_pl.ablation.stats import is_score
 from vampnet_pl.config import AblationConfig, UsageError, compose, override_value
 from vampnet_pl.training.csv_logs import csv_log_dirs
 
-# The baseline every condition is compared with unless the spec names one: VampNet's masking.
+# The baseline every condition is compared with unless the spec names one: this project's default masking.
 DEFAULT_BASELINE = {"masking.schedule": "cosine", "masking.kind": "random", "masking.sampler": "uniform",
                     "masking": "cosine"}
 SWEEP_LOGGER = "logger=sweep"  # CSV (the report's curves) + TensorBoard, unless the spec picks its own logger

@@ -21,11 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.codec import Codec
+from vampnet_pl.config import check_fraction, check_prompt_presets
 from vampnet_pl.evaluation.metrics import fad_embedding
 from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, protocol_jobs, rows_to_metrics
 from vampnet_pl.evaluation.scoring import check_embedding_count, noisy_tokens
 from vampnet_pl.generation.sampling import SamplingConfig, example_generators, sample
-from vampnet_pl.masking.presets import prompt_arguments
 from vampnet_pl.masking.protocol import EvalProtocolConfig
 from vampnet_pl.training.callbacks import LogPoints
 from vampnet_pl.training.slurm import requeue_pending
@@ -48,12 +48,10 @@ class PromptEvalCallback(L.Callback):
                  prompts: list[str] | None = None):
         self.codec_source, self.protocol = codec_source, as_protocol(protocol)
         self.prompts = list(prompts or [])  # extra presets beside the protocol's (``beat`` ...), per window
-        for spec in self.prompts:  # a wrong one must stop the run now, not at its first evaluation
-            prompt_arguments(spec)
+        check_prompt_presets(self.prompts, "callbacks.prompt_eval.prompts")  # now, not at its first evaluation
         self.every_n_steps = every_n_steps
         self.n_windows = n_windows or self.protocol.gen_windows
-        if not 0 <= noisy_ratio <= 1:
-            raise ValueError(f"callbacks.prompt_eval.noisy_ratio is a fraction of tokens, in [0, 1]; got {noisy_ratio}")
+        check_fraction(noisy_ratio, "callbacks.prompt_eval.noisy_ratio")
         self.noisy_ratio, self.time_budget, self.seed, self.log_audio = noisy_ratio, time_budget_seconds, seed, log_audio
         self.fad_backend, self.fad_weights = fad_backend, fad_weights
         self.codec: Codec | None = None

@@ -13,7 +13,8 @@
   number of embeddings (``n_embeddings``) with it.
 - :class:`KernelAudioDistance`: KAD (Chung et al. 2025), the unbiased MMD^2 estimate with a
   Gaussian RBF kernel whose bandwidth is the median pairwise distance of the reference
-  embeddings, times 100 (the KAD toolkit's scale). Near 0 for one distribution; it can be slightly negative.
+  embeddings, times 100 (the KAD toolkit's scale). Near 0 for one distribution; noisy at small sizes, where it
+  can be well below zero.
 
 Embedding backends are pluggable; FAD and KAD scores are only comparable within one backend.
 

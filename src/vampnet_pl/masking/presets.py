@@ -18,6 +18,10 @@ from vampnet_pl.codec import Codec
 from vampnet_pl.masking import prompts
 
 
+MOST_ARGUMENTS = {"periodic": 2, "prefix": 1, "suffix": 1, "inpaint": 2, "compression": 2, "random": 1, "beat": 2,
+                  "onset": 2}
+
+
 def prompt_arguments(spec: str) -> tuple[str, list[float | int]]:
     """A preset's name and its checked arguments (seconds stay seconds): what :func:`build_prompt` builds from.
 
@@ -56,6 +60,8 @@ def prompt_arguments(spec: str) -> tuple[str, list[float | int]]:
     }
     if name not in readers:
         raise ValueError(f"unknown prompt {name!r}; use one of {sorted(readers)}")
+    if len(values) > MOST_ARGUMENTS[name]:  # a stray one was dropped without a word
+        raise ValueError(f"bad prompt {spec!r}: {name} takes at most {MOST_ARGUMENTS[name]} argument(s)")
     try:
         return name, readers[name]()
     except IndexError:

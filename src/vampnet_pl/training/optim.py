@@ -26,6 +26,9 @@ class OptimConfig:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r} (optim.scheduler); known: {sorted(SCHEDULERS)}")
         check_lr_scale(self.lr, self.scheduler)
+        if self.warmup_steps < 0 or self.total_steps < 0:  # a negative total_steps dropped cosine to min_lr at once
+            raise ValueError(f"optim.warmup_steps and optim.total_steps must be at least 0, got {self.warmup_steps} "
+                             f"and {self.total_steps}")
 
 
 # Under noam, optim.lr is the Noam factor (VampNet's 2.0; peak lr = factor / sqrt(d_model * warmup)); under the other
