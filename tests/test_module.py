@@ -77,6 +77,8 @@ def test_schedules():
     assert noam(10) < noam(50) < noam(99)
     with pytest.raises(ValueError, match="unknown scheduler"):
         lr_multiplier(OptimConfig(scheduler="step"), 10, 8)
+    with pytest.raises(ValueError, match="warmup_cosine needs an end"):  # no max_steps: it decayed over 100,000
+        lr_multiplier(OptimConfig(scheduler="warmup_cosine"), 0, 8)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

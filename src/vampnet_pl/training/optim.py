@@ -63,6 +63,8 @@ def _constant(cfg: OptimConfig, warmup: int, total_steps: int, d_model: int):
 
 
 def _warmup_cosine(cfg: OptimConfig, warmup: int, total_steps: int, d_model: int):
+    if total_steps <= 0:  # the train schema refuses this config; a module built in Python must say so too
+        raise ValueError("optim.scheduler=warmup_cosine needs an end: set trainer.max_steps or optim.total_steps")
     def warmup_cosine(step: int) -> float:  # step k runs the k+1-th optimiser step: peak once, min_lr at the last
         if step < warmup:
             return (step + 1) / warmup
