@@ -270,7 +270,7 @@ def test_the_last_review_s_checks_fire_at_compose_time():
                          ("prompts=[beat:2:1:5]", r"beat takes at most 2")):
         with pytest.raises(UsageError, match=message):
             compose("eval", ["coarse=c.pt", "dataset_dir=d", bad])
-    with pytest.raises(UsageError, match=r"callbacks.prompt_eval.noisy_ratio is a fraction of tokens"):
+    with pytest.raises(UsageError, match=r"callbacks.prompt_eval.noisy_ratio must be in \[0, 1\]"):
         compose("train", [*base, "callbacks=with_eval", "callbacks.prompt_eval.noisy_ratio=2"])
     for bad in ("optim.total_steps=-5", "optim.warmup_steps=-1"):
         with pytest.raises(UsageError, match="must be at least 0"):

@@ -24,6 +24,7 @@ from vampnet_pl.masking.config import MaskingConfig
 from vampnet_pl.masking.protocol import EvalProtocolConfig
 from vampnet_pl.model import VampNetConfig
 from vampnet_pl.training.optim import OptimConfig
+from vampnet_pl.utils.checks import check_at_least, check_fraction
 
 
 def conf_dir() -> Path:
@@ -55,21 +56,6 @@ def check_prompt_presets(specs, key: str) -> None:
             raise ValueError(f"{key}: {err}") from None
 
 
-def check_fraction(value: float, key: str) -> None:
-    """A share of tokens (``noisy_ratio``) lies in [0, 1]."""
-    if not 0 <= value <= 1:
-        raise ValueError(f"{key} is a fraction of tokens, in [0, 1]; got {value}")
-
-
-def check_at_least(node, prefix: str, **least: int) -> None:
-    """Each named setting of ``node`` is at least its given value, or None (its default elsewhere); ``prefix``: the
-    config key's group ("" at the top level)."""
-    for name, lowest in least.items():
-        value = getattr(node, name)
-        if value is not None and value < lowest:
-            raise ValueError(f"{prefix + '.' if prefix else ''}{name} must be at least {lowest}, got {value}")
-
-
 @dataclass
 class CodecConfig:
     # A pretrained DAC name (44khz, 24khz, 16khz; needs internet once) or a DAC checkpoint path.
@@ -81,8 +67,7 @@ class CodecConfig:
     def __post_init__(self) -> None:  # else prep fails after its scan, in torch.cat
         if not self.chunk_seconds > 0:
             raise ValueError(f"codec.chunk_seconds must be > 0, got {self.chunk_seconds}")
-        if self.context_frames < 0:
-            raise ValueError(f"codec.context_frames must be at least 0, got {self.context_frames}")
+        check_at_least(self, "codec", context_frames=0)
 
 
 class ChannelMode(str, Enum):
@@ -106,8 +91,7 @@ class SplitConfig:
 
     def __post_init__(self) -> None:  # a draw in [0, 1) picks test below test_fraction, val in the next val_fraction
         for name in ("val_fraction", "test_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"split.{name} must be in [0, 1], got {getattr(self, name)}")
+            check_fraction(getattr(self, name), f"split.{name}")
         if self.val_fraction + self.test_fraction > 1:
             raise ValueError(f"split.val_fraction + split.test_fraction must be at most 1, got {self.val_fraction} + "
                              f"{self.test_fraction}")
@@ -171,8 +155,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:  # at compose time: a zero here fails deep inside the loader or the split
         check_at_least(self, "data", batch_size=1, batches_per_epoch=1, val_batch_size=1, num_workers=0)
-        if not 0 <= self.max_skip_rate <= 1:
-            raise ValueError(f"data.max_skip_rate must be in [0, 1], got {self.max_skip_rate}")
+        check_fraction(self.max_skip_rate, "data.max_skip_rate")
 
 
 @dataclass
@@ -304,8 +287,7 @@ class TrainConfig:
     lora: Optional[LoraConfig] = None  # with init_from (required): train LoRA adapters only
 
     def __post_init__(self):  # required keys whose schema default is None (``???`` over None is a no-op in OmegaConf)
-        if not 0 <= self.label_smoothing <= 1:  # else torch refuses it at the first training step
-            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        check_fraction(self.label_smoothing, "label_smoothing")  # else torch refuses it at the first training step
         if self.data.dataset_dir is None and self.data.train_urls is None:
             raise ValueError("data.dataset_dir is not set: give data.dataset_dir=<a prep out_dir> "
                              "(or data.train_urls=... and data.val_urls=...)")

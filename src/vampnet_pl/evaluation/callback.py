@@ -21,14 +21,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vampnet_pl.codec import Codec
-from vampnet_pl.config import check_fraction, check_prompt_presets
+from vampnet_pl.config import check_prompt_presets
 from vampnet_pl.evaluation.metrics import fad_embedding
 from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, protocol_jobs, rows_to_metrics
 from vampnet_pl.evaluation.scoring import check_embedding_count, noisy_tokens
 from vampnet_pl.generation.sampling import SamplingConfig, example_generators, sample
 from vampnet_pl.masking.protocol import EvalProtocolConfig
-from vampnet_pl.training.callbacks import LogPoints
+from vampnet_pl.training.callbacks import LogPoints, log_step
 from vampnet_pl.training.slurm import requeue_pending
+from vampnet_pl.utils.checks import check_fraction
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,7 @@ class PromptEvalCallback(L.Callback):
             model.train(was_training)
         scores = rows_to_metrics(rows)
         if trainer.is_global_zero and trainer.logger is not None:
-            # at Lightning's log step for the step just taken, as its train/ and val/ rows of that step
-            trainer.logger.log_metrics(scores, step=trainer.global_step - 1)
+            trainer.logger.log_metrics(scores, step=log_step(trainer))
             self._log_table(trainer, rows)
         self.last_scores, self.last_rows = scores, rows
         log.info("protocol %s generation evaluation at step %d took %.1f s", self.protocol.id, trainer.global_step,

@@ -26,6 +26,7 @@ import torch
 
 from vampnet_pl.masking import prompts
 from vampnet_pl.masking.training import random_mask
+from vampnet_pl.utils.checks import check_at_least
 
 PROMPT_NAMES = ("periodic_4", "periodic_8", "periodic_16", "periodic_32", "prefix", "suffix", "inpaint", "compression")
 
@@ -49,8 +50,7 @@ class EvalProtocolConfig:
             raise ValueError(f"eval_protocol.ratios must lie in (0, 1], got {list(self.ratios)}")
         if not 0 <= self.context_fraction < 0.5:
             raise ValueError(f"eval_protocol.context_fraction must lie in [0, 0.5), got {self.context_fraction}")
-        if self.gen_windows < 1:
-            raise ValueError(f"eval_protocol.gen_windows must be at least 1, got {self.gen_windows}")
+        check_at_least(self, "eval_protocol", gen_windows=1)
         if self.passes < 1 or not all(n >= 1 for n in self.passes_sweep):  # 0 passes generate nothing
             raise ValueError(f"eval_protocol.passes and passes_sweep must be >= 1, got passes={self.passes}, "
                              f"passes_sweep={list(self.passes_sweep)}")

@@ -30,6 +30,7 @@ from vampnet_pl.model.attention import BACKENDS, RelativeBias, attend, relative_
 from vampnet_pl.model.dropout import Dropout
 from vampnet_pl.model.linear import CPU_MATMUL, Linear, linear
 from vampnet_pl.model.norm import RMSNorm
+from vampnet_pl.utils.checks import check_at_least
 
 
 @dataclass
@@ -61,9 +62,7 @@ class VampNetConfig:
     codec_fingerprint: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "codebook_size", "latent_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_at_least(self, "", d_model=1, n_layers=1, n_heads=1, codebook_size=1, latent_dim=1)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.d_model % self.n_heads:

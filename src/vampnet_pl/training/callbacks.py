@@ -23,6 +23,12 @@ def batch_seed(seed: int, rank: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, rank, batch_index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def log_step(trainer: L.Trainer) -> int:
+    """The step a callback logs the optimiser step just taken at: Lightning's own train/ and val/ rows of that step
+    (``global_step`` has already counted it)."""
+    return trainer.global_step - 1
+
+
 class LogPoints:
     """Which training batches end at a log point: the batch that completes an optimiser step that is a multiple
     of ``trainer.log_every_n_steps``, as for Lightning's loggers. Every host read of the training loop's

@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from vampnet_pl.utils.checks import check_at_least
+
 
 @dataclass
 class OptimConfig:
@@ -26,9 +28,7 @@ class OptimConfig:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r} (optim.scheduler); known: {sorted(SCHEDULERS)}")
         check_lr_scale(self.lr, self.scheduler)
-        if self.warmup_steps < 0 or self.total_steps < 0:  # a negative total_steps dropped cosine to min_lr at once
-            raise ValueError(f"optim.warmup_steps and optim.total_steps must be at least 0, got {self.warmup_steps} "
-                             f"and {self.total_steps}")
+        check_at_least(self, "optim", warmup_steps=0, total_steps=0)  # total_steps < 0 dropped cosine to min_lr at once
 
 
 # Under noam, optim.lr is the Noam factor (VampNet's 2.0; peak lr = factor / sqrt(d_model * warmup)); under the other

@@ -13,7 +13,7 @@ import time
 import lightning as L
 import torch
 
-from vampnet_pl.training.callbacks import LogPoints
+from vampnet_pl.training.callbacks import LogPoints, log_step
 
 # Dense (not sparse) bf16 tensor-core peaks, TFLOP/s, by a part of the device name.
 DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -83,8 +83,8 @@ class PerformanceMonitor(L.Callback):
         if device.type == "cuda":
             metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
-        for logger in trainer.loggers:  # at Lightning's log step for the step just taken, as its train/ rows
-            logger.log_metrics(metrics, step=trainer.global_step - 1)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=log_step(trainer))
         self._reset(now)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
