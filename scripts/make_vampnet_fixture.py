@@ -1,7 +1,7 @@
 """Make the VampNet parity fixture by running the ORIGINAL implementation (not part of the package).
 
-    PYTHONPATH=/path/vampnet:/path/lac:/path/deps python scripts/make_vampnet_fixture.py \\
-        --vampnet /path/vampnet --lac /path/lac --out tests/fixtures/vampnet_original
+    PYTHONPATH=/path/lac:/path/deps python scripts/make_vampnet_fixture.py --vampnet /path/vampnet-ismir \\
+        --vampnet-main /path/vampnet-main --lac /path/lac --out tests/fixtures/vampnet_original
 
 Builds small, seeded, randomly initialised original models (coarse, c2f, a LoRA fine-tune of
 the coarse one) and a small LAC codec, saves them in the original's formats, and records what
@@ -9,6 +9,14 @@ the original computes with them (fp32, CPU): codec codes and decoded audio, logi
 mask, and the tokens of one ``VampNet.generate`` call with a fixed seed. The loralib adapters get
 random (non-zero) values so that the import's adapter merge is exercised. Everything written
 is data; none of the original's code is copied into this project.
+
+With ``--vampnet-main`` (a checkout of the ``main`` branch, run in a subprocess: both are the
+package ``vampnet``), the coarse model is also loaded by the main branch's code and saved as its
+training loop saves a checkpoint: right after validation, in eval mode, so loralib has merged the
+adapters into the weights (they are saved as well), with the main branch's constructor arguments
+(``ctrl_dims``, ``cfg_dropout_prob``, ``cond_dim``). ``coarse_main.pth`` and ``main_io.pt`` (the logits
+of that file loaded as the main branch's Interface loads it) are added to an existing ``--out``
+when ``--vampnet`` is left out.
 """
 
 from __future__ import annotations
@@ -46,12 +54,41 @@ def git_commit(path: str) -> str:
         return "unknown"
 
 
+def resave_with_main_branch(vampnet_main: str, lac: str, out: Path) -> None:
+    """coarse.pth -> coarse_main.pth, saved as the main branch's training loop saves; main_io.pt: its logits."""
+    sys.path[:0] = [vampnet_main, lac]
+    from lac.model.lac import LAC
+    from vampnet.modules.transformer import VampNet
+
+    record = torch.load(out / "io.pt", weights_only=True)
+    model = VampNet.load(str(out / "coarse.pth"), strict=True)
+    model.eval()  # validate() runs before checkpoint(): loralib merges B A / 8 into the saved weights
+    model.save(str(out / "coarse_main.pth"), package=False)
+    codec = LAC.load(str(out / "codec.pth")).eval()
+    loaded = VampNet.load(str(out / "coarse_main.pth"), strict=False).eval()  # as the main branch's Interface
+    z = record["codes"][:, : loaded.n_codebooks]
+    with torch.no_grad():
+        logits = loaded(loaded.embedding.from_codes(z.masked_fill(record["coarse_mask"], loaded.mask_token), codec))
+    torch.save({"coarse_main_mask": record["coarse_mask"], "coarse_main_logits": logits}, out / "main_io.pt")
+    info_path = out / "info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info["vampnet_main_commit"] = git_commit(vampnet_main)
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vampnet", required=True, help="checkout of hugofloresgarcia/vampnet (ismir-2023)")
+    parser.add_argument("--vampnet", help="checkout of hugofloresgarcia/vampnet (ismir-2023); left out: only "
+                        "--vampnet-main's files are added to --out")
+    parser.add_argument("--vampnet-main", help="checkout of hugofloresgarcia/vampnet (main)")
     parser.add_argument("--lac", required=True, help="checkout of hugofloresgarcia/lac")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.vampnet is None:
+        if args.vampnet_main is None:
+            parser.error("give --vampnet, --vampnet-main or both")
+        resave_with_main_branch(args.vampnet_main, args.lac, Path(args.out))
+        return
     sys.path[:0] = [args.vampnet, args.lac]
     import loralib
     from lac.model.lac import LAC
@@ -79,7 +116,7 @@ def main() -> None:
     for name, kwargs in (("coarse", COARSE), ("c2f", C2F)):
         model = VampNet(**kwargs)
         randomise_adapters(model, generator)
-        model.train()  # saved unmerged, as the original's training loop leaves the layers
+        model.train()  # saved unmerged (the training loop saves merged ones: see coarse_main.pth)
         model.save(str(out / f"{name}.pth"), package=False)
         models[name] = model
 
@@ -115,6 +152,9 @@ def main() -> None:
             "codec": CODEC, "coarse": COARSE, "c2f": C2F, "frames": FRAMES, "generate": GENERATE,
             "lora": "loralib r=8, lora_alpha=1 (scale 1/8); adapters random N(0, 0.5^2)"}
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    if args.vampnet_main is not None:  # another process: its package is also called vampnet
+        subprocess.run([sys.executable, __file__, "--vampnet-main", args.vampnet_main, "--lac", args.lac,
+                        "--out", str(out)], check=True)
     print(f"wrote {sorted(p.name for p in out.iterdir())} to {out}")
 
 

@@ -64,6 +64,27 @@ def test_imported_lora_fine_tune_matches_the_original(tmp_path, record):
     assert not torch.allclose(base, record["coarse_logits"], atol=1e-2)  # the adapters did change the model
 
 
+def test_a_main_branch_checkpoint_imports_with_the_original_logits(tmp_path, record):
+    """The main branch's VampNet saves three more constructor arguments, and its training loop saves after
+    validation, in eval mode: the weights hold loralib's merged ``B A / 8`` and the adapters are saved too."""
+    kwargs, _ = read_checkpoint(FIXTURE / "coarse_main.pth")
+    assert {"ctrl_dims", "cfg_dropout_prob", "cond_dim"} <= set(kwargs)
+    assert cli_main(["import-vampnet", "--codec", str(FIXTURE / "codec.pth"), "--coarse", str(FIXTURE / "coarse_main.pth"),
+                     "--out-dir", str(tmp_path)]) == 0
+    main = torch.load(FIXTURE / "main_io.pt", weights_only=True)
+    ours = our_logits_in_their_layout(load_exported(tmp_path / "coarse.pt"), record["codes"][:, :4], main["coarse_main_mask"])
+    assert (ours - main["coarse_main_logits"]).abs().max().item() <= TOLERANCE
+
+
+def test_a_main_branch_checkpoint_with_control_encoders_is_refused():
+    kwargs, state = read_checkpoint(FIXTURE / "coarse_main.pth")
+    kwargs["ctrl_dims"] = {"rms": 1}
+    state.update({"ctrl_encoder.ctrl_encoders.rms.weight": torch.zeros(32, 1),
+                  "ctrl_encoder.ctrl_encoders.rms.bias": torch.zeros(32)})
+    with pytest.raises(ImportError_, match=r"ctrl_dims=\{'rms': 1\}: the main branch's control encoders"):
+        convert_state(kwargs, state)
+
+
 def test_converted_lac_codes_and_audio_match_the_original(imported, record):
     codec = Codec.load(str(imported / "codec.pth"), device="cpu")
     assert (codec.n_codebooks, codec.codebook_size, codec.sample_rate) == (6, 64, record["sample_rate"])

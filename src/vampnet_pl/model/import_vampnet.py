@@ -1,7 +1,9 @@
 """Import the original VampNet's checkpoints (``hugofloresgarcia/vampnet``) into this project's formats.
 
 The original saves models with audiotools' ``BaseModel.save(package=False)``: a torch pickle
-``{"state_dict": ..., "metadata": {"kwargs": <constructor arguments>, ...}}``. Its coarse and
+``{"state_dict": ..., "metadata": {"kwargs": <constructor arguments>, ...}}``. Both branches are read:
+``ismir-2023`` (the paper, the released weights) and ``main``, whose kwargs add ``ctrl_dims``,
+``cfg_dropout_prob`` and ``cond_dim`` (models with control encoders, ``ctrl_dims`` set, are refused). Its coarse and
 c2f models become exported models (:func:`vampnet_pl.model.save_exported`) of the ``paper``
 architecture; its codec (LAC) becomes a converted LAC file that :class:`vampnet_pl.codec.Codec`
 loads (:mod:`vampnet_pl.lac_codec`).
@@ -25,7 +27,10 @@ from vampnet_pl.model.vampnet import VampNet, VampNetConfig
 
 LORA_SCALE = 1.0 / 8  # loralib: lora_alpha / r with the original's r=8 and default lora_alpha=1
 MODEL_ARGUMENTS = {"n_heads", "n_layers", "r_cond_dim", "n_codebooks", "n_conditioning_codebooks", "latent_dim",
-                   "embedding_dim", "vocab_size", "flash_attn", "noise_mode", "dropout"}
+                   "embedding_dim", "vocab_size", "flash_attn", "noise_mode", "dropout",
+                   # the main branch's: control encoders (refused unless None), training-only CFG dropout, and an
+                   # unused conditioning width (no weights, no effect on the forward)
+                   "ctrl_dims", "cfg_dropout_prob", "cond_dim"}
 ORIGINAL_DEFAULTS = {"n_heads": 20, "n_layers": 16, "r_cond_dim": 0, "n_codebooks": 9, "n_conditioning_codebooks": 0,
                      "latent_dim": 8, "embedding_dim": 1280, "vocab_size": 1024, "dropout": 0.1}
 # (original name inside a layer, this model's name inside a block)
@@ -96,6 +101,9 @@ def paper_config(kwargs: dict, codec_fingerprint: str = "") -> VampNetConfig:
     args = {**ORIGINAL_DEFAULTS, **kwargs}
     if args["r_cond_dim"]:
         raise ImportError_(f"r_cond_dim={args['r_cond_dim']}: the original does not support it either")
+    if args.get("ctrl_dims"):
+        raise ImportError_(f"ctrl_dims={args['ctrl_dims']}: the main branch's control encoders (ctrl_encoder.*) "
+                           "are not supported; only models trained without controls (ctrl_dims=None) import")
     return VampNetConfig(
         n_codebooks=args["n_codebooks"], n_conditioning_codebooks=args["n_conditioning_codebooks"],
         codebook_size=args["vocab_size"], latent_dim=args["latent_dim"], d_model=args["embedding_dim"],
