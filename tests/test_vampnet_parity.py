@@ -97,6 +97,36 @@ def test_converted_lac_codes_and_audio_match_the_original(imported, record):
                        codec.codebook_tables("raw")[:4])
 
 
+def _save_lac_package(path: Path) -> Path:
+    """LAC as audiotools' ``BaseModel.save(path)`` writes it by default (LAC's training writes one as package.pth;
+    LAC.load tries it first): a torch.package with the module under ``LAC/LAC.pth``, its metadata beside it. The
+    module is this project's LAC (same state dict as the original's), so that no original code enters the fixtures."""
+    from torch.package import PackageExporter
+
+    from vampnet_pl.lac_codec import lac_from_state
+
+    kwargs, state = read_checkpoint(FIXTURE / "codec.pth")
+    model = lac_from_state(kwargs, state)
+    with PackageExporter(str(path)) as exporter:
+        exporter.intern("vampnet_pl.lac_codec")
+        exporter.extern(["dac.**", "numpy.**", "vampnet_pl.utils.**"])
+        exporter.save_pickle("LAC", "LAC.pth", model)
+        exporter.save_pickle("LAC", "LAC.metadata", {"kwargs": kwargs})
+    return path
+
+
+def test_a_lac_saved_as_a_package_converts_with_trust_pickle(tmp_path, record, capsys):
+    path = _save_lac_package(tmp_path / "codec.pth")
+    command = ["import-vampnet", "--codec", str(path), "--coarse", str(FIXTURE / "coarse.pth"), "--out-dir", str(tmp_path / "out")]
+    assert cli_main(command) == 2
+    assert "a torch.package of LAC" in capsys.readouterr().err and not (tmp_path / "out" / "codec.pth").exists()
+    with pytest.raises(ValueError, match="torch.package of VampNet's LAC codec: convert it first .*--trust-pickle"):
+        Codec.load(str(path), device="cpu")  # e.g. `vamp --codec`
+    assert cli_main([*command, "--trust-pickle"]) == 0
+    codec = Codec.load(str(tmp_path / "out" / "codec.pth"), device="cpu")
+    assert torch.equal(codec.encode(record["audio"][0, 0], record["sample_rate"]).long(), record["codes"][0])
+
+
 def test_unconverted_lac_is_refused_with_a_pointer_to_the_import():
     with pytest.raises(ValueError, match="import-vampnet"):
         Codec.load(str(FIXTURE / "codec.pth"), device="cpu")

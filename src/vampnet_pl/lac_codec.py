@@ -8,19 +8,23 @@ names follow LAC's so that its state dict loads as is; the interface (``encode``
 ``decode``, ``quantizer``, the facts) is the one :class:`vampnet_pl.codec.Codec` uses for DAC.
 
 A converted LAC is one file ``{"format": FORMAT, "kwargs": ..., "state_dict": ...}``, loadable
-with ``weights_only=True`` (``vampnet-pl import-vampnet`` writes it from LAC's ``codec.pth``).
+with ``weights_only=True`` (``vampnet-pl import-vampnet`` writes it from LAC's ``codec.pth``). The
+original may also be a torch.package (audiotools' ``BaseModel.save`` default, which LAC's training
+writes as ``package.pth`` and ``LAC.load`` reads first): :func:`read_lac_package`.
 """
 
 from __future__ import annotations
 
 import math
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 FORMAT = "vampnet-pl/lac/1"
+PACKAGE_RESOURCE = "LAC/LAC.pth"  # audiotools' BaseModel.save(package=True): <class name>/<class name>.pth
 ARGUMENTS = ("encoder_dim", "encoder_rates", "decoder_dim", "decoder_rates", "n_codebooks", "codebook_size",
              "codebook_dim", "sample_rate")
 
@@ -163,6 +167,27 @@ def is_original_lac(state_dict) -> bool:
     return isinstance(state_dict, dict) and any(".mrf_blocks." in str(key) for key in state_dict)
 
 
+def is_lac_package(path: str | Path) -> bool:
+    """A torch.package holding a LAC (its archive's files sit under one top folder named after the archive)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1] == PACKAGE_RESOURCE for name in archive.namelist())
+
+
+def read_lac_package(path: str | Path) -> tuple[dict, dict]:
+    """(kwargs, state dict) of a LAC torch.package. Loading it runs the code packed in it: only for trusted files."""
+    from torch.package import PackageImporter
+
+    try:
+        model = PackageImporter(str(path)).load_pickle(*PACKAGE_RESOURCE.split("/"), map_location="cpu")
+        kwargs = {name: getattr(model, name) for name in ARGUMENTS}
+    except (ImportError, AttributeError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path}: the LAC in this torch.package cannot be loaded here: {err}") from None
+    kwargs = {k: [int(x) for x in v] if isinstance(v, (list, tuple)) else int(v) for k, v in kwargs.items()}  # plain ints
+    return kwargs, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def refusal_reason(err: pickle.UnpicklingError) -> str:
     """The line of a weights-only load's refusal that names what it refused."""
     lines = str(err).splitlines() or [type(err).__name__]
@@ -173,6 +198,10 @@ def lac_from_payload(payload, path: str | Path) -> LAC | None:
     """The LAC in a codec file's weights-only ``payload`` (:func:`vampnet_pl.codec.peek_checkpoint`) if it is a
     converted LAC file, else None (a DAC checkpoint). VampNet's LAC in its original format is refused with a pointer
     to the import."""
+    if payload is None and is_lac_package(path):
+        raise ValueError(f"{path} is a torch.package of VampNet's LAC codec: convert it first with `vampnet-pl "
+                         "import-vampnet --codec PATH --out-dir DIR --trust-pickle` (only for a file from a source you "
+                         "trust: loading a package runs the code packed in it)")
     if not isinstance(payload, dict):
         return None
     if payload.get("format") != FORMAT:

@@ -229,13 +229,22 @@ def check_role(cfg: VampNetConfig, name: str, source: str) -> None:
 
 
 def convert_codec(path: str | Path, out: str | Path, trust_pickle: bool = False) -> Path:
-    """The original's LAC ``codec.pth`` -> a converted LAC file that ``Codec.load`` reads."""
-    from vampnet_pl.lac_codec import is_original_lac, lac_from_state, save_lac
+    """The original's LAC ``codec.pth`` (weights or a torch.package) -> a converted LAC file that ``Codec.load`` reads."""
+    from vampnet_pl.lac_codec import is_lac_package, is_original_lac, lac_from_state, read_lac_package, save_lac
 
     if Path(out).resolve() == Path(path).resolve():
         raise ImportError_(f"{path}: the converted codec would be written over this original; choose another "
                            "output folder (--out-dir)")
-    kwargs, state = read_checkpoint(path, trust_pickle)
+    if is_lac_package(path):
+        if not trust_pickle:
+            raise ImportError_(f"{path} is a torch.package of LAC: loading it runs the code packed in it; if the file "
+                               "comes from a source you trust, pass --trust-pickle")
+        try:
+            kwargs, state = read_lac_package(path)
+        except ValueError as err:
+            raise ImportError_(str(err)) from None
+    else:
+        kwargs, state = read_checkpoint(path, trust_pickle)
     if not is_original_lac(state):
         raise ImportError_(f"{path} is not a LAC codec checkpoint (a DAC checkpoint? Codec.load reads those as they are)")
     try:
@@ -256,11 +265,13 @@ def import_vampnet(out_dir: str | Path, codec: str | Path, coarse: str | Path | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    from vampnet_pl.lac_codec import FORMAT, is_original_lac
+    from vampnet_pl.lac_codec import FORMAT, is_lac_package, is_original_lac
 
     codec_path = Path(codec)
     if not codec_path.is_file():
         raise ImportError_(f"{codec_path}: no such codec file")
+    if is_lac_package(codec_path):
+        written["codec"] = codec_path = convert_codec(codec_path, out_dir / "codec.pth", trust_pickle)
     try:
         peek = peek_checkpoint(codec_path)  # None: a torch.package DAC, which Codec.load reads
     except pickle.UnpicklingError:  # metadata that needs unpickling: refused unless trust_pickle
