@@ -6,7 +6,10 @@
 Builds small, seeded, randomly initialised original models (coarse, c2f, a LoRA fine-tune of
 the coarse one) and a small LAC codec, saves them in the original's formats, and records what
 the original computes with them (fp32, CPU): codec codes and decoded audio, logits for a fixed
-mask, and the tokens of one ``VampNet.generate`` call with a fixed seed. The loralib adapters get
+mask, and the tokens of one ``VampNet.generate`` call with a fixed seed. The LoRA file is saved as
+the original's fine-tuning saves it, from a torch.compile'd model (keys prefixed ``_orig_mod.``);
+its logits are those of the adapters loaded into the model, as intended (the original's Interface
+loads such a file with ``strict=False`` and so ignores every key). The loralib adapters get
 random (non-zero) values so that the import's adapter merge is exercised. Everything written
 is data; none of the original's code is copied into this project.
 
@@ -123,7 +126,8 @@ def main() -> None:
     lora_model = VampNet(**COARSE)  # a LoRA fine-tune of the coarse model: same base, other adapters
     lora_model.load_state_dict(models["coarse"].state_dict())
     randomise_adapters(lora_model, generator)
-    torch.save(loralib.lora_state_dict(lora_model), out / "coarse_lora.pth")
+    # saved as the original's fine-tuning saves lora.pth: from its torch.compile'd model, keys prefixed _orig_mod.
+    torch.save(loralib.lora_state_dict(torch.compile(lora_model)), out / "coarse_lora.pth")
 
     for name, model in (("coarse", models["coarse"]), ("c2f", models["c2f"]), ("coarse_lora", lora_model)):
         model.eval()  # loralib merges its adapters here, as the original's Interface does after loading

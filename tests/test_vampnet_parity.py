@@ -54,6 +54,12 @@ def test_imported_logits_match_the_original(imported, record, name):
     assert diff <= TOLERANCE, f"{name}: max abs logit difference {diff:.2e}"
 
 
+def test_the_lora_fixture_is_saved_as_the_originals_fine_tuning_saves_it():
+    """Both branches fine-tune a torch.compile'd model and save ``lora_state_dict`` of it: every key is prefixed."""
+    lora = torch.load(FIXTURE / "coarse_lora.pth", weights_only=True)
+    assert lora and all(k.startswith("_orig_mod.transformer.layers.") for k in lora)
+
+
 def test_imported_lora_fine_tune_matches_the_original(tmp_path, record):
     assert cli_main(["import-vampnet", "--codec", str(FIXTURE / "codec.pth"), "--coarse", str(FIXTURE / "coarse.pth"),
                      "--coarse-lora", str(FIXTURE / "coarse_lora.pth"), "--out-dir", str(tmp_path)]) == 0
