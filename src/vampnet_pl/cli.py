@@ -339,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--c2f-lora", type=Path, default=None, help="original LoRA fine-tune of the c2f model (lora.pth)")
     imp.add_argument("--out-dir", type=Path, required=True, help="writes codec.pth, coarse.pt, c2f.pt here")
     imp.add_argument("--trust-pickle", action="store_true",
-                     help="allow full unpickling of checkpoints whose metadata a weights-only load refuses "
-                     "(runs code from the file: only for files you trust)")
+                     help="allow full unpickling of checkpoints whose metadata a weights-only load refuses, and "
+                     "loading a LAC codec saved as a torch.package (runs code from the file: only for files you trust)")
     imp.set_defaults(func=_cmd_import_vampnet)
 
     train = commands.add_parser("train", help="train a coarse or c2f model (Hydra overrides for conf/train.yaml)",
