@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vampnet_pl.ablation import report
+from vampnet_pl.ablation import report, stats
 from vampnet_pl.ablation.results import final_metrics, read_curves
 from vampnet_pl.cli import main
 
@@ -186,6 +186,48 @@ def test_report_markdown_figures_and_gaps(sweep_dir, capsys):
     # a bookkeeping number ranks nothing (it has no paired differences: the ranking raised KeyError)
     assert main(["ablate", "report", str(sweep_dir), "--metric", "gen/n_embeddings/periodic:16"]) == 2
     assert "is bookkeeping, not a score" in capsys.readouterr().err
+
+
+def test_ranking_and_paired_tests_use_the_same_seeds_and_the_report_says_which_were_left_out(sweep_dir):
+    """Linear's hardest seed failed. Its mean over seeds 0 and 1 (3.46) was ranked above the baseline's over
+    0, 1 and 2 (3.5), while the paired test (seeds 0 and 1) found linear worse by 0.2."""
+    run_dir = sweep_dir / "runs" / "schedule-linear_seed-2"
+    (run_dir / "results.json").unlink()
+    (run_dir / "failure.json").write_text(json.dumps({"status": "failed", "reason": "exit status 1"}))
+    sweep, records = report.read_sweep(sweep_dir, progress=False)
+    analysis = report.analyse(sweep, records)
+    linear = analysis.differences["val/loss"]["schedule-linear"]
+    assert linear.mean > 0 and linear.n == 2  # worse than the baseline on the seeds both have: ranked below it
+    assert stats.rank(analysis.estimates["val/loss"], False) == ["schedule-square", "schedule-cosine", "schedule-linear"]
+    assert {c: e.n for c, e in analysis.estimates["val/loss"].items()} == dict.fromkeys(CONDITIONS, 2)
+    assert analysis.estimates["val/loss"]["schedule-cosine"].mean == pytest.approx(3.25)
+    assert analysis.seeds["val/loss"] == [0, 1]
+    assert analysis.gaps["val/loss"] == {2: ["`schedule-linear_seed-2` failed (exit status 1)"],
+                                         3: ["`schedule-cosine` has no run with this seed",
+                                             "`schedule-linear` has no run with this seed",
+                                             "`schedule-square_seed-3` failed (exit status -9 (SIGKILL))"],
+                                         4: ["`schedule-cosine_seed-4` not started",
+                                             "`schedule-linear` has no run with this seed",
+                                             "`schedule-square` has no run with this seed"]}
+    text = report.render(sweep, records, analysis, [])
+    ranking = text.split("## Ranking")[1].split("\n## ")[0]
+    assert "over seeds 0, 1;" in ranking
+    assert "| 2 | `schedule-cosine` | 3.25 ± 3.2 | 2 | baseline |" in ranking
+    assert "**Seeds left out:** a metric's means, ranking and paired tests use the same seeds" in ranking
+    assert "seed 2: `schedule-linear_seed-2` failed (exit status 1)" in ranking
+    scores = text.split("## Paired differences")[1].split("\n## ")[0]
+    assert "`val/loss`, `val/acc1`, `val/acc25`, `train/loss_epoch`: seed 2: `schedule-linear_seed-2` failed" in scores
+    rows = list(csv.DictReader(report.summary_csv(analysis).splitlines()))
+    row = next(r for r in rows if r["metric"] == "val/loss" and r["condition"] == "schedule-cosine")
+    assert row["n"] == "2" and row["seeds"] == "0 1"
+    # a NaN (a diverged run) leaves its seed out of that metric's comparisons alone, and says so
+    path = sweep_dir / "runs" / "schedule-square_seed-0" / "results.json"
+    saved = json.loads(path.read_text())
+    saved["metrics"]["val/acc25"] = math.nan
+    path.write_text(json.dumps(saved))
+    analysis = report.analyse(*report.read_sweep(sweep_dir, progress=False))
+    assert analysis.seeds["val/acc25"] == [1] and analysis.seeds["val/loss"] == [0, 1]
+    assert analysis.gaps["val/acc25"][0] == ["`schedule-square_seed-0` NaN"]
 
 
 def test_stars_are_holm_adjusted_within_each_family_and_raw_p_is_kept():

@@ -73,3 +73,9 @@ def test_holm_adjustment_by_hand():
     assert stats.holm({"a": 0.4, "b": 0.9}) == pytest.approx({"a": 0.8, "b": 0.9})
     assert stats.holm({"a": 0.7, "b": 0.9}) == pytest.approx({"a": 1.0, "b": 1.0})  # capped at 1, monotone
     assert stats.holm({}) == {}
+
+
+def test_common_keys_are_the_seeds_every_condition_with_values_has():
+    by_condition = {"a": {0: 1.0, 1: 2.0, 2: 3.0}, "b": {0: 1.0, 1: math.nan, 2: 3.0, 3: 4.0}, "c": {}, "d": {0: math.nan}}
+    assert stats.common_keys(by_condition) == [0, 2]  # b's NaN drops seed 1; c and d have nothing to compare
+    assert stats.common_keys({"a": {}}) == [] and stats.common_keys({}) == []

@@ -5,6 +5,9 @@ baseline condition (paired by seed), their t-test p-values Holm-adjusted within 
 primary metric; the other headline metrics; the series metrics) and starred on the adjusted p; a ranking by the
 primary metric; curves over training steps with CI bands;
 series figures (accuracy against mask ratio, per codebook, quality against passes) and per-prompt bars.
+Every statistic of a metric (means, ranking, paired tests) is over the same seeds: those with a value in every
+condition that has any (a failed run, or a NaN, leaves its seed out of all conditions' statistics of that metric);
+the seeds left out are named with the runs that lack them and why.
 Runs that are missing or failed are listed, never dropped silently; so are config keys in which finished runs differ
 although neither the grid nor the seed sets them apart.
 """
@@ -218,6 +221,8 @@ class Analysis:
     values: dict[str, dict[str, dict[int, float]]]  # metric -> condition -> seed -> value
     estimates: dict[str, dict[str, stats.Estimate]]  # metric -> condition -> estimate
     differences: dict[str, dict[str, stats.Estimate]]  # metric -> condition -> paired difference vs baseline
+    seeds: dict[str, list[int]] = field(default_factory=dict)  # metric -> the seeds its statistics use
+    gaps: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # metric -> seed left out -> why
     adjusted: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> condition -> Holm p in its family
     family_sizes: dict[str, int] = field(default_factory=dict)  # family -> number of tests adjusted together
 
@@ -250,12 +255,43 @@ def analyse(sweep: dict, records: list[RunRecord], baseline: str | None = None, 
         if record.status == "finished":
             for metric, value in record.metrics.items():
                 values.setdefault(metric, {}).setdefault(record.condition_id, {})[record.seed] = float(value)
-    estimates = {m: {c: stats.mean_ci(by.get(c, {}).values()) for c in conditions} for m, by in values.items()}
-    differences = {m: {c: stats.paired_difference(by.get(c, {}), by.get(baseline, {})) for c in conditions if c != baseline}
-                   for m, by in values.items() if stats.is_score(m)}
-    analysis = Analysis(conditions, baseline, primary, values, estimates, differences)
+    # every statistic of a metric over the same seeds: a mean over other seeds than the paired test's could rank a
+    # condition against its own test (a failed run's seed dropped from one condition only)
+    seeds = {m: stats.common_keys(by) for m, by in values.items()}
+    kept = {m: {c: {s: by[c][s] for s in seeds[m] if s in by.get(c, {})} for c in conditions}
+            for m, by in values.items()}
+    estimates = {m: {c: stats.mean_ci(by[c].values()) for c in conditions} for m, by in kept.items()}
+    differences = {m: {c: stats.paired_difference(by[c], by[baseline]) for c in conditions if c != baseline}
+                   for m, by in kept.items() if stats.is_score(m)}
+    gaps = {m: seed_gaps(by, seeds[m], records) for m, by in values.items()}
+    analysis = Analysis(conditions, baseline, primary, values, estimates, differences, seeds, gaps)
     analysis.adjust()
     return analysis
+
+
+def seed_gaps(by_condition: dict[str, dict[int, float]], seeds: list[int], records: list[RunRecord]) -> dict[int, list[str]]:
+    """The sweep's seeds a metric's statistics leave out -> why: the runs of the conditions with values that have no
+    value for that seed (failed, not started, NaN, ...)."""
+    runs = {(r.condition_id, r.seed): r for r in records}
+    compared = [c for c, by in by_condition.items() if any(not math.isnan(v) for v in by.values())]
+    if not compared:  # no value anywhere: nothing compared, no seed left out of a comparison
+        return {}
+    gaps = {}
+    for seed in sorted({r.seed for r in records} - set(seeds)):
+        why = []
+        for condition in compared:
+            value = by_condition[condition].get(seed, math.nan)
+            if not math.isnan(value):
+                continue
+            record = runs.get((condition, seed))
+            if record is None:
+                why.append(f"`{condition}` has no run with this seed")
+            elif record.status != "finished":
+                why.append(f"`{record.run_id}` {record.status}" + (f" ({record.detail})" if record.detail else ""))
+            else:
+                why.append(f"`{record.run_id}` " + ("NaN" if seed in by_condition[condition] else "no value"))
+        gaps[seed] = why
+    return gaps
 
 
 # -- markdown -------------------------------------------------------------------------------------
@@ -285,6 +321,25 @@ def _family_note(analysis: Analysis, names: tuple[str, ...]) -> str:
             f"(tests per family: {sizes}); * where Holm p < {ALPHA:g}. The 95% CIs are per comparison, not adjusted.")
 
 
+def seeds_note(analysis: Analysis, metrics: list[str], limit: int = 8) -> str:
+    """Which seeds the statistics of ``metrics`` leave out, and why (metrics with the same gaps together)."""
+    groups: dict[str, list[str]] = {}
+    for metric in metrics:
+        if gaps := analysis.gaps.get(metric):
+            text = "; ".join(f"seed {seed}: {_listed(why)}" for seed, why in gaps.items())
+            groups.setdefault(text, []).append(metric)
+    if not groups:
+        return ""
+    shown = [(f"{_names(names)}: " if len(metrics) > 1 else "") + text for text, names in list(groups.items())[:limit]]
+    more = f"; and {len(groups) - limit} more" if len(groups) > limit else ""
+    return ("**Seeds left out:** a metric's means, ranking and paired tests use the same seeds, those with a value "
+            "in every condition that has any; " + " — ".join(shown) + more + ".")
+
+
+def _listed(items: list[str], limit: int = 4) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def headline_metrics(analysis: Analysis) -> list[str]:
     names = [m for m in analysis.values if classify(m) is None and stats.is_score(m)]
     return sorted(names, key=lambda m: (not m.startswith("val/"), m != analysis.primary, m))
@@ -302,9 +357,17 @@ def ranking_section(analysis: Analysis) -> str:
         diff = "baseline" if condition == analysis.baseline else _adjusted(analysis, primary, condition)
         rows.append([str(place), f"`{condition}`", estimate.format(), str(estimate.n), diff])
     direction = "higher" if higher else "lower"
-    return (f"By `{primary}` ({direction} is better). Mean ± 95% CI half-width over seeds; Δ: paired difference "
-            f"to the baseline by seed. {_family_note(analysis, ('primary',))}\n\n"
+    seeds = ", ".join(map(str, analysis.seeds[primary])) or "none"
+    text = (f"By `{primary}` ({direction} is better). Mean ± 95% CI half-width over seeds {seeds}; Δ: paired "
+            f"difference to the baseline by seed. {_family_note(analysis, ('primary',))}\n\n"
             + _table(["rank", "condition", primary, "seeds", "Δ vs baseline"], rows))
+    unranked = [c for c in analysis.conditions if not analysis.values[primary].get(c)
+                or all(math.isnan(v) for v in analysis.values[primary][c].values())]
+    if unranked:
+        text += f"\n\nNot ranked (no finished run with a value of `{primary}`): {_names(unranked)}."
+    if note := seeds_note(analysis, [primary]):
+        text += "\n\n" + note
+    return text
 
 
 def metrics_table(analysis: Analysis, metrics: list[str]) -> str:
@@ -355,6 +418,8 @@ def render(sweep: dict, records: list[RunRecord], analysis: Analysis, figures: l
                   + _family_note(analysis, ("primary", "headline"))
                   + f" The primary metric `{analysis.primary}` is its own family, as in the ranking.", "",
                   differences_table(analysis, headline), ""]
+        if note := seeds_note(analysis, headline):
+            lines += [note, ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{p.stem}]({p.parent.name}/{p.name})" for p in figures] + [""]
     series = sorted((m for m in analysis.values if classify(m) is not None), key=_natural)
@@ -364,6 +429,8 @@ def render(sweep: dict, records: list[RunRecord], analysis: Analysis, figures: l
         if scored:
             lines += [f"### Paired differences against `{analysis.baseline}`", "", _family_note(analysis, ("series",)),
                       "", differences_table(analysis, scored), ""]
+        if note := seeds_note(analysis, series):
+            lines += [note, ""]
     return "\n".join(lines)
 
 
@@ -371,13 +438,14 @@ def summary_csv(analysis: Analysis) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["metric", "condition", "mean", "ci_half_width", "n", "diff_vs_baseline", "diff_ci_half_width",
-                     "diff_n", "diff_p", "diff_p_holm", "diff_family"])
+                     "diff_n", "diff_p", "diff_p_holm", "diff_family", "seeds"])
     for metric, by in sorted(analysis.estimates.items()):
         for condition, e in by.items():
             d = analysis.differences.get(metric, {}).get(condition)
             extra = ((d.mean, d.half_width, d.n, d.p_value, analysis.adjusted[metric][condition], analysis.family(metric))
                      if d else ("",) * 6)
-            writer.writerow([metric, condition, e.mean, e.half_width, e.n, *extra])
+            writer.writerow([metric, condition, e.mean, e.half_width, e.n, *extra,
+                             " ".join(map(str, analysis.seeds.get(metric, [])))])
     return out.getvalue()
 
 

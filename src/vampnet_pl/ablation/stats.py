@@ -62,6 +62,15 @@ def paired_difference(condition: Mapping, baseline: Mapping, confidence: float =
     return Estimate(estimate.mean, estimate.half_width, estimate.n, p)
 
 
+def common_keys(by_group: Mapping[Hashable, Mapping[Hashable, float]]) -> list:
+    """The keys (seeds) with a value (not NaN) in every group (condition) that has any value: the seeds on which
+    all of them can be compared, so that means, ranking and paired tests are over the same seeds. A group with no
+    value at all is left out (it has nothing to compare), not allowed to empty the set."""
+    present = [{k for k, v in values.items() if not math.isnan(v)} for values in by_group.values()]
+    present = [keys for keys in present if keys]
+    return sorted(set.intersection(*present)) if present else []
+
+
 def holm(p_values: Mapping[Hashable, float]) -> dict[Hashable, float]:
     """Holm-Bonferroni adjusted p-values of one family of tests (a NaN p is no test and stays NaN).
 
