@@ -122,6 +122,56 @@ def test_a_run_that_returns_before_its_last_step_is_not_recorded_as_finished(tmp
     assert (run.run_dir / "failure.json").is_file() and not (run.run_dir / "results.json").exists()
 
 
+DIVERGE = ("import sys; print('Traceback (most recent call last):', file=sys.stderr); "
+           "print('FloatingPointError: train loss is nan at global step 6: lower optim.lr, check the data, or try "
+           "trainer.precision=32', file=sys.stderr); sys.exit(1)")
+
+
+def test_a_diverged_run_is_recorded_and_reported_apart_from_a_crash(tmp_path, monkeypatch):
+    """Training stops on a NaN loss with exit status 1, as a crash does: the sweep and the report said
+    'failed, exit status 1' for both, and a diverged setting (a finding) read as a broken run."""
+    from vampnet_pl.ablation import report, runner
+    from vampnet_pl.ablation.spec import Run
+
+    runs = [Run(f"{c}_seed-0", c, (), 0, (), tmp_path / "runs" / f"{c}_seed-0") for c in ("nan", "crash")]
+    commands = {"nan_seed-0": ["-c", DIVERGE], "crash_seed-0": ["-c", "raise SystemExit('segfault, say')"]}
+    monkeypatch.setattr(runner, "train_command", lambda run: [sys.executable, *commands[run.run_id]])
+    outcomes = {run.run_id: runner.run_local_one(run, None, threads=1) for run in runs}
+    assert outcomes["nan_seed-0"].detail == ("diverged: train loss is nan at global step 6: lower optim.lr, check the "
+                                             "data, or try trainer.precision=32 (exit status 1)")
+    assert outcomes["crash_seed-0"].detail == "exit status 1"
+    assert {o.status for o in outcomes.values()} == {"failed"}  # neither finished: the sweep exits 1
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "nan", "baseline": "crash", "primary_metric": "val/loss",
+                                                     "runs": [r.to_dict() for r in runs]}))
+    _, records = report.read_sweep(tmp_path, progress=False)
+    assert {r.run_id: r.status for r in records} == {"nan_seed-0": "diverged", "crash_seed-0": "failed"}
+    assert report.seed_gaps({"nan": {}, "crash": {1: 2.0}}, [1], records) == {
+        0: ["`crash_seed-0` failed (exit status 1)"]}
+    assert report.seed_gaps({"nan": {1: 1.0}, "crash": {1: 2.0}}, [1], records)[0][0].startswith(
+        "`nan_seed-0` diverged: train loss is nan at global step 6")
+    # the next attempt crashes: the divergence in the same train.log was the earlier attempt's, not this one's
+    commands["nan_seed-0"] = ["-c", "raise SystemExit(1)"]
+    assert runner.run_local_one(runs[0], None, threads=1).detail == "exit status 1"
+    assert json.loads((runs[0].run_dir / "failure.json").read_text())["status"] == "failed"
+    # a SLURM job's failure carries the task's traceback
+    pytest.importorskip("submitit")
+    from submitit.core.utils import FailedJobError
+
+    from vampnet_pl.ablation import slurm as ablation_slurm
+
+    class DivergedJob:
+        job_id = "77"
+
+        def results(self):
+            raise FailedJobError("Job (task=0) failed during processing with trace:\n----------------------\n"
+                                 "Traceback (most recent call last):\nFloatingPointError: train loss is nan at global "
+                                 "step 6: lower optim.lr\n")
+
+    outcome = ablation_slurm.job_outcome(runs[1], DivergedJob())
+    assert outcome.detail == "diverged: train loss is nan at global step 6: lower optim.lr (job 77: FailedJobError)"
+    assert json.loads((runs[1].run_dir / "failure.json").read_text())["status"] == "diverged"
+
+
 def submitit_job(folder: Path, run_id: str, task_results: list[tuple[str, str]]):
     """A finished submitit job of len(task_results) tasks (one per device), as each task's process left it."""
     import submitit

@@ -53,7 +53,7 @@ class RunRecord:
     run_id: str
     condition_id: str
     seed: int
-    status: str  # finished | failed | incomplete | not started
+    status: str  # finished | failed | diverged | incomplete | not started
     detail: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, dict[int, float]] = field(default_factory=dict)
@@ -93,7 +93,9 @@ def read_sweep(sweep_dir: str | Path, progress: bool = True) -> tuple[dict, list
             record.curves = results.read_curves(run_dir, [moved(d, trained_in, run_dir) for d in log_dirs])
         elif (run_dir / results.FAILURE).is_file():
             failure = json.loads((run_dir / results.FAILURE).read_text())
-            record.status, record.detail = "failed", failure.get("reason", "")
+            # a divergence (non-finite loss) is a finding about the setting, a crash is not: told apart
+            record.status = "diverged" if failure.get("status") == "diverged" else "failed"
+            record.detail = failure.get("reason", "")
         elif run_dir.exists():
             record.status, record.detail = "incomplete", "started, no results.json (running, or stopped)"
         records.append(record)
@@ -287,7 +289,9 @@ def seed_gaps(by_condition: dict[str, dict[int, float]], seeds: list[int], recor
             if record is None:
                 why.append(f"`{condition}` has no run with this seed")
             elif record.status != "finished":
-                why.append(f"`{record.run_id}` {record.status}" + (f" ({record.detail})" if record.detail else ""))
+                detail = record.detail if record.detail.startswith(record.status) else (  # "diverged: ..."
+                    f"{record.status} ({record.detail})" if record.detail else record.status)
+                why.append(f"`{record.run_id}` {detail}")
             else:
                 why.append(f"`{record.run_id}` " + ("NaN" if seed in by_condition[condition] else "no value"))
         gaps[seed] = why

@@ -4,7 +4,8 @@ A run folder (``<sweep>/runs/<run id>/``) holds the training's checkpoints and l
 - ``results.json``: written once the run has finished, atomically; its presence means "finished";
 - ``run.json``: the run (its overrides) as its latest attempt was started; a re-run under other overrides is refused
   while the run has a checkpoint to resume;
-- ``failure.json``: the last failed attempt (exit status, log tail); removed when the run finishes;
+- ``failure.json``: the last failed attempt (exit status, log tail; status ``diverged`` where training stopped on a
+  non-finite loss, else ``failed``); removed when the run finishes;
 - ``curves/attempt-<k>.csv``: the CSV log of each earlier attempt (moved aside by the train app, see
   :mod:`vampnet_pl.training.csv_logs`); the live one is the CSV log itself.
 
@@ -202,7 +203,28 @@ def write_results(run, cfg: DictConfig) -> dict:
     return record
 
 
-def write_failure(run, reason: str, log_tail: str = "") -> None:
-    write_json_atomic(run.run_dir / FAILURE, {**run.to_dict(), "status": "failed", "reason": reason,
+# The line a local run's train.log gets before each attempt's output (the runner writes it).
+ATTEMPT_MARKER = "=== vampnet-pl ablate: "
+# What training raises on a non-finite loss (training/module.py): the run diverged, it did not crash.
+_DIVERGED = re.compile(r"^FloatingPointError: (.+)$", re.MULTILINE)
+
+
+def divergence(log_tail: str) -> str | None:
+    """The non-finite-loss error of the latest attempt in a failed run's log (``train loss is nan at global step
+    6: ...``), or None: a crash, a kill, a stop. An earlier attempt's divergence in the same log is not this one's."""
+    latest = log_tail.rsplit(ATTEMPT_MARKER, 1)[-1]
+    found = _DIVERGED.findall(latest)
+    return found[-1].strip() if found else None
+
+
+def write_failure(run, reason: str, log_tail: str = "") -> str:
+    """Record a failed attempt in ``failure.json``; a divergence (NaN or infinite loss) is recorded as such, status
+    ``diverged``, so a report tells it from a crash. Returns the reason recorded."""
+    diverged = divergence(log_tail)
+    if diverged:
+        reason = f"diverged: {diverged} ({reason})"
+    write_json_atomic(run.run_dir / FAILURE, {**run.to_dict(), "status": "diverged" if diverged else "failed",
+                                              "reason": reason,
                                               "at": datetime.datetime.now().isoformat(timespec="seconds"),
                                               "log_tail": log_tail[-4000:]})
+    return reason

@@ -188,7 +188,7 @@ def _train(run: Run, cfg: DictConfig, threads: int, children: _Children | None, 
     env = child_environment(threads)
     log_path = run.run_dir / "train.log"
     with open(log_path, "a") as log_file:
-        log_file.write(f"\n=== vampnet-pl ablate: {' '.join(train_command(run))}\n")
+        log_file.write(f"\n{results.ATTEMPT_MARKER}{' '.join(train_command(run))}\n")
         log_file.flush()
         process = subprocess.Popen(train_command(run), stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True, pass_fds=(lock_fd,))
@@ -209,7 +209,7 @@ def _train(run: Run, cfg: DictConfig, threads: int, children: _Children | None, 
         except results.RunIncomplete as err:
             reason = str(err)
     if reason is not None:  # the next sweep run resumes it
-        results.write_failure(run, reason, log_path.read_text(errors="replace")[-4000:])
+        reason = results.write_failure(run, reason, log_path.read_text(errors="replace")[-4000:])
         return Outcome(run, "failed", reason)
     return Outcome(run, "finished")
 
