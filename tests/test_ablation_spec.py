@@ -113,6 +113,24 @@ def test_a_finished_run_with_other_overrides_is_refused(tmp_path):
         runner.prepare(load_spec(write_spec(tmp_path)), progress=False)
 
 
+def test_the_dry_run_refuses_what_the_run_refuses_and_names_the_finished_runs(tmp_path, capsys):
+    """`--dry-run` said 'spec OK' for a spec whose finished runs were trained with other overrides; `ablate run`
+    then refused it (exit 2)."""
+    import json
+
+    spec = write_spec(tmp_path)
+    sweep = expand(load_spec(spec))
+    for run in sweep.runs[:1]:
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "results.json").write_text(json.dumps({"overrides": list(run.overrides)}))
+    assert main(["ablate", "run", str(spec), "--dry-run", "optim.lr=0.01"]) == 2
+    assert "1 run(s) were trained or submitted with other overrides than this spec gives them" in capsys.readouterr().err
+    assert main(["ablate", "run", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{sweep.runs[0].run_id} (finished: skipped): vampnet-pl train" in out
+    assert f"{sweep.runs[1].run_id}: vampnet-pl train" in out and "spec OK: 4 runs (1 finished)" in out
+
+
 def test_a_moved_sweep_folder_keeps_its_finished_runs(tmp_path):
     """Every run's overrides hold its absolute ``run_dir``: a sweep folder copied from the cluster had every
     finished run refused as trained with other overrides."""

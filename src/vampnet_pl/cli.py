@@ -240,9 +240,12 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     if args.dry_run:
         sweep = expand(spec, args.sweep_dir)
         validate(sweep)
+        runner.check_runs_match(sweep)  # what `ablate run` refuses in this sweep folder, the dry run refuses too
+        done = [run for run in sweep.runs if runner.finished(run)]
         for run in sweep.runs:
-            print(f"{run.run_id}: vampnet-pl train {' '.join(run.overrides)}")
-        print(f"spec OK: {len(sweep.runs)} runs in {sweep.sweep_dir}")
+            state = " (finished: skipped)" if run in done else ""
+            print(f"{run.run_id}{state}: vampnet-pl train {' '.join(run.overrides)}")
+        print(f"spec OK: {len(sweep.runs)} runs ({len(done)} finished) in {sweep.sweep_dir}")
         return 0
     try:
         outcomes = runner.run_sweep(spec, args.sweep_dir, args.launcher, args.parallel, wait=not args.no_wait)
