@@ -230,6 +230,19 @@ def test_ranking_and_paired_tests_use_the_same_seeds_and_the_report_says_which_w
     assert analysis.gaps["val/acc25"][0] == ["`schedule-square_seed-0` NaN"]
 
 
+def test_a_sweep_of_one_seed_says_that_nothing_was_tested(tmp_path):
+    """With one seed there is no paired test: the report described p-values, Holm families and stars that it did not
+    have (tests per family: 0), and never said that the ranking is no evidence."""
+    runs = [write_run(tmp_path, c, 0, "finished") for c in CONDITIONS]
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "one", "baseline": "schedule-cosine",
+                                                     "primary_metric": "val/loss", "runs": runs}))
+    sweep, records = report.read_sweep(tmp_path, progress=False)
+    text = report.render(sweep, records, report.analyse(sweep, records), [])
+    assert text.count("**No paired test and no interval:**") == 3  # the ranking, the headline and the series tables
+    assert "p=" not in text and "Holm p" not in text and "*" not in text.replace("**", "")
+    assert "| 1 | `schedule-square` | 2.9 (n=1) | 1 | -0.1 (n=1) |" in text
+
+
 def test_stars_are_holm_adjusted_within_each_family_and_raw_p_is_kept():
     """Two differences with raw p 0.035 and 0.044 were both starred; adjusted over their family of 2, neither is."""
     diffs = {"b": (1.0, 1.5, 2.0), "c": (1.0, 1.6, 2.2)}  # t 5.20 and 4.62 on 2 degrees of freedom

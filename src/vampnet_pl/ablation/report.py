@@ -320,6 +320,10 @@ def _adjusted(analysis: Analysis, metric: str, condition: str) -> str:
 
 
 def _family_note(analysis: Analysis, names: tuple[str, ...]) -> str:
+    if not any(analysis.family_sizes.get(name, 0) for name in names):  # one seed: nothing to test, say so
+        return ("**No paired test and no interval:** a paired t-test and a 95% CI need at least 2 seeds with a "
+                "value in both the condition and the baseline; these differences are single values (n=1), and the "
+                "order of the conditions is no evidence of a difference.")
     sizes = "; ".join(f"{name}: {analysis.family_sizes.get(name, 0)}" for name in names)
     return (f"p: paired t-test, not adjusted; Holm p: Holm-Bonferroni-adjusted within its family of comparisons "
             f"(tests per family: {sizes}); * where Holm p < {ALPHA:g}. The 95% CIs are per comparison, not adjusted.")
