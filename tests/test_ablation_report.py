@@ -220,6 +220,8 @@ def test_ranking_and_paired_tests_use_the_same_seeds_and_the_report_says_which_w
     rows = list(csv.DictReader(report.summary_csv(analysis).splitlines()))
     row = next(r for r in rows if r["metric"] == "val/loss" and r["condition"] == "schedule-cosine")
     assert row["n"] == "2" and row["seeds"] == "0 1"
+    for metric in ("val/loss", "train/loss_step"):  # the curves' bands end where the tables are
+        assert [r.seed for r in report.curve_runs(analysis, records, metric, "schedule-cosine")] == [0, 1]
     # a NaN (a diverged run) leaves its seed out of that metric's comparisons alone, and says so
     path = sweep_dir / "runs" / "schedule-square_seed-0" / "results.json"
     saved = json.loads(path.read_text())

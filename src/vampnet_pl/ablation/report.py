@@ -482,6 +482,15 @@ def _panels(n: int, width: float = 4.8, height: float = 3.4):
     return fig, list(axes.flat)
 
 
+def curve_runs(analysis: Analysis, records: list[RunRecord], metric: str, condition: str) -> list[RunRecord]:
+    """The finished runs whose curve of ``metric`` a condition's band averages: those of the seeds its final scores'
+    statistics use (a per-step log such as ``train/loss_step``: the primary metric's), so that the band ends where
+    the tables are."""
+    seeds = analysis.seeds.get(metric, analysis.seeds.get(analysis.primary))
+    return [r for r in records if r.condition_id == condition and r.status == "finished" and metric in r.curves
+            and (seeds is None or r.seed in seeds)]
+
+
 def curves_figure(analysis: Analysis, records: list[RunRecord], path: Path) -> Path | None:
     names = sorted({k for r in records for k in r.curves if (k.startswith("val/") and classify(k) is None
                                                              and stats.is_score(k)) or k == "train/loss_step"})
@@ -491,8 +500,7 @@ def curves_figure(analysis: Analysis, records: list[RunRecord], path: Path) -> P
     fig, axes = _panels(len(names))
     for ax, metric in zip(axes, names):
         for condition in analysis.conditions:
-            curves = [r.curves[metric] for r in records if r.condition_id == condition and r.status == "finished"
-                      and metric in r.curves]
+            curves = [r.curves[metric] for r in curve_runs(analysis, records, metric, condition)]
             if not curves:
                 continue
             steps, estimates = stats.band(curves)
