@@ -245,6 +245,24 @@ def test_a_sweep_of_one_seed_says_that_nothing_was_tested(tmp_path):
     assert "| 1 | `schedule-square` | 2.9 (n=1) | 1 | -0.1 (n=1) |" in text
 
 
+def test_a_damaged_record_is_listed_and_named_not_a_bare_json_error(sweep_dir, capsys):
+    """A results.json cut short (a partial copy of the sweep from the cluster): `ablate report` failed as a whole with
+    'error: Expecting value: line 1 column 1 (char 0)', naming no file; so did `ablate run`."""
+    damaged = sweep_dir / "runs" / "schedule-linear_seed-2" / "results.json"
+    damaged.write_text('{"metrics": {"val/lo')
+    assert main(["ablate", "report", str(sweep_dir)]) == 0
+    text = (sweep_dir / "report.md").read_text()
+    assert f"| `schedule-linear_seed-2` | unreadable | {damaged} is damaged (" in text
+    assert "seed 2: `schedule-linear_seed-2` unreadable" in text  # and its seed left out of the comparisons
+    from vampnet_pl.ablation import results
+
+    with pytest.raises(ValueError, match=f"{damaged} is damaged .*copy it again"):
+        results.trained_overrides(damaged.parent)
+    (sweep_dir / "sweep.json").write_text("")
+    assert main(["ablate", "report", str(sweep_dir)]) == 2
+    assert f"{sweep_dir / 'sweep.json'} is damaged" in capsys.readouterr().err
+
+
 def test_stars_are_holm_adjusted_within_each_family_and_raw_p_is_kept():
     """Two differences with raw p 0.035 and 0.044 were both starred; adjusted over their family of 2, neither is."""
     diffs = {"b": (1.0, 1.5, 2.0), "c": (1.0, 1.6, 2.2)}  # t 5.20 and 4.62 on 2 degrees of freedom

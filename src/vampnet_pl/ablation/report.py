@@ -53,7 +53,7 @@ class RunRecord:
     run_id: str
     condition_id: str
     seed: int
-    status: str  # finished | failed | diverged | incomplete | not started
+    status: str  # finished | failed | diverged | incomplete | not started | unreadable
     detail: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, dict[int, float]] = field(default_factory=dict)
@@ -64,42 +64,53 @@ class RunRecord:
 
 
 def read_sweep(sweep_dir: str | Path, progress: bool = True) -> tuple[dict, list[RunRecord]]:
-    from omegaconf import OmegaConf
     from tqdm.auto import tqdm
-
-    from vampnet_pl.training.csv_logs import csv_log_dirs
 
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / SWEEP_FILE).is_file():
         raise FileNotFoundError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE}; `vampnet-pl ablate run` writes it)")
-    sweep = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    sweep = results.read_record(sweep_dir / SWEEP_FILE)
     records = []
     for run in tqdm(sweep["runs"], desc="read runs", unit="run", disable=not progress):
         # where the sweep put it, under this folder: the recorded absolute path is stale once the folder moved (a
         # sweep copied from the cluster to be reported elsewhere)
         run_dir = sweep_dir / "runs" / run["run_id"]
         record = RunRecord(run["run_id"], run["condition_id"], int(run["seed"]), "not started")
-        if results.results_path(run_dir).is_file():
-            saved = json.loads(results.results_path(run_dir).read_text())
-            record.status, record.metrics, record.protocol = "finished", saved["metrics"], saved.get("protocol", "")
-            record.metrics_step, record.final_step = saved.get("metrics_step"), saved.get("final_step")
-            record.detail = "; ".join(score_warnings(saved))
-            record.settings = run_settings(saved["config"], [saved.get("run_dir"), saved["config"].get("run_dir")],
-                                           run["run_id"])
-            log_dirs = csv_log_dirs(OmegaConf.create(saved["config"]))
-            # the config's paths are where the run trained (results.json's run_dir), which sweep.json no longer
-            # names once `ablate run` was re-run from a moved folder
-            trained_in = Path(saved.get("run_dir") or run["run_dir"])
-            record.curves = results.read_curves(run_dir, [moved(d, trained_in, run_dir) for d in log_dirs])
-        elif (run_dir / results.FAILURE).is_file():
-            failure = json.loads((run_dir / results.FAILURE).read_text())
-            # a divergence (non-finite loss) is a finding about the setting, a crash is not: told apart
-            record.status = "diverged" if failure.get("status") == "diverged" else "failed"
-            record.detail = failure.get("reason", "")
-        elif run_dir.exists():
-            record.status, record.detail = "incomplete", "started, no results.json (running, or stopped)"
-        records.append(record)
+        try:
+            records.append(read_run(record, run, run_dir))
+        except results.DamagedRecord as err:  # listed, not a report that fails on one run
+            record.status, record.detail = "unreadable", str(err)
+            records.append(record)
     return sweep, records
+
+
+def read_run(record: RunRecord, run: dict, run_dir: Path) -> RunRecord:
+    """``record`` filled in from the run's folder: finished (results.json), failed or diverged (failure.json),
+    incomplete (started), or left as not started."""
+    from omegaconf import OmegaConf
+
+    from vampnet_pl.training.csv_logs import csv_log_dirs
+
+    if results.results_path(run_dir).is_file():
+        saved = results.read_record(results.results_path(run_dir))
+        record.status, record.metrics, record.protocol = "finished", saved["metrics"], saved.get("protocol", "")
+        record.metrics_step, record.final_step = saved.get("metrics_step"), saved.get("final_step")
+        record.detail = "; ".join(score_warnings(saved))
+        record.settings = run_settings(saved["config"], [saved.get("run_dir"), saved["config"].get("run_dir")],
+                                       run["run_id"])
+        log_dirs = csv_log_dirs(OmegaConf.create(saved["config"]))
+        # the config's paths are where the run trained (results.json's run_dir), which sweep.json no longer
+        # names once `ablate run` was re-run from a moved folder
+        trained_in = Path(saved.get("run_dir") or run["run_dir"])
+        record.curves = results.read_curves(run_dir, [moved(d, trained_in, run_dir) for d in log_dirs])
+    elif (run_dir / results.FAILURE).is_file():
+        failure = results.read_record(run_dir / results.FAILURE)
+        # a divergence (non-finite loss) is a finding about the setting, a crash is not: told apart
+        record.status = "diverged" if failure.get("status") == "diverged" else "failed"
+        record.detail = failure.get("reason", "")
+    elif run_dir.exists():
+        record.status, record.detail = "incomplete", "started, no results.json (running, or stopped)"
+    return record
 
 
 def moved(path: Path, recorded_run_dir: Path, run_dir: Path) -> Path:

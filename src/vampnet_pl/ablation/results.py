@@ -45,6 +45,20 @@ def results_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / RESULTS
 
 
+class DamagedRecord(ValueError):
+    """A sweep's or run's JSON record that cannot be read."""
+
+
+def read_record(path: str | Path) -> dict:
+    """A sweep's or run's JSON record. Written atomically here, one is damaged only from outside (a partial copy of
+    the sweep folder, a full disk on the copy): a ValueError naming the file, not a bare JSON error."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as err:  # not JSON, or not text
+        raise DamagedRecord(f"{path} is damaged ({err}): copy it again from where the sweep ran, or delete it "
+                         "(a run without results.json is trained again)") from None
+
+
 def write_run_record(run) -> None:
     """``run.json``: written as an attempt starts (a local process, a SLURM job submitted)."""
     write_json_atomic(Path(run.run_dir) / RUN, run.to_dict())
@@ -53,7 +67,7 @@ def write_run_record(run) -> None:
 def started_overrides(run_dir: str | Path) -> list[str] | None:
     """The overrides the run's latest attempt started with (``run.json``), or None."""
     path = Path(run_dir) / RUN
-    return json.loads(path.read_text()).get("overrides") if path.is_file() else None
+    return read_record(path).get("overrides") if path.is_file() else None
 
 
 def trained_overrides(run_dir: str | Path) -> list[str] | None:
@@ -63,7 +77,7 @@ def trained_overrides(run_dir: str | Path) -> list[str] | None:
 
     run_dir = Path(run_dir)
     if results_path(run_dir).is_file():
-        return json.loads(results_path(run_dir).read_text()).get("overrides")
+        return read_record(results_path(run_dir)).get("overrides")
     return started_overrides(run_dir) if last_checkpoint(run_dir) is not None else None
 
 
