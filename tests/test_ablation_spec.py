@@ -128,7 +128,41 @@ def test_the_dry_run_refuses_what_the_run_refuses_and_names_the_finished_runs(tm
     assert main(["ablate", "run", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"{sweep.runs[0].run_id} (finished: skipped): vampnet-pl train" in out
-    assert f"{sweep.runs[1].run_id}: vampnet-pl train" in out and "spec OK: 4 runs (1 finished)" in out
+    assert f"{sweep.runs[1].run_id}: vampnet-pl train" in out and "spec OK: 4 runs (1 finished, 0 diverged)" in out
+
+
+def test_a_diverged_run_is_kept_unless_retried(tmp_path, capsys, monkeypatch):
+    """A diverged run was resumed by every `ablate run` (seeded: it diverges again), so the sweep never exited 0
+    until its folder was deleted. It is now a result, kept as it is; --retry-diverged resumes it."""
+    import json
+
+    spec = write_spec(tmp_path)
+    sweep = expand(load_spec(spec))
+    diverged = sweep.runs[1]
+    diverged.run_dir.mkdir(parents=True)
+    (diverged.run_dir / "failure.json").write_text(json.dumps(
+        {"status": "diverged", "reason": "diverged: train loss is nan at global step 6 (exit status 1)"}))
+    assert main(["ablate", "run", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{diverged.run_id} (diverged: skipped): vampnet-pl train" in out
+    assert "spec OK: 4 runs (0 finished, 1 diverged)" in out
+    assert main(["ablate", "run", str(spec), "--dry-run", "--retry-diverged"]) == 0
+    assert "(0 finished, 0 diverged)" in capsys.readouterr().out
+
+    trained = []
+
+    def fake_run_local(runs, configs, parallel, progress=True):
+        trained.extend(run.run_id for run in runs)
+        return [runner.Outcome(run, "finished") for run in runs]
+
+    monkeypatch.setattr(runner, "run_local", fake_run_local)
+    assert main(["ablate", "run", str(spec)]) == 0  # a diverged run is the setting's result, not a failed sweep
+    assert diverged.run_id not in trained and len(trained) == 3
+    assert f"diverged  {diverged.run_id} before, not retrained (--retry-diverged retrains it): diverged: train loss" \
+        in capsys.readouterr().out
+    trained.clear()
+    assert main(["ablate", "run", str(spec), "--retry-diverged"]) == 0
+    assert diverged.run_id in trained
 
 
 def test_a_moved_sweep_folder_keeps_its_finished_runs(tmp_path):

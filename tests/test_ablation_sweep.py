@@ -140,7 +140,7 @@ def test_a_diverged_run_is_recorded_and_reported_apart_from_a_crash(tmp_path, mo
     assert outcomes["nan_seed-0"].detail == ("diverged: train loss is nan at global step 6: lower optim.lr, check the "
                                              "data, or try trainer.precision=32 (exit status 1)")
     assert outcomes["crash_seed-0"].detail == "exit status 1"
-    assert {o.status for o in outcomes.values()} == {"failed"}  # neither finished: the sweep exits 1
+    assert {run_id: o.status for run_id, o in outcomes.items()} == {"nan_seed-0": "diverged", "crash_seed-0": "failed"}
     (tmp_path / "sweep.json").write_text(json.dumps({"name": "nan", "baseline": "crash", "primary_metric": "val/loss",
                                                      "runs": [r.to_dict() for r in runs]}))
     _, records = report.read_sweep(tmp_path, progress=False)
@@ -168,7 +168,8 @@ def test_a_diverged_run_is_recorded_and_reported_apart_from_a_crash(tmp_path, mo
                                  "step 6: lower optim.lr\n")
 
     outcome = ablation_slurm.job_outcome(runs[1], DivergedJob())
-    assert outcome.detail == "diverged: train loss is nan at global step 6: lower optim.lr (job 77: FailedJobError)"
+    assert (outcome.status, outcome.detail) == (
+        "diverged", "diverged: train loss is nan at global step 6: lower optim.lr (job 77: FailedJobError)")
     assert json.loads((runs[1].run_dir / "failure.json").read_text())["status"] == "diverged"
 
 

@@ -241,21 +241,26 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         sweep = expand(spec, args.sweep_dir)
         validate(sweep)
         runner.check_runs_match(sweep)  # what `ablate run` refuses in this sweep folder, the dry run refuses too
-        done = [run for run in sweep.runs if runner.finished(run)]
+        # finished runs ("skipped") and diverged ones are not trained again
+        kept = {run: {"skipped": "finished", "diverged": "diverged"}[outcome.status]
+                for run in sweep.runs if (outcome := runner.settled(run, args.retry_diverged))}
         for run in sweep.runs:
-            state = " (finished: skipped)" if run in done else ""
+            state = f" ({kept[run]}: skipped)" if run in kept else ""
             print(f"{run.run_id}{state}: vampnet-pl train {' '.join(run.overrides)}")
-        print(f"spec OK: {len(sweep.runs)} runs ({len(done)} finished) in {sweep.sweep_dir}")
+        done = list(kept.values()).count("finished")
+        print(f"spec OK: {len(sweep.runs)} runs ({done} finished, {len(kept) - done} diverged) in {sweep.sweep_dir}")
         return 0
     try:
-        outcomes = runner.run_sweep(spec, args.sweep_dir, args.launcher, args.parallel, wait=not args.no_wait)
+        outcomes = runner.run_sweep(spec, args.sweep_dir, args.launcher, args.parallel, wait=not args.no_wait,
+                                    retry_diverged=args.retry_diverged)
     except runner.SweepStopped as stopped:
         print(f"ablate run {stopped}: its training processes were stopped; the same command resumes the sweep",
               file=sys.stderr)
         return 128 + stopped.signum
     for outcome in outcomes:
         print(f"{outcome.status:9s} {outcome.run.run_id} {outcome.detail}")
-    failed = [o for o in outcomes if o.status in ("failed", "running")]  # not finished by this command
+    # not finished by this command; a diverged run is a result (its setting's), not a failure of the sweep
+    failed = [o for o in outcomes if o.status in ("failed", "running")]
     if outcomes and not args.no_wait:
         print(f"report: vampnet-pl ablate report {outcomes[0].run.run_dir.parents[1]}")
     return 1 if failed else 0
@@ -363,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--parallel", type=int, default=None, help="run: local runs at a time (default: the spec's)")
     ablate.add_argument("--no-wait", action="store_true", help="run, slurm: submit and return")
     ablate.add_argument("--dry-run", action="store_true", help="run: validate the spec and list the runs")
+    ablate.add_argument("--retry-diverged", action="store_true",
+                        help="run: resume runs that stopped on a NaN/inf loss (default: kept as diverged)")
     ablate.add_argument("--baseline", default=None, help="report: the condition to compare with (default: the spec's)")
     ablate.add_argument("--metric", default=None, help="report: the metric that ranks conditions (default: the spec's)")
     ablate.add_argument("overrides", nargs="*", help="run: extra base overrides for every run")

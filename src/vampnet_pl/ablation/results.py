@@ -231,14 +231,24 @@ def divergence(log_tail: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-def write_failure(run, reason: str, log_tail: str = "") -> str:
+def write_failure(run, reason: str, log_tail: str = "") -> tuple[str, str]:
     """Record a failed attempt in ``failure.json``; a divergence (NaN or infinite loss) is recorded as such, status
-    ``diverged``, so a report tells it from a crash. Returns the reason recorded."""
+    ``diverged``, so a report tells it from a crash. Returns the status and the reason recorded."""
     diverged = divergence(log_tail)
     if diverged:
         reason = f"diverged: {diverged} ({reason})"
-    write_json_atomic(run.run_dir / FAILURE, {**run.to_dict(), "status": "diverged" if diverged else "failed",
-                                              "reason": reason,
+    status = "diverged" if diverged else "failed"
+    write_json_atomic(run.run_dir / FAILURE, {**run.to_dict(), "status": status, "reason": reason,
                                               "at": datetime.datetime.now().isoformat(timespec="seconds"),
                                               "log_tail": log_tail[-4000:]})
-    return reason
+    return status, reason
+
+
+def diverged_before(run_dir: str | Path) -> str | None:
+    """The reason recorded when this run's last attempt diverged, else None (no failure, or a crash). Training is
+    seeded, so a resumed diverged run usually diverges again: ``ablate run`` leaves it, unless told to retry."""
+    path = Path(run_dir) / FAILURE
+    if not path.is_file():
+        return None
+    failure = read_record(path)
+    return failure.get("reason", "diverged") if failure.get("status") == "diverged" else None

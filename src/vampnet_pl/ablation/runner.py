@@ -90,14 +90,25 @@ def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict]:
     return sweep, earlier
 
 
+def settled(run: Run, retry_diverged: bool = False) -> Outcome | None:
+    """The outcome of a run this sweep does not train again: finished, or diverged (unless retried), else None."""
+    if finished(run):
+        return Outcome(run, "skipped", "finished before")
+    if not retry_diverged and (reason := results.diverged_before(run.run_dir)):
+        return Outcome(run, "diverged", f"before, not retrained (--retry-diverged retrains it): {reason}")
+    return None
+
+
 def run_sweep(spec, sweep_dir=None, launcher: SweepLauncher | None = None, parallel: int | None = None,
-              wait: bool = True, progress: bool = True) -> list[Outcome]:
-    """Validate the whole spec, then run every unfinished run; returns one outcome per run."""
+              wait: bool = True, progress: bool = True, retry_diverged: bool = False) -> list[Outcome]:
+    """Validate the whole spec, then run every unfinished run (a diverged one only with ``retry_diverged``);
+    returns one outcome per run."""
     sweep, earlier = prepare(spec, sweep_dir, progress)
-    todo = [r for r in sweep.runs if not finished(r)]
-    outcomes = [Outcome(r, "skipped", "finished before") for r in sweep.runs if finished(r)]
+    # a run whose SLURM job of an earlier `ablate run` still trains is not settled by its earlier failure
+    outcomes = [o for r in sweep.runs if (o := settled(r, retry_diverged or r in earlier))]
+    todo = [r for r in sweep.runs if r not in {o.run for o in outcomes}]
     for outcome in outcomes:
-        log.info("skip %s: finished (%s)", outcome.run.run_id, results.RESULTS)
+        log.info("skip %s: %s %s", outcome.run.run_id, outcome.status, outcome.detail)
     launcher = SweepLauncher(launcher or sweep.spec.launcher)
     if launcher == SweepLauncher.local:
         # a SLURM job of an earlier `ablate run` trains these runs
@@ -208,9 +219,9 @@ def _train(run: Run, cfg: DictConfig, threads: int, children: _Children | None, 
             results.write_results(run, cfg)
         except results.RunIncomplete as err:
             reason = str(err)
-    if reason is not None:  # the next sweep run resumes it
-        reason = results.write_failure(run, reason, log_path.read_text(errors="replace")[-4000:])
-        return Outcome(run, "failed", reason)
+    if reason is not None:  # the next sweep run resumes it (a diverged one: with --retry-diverged)
+        status, reason = results.write_failure(run, reason, log_path.read_text(errors="replace")[-4000:])
+        return Outcome(run, status, reason)
     return Outcome(run, "finished")
 
 

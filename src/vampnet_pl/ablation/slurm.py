@@ -83,8 +83,7 @@ def job_outcome(run: Run, job: submitit.Job) -> Outcome:
         return Outcome(run, "finished", f"job {job.job_id}")
     if error is None:  # returned without recording the run (stopped short of its last step)
         error = f"job {job.job_id}: returned without {results.RESULTS}"
-    error = results.write_failure(run, error, detail)
-    return Outcome(run, "failed", error)
+    return Outcome(run, *results.write_failure(run, error, detail))
 
 
 def run_slurm(sweep: Sweep, runs: list[Run], wait: bool = True, progress: bool = True,

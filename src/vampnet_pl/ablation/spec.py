@@ -43,7 +43,7 @@ class Run:
 class Outcome:
     """What became of one run: by the local runner or the SLURM launcher."""
     run: Run
-    status: str  # finished | skipped | failed | submitted | running (by another process)
+    status: str  # finished | skipped | failed | diverged | submitted | running (by another process)
     detail: str = ""
 
 
