@@ -241,6 +241,23 @@ def test_generation_settings_out_of_range_are_refused(bad):
         GenerationConfig(**bad)
 
 
+def test_a_short_window_advances_by_more_than_one_frame(codec, monkeypatch):
+    """The overlap defaulted to 2 s whatever the window: at ``--window-seconds 2`` it was cut to the window less
+    one frame, and each window generated a single new frame (346 windows for 6 s of audio, each with every pass)."""
+    import vampnet_pl.generation.pipeline as pipeline_module
+
+    windows = []
+    monkeypatch.setattr(pipeline_module, "sample", lambda model, codes, *args: windows.append(codes.shape[-1]) or codes)
+    assert GenerationConfig(window_seconds=2.0).overlap_seconds == 1.0  # 2 s, at most half the window
+    assert GenerationConfig(window_seconds=10.0).overlap_seconds == 2.0
+    pipeline = VampPipeline(small_model(codec, 4, 0), None, codec, GenerationConfig(window_seconds=2.0))
+    frames = codec.frames_for(6.0)
+    pipeline.generate(torch.zeros(1, 4, frames, dtype=torch.long), torch.ones(1, 4, frames, dtype=torch.bool))
+    assert windows == [codec.frames_for(2.0)] * 6  # starts 0, 86, ... 344, then the last full window
+    with pytest.raises(ValueError, match=r"overlap_seconds must be in \[0, window_seconds=2.0\), got 2.0"):
+        GenerationConfig(window_seconds=2.0, overlap_seconds=2.0)
+
+
 def test_a_window_under_one_codec_frame_is_a_clear_error(codec):
     pipeline = VampPipeline(small_model(codec, 4, 0), None, codec, GenerationConfig(window_seconds=1e-4,
                                                                                      overlap_seconds=0.0))
@@ -357,15 +374,17 @@ def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models
     assert main(["vamp", str(song), "--coarse", str(models[0]), "--c2f", str(models[1]), "--codec", str(codec_path),
                  "--device", "cpu", "--mask-temperature", "3.5", "--typical-p", "0.2", "--typical-min-tokens", "64",
                  "--sample-cutoff", "0.5", "--temperature", "0.8", "--random-roll", "--no-match-loudness",
-                 "--c2f-chunk-seconds", "2.0"]) == 0
+                 "--c2f-chunk-seconds", "2.0", "--overlap-seconds", "0.5"]) == 0
     cfg = captured["cfg"]
     assert (cfg.coarse.mask_temperature, cfg.c2f.mask_temperature) == (3.5, 3.5)
     assert (cfg.coarse.typical_p, cfg.coarse.typical_min_tokens) == (0.2, 64)
     assert cfg.coarse.sample_cutoff == cfg.c2f.sample_cutoff == 0.5 and cfg.c2f.temperature == 0.8
     assert cfg.c2f_chunk_seconds == 2.0 and captured["random_roll"] and not captured["loudness_match"]
+    assert cfg.overlap_seconds == 0.5
     assert main(["vamp", str(song), "--coarse", str(models[0]), "--codec", str(codec_path), "--device", "cpu"]) == 0
     cfg = captured["cfg"]
     assert (cfg.coarse.mask_temperature, cfg.c2f.mask_temperature) == (10.5, 1.0) and captured["loudness_match"]
+    assert cfg.overlap_seconds == 2.0
     assert not captured["random_roll"]
 
 

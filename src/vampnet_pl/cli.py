@@ -154,7 +154,8 @@ def generation_config(args: argparse.Namespace):
                                                   typical_p=args.typical_p, typical_min_tokens=args.typical_min_tokens,
                                                   mask_temperature=coarse_mask_temperature, **shared),
                             c2f=SamplingConfig(passes=args.c2f_passes, mask_temperature=c2f_mask_temperature, **shared),
-                            window_seconds=args.window_seconds, c2f_chunk_seconds=args.c2f_chunk_seconds)
+                            window_seconds=args.window_seconds, overlap_seconds=args.overlap_seconds,
+                            c2f_chunk_seconds=args.c2f_chunk_seconds)
 
 
 def _cmd_vamp(args: argparse.Namespace) -> int:
@@ -332,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     vamp.add_argument("--match-loudness", action=argparse.BooleanOptionalAction, default=True,
                       help="scale each output to the input's loudness (ITU-R BS.1770)")
     vamp.add_argument("--window-seconds", type=float, default=10.0, help="the coarse model's window")
+    vamp.add_argument("--overlap-seconds", type=float, default=None,
+                      help="each coarse window's context from the one before (default: 2 s, at most half the window)")
     vamp.add_argument("--c2f-chunk-seconds", type=float, default=3.0, help="the c2f model's chunk")
     vamp.add_argument("--cuda-graphs", action="store_true", help="replay each model pass as a CUDA graph (CUDA only)")
     vamp.add_argument("--seed", type=int, default=0)

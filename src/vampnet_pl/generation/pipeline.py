@@ -43,12 +43,15 @@ def sample_windowed(model: VampNet, codes: torch.Tensor, mask: torch.Tensor, cfg
         start = stop - overlap
 
 
+DEFAULT_OVERLAP_SECONDS = 2.0
+
+
 @dataclass
 class GenerationConfig:
     coarse: SamplingConfig = field(default_factory=lambda: SamplingConfig(passes=24))
     c2f: SamplingConfig = field(default_factory=lambda: SamplingConfig(passes=12, mask_temperature=1.0))
     window_seconds: float = 10.0  # the coarse model's window; longer signals go in overlapping windows
-    overlap_seconds: float = 2.0
+    overlap_seconds: float | None = None  # each window's context from the one before; None: 2 s, at most half the window
     c2f_chunk_seconds: float = 3.0  # the c2f model's chunk (the original trains and generates c2f on 3 s)
     c2f_max_batch: int = 64  # c2f chunks decoded together (all chunks of all examples, up to this many)
 
@@ -56,8 +59,11 @@ class GenerationConfig:
         for name in ("window_seconds", "c2f_chunk_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.overlap_seconds < 0:  # at most a window less one frame is used
-            raise ValueError(f"overlap_seconds must be >= 0, got {self.overlap_seconds}")
+        if self.overlap_seconds is None:  # a fixed 2 s would leave a short window one new frame each
+            self.overlap_seconds = min(DEFAULT_OVERLAP_SECONDS, self.window_seconds / 2)
+        if not 0 <= self.overlap_seconds < self.window_seconds:
+            raise ValueError(f"overlap_seconds must be in [0, window_seconds={self.window_seconds}), got "
+                             f"{self.overlap_seconds}: each window must add new frames")
         if self.c2f_max_batch < 1:
             raise ValueError(f"c2f_max_batch must be >= 1, got {self.c2f_max_batch}")
 
