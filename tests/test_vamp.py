@@ -359,6 +359,23 @@ def test_vamp_command_errors_are_clear(tmp_path, codec_path, models, capsys):
     assert "--top-p must be in (0, 1]" in capsys.readouterr().err
 
 
+def test_an_output_folder_that_cannot_be_made_is_refused_before_generating(tmp_path, codec_path, models, capsys,
+                                                                           monkeypatch):
+    """``--out-dir`` naming a file failed only after the whole generation, as 'File exists ... (--overwrite)'; one
+    under a file ended in a NotADirectoryError traceback."""
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before the output folder was checked")
+
+    monkeypatch.setattr(VampPipeline, "generate", no_generation)
+    song = write_tone(tmp_path / "song.wav", 0.5)
+    (tmp_path / "taken").write_text("a file")
+    common = ["--coarse", str(models[0]), "--codec", str(codec_path), "--device", "cpu", "--coarse-passes", "1"]
+    assert main(["vamp", str(song), "--out-dir", str(tmp_path / "taken"), *common]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"the output folder {tmp_path / 'taken'} is a file")
+    assert main(["vamp", str(song), "--out-dir", str(tmp_path / "taken" / "sub"), *common]) == 2
+    assert f"cannot create the output folder {tmp_path / 'taken' / 'sub'}: Not a directory" in capsys.readouterr().err
+
+
 def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models, monkeypatch):
     import vampnet_pl.generation.vamp as vamp_module
 

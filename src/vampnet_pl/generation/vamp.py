@@ -62,6 +62,17 @@ def output_paths(input_path: Path, out_dir: Path, variations: int, loops: int) -
     return [out_dir / f"{stem}_vamp_{i:02d}.wav" for i in range(max(variations, 1))]
 
 
+def output_folder(out_dir: Path) -> Path:
+    """``out_dir``, created if need be; ``ValueError`` naming it where it cannot be (a file, or under one)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"the output folder {out_dir} is a file")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {out_dir}: {err.strerror}") from None
+    return out_dir
+
+
 def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_specs: list[str], variations: int = 1,
               loops: int = 0, seed: int = 0, random_roll: bool = False, loudness_match: bool = True,
               overwrite: bool = False) -> list[Path]:
@@ -84,6 +95,7 @@ def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_sp
     rms = float(mono.square().mean().sqrt())
     if rms == 0 or 20 * math.log10(rms) < SILENCE_DBFS:
         raise ValueError(f"{input_path} is silent (below {SILENCE_DBFS} dBFS): nothing to vamp on")
+    output_folder(out_dir)  # before the generation, which can take minutes
     resampled = codec.resample(mono, rate).cpu()
     codes = codec.encode(resampled, codec.sample_rate).long()  # [K, T]
     if codes.shape[0] < pipeline.n_codebooks:
@@ -102,7 +114,6 @@ def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_sp
     pipeline.cfg.coarse.seed = seed
     pipeline.cfg.c2f.seed = seed
     generated = pipeline.generate(batch, mask)
-    out_dir.mkdir(parents=True, exist_ok=True)
     length = resampled.shape[-1]  # the codec pads to whole frames: cut back to the input's length
     waves = pipeline.to_audio(generated)[..., :length]  # [count, samples]
     if loudness_match:
