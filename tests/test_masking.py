@@ -199,6 +199,9 @@ def test_presets_pass_the_random_roll_and_find_beats_per_example(codec):
     ("beat:0", "argument 1 must be a whole number >= 1"),  # kept nothing
     ("random:1.5", r"argument 1 must lie in \[0, 1\]"),
     ("prefix:-2", r"argument 1 must lie in \[0, inf\]"),
+    ("prefix:inf", "arguments must be finite numbers"),  # these three raised OverflowError (a traceback in vamp)
+    ("inpaint:0:1e308", "argument 2 must be at most 1e\\+09, got 1e\\+308"),
+    ("periodic:1e30", "argument 1 must be at most 1e\\+09"),
 ])
 def test_presets_refuse_arguments_out_of_range(codec, spec, message):
     from vampnet_pl.masking.presets import build_prompt

@@ -11,6 +11,8 @@ start at a random phase per example (the original's app always rolls).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -18,6 +20,7 @@ from vampnet_pl.codec import Codec
 from vampnet_pl.masking import prompts
 
 
+LARGEST_ARGUMENT = 1e9  # seconds or frames, far beyond any signal
 MOST_ARGUMENTS = {"periodic": 2, "prefix": 1, "suffix": 1, "inpaint": 2, "compression": 2, "random": 1, "beat": 2,
                   "onset": 2}
 
@@ -31,6 +34,12 @@ def prompt_arguments(spec: str) -> tuple[str, list[float | int]]:
         values = [float(a) for a in args]
     except ValueError:
         raise ValueError(f"bad prompt {spec!r}: arguments must be numbers") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"bad prompt {spec!r}: arguments must be finite numbers")
+    for position, value in enumerate(values):  # beyond it, seconds or frames overflow the frame arithmetic
+        if value > LARGEST_ARGUMENT:
+            raise ValueError(f"bad prompt {spec!r}: argument {position + 1} must be at most {LARGEST_ARGUMENT:g}, "
+                             f"got {value:g}")
 
     def number(position: int, lowest: float, highest: float = float("inf")) -> float:
         value = values[position]
