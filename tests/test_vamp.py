@@ -376,6 +376,21 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_generating(tmp_p
     assert f"cannot create the output folder {tmp_path / 'taken' / 'sub'}: Not a directory" in capsys.readouterr().err
 
 
+def test_a_device_that_is_not_there_is_a_one_line_error(tmp_path, codec_path, models, capsys, monkeypatch):
+    """``--device gpu`` (a name torch does not know) and ``--device cuda`` on a machine without CUDA, or ``cuda:N``
+    past its GPUs, ended in a traceback from torch when the codec moved there."""
+    song = write_tone(tmp_path / "song.wav", 0.5)
+    common = ["--coarse", str(models[0]), "--codec", str(codec_path), "--out-dir", str(tmp_path / "out")]
+    assert main(["vamp", str(song), "--device", "gpu", *common]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown device 'gpu': use auto, cpu, cuda or cuda:N"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert main(["vamp", str(song), "--device", "cuda", *common]) == 2
+    assert capsys.readouterr().err.strip() == "error: device 'cuda': this machine has no CUDA GPU (use auto or cpu)"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["vamp", str(song), "--device", "cuda:2", *common]) == 2
+    assert capsys.readouterr().err.strip() == "error: device 'cuda:2': this machine has 2 CUDA GPUs (cuda:0 to cuda:1)"
+
+
 def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models, monkeypatch):
     import vampnet_pl.generation.vamp as vamp_module
 

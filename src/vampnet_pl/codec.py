@@ -142,9 +142,22 @@ def _dac_state(payload, path: Path) -> dict | None:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` (CUDA when present) or a torch device name. ``ValueError`` for a name torch does not know, or a CUDA
+    device this machine lacks (torch would fail with a traceback only when a model moves there)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"device {device!r}: this machine has no CUDA GPU (use auto or cpu)")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+                             f"(cuda:0 to cuda:{count - 1})")
+    return resolved
 
 
 def _apply_in_chunks(
