@@ -391,6 +391,23 @@ def test_a_device_that_is_not_there_is_a_one_line_error(tmp_path, codec_path, mo
     assert capsys.readouterr().err.strip() == "error: device 'cuda:2': this machine has 2 CUDA GPUs (cuda:0 to cuda:1)"
 
 
+@pytest.mark.parametrize("spec, message", [("sideways:3", "unknown prompt 'sideways'"),
+                                           ("periodic", "needs more arguments"), ("prefix:x", "must be numbers")])
+def test_a_wrong_prompt_is_refused_before_anything_loads(tmp_path, codec_path, models, capsys, monkeypatch, spec,
+                                                         message):
+    """A wrong ``--prompt`` was found only after the models and the codec had loaded and the input was encoded."""
+    import vampnet_pl.generation.vamp as vamp_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded before the prompts were checked")
+
+    monkeypatch.setattr(vamp_module, "load_pipeline", no_loading)
+    song = write_tone(tmp_path / "song.wav", 0.5)
+    assert main(["vamp", str(song), "--prompt", "periodic:8", "--prompt", spec, "--coarse", str(models[0]),
+                 "--codec", str(codec_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models, monkeypatch):
     import vampnet_pl.generation.vamp as vamp_module
 

@@ -161,6 +161,7 @@ def generation_config(args: argparse.Namespace):
 def _cmd_vamp(args: argparse.Namespace) -> int:
     from vampnet_pl.audio_io import AudioReadError
     from vampnet_pl.generation.vamp import load_pipeline, vamp_file
+    from vampnet_pl.masking.presets import prompt_arguments
 
     for flag, value, lowest in (("--variations", args.variations, 1), ("--loop", args.loop, 0),
                                 ("--coarse-passes", args.coarse_passes, 1), ("--c2f-passes", args.c2f_passes, 1)):
@@ -173,6 +174,8 @@ def _cmd_vamp(args: argparse.Namespace) -> int:
         for name in vars(args):
             message = re.sub(rf"\b{name}\b", "--" + name.replace("_", "-"), message)
         raise UsageError(f"vamp: {message}") from None
+    for spec in args.prompt:  # needs no audio: before the models load and the input is encoded
+        prompt_arguments(spec)
     pipeline = load_pipeline(args.coarse, args.c2f, args.codec, args.device, cfg)
     try:
         written = vamp_file(pipeline, args.input, args.out_dir, args.prompt, args.variations, args.loop, args.seed,
