@@ -188,7 +188,7 @@ def test_everything_runs_on_the_pipelines_device(codec, monkeypatch):
 
     seen = []
 
-    def spy_sample(model, codes, mask, cfg, n_conditioning=0, generator=None):
+    def spy_sample(model, codes, mask, cfg, n_conditioning=0, generator=None, on_pass=None):
         devices = {codes.device, mask.device, *(p.device for p in model.parameters()), *(b.device for b in model.buffers())}
         seen.append(devices)
         return codes.clone()
@@ -247,7 +247,8 @@ def test_a_short_window_advances_by_more_than_one_frame(codec, monkeypatch):
     import vampnet_pl.generation.pipeline as pipeline_module
 
     windows = []
-    monkeypatch.setattr(pipeline_module, "sample", lambda model, codes, *args: windows.append(codes.shape[-1]) or codes)
+    monkeypatch.setattr(pipeline_module, "sample",
+                        lambda model, codes, *args, **kwargs: windows.append(codes.shape[-1]) or codes)
     assert GenerationConfig(window_seconds=2.0).overlap_seconds == 1.0  # 2 s, at most half the window
     assert GenerationConfig(window_seconds=10.0).overlap_seconds == 2.0
     pipeline = VampPipeline(small_model(codec, 4, 0), None, codec, GenerationConfig(window_seconds=2.0))
@@ -408,6 +409,25 @@ def test_a_wrong_prompt_is_refused_before_anything_loads(tmp_path, codec_path, m
     assert message in capsys.readouterr().err
 
 
+def test_vamp_shows_its_progress_pass_by_pass(tmp_path, codec, codec_path, models, capsys):
+    """A long vamp printed nothing until it ended: a bar now counts every model pass, coarse windows and c2f batches."""
+    from vampnet_pl.model import load_exported
+
+    pipeline = VampPipeline(load_exported(models[0]), load_exported(models[1]), codec,
+                            GenerationConfig(coarse=SamplingConfig(passes=3, seed=0), c2f=SamplingConfig(passes=2, seed=0),
+                                             window_seconds=0.5, overlap_seconds=0.1, c2f_chunk_seconds=0.25,
+                                             c2f_max_batch=3))
+    for frames in (30, 100):  # one window; 3 windows and 5 chunks (4 c2f batches of at most 3 for 2 examples)
+        calls = []
+        pipeline.generate(torch.randint(0, codec.codebook_size, (2, 14, frames)), torch.ones(2, 4, frames, dtype=torch.bool),
+                          on_pass=lambda: calls.append(1))
+        assert len(calls) == pipeline.passes_for(frames, 2) == {30: 3 + 2 * 2, 100: 3 * 3 + 4 * 2}[frames]
+    song = write_tone(tmp_path / "song.wav", 1.0)
+    assert main(["vamp", str(song), "--coarse", str(models[0]), "--codec", str(codec_path), "--device", "cpu",
+                 "--coarse-passes", "2", "--window-seconds", "0.5", "--out-dir", str(tmp_path / "out")]) == 0
+    assert "vamp song.wav: 100%" in capsys.readouterr().err
+
+
 def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models, monkeypatch):
     import vampnet_pl.generation.vamp as vamp_module
 
@@ -445,7 +465,7 @@ def test_vamp_compression_keeps_exactly_its_codebook_count(tmp_path, codec_path,
     pipeline = load_pipeline(models[0], models[1], str(codec_path), "cpu",
                              GenerationConfig(coarse=SamplingConfig(passes=2), c2f=SamplingConfig(passes=2)))
     generate, seen = pipeline.generate, {}
-    pipeline.generate = lambda codes, mask, ids=None: seen.setdefault("run", (codes, generate(codes, mask, ids)))[1]
+    pipeline.generate = lambda codes, mask, ids=None, **kw: seen.setdefault("run", (codes, generate(codes, mask, ids)))[1]
     vamp_file(pipeline, write_tone(tmp_path / "song.wav", 0.5), tmp_path / "out", ["compression:6:4"])
     codes, out = seen["run"]
     assert torch.equal(out[:, :6, ::4], codes[:, :6, ::4])  # frames 0, 4, 8 ...: 6 codebooks kept

@@ -249,6 +249,7 @@ def sample(
     cfg: SamplingConfig,
     n_conditioning: int = 0,
     generators: Sequence[torch.Generator | None] | None = None,
+    on_pass: Callable[[], object] | None = None,
 ) -> torch.Tensor:
     """Fill the masked tokens of ``codes`` ``[B, K, T]`` (``mask`` True = generate) in ``cfg.passes`` passes.
 
@@ -256,7 +257,8 @@ def sample(
     are never generated. See the module docstring for the semantics. ``generators``: one random stream per
     example (for callers that sample a signal in several calls, or that number examples themselves); by
     default ``example_generators(cfg.seed, range(B))``. Every pass draws ``[T, K - n_conditioning]`` numbers
-    from each, for the tokens and again for the confidence noise, whatever is masked.
+    from each, for the tokens and again for the confidence noise, whatever is masked. ``on_pass`` is called after
+    every pass (a progress bar's update).
     """
     device = codes.device
     batch, frames = codes.shape[0], codes.shape[-1]
@@ -303,4 +305,6 @@ def sample(
             lowest = torch.arange(order.shape[1], device=device)[None] < keep_masked[:, None]
             remask = torch.zeros_like(lowest).scatter_(1, order, lowest).view_as(predicted)
             mask[:, n_conditioning:] = remask & predicted  # what was given stays given
+            if on_pass is not None:
+                on_pass()
     return codes

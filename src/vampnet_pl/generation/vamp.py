@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from tqdm import tqdm
 
 from vampnet_pl.audio_io import read_audio
 from vampnet_pl.codec import Codec
@@ -113,7 +114,9 @@ def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_sp
     mask = prompts.keep_union(*masks)
     pipeline.cfg.coarse.seed = seed
     pipeline.cfg.c2f.seed = seed
-    generated = pipeline.generate(batch, mask)
+    total = pipeline.passes_for(codes.shape[-1], count)
+    with tqdm(total=total, desc=f"vamp {Path(input_path).name}", unit="pass", dynamic_ncols=True) as progress:
+        generated = pipeline.generate(batch, mask, on_pass=progress.update)
     length = resampled.shape[-1]  # the codec pads to whole frames: cut back to the input's length
     waves = pipeline.to_audio(generated)[..., :length]  # [count, samples]
     if loudness_match:
