@@ -428,6 +428,25 @@ def test_vamp_shows_its_progress_pass_by_pass(tmp_path, codec, codec_path, model
     assert "vamp song.wav: 100%" in capsys.readouterr().err
 
 
+def test_a_variation_is_the_same_whatever_the_number_of_variations(tmp_path, codec_path, models):
+    """The prompts drew from one generator for the whole batch: with two prompts that draw (``random:0.3`` and a
+    rolled ``periodic:8``), the second's draws came after the first's for every variation, so ``song_vamp_00.wav``
+    changed with ``--variations``."""
+    from vampnet_pl.generation.vamp import load_pipeline, vamp_file
+
+    pipeline = load_pipeline(models[0], None, str(codec_path), "cpu", GenerationConfig(coarse=SamplingConfig(passes=2)))
+    generate, seen = pipeline.generate, []
+    pipeline.generate = lambda codes, mask, ids=None, **kw: seen.append((mask, generate(codes, mask, ids)))  or seen[-1][1]
+    song = write_tone(tmp_path / "song.wav", 0.5)
+    for count in (1, 3):
+        vamp_file(pipeline, song, tmp_path / str(count), ["random:0.3", "periodic:8"], variations=count, seed=3,
+                  random_roll=True)
+    (one_mask, one), (three_mask, three) = seen
+    assert torch.equal(one_mask[0], three_mask[0]) and torch.equal(one[0], three[0])
+    assert (tmp_path / "1" / "song_vamp_00.wav").read_bytes() == (tmp_path / "3" / "song_vamp_00.wav").read_bytes()
+    assert not torch.equal(three_mask[0], three_mask[1])  # each variation its own random tokens and phase
+
+
 def test_vamp_options_reach_the_sampler_and_prompts(tmp_path, codec_path, models, monkeypatch):
     import vampnet_pl.generation.vamp as vamp_module
 

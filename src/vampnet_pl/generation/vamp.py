@@ -19,6 +19,7 @@ from tqdm import tqdm
 from vampnet_pl.audio_io import read_audio
 from vampnet_pl.codec import Codec
 from vampnet_pl.generation.pipeline import GenerationConfig, VampPipeline
+from vampnet_pl.generation.sampling import example_generators
 from vampnet_pl.masking import prompts
 from vampnet_pl.masking.presets import build_prompt
 from vampnet_pl.model import load_exported
@@ -54,6 +55,18 @@ def match_loudness(waves: torch.Tensor, target_lufs: float, sample_rate: int) ->
 
 
 AUDIO_PROMPTS = ("beat", "onset")  # prompts found in the input's audio: they may find nothing
+
+
+def prompt_masks(specs: list[str], shape: tuple[int, int, int], audio: np.ndarray, codec: Codec, seed: int,
+                 random_roll: bool) -> list[torch.Tensor]:
+    """Each preset's mask ``[variations, K, T]``. Each variation draws (random tokens, rolled phases) from its own
+    stream, named by the seed and its number, through the specs in order: variation i's prompt does not depend on
+    how many are made. Beat and onset prompts draw nothing: found once, the same for every variation."""
+    streams = example_generators(seed, range(shape[0]), "cpu", "prompt")
+    row = (1, *shape[1:])
+    return [build_prompt(spec, shape, audio, codec) if spec.split(":")[0] in AUDIO_PROMPTS
+            else torch.cat([build_prompt(spec, row, audio, codec, stream, random_roll) for stream in streams])
+            for spec in specs]
 
 
 def output_paths(input_path: Path, out_dir: Path, variations: int, loops: int) -> list[Path]:
@@ -104,9 +117,8 @@ def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_sp
     count = loops if loops > 0 else max(variations, 1)
     batch = codes[None].repeat(count, 1, 1)
     shape = (count, pipeline.n_codebooks, codes.shape[-1])  # every codebook: compression:N:P may keep fine ones
-    generator = torch.Generator().manual_seed(seed)
     specs = prompt_specs or ["periodic:16"]
-    masks = [build_prompt(spec, shape, resampled.numpy(), codec, generator, random_roll) for spec in specs]
+    masks = prompt_masks(specs, shape, resampled.numpy(), codec, seed, random_roll)
     for spec, spec_mask in zip(specs, masks):
         if spec.split(":")[0] in AUDIO_PROMPTS and bool(spec_mask.all()):
             raise ValueError(f"--prompt {spec} keeps nothing: no {spec.split(':')[0]}s found in {input_path}; "
