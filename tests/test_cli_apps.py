@@ -40,8 +40,10 @@ def test_the_command_prints_the_same_config_as_the_module(stage, overrides, caps
         assert "n_windows: 4" in from_cli and "- periodic:8" in from_cli
 
 
-@pytest.mark.parametrize("stage, typo", [("train", "optim.lrr=0.1"), ("eval", "n_windowz=4")])
+@pytest.mark.parametrize("stage, typo", [("train", "optim.lrr=0.1"), ("eval", "n_windowz=4"),
+                                         ("eval", "split=tset"), ("train", "data.batch_size=abc")])
 def test_the_command_rejects_a_typo_like_the_module(stage, typo, capsys):
+    """What Hydra refuses while merging (README: exit status 1): an unknown key, a name or type a field refuses."""
     with pytest.raises(SystemExit) as err:
         main([stage, "--cfg", "job", "coarse=a.pt", "dataset_dir=d", typo] if stage == "eval" else [stage, typo])
     assert err.value.code == 1
