@@ -135,3 +135,15 @@ def test_every_documented_command_parses_and_composes():
         except (Exception, SystemExit) as err:  # argparse exits
             raise AssertionError(f"{doc}: {' '.join(words)}: {err!r}") from None
     assert {"make", "prep", "train", "eval", "export", "vamp", "import-vampnet", "ablate"} <= set(checked), checked
+
+
+def test_the_readmes_sampling_defaults_are_vamps():
+    """The README gave c2f's mask temperature (1.0) as if it were both stages'; vamp's coarse default is 10.5."""
+    from vampnet_pl.cli import build_parser, generation_config
+
+    found = re.search(r"the defaults: coarse (\d+) passes at mask temperature ([\d.]+), c2f (\d+) passes at ([\d.]+)",
+                      README)
+    assert found, "the README states both stages' passes and mask temperatures"
+    cfg = generation_config(build_parser().parse_args(["vamp", "in.wav", "--coarse", "c.pt", "--codec", "44khz"]))
+    assert (cfg.coarse.passes, cfg.coarse.mask_temperature, cfg.c2f.passes, cfg.c2f.mask_temperature) == (
+        int(found[1]), float(found[2]), int(found[3]), float(found[4]))

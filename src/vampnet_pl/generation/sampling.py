@@ -32,8 +32,8 @@ Intended differences from the original VampNet ``generate`` (``vampnet/modules/t
 - ``temperature <= 0`` means greedy (argmax); the original then samples at temperature 1;
 - the nucleus keeps the smallest set whose mass reaches ``top_p`` (the original's, except that a
   set reaching exactly ``top_p`` is not extended by one token);
-- the defaults (``vampnet-pl vamp``, ``GenerationConfig``): coarse 24 passes, c2f 12 at mask
-  temperature 1.0; the original's ``generate`` defaults to 36 passes and 10.5 for both stages.
+- the defaults (``vampnet-pl vamp``, ``GenerationConfig``): coarse 24 passes at mask temperature 10.5,
+  c2f 12 at 1.0; the original's ``generate`` defaults to 36 passes and 10.5 for both stages.
 
 Where the algorithms are meant to agree (argmax tokens, ``mask_temperature=0``, batch 1, no
 ties) the tokens are the original's; ``tests/test_sampling.py`` checks this against a fixture
