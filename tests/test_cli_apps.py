@@ -58,7 +58,7 @@ def test_each_job_of_a_multirun_gets_its_own_run_folder(tmp_path, monkeypatch):
 
     seen = []
 
-    def fake_run(cfg):  # what the real run reads: run_dir, and the folders the callbacks and logger interpolate
+    def fake_run(cfg, **kwargs):  # what the real run reads: run_dir, and the folders the callbacks and logger interpolate
         seen.append((cfg.optim.lr, cfg.run_dir, cfg.callbacks.last_checkpoint.dirpath, cfg.logger.save_dir))
         return SimpleNamespace(received_sigterm=False, callbacks=[])
 
@@ -131,3 +131,49 @@ def test_a_process_lightning_starts_for_a_multi_device_train_runs_train(capsys, 
     assert "experiment: demo_coarse" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # without Lightning's job name an override alone is still no command
         main(["experiment=demo_coarse"])
+
+
+@pytest.mark.parametrize("error", [FileNotFoundError("/tmp/gone/part-3.bin"), ValueError("unrelated")])
+def test_a_missing_file_during_training_keeps_its_traceback(error, prepared, codec_path, tmp_path, capsys, monkeypatch):
+    """usage_errors_exit turned any FileNotFoundError raised inside trainer.fit (a callback's file, the data stream
+    mid-run: a bug, not the user's setting) into the one-line `error: ...` with exit 2, and lost its traceback."""
+    from vampnet_pl.training.module import MaskedTokenModule
+
+    def broken_step(self, batch, batch_idx):
+        raise error
+
+    monkeypatch.setattr(MaskedTokenModule, "training_step", broken_step)
+    with pytest.raises(SystemExit) as err:
+        main(["train", f"data.dataset_dir={prepared}", f"codec.source={codec_path}", "codec.device=cpu",
+              f"runs_dir={tmp_path}", "experiment=demo_coarse", "data.num_workers=0", "data.window_seconds=1.0",
+              "data.batch_size=2", "data.val_max_windows=2", "trainer.enable_progress_bar=false", "logger=csv",
+              "trainer.max_steps=1", "trainer.num_sanity_val_steps=0"])
+    assert err.value.code == 1  # Hydra's report of a failure, as for any other exception
+    stderr = capsys.readouterr().err
+    assert not any(line.startswith("error:") for line in stderr.splitlines()), stderr
+    assert "Traceback" in stderr and "broken_step" in stderr and str(error) in stderr, stderr
+
+
+def test_a_missing_file_while_scoring_keeps_its_traceback(prepared, codec, codec_path, tmp_path, capsys, monkeypatch):
+    """As in training: `vampnet-pl eval` reported a FileNotFoundError raised while scoring as a user's mistake."""
+    from vampnet_pl.evaluation import app
+    from vampnet_pl.model import save_exported
+    from test_vamp import small_model
+
+    def broken_scoring(*args, **kwargs):
+        raise FileNotFoundError("/tmp/gone/embedding-cache.npy")
+
+    monkeypatch.setattr(app, "evaluate_generation", broken_scoring)
+    save_exported(tmp_path / "coarse.pt", small_model(codec, 4, 0))
+    args = ["eval", f"coarse={tmp_path / 'coarse.pt'}", f"codec.source={codec_path}", "codec.device=cpu",
+            f"dataset_dir={prepared}", "split=val", "window_seconds=1.0", "n_windows=2", f"out_dir={tmp_path / 'eval'}"]
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert err.value.code == 1
+    stderr = capsys.readouterr().err
+    assert not any(line.startswith("error:") for line in stderr.splitlines()), stderr
+    assert "Traceback" in stderr and "broken_scoring" in stderr, stderr
+    with pytest.raises(SystemExit) as err:  # a missing dataset folder, before scoring: still one line
+        main([*args[:-4], f"dataset_dir={tmp_path / 'nowhere'}", *args[-3:]])
+    assert err.value.code == 2
+    assert "error: no index.json in" in capsys.readouterr().err

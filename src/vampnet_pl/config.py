@@ -466,8 +466,10 @@ def check_composed(config_name: str, cfg):
 
 @contextmanager
 def usage_errors_exit():
-    """In a ``@hydra.main`` app (train, eval): a user's mistake (a schema's check, a missing file) ends the run with
-    a one-line ``error: ...`` and exit status 2, as the other commands do, not with Hydra's traceback and status 1."""
+    """In a ``@hydra.main`` app (train, eval), around its start-up only: a user's mistake (a schema's check, a missing
+    file) ends the run with a one-line ``error: ...`` and exit status 2, as the other commands do, not with Hydra's
+    traceback and status 1. Not around the training or the scoring: there the same errors are bugs (a file gone
+    mid-run), and keep their traceback."""
     try:
         yield
     except (UsageError, FileNotFoundError, CodecMismatch) as err:  # CodecMismatch: model, codec and shards disagree

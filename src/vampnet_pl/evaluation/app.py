@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -63,19 +64,21 @@ def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
     return torch.stack([torch.from_numpy(w.astype("int64")) for w in windows])
 
 
-def evaluate(cfg: EvalConfig) -> list[dict]:
+def evaluate(cfg: EvalConfig, *, start_up=nullcontext) -> list[dict]:
+    """``start_up`` wraps the loading alone (models, windows, FAD embedding), not the scoring (see ``run``)."""
     protocol = cfg.eval_protocol
     generation = GenerationConfig(coarse=SamplingConfig(passes=protocol.passes, seed=cfg.seed),
                                   c2f=SamplingConfig(passes=cfg.c2f_passes, mask_temperature=1.0, seed=cfg.seed),
                                   window_seconds=cfg.window_seconds, c2f_chunk_seconds=cfg.c2f_chunk_seconds)
-    pipeline = load_pipeline(Path(cfg.coarse), Path(cfg.c2f) if cfg.c2f else None, cfg.codec.source, cfg.codec.device,
-                             generation)
-    codec = pipeline.codec
-    full = eval_windows(cfg, codec)
+    with start_up():
+        pipeline = load_pipeline(Path(cfg.coarse), Path(cfg.c2f) if cfg.c2f else None, cfg.codec.source,
+                                 cfg.codec.device, generation)
+        codec = pipeline.codec
+        full = eval_windows(cfg, codec)
+        embed = fad_embedding(cfg.fad_backend, codec.sample_rate, cfg.fad_weights).to(codec.device)
+        check_embedding_count(embed, len(full), full.shape[-1] * codec.hop_length, codec.sample_rate,
+                              "raise n_windows or window_seconds", codec.device)
     depth = pipeline.n_codebooks
-    embed = fad_embedding(cfg.fad_backend, codec.sample_rate, cfg.fad_weights).to(codec.device)
-    check_embedding_count(embed, len(full), full.shape[-1] * codec.hop_length, codec.sample_rate,
-                          "raise n_windows or window_seconds", codec.device)
 
     def generate(batch: torch.Tensor, mask: torch.Tensor, passes: int, ids: list[int]) -> torch.Tensor:
         pipeline.cfg.coarse.passes = passes
@@ -131,9 +134,12 @@ def write_results(rows: list[dict], out_dir: Path) -> list[Path]:
     return [table, per_prompt, sweep_plot]
 
 
-def run(cfg: DictConfig) -> list[Path]:
-    schema: EvalConfig = check_composed("eval", cfg)
-    paths = write_results(evaluate(schema), Path(schema.out_dir))
+def run(cfg: DictConfig, *, start_up=nullcontext) -> list[Path]:
+    """``start_up`` wraps the config check and the loading (``main`` passes :func:`usage_errors_exit`): the user's
+    mistakes found there are reported in one line; an error raised while scoring keeps its traceback."""
+    with start_up():
+        schema: EvalConfig = check_composed("eval", cfg)
+    paths = write_results(evaluate(schema, start_up=start_up), Path(schema.out_dir))
     for path in paths:
         print(path)
     return paths
@@ -141,9 +147,9 @@ def run(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(config_path=str(conf_dir()), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """``vampnet-pl eval``. A wrong setting or a missing file exits with 2 and a one-line error."""
-    with usage_errors_exit():
-        run(cfg)
+    """``vampnet-pl eval``. A wrong setting or a missing file found before scoring exits with 2 and a one-line
+    error; an error while scoring, with its traceback (Hydra's report, status 1)."""
+    run(cfg, start_up=usage_errors_exit)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -120,10 +121,13 @@ def build(cfg: DictConfig):
     return module, datamodule, trainer, resume_from
 
 
-def run(cfg: DictConfig) -> L.Trainer:
+def run(cfg: DictConfig, *, start_up=nullcontext) -> L.Trainer:
+    """Build the run, then train it. ``start_up`` wraps the build alone (``main`` passes :func:`usage_errors_exit`):
+    the user's mistakes found there are reported in one line; an error raised in training keeps its traceback."""
     # The DataModule restarts its stream at the checkpoint's global step, so a mid-epoch resume is exact.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    module, datamodule, trainer, resume_from = build(cfg)
+    with start_up():
+        module, datamodule, trainer, resume_from = build(cfg)
     if resume_from:
         log.info("resuming from %s", resume_from)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
@@ -149,11 +153,11 @@ def main(cfg: DictConfig) -> None:
     """``vampnet-pl train``. A run stopped by SIGTERM exits with 143, not 0, so that a caller (the ablation
     runner, a script) does not take it for finished; it resumes from its checkpoint when run again. A run that
     checkpointed for a requeue that then failed exits with ``REQUEUE_FAILED_EXIT`` (75; see training/slurm.py). A wrong
-    setting or a missing file exits with 2 and a one-line error."""
+    setting or a missing file found at start-up exits with 2 and a one-line error; an error in training, with its
+    traceback (Hydra's report, status 1)."""
     give_job_its_own_folder(cfg)
     try:
-        with usage_errors_exit():
-            trainer = run(cfg)
+        trainer = run(cfg, start_up=usage_errors_exit)
     except SIGTERMException:  # several ranks: raised on each once they agreed to stop
         sys.exit(SIGTERM_EXIT)
     if trainer.received_sigterm:  # one process: Lightning's loop stopped
