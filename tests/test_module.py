@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from vampnet_pl.model import load_exported
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.training.optim import OptimConfig, lr_multiplier, parameter_groups
 
@@ -387,3 +390,29 @@ def test_lora_targets_must_be_linear_layers_and_may_be_full_names():
     adapted = module(lora={"r": 2, "target_modules": ["blocks.1.attn.qkv"]})
     assert {n.rsplit(".lora_", 1)[0] for n, p in adapted.model.named_parameters() if p.requires_grad} == {"blocks.1.attn.qkv"}
     adapted.plain_model()  # merges
+
+
+def bytes_read_by_this_process() -> int:
+    """``rchar`` of /proc/self/io: every byte this process's reads returned (page cache included)."""
+    with open("/proc/self/io") as handle:
+        return int(next(line for line in handle if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="reads /proc/self/io (Linux)")
+def test_init_from_reads_its_file_once_and_hashes_it_as_file_sha256(tmp_path):
+    """The weights were loaded, then the file read again to hash it (a resume checks the hash): a paper-size
+    model was seconds of I/O twice at every start."""
+    from vampnet_pl.model import VampNet, VampNetConfig, save_exported
+    from vampnet_pl.utils.hashing import file_sha256
+
+    cfg = VampNetConfig(**dict(MODEL, d_model=256, n_layers=4, codec_fingerprint="abc"))
+    path = tmp_path / "source.pt"
+    save_exported(path, VampNet(cfg, torch.randn(4, 64, 8)))
+    size = path.stat().st_size
+    assert size > 10_000_000  # well above what else start-up reads
+    before = bytes_read_by_this_process()
+    loaded = MaskedTokenModule(cfg.to_dict(), init_from=str(path))
+    assert bytes_read_by_this_process() - before < 1.2 * size
+    assert loaded.init_from_sha256 == file_sha256(path)  # as earlier runs recorded it: they still resume
+    source = load_exported(path)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.model.state_dict().items())

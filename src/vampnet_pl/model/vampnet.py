@@ -19,6 +19,7 @@ project's variants (projected tables, wider feed-forward, fused qkv, rotary posi
 from __future__ import annotations
 
 import contextlib
+import io
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -378,13 +379,14 @@ def save_exported(path, model: VampNet) -> None:
         torch.save(payload, tmp)
 
 
-def load_exported(path) -> VampNet:
+def load_exported(path, data: bytes | None = None) -> VampNet:
     """The model in a file :func:`save_exported` wrote, on the CPU and in eval mode (as inference wants it: dropout
-    off); ``ValueError`` for any other file."""
+    off); ``ValueError`` for any other file. ``data``: the file's bytes, when the caller read them already (to hash
+    them too): loaded instead of reading ``path`` again."""
     not_ours = (f"{path} is not an exported vampnet-pl model (make one with `vampnet-pl export` from a training "
                 "checkpoint, or `vampnet-pl import-vampnet` from the original VampNet's)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except OSError:
         raise
     except Exception as err:  # torch.load of another format fails in many ways (unpickling, KeyError, IndexError ...)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -31,7 +32,6 @@ from vampnet_pl.model import VampNet, VampNetConfig, load_exported
 from vampnet_pl.model.vampnet import RUNTIME_FIELDS, check_token_range, packed
 from vampnet_pl.training.optim import OptimConfig, apply_base_lr, build_optimizer
 from vampnet_pl.training.parallel import gradient_norm, parallelize, unwrapped_key
-from vampnet_pl.utils.hashing import file_sha256
 
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0)
 LOSS_WEIGHTINGS = ("none", "diffusion")
@@ -118,7 +118,10 @@ class MaskedTokenModule(L.LightningModule):
     def _init_from(self, path: str) -> None:
         """Start from an exported model's weights. Its codec and every config field that changes the function
         the weights compute must equal this run's; only ``RUNTIME_FIELDS`` (dropout, kernels) may differ."""
-        source = load_exported(path)
+        data = Path(path).read_bytes()  # read once: loaded, and hashed as file_sha256 would (a resume checks it)
+        source = load_exported(path, data)
+        sha256 = hashlib.sha256(data).hexdigest()
+        del data  # a paper-size file: not kept beside the weights
         if source.cfg.codec_fingerprint != self.cfg.codec_fingerprint:
             raise ValueError(f"{path} was trained on codec {source.cfg.codec_fingerprint[:16]}, this run uses "
                              f"{self.cfg.codec_fingerprint[:16]}")
@@ -131,7 +134,7 @@ class MaskedTokenModule(L.LightningModule):
                              "model preset it was trained with (an imported VampNet model: model=coarse_paper or "
                              f"model=c2f_paper) or set {fix}")
         self.model.load_state_dict(source.state_dict())
-        self.init_from_sha256 = file_sha256(path)
+        self.init_from_sha256 = sha256
 
     def _apply_lora(self, lora: dict) -> None:
         import peft

@@ -1,4 +1,5 @@
-"""The sha256 of a file, read in blocks: catalog files and shards (prep), a fine-tune's ``init_from`` (training)."""
+"""The sha256 of a file, read in blocks: catalog files and shards (prep). A fine-tune's ``init_from`` (training) is
+hashed from the bytes it loads, to the same digest."""
 
 from __future__ import annotations
 
