@@ -122,6 +122,28 @@ def test_last_checkpoint_holds_the_last_step_when_max_steps_falls_between_checkp
     assert all(torch.equal(v, trainer.lightning_module.plain_model().state_dict()[k]) for k, v in exported.items())
 
 
+def test_a_run_ending_mid_epoch_validates_its_final_weights(prepared, codec_path, tmp_path):
+    """Lightning validates at an epoch's end only: a run whose max_steps fell mid-epoch ended without validating
+    its final weights, so its last val/ metrics (the ablation's final scores), its best checkpoints and the
+    scores recorded in last.ckpt were of older weights."""
+    from vampnet_pl.ablation.results import final_metrics, read_curves
+
+    common = ["data.batches_per_epoch=4", "checkpoint.every_n_train_steps=3"]  # last.ckpt written at step 6 too
+    trainer = train(overrides(prepared, codec_path, tmp_path / "mid", "trainer.max_steps=6", *common))
+    run_dir = tmp_path / "mid" / "demo_coarse-local"
+    curves = read_curves(run_dir)
+    assert sorted(curves["val/loss"]) == [4, 6]  # the epoch's end, then the final step
+    assert final_metrics(curves).metrics_step == 6
+    assert (run_dir / "checkpoints" / "step0000006.ckpt").exists()  # scored by its own validation (save_top_k=2)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6
+    (best,) = [state for key, state in last["callbacks"].items() if "'monitor': 'val/loss'" in key]
+    assert float(best["current_score"]) == pytest.approx(curves["val/loss"][6])  # written after that validation
+    assert trainer.global_step == 6
+    train(overrides(prepared, codec_path, tmp_path / "end", "trainer.max_steps=4", *common))  # ends with its epoch
+    assert sorted(read_curves(tmp_path / "end" / "demo_coarse-local")["val/loss"]) == [4]  # validated once
+
+
 @pytest.mark.slow
 def test_resume_is_exact_when_the_accumulation_does_not_divide_the_configured_epoch(prepared, codec_path, tmp_path):
     """3 batches an epoch, 2 a step: the epoch is served as 4 (whole steps), so a resumed run's
@@ -421,6 +443,23 @@ def test_two_cpu_processes_train_save_resume_and_export(strategy, prepared, code
     assert read_checkpoint(last)["global_step"] == 4
     model = load_exported(export_checkpoint(last, tmp_path / "model.pt"))
     assert model.cfg.n_codebooks == 4
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_cpu_processes_validate_at_a_last_step_mid_epoch(prepared, codec_path, tmp_path):
+    """The final validation under DDP: every rank stops at the same step, so all take part in it."""
+    from vampnet_pl.ablation.results import read_curves
+    from vampnet_pl.training.export import read_checkpoint
+
+    _cli_train(overrides(prepared, codec_path, tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.max_steps=3",
+                         "data.batches_per_epoch=4", "checkpoint.every_n_train_steps=3", "data.val_max_windows=8"))
+    run_dir = tmp_path / "demo_coarse-local"
+    curves = read_curves(run_dir)
+    assert sorted(curves["val/loss"]) == [3]
+    last = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    (best,) = [state for key, state in last["callbacks"].items() if "'monitor': 'val/loss'" in key]
+    assert last["global_step"] == 3 and float(best["current_score"]) == pytest.approx(curves["val/loss"][3])
 
 
 @pytest.mark.slow

@@ -175,14 +175,9 @@ def compose_run(run: Run, extra: tuple[str, ...] = ()) -> DictConfig:
         raise SpecError(f"run {run.run_id}: {err}") from None
 
 
-def epoch_batches(cfg: DictConfig) -> int:
-    """Training batches per epoch (validation runs at each epoch's end), as the DataModule splits them."""
-    workers = max(1, int(cfg.data.num_workers))
-    return max(1, int(cfg.data.batches_per_epoch) // workers) * workers
-
-
 def check_run_config(run: Run, cfg: DictConfig) -> None:
-    """Masking names against the registries, a CSV log, a validation at the last step."""
+    """Masking names against the registries, a CSV log. (Every run validates at its last step, mid-epoch or not:
+    see ``training.callbacks.FinalValidation``.)"""
     from vampnet_pl.masking.config import TrainingMasker
 
     try:  # the schema and the masker look every name up in its registry (schedules, kinds, samplers)
@@ -194,11 +189,6 @@ def check_run_config(run: Run, cfg: DictConfig) -> None:
     if not csv_log_dirs(cfg):
         raise SpecError(f"run {run.run_id}: its logger writes no CSV; the report reads curves from a CSVLogger "
                         "(drop the logger override, or use logger=sweep or logger=csv)")
-    steps = int(cfg.trainer.max_steps) * int(cfg.trainer.accumulate_grad_batches)
-    if steps % epoch_batches(cfg):
-        raise SpecError(f"run {run.run_id}: trainer.max_steps={cfg.trainer.max_steps} is not a whole number of epochs "
-                        f"({epoch_batches(cfg)} batches, data.batches_per_epoch over data.num_workers); the last "
-                        "validation would not score the final weights")
 
 
 def validate(sweep: Sweep, progress: bool = True) -> dict[str, DictConfig]:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from vampnet_pl.codec import Codec, CodecMismatch
 from vampnet_pl.config import TrainConfig, check_composed, conf_dir, usage_errors_exit
 from vampnet_pl.training.batch_size import AutoBatchSize
-from vampnet_pl.training.callbacks import DataHealth, LogPointProgressBar
+from vampnet_pl.training.callbacks import DataHealth, FinalValidation, LogPointProgressBar
 from vampnet_pl.training.checkpointing import AtomicCheckpointIO, check_resumable, remove_checkpoint_leftovers
 from vampnet_pl.training.csv_logs import keep_earlier_attempt
 from vampnet_pl.training.slurm import (REQUEUE_FAILED_EXIT, SharedSignals, SlurmRequeue, cluster_plugins, describe,
@@ -96,6 +96,7 @@ def build(cfg: DictConfig):
     # micro-batch and accumulation, before the data loads; a resumed run keeps its own
     callbacks.append(AutoBatchSize(schema.batch_sizing, resume_from))
     callbacks.append(DataHealth())  # skip counts as metrics, the skip-rate limit over all ranks, the closing summary
+    callbacks.append(FinalValidation())  # at trainer.max_steps, also mid-epoch: the final weights are scored
     if schema.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(LogPointProgressBar())  # Lightning's own bar reads the training metrics every step
     if requeue is not None:

@@ -70,6 +70,31 @@ class StepSeedCallback(L.Callback):
         torch.manual_seed(value)  # seeds every CUDA device too
 
 
+class FinalValidation(L.Callback):
+    """Validate the final weights: Lightning validates at an epoch's end only, so a run whose last step
+    (``trainer.max_steps``) fell mid-epoch ended unscored (its last ``val/`` metrics, best checkpoints and the
+    ablation's final scores were of older weights). At the batch that completes the last step, the validation
+    interval becomes that batch's count, so Lightning validates after it; at an epoch's end it validates once, as
+    always. (``trainer.should_stop`` would validate too, but also makes that step a log point, one that logs
+    metrics of earlier steps as its own.)"""
+
+    def __init__(self) -> None:
+        self._val_check_batch: int | float | None = None  # Lightning's own, restored when training ends
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if not 0 < trainer.max_steps <= trainer.global_step or trainer.val_check_batch in (None, float("inf")):
+            return  # not the last step (the same on every rank), or no batch-counted validation interval
+        loop = trainer.fit_loop.epoch_loop  # Lightning validates when (batches counted as below) % interval == 0
+        batches = loop.total_batch_idx + 1 if trainer.check_val_every_n_epoch is None else loop.batch_idx + 1
+        if self._val_check_batch is None:
+            self._val_check_batch = trainer.val_check_batch
+        trainer.val_check_batch = batches
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._val_check_batch is not None:
+            trainer.val_check_batch, self._val_check_batch = self._val_check_batch, None
+
+
 class DataHealth(L.Callback):
     """What the data readers skipped, as metrics summed over ranks, with the skip-rate limit and a closing summary.
 

@@ -57,12 +57,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` every ``every_n_train_steps`` steps, and at the last step (``trainer.max_steps``) when that
     falls between two: Lightning writes it at the end only when it never wrote it, so a run of 1200 steps saving
-    every 500 left step 1000's weights for export and resume."""
+    every 500 left step 1000's weights for export and resume. Written at the last step before that step's
+    validation (the final one, see ``callbacks.FinalValidation``), it is written again after it, so that it holds
+    the final scores (the best checkpoints' state included)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._validated_after_save: int | None = None  # a step this file was saved at before its validation
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved_before = not trainer.sanity_checking and self._last_global_step_saved == trainer.global_step
+        super().on_validation_end(trainer, pl_module)
+        self._validated_after_save = trainer.global_step if saved_before else None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         finished = 0 < trainer.max_steps <= trainer.global_step  # not a stop for a requeue or a signal
-        if finished and not self._should_skip_saving_checkpoint(trainer):  # every rank alike
+        stale = self._validated_after_save == trainer.global_step
+        if finished and (stale or not self._should_skip_saving_checkpoint(trainer)):  # every rank alike
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
