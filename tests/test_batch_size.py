@@ -344,7 +344,8 @@ def test_a_global_batch_keeps_its_epoch_on_one_two_or_three_ranks(global_batch, 
     for ranks in (1, 2, 3):
         datamodule = CodesDataModule(train_urls=["a.tar"], val_urls=["b.tar"], n_codebooks=4, hop_length=512,
                                      sample_rate=44100, batch_size=batch_size, batches_per_epoch=6, num_workers=0)
-        trainer = SimpleNamespace(datamodule=datamodule, accumulate_grad_batches=accumulation, world_size=ranks)
+        trainer = SimpleNamespace(datamodule=datamodule, accumulate_grad_batches=accumulation, world_size=ranks,
+                                  strategy=None)
         sizer = AutoBatchSize(BatchSizingConfig(global_batch=global_batch))
         sizer.setup(trainer, None, "fit")
         assert sizer.split.global_batch == global_batch and sizer.split.ranks == ranks
@@ -390,3 +391,26 @@ def test_auto_batch_size_on_cuda(prepared, codec_path, tmp_path):
     assert sizer.split.global_batch == 64 and sizer.fit.peaks[sizer.split.micro_batch] is not None
     assert sizer.budget <= BatchSizingConfig().memory_fraction * torch.cuda.get_device_properties(0).total_memory
     assert sizer.fit.peaks[sizer.split.micro_batch] <= sizer.budget
+
+
+@pytest.mark.parametrize("global_batch, ranks, micro_batch", [(None, 2, 8), (12, 1, 6), (20, 2, 5), (48, 2, 8)])
+def test_deepspeed_is_told_the_micro_batch_each_rank_is_served(global_batch, ranks, micro_batch):
+    """DeepSpeed's train_micro_batch_size_per_gpu (its throughput log and sample count) was data.batch_size, even
+    when a global batch split each rank's share into smaller micro-batches (12 a rank, data.batch_size=8: 6)."""
+    from types import SimpleNamespace
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    from vampnet_pl.data.datamodule import CodesDataModule
+
+    cfg = compose(["data.dataset_dir=codes", "strategy=deepspeed_zero2", "data.batch_size=8",
+                   f"batch_sizing.global_batch={global_batch or 'null'}"])
+    strategy = hydra.utils.instantiate(cfg.strategy)
+    datamodule = CodesDataModule(train_urls=["a.tar"], val_urls=["b.tar"], n_codebooks=4, hop_length=512,
+                                 sample_rate=44100, batch_size=cfg.data.batch_size, num_workers=0)
+    trainer = SimpleNamespace(datamodule=datamodule, accumulate_grad_batches=1, world_size=ranks, strategy=strategy)
+    sizer = AutoBatchSize(OmegaConf.to_object(cfg).batch_sizing)
+    sizer.setup(trainer, None, "fit")
+    assert datamodule.train_batch_size == sizer.split.micro_batch == micro_batch
+    assert strategy.config["train_micro_batch_size_per_gpu"] == micro_batch

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from vampnet_pl.config import BatchSizing, BatchSizingConfig
 from vampnet_pl.training.checkpointing import checkpoint_metadata
+from vampnet_pl.training.parallel import tell_deepspeed_micro_batch
 
 
 class BatchDoesNotFit(RuntimeError):
@@ -286,6 +287,7 @@ class AutoBatchSize(L.Callback):
         else:
             trainer.datamodule.serve_micro_batches(split.micro_batch, split.accumulation, self.configured[1])
         trainer.accumulate_grad_batches = split.accumulation
+        tell_deepspeed_micro_batch(trainer.strategy, split.micro_batch)
         self.split = split
 
     def _measure(self, trainer, pl_module, memory) -> BatchSplit:

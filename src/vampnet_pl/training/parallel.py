@@ -106,14 +106,23 @@ def fsdp2_strategy(timeout_minutes: float = 30.0):
     return AtomicModelParallelStrategy(timeout=timedelta(minutes=timeout_minutes))
 
 
-def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False,
-                       batch_size: int = 1):
-    """``batch_size`` only feeds DeepSpeed's own throughput log (the pipeline batches, the loader does not)."""
+def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False):
+    """DeepSpeed's micro-batch (``train_micro_batch_size_per_gpu``) is set by batch sizing, see
+    :func:`tell_deepspeed_micro_batch`; 1 until then (Lightning's own guess reads a batch sampler the loader has not)."""
     # The module overrides configure_gradient_clipping for FSDP (1) only; under DeepSpeed it changes nothing (DeepSpeed
     # clips, from trainer.gradient_clip_val), so Lightning's warning that the hook "will not actually clip" misleads.
     warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
     return AtomicDeepSpeedStrategy(stage=stage, offload_optimizer=offload_optimizer,
-                                   offload_parameters=offload_parameters, logging_batch_size_per_gpu=batch_size)
+                                   offload_parameters=offload_parameters, logging_batch_size_per_gpu=1)
+
+
+def tell_deepspeed_micro_batch(strategy, micro_batch: int) -> None:
+    """Under DeepSpeed, its ``train_micro_batch_size_per_gpu``: the micro-batch each rank is served, as batch sizing
+    splits the global batch (``data.batch_size`` only without ``batch_sizing.global_batch`` or a resumed split).
+    DeepSpeed counts samples and throughput by it (the pipeline batches, the loader does not). Before the engine
+    starts (``AutoBatchSize.setup``, before the strategy's own setup); other strategies have nothing to tell."""
+    if isinstance(strategy, DeepSpeedStrategy):  # its config dict exists from the start (the engine reads it later)
+        strategy.config["train_micro_batch_size_per_gpu"] = micro_batch
 
 
 WRAPPER_KEYS = ("_orig_mod.", "_checkpoint_wrapped_module.")  # what compile and activation checkpointing add
