@@ -278,3 +278,57 @@ def test_a_resumed_stream_serves_the_rest_of_the_epoch_in_order_with_several_wor
     straight, resumed = served(0), served(done)
     assert len(straight) == 3 * workers and len(resumed) == len(straight) - done
     assert all(torch.equal(a, b) for a, b in zip(resumed, straight[done:]))
+
+
+def _cut_after_samples(shard: Path, samples: int) -> None:
+    """Truncate a shard right after its first ``samples`` samples: the tar then ends without an error."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    last = members[2 * samples - 1]  # a sample is two members: <key>.codes.npy and <key>.json
+    with open(shard, "r+b") as handle:
+        handle.truncate(last.offset_data + -(-last.size // 512) * 512)
+
+
+def test_a_shard_cut_at_a_sample_boundary_is_counted_as_unreadable(tmp_path):
+    """Cut between two samples, a tar reads to its 'end' without an error: its later samples were lost silently."""
+    cut = write_shard(tmp_path / "cut.tar", [100] * 5)
+    good = write_shard(tmp_path / "good.tar", [100] * 3, seed=1)
+    _cut_after_samples(cut, 2)
+    counts = {str(cut): 5, str(good): 3}
+    windows, skips = read_fixed_windows([str(cut), str(good)], 20, 4, "f" * 64, 1, 100, shard_samples=counts)
+    assert len(windows) == 5  # the samples before the cut are kept, as for a shard cut inside a member
+    assert skips.counts["unreadable_shard"] == 1 and skips.dead_shards == {str(cut)}
+    _, unchecked = read_fixed_windows([str(cut), str(good)], 20, 4, "f" * 64, 1, 100)  # no index: no count to compare
+    assert unchecked.total == 0
+    s = stream([cut, good], batches_per_worker=3, shard_samples=counts)
+    assert sum(1 for _ in s) == 3 and s.skips.dead_shards == {str(cut)}
+
+
+def test_the_datamodule_checks_shards_against_the_index_sample_counts(prepared, tmp_path, caplog):
+    import shutil
+
+    from vampnet_pl.data.datamodule import NoReadableShards
+
+    out = tmp_path / "set"
+    shutil.copytree(prepared, out)
+    index = load_index(out)
+    for split in ("train", "val"):
+        shard = index["splits"][split]["shards"][0]
+        assert shard["samples"] >= 2
+        _cut_after_samples(out / shard["path"], 1)
+    train, val = (str(out / index["splits"][split]["shards"][0]["path"]) for split in ("train", "val"))
+    dm = CodesDataModule(dataset_dir=str(out), window_seconds=1.0, num_workers=0, batches_per_epoch=40,
+                         max_skip_rate=1.0)
+    stream = dm.train_dataset()
+    with caplog.at_level(logging.WARNING):
+        assert sum(1 for _ in stream) == 40
+    assert stream.skips.dead_shards == {train}
+    assert f"{train}: unreadable_shard: 1 samples, index.json says" in caplog.text
+    if len(index["splits"]["val"]["shards"]) == 1:  # the synthetic catalog's OGG files differ from run to run
+        with pytest.raises(NoReadableShards, match=val):
+            dm.val_dataloader()
+    else:
+        dm.val_dataloader()
+    assert dm.val_skips.dead_shards == {val}

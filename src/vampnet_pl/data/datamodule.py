@@ -9,16 +9,16 @@ of batches whatever the shard sizes (DDP never waits on a rank that ran dry).
 Validation: fixed windows from the start of each sample, read in a fixed order, dealt
 round-robin to ranks and cut to an equal count per rank (what the cut leaves out is logged).
 
-Integrity: every sample is validated (:mod:`vampnet_pl.data.validation`) before it is windowed;
-a damaged sample, or a shard that is missing, unreadable or truncated, is skipped and counted by
-reason (:class:`SkipCounter`); a dead shard leaves the epoch's resampling pool (:class:`ShardPool`,
-found anew each epoch) and streaming goes on with the others (a worker whose own shards are all dead
-reads the other live ones, so every rank still serves its fixed batch count). Too high a skip rate
-(judged on the sum over all workers and ranks by :class:`~vampnet_pl.training.callbacks.DataHealth`,
-on the whole set for validation), or no readable shard, is a clear error; so is no shard with a valid
-sample (a worker whose own shards hold only damaged ones reads the others, as for dead ones). A shard
-whose samples are all shorter than a window, or (with ``loudness_cutoff``) that gives no loud enough
-window, leaves the epoch's pool like a dead one (a worker would search it forever); none left that can
+Integrity: every sample is validated (:mod:`vampnet_pl.data.validation`) before it is windowed; a damaged sample,
+or a shard that is missing, unreadable or truncated (also one cut at a sample boundary, which reads without an
+error: told by ``index.json``'s sample count), is skipped and counted by reason (:class:`SkipCounter`); a dead
+shard leaves the epoch's resampling pool (:class:`ShardPool`, found anew each epoch) and streaming goes on with the
+others (a worker whose own shards are all dead reads the other live ones, so every rank still serves its fixed
+batch count). Too high a skip rate (judged on the sum over all workers and ranks by
+:class:`~vampnet_pl.training.callbacks.DataHealth`, on the whole set for validation), or no readable shard, is a
+clear error; so is no shard with a valid sample (a worker whose own shards hold only damaged ones reads the others,
+as for dead ones). A shard whose samples are all shorter than a window, or (with ``loudness_cutoff``) that gives no
+loud enough window, leaves the epoch's pool like a dead one (a worker would search it forever); none left that can
 give a window is a clear error.
 """
 
@@ -46,7 +46,7 @@ from vampnet_pl.data.validation import (REASONS, UNDECODABLE, UNREADABLE_SHARD, 
                                         validate_codes)
 from vampnet_pl.data.windows import (collate_windows, fixed_window_starts, random_window_starts, window_frames,
                                      window_loudness)
-from vampnet_pl.data.index import load_index
+from vampnet_pl.data.index import load_index, shard_sample_counts
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +146,26 @@ def check_skip_rate(report: dict, max_rate: float, min_samples: int, what: str) 
     )
 
 
-def read_shard(url: str, skips: SkipCounter) -> Iterator[dict]:
-    """Raw samples of one shard; a shard that cannot be opened or read to its end is counted as dead."""
+def read_shard(url: str, skips: SkipCounter, expected_samples: int | None = None) -> Iterator[dict]:
+    """Raw samples of one shard; a shard that cannot be opened or read to its end is counted as dead, and so is
+    one read to its end with another sample count than ``expected_samples`` (``index.json``'s): a tar cut at a
+    member boundary ends without an error, its later samples silently gone."""
     failures: list[Exception] = []
 
     def on_error(exn: Exception) -> bool:
         failures.append(exn)
         return True  # keep the samples read before the damage
 
-    yield from wds.tarfile_to_samples(handler=on_error)(iter([{"url": url}]))
+    count = 0
+    for sample in wds.tarfile_to_samples(handler=on_error)(iter([{"url": url}])):
+        count += 1
+        yield sample
     if failures:
         err = failures[0]
         skips.skip(url, url, UNREADABLE_SHARD, f"{type(err).__name__}: {err.args[0] if err.args else err}")
+    elif expected_samples is not None and count != expected_samples:
+        skips.skip(url, url, UNREADABLE_SHARD, f"{count} samples, index.json says {expected_samples} "
+                                               "(truncated, or replaced since the index was written)")
 
 
 def decode_samples(
@@ -235,6 +243,7 @@ class TrainWindowStream(IterableDataset):
         frame_rate: float | None = None,
         codebook_size: int | None = None,
         expected_codebooks: int | None = None,
+        shard_samples: dict[str, int] | None = None,
     ):
         self.urls = list(urls)
         self.window_frames = window_frames
@@ -255,6 +264,7 @@ class TrainWindowStream(IterableDataset):
         self._warned_no_loudness = False
         self.quiet_windows = self.loud_windows = 0  # windows the cut-off skipped and kept, by this copy
         self.codebook_size, self.expected_codebooks = codebook_size, expected_codebooks
+        self.shard_samples = shard_samples or {}  # url -> sample count in index.json: a shorter read is a cut shard
         self.long_samples = 0  # valid samples with room for a window, read by this copy
         # Counted only: data.max_skip_rate is judged on the sum over all workers and ranks (DataHealth).
         self.skips = SkipCounter(what="train data")
@@ -329,7 +339,7 @@ class TrainWindowStream(IterableDataset):
         for url in self._resampled(shards, rng, pool):
             valid_before, long_before, loud_before = self.skips.samples, self.long_samples, self.loud_windows
             failures_before = self.skips.counts[UNREADABLE_SHARD]
-            yield from read_shard(url, self.skips)
+            yield from read_shard(url, self.skips, self.shard_samples.get(url))
             if self.skips.counts[UNREADABLE_SHARD] > failures_before:
                 pool.dead.add(url)
             elif self.long_samples == long_before and self.skips.samples > valid_before:
@@ -380,15 +390,18 @@ class TrainWindowStream(IterableDataset):
 def read_fixed_windows(
     urls: list[str], window_frames: int, n_codebooks: int, fingerprint: str | None, per_sample: int, max_windows: int,
     skips: SkipCounter | None = None, codebook_size: int | None = None, expected_codebooks: int | None = None,
+    shard_samples: dict[str, int] | None = None,
 ) -> tuple[list[np.ndarray], SkipCounter]:
     """Deterministic validated windows, in shard order, at most ``max_windows``.
 
     Damaged samples and shards are skipped and counted in ``skips``; its skip-rate limit is applied to
-    what was read; no readable shard at all raises :class:`NoReadableShards`.
+    what was read; no readable shard at all raises :class:`NoReadableShards`. ``shard_samples``: each shard's
+    sample count in ``index.json`` (a shard read whole with another count is counted as unreadable).
     """
     skips = skips if skips is not None else SkipCounter()
     windows: list[np.ndarray] = []
-    samples = (sample for url in urls for sample in read_shard(url, skips))
+    shard_samples = shard_samples or {}
+    samples = (sample for url in urls for sample in read_shard(url, skips, shard_samples.get(url)))
     for codes, _ in decode_samples(samples, n_codebooks, fingerprint, skips, codebook_size, expected_codebooks):
         for start in fixed_window_starts(codes.shape[1], window_frames, per_sample):
             windows.append(np.ascontiguousarray(codes[:, start : start + window_frames]))
@@ -463,6 +476,7 @@ class CodesDataModule(L.LightningDataModule):
         self.n_codebooks, self.hop_length, self.sample_rate = n_codebooks, hop_length, sample_rate
         self.codebook_size = codebook_size  # tokens must be below it (the index's codec, else unchecked)
         self.shard_codebooks: int | None = None  # every sample of an indexed set has this many
+        self.shard_samples: dict[str, int] = {}  # url -> sample count, for the shards index.json lists
         if dataset_dir is not None:
             self._read_index(Path(dataset_dir))
         missing = [n for n in ("n_codebooks", "hop_length", "sample_rate") if getattr(self, n) is None]
@@ -497,6 +511,7 @@ class CodesDataModule(L.LightningDataModule):
         self.n_codebooks = self.n_codebooks or shard_codebooks
         self.hop_length = self.hop_length or codec["config"]["hop_length"]
         self.sample_rate = self.sample_rate or codec["config"]["sample_rate"]
+        self.shard_samples = shard_sample_counts(dataset_dir, index)
         for split, urls in (("train", self.train_urls), ("val", self.val_urls)):
             if not urls:
                 urls.extend(str(dataset_dir / s["path"]) for s in index["splits"][split]["shards"])
@@ -541,6 +556,7 @@ class CodesDataModule(L.LightningDataModule):
             frame_rate=self.sample_rate / self.hop_length,
             codebook_size=self.codebook_size,
             expected_codebooks=self.shard_codebooks,
+            shard_samples=self.shard_samples,
         )
 
     def serve_micro_batches(self, micro_batch: int, accumulation: int, configured_accumulation: int = 1) -> None:
@@ -605,6 +621,7 @@ class CodesDataModule(L.LightningDataModule):
                 self.val_skips,
                 self.codebook_size,
                 self.shard_codebooks,
+                self.shard_samples,
             )
         rank, world_size = self._rank()
         share = rank_share(self.val_windows, rank, world_size)

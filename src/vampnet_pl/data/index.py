@@ -24,3 +24,9 @@ def load_index(dataset_dir: str | Path) -> dict:
         raise ValueError(f"{path} has index version {index.get('version')!r}; this vampnet-pl reads version "
                          f"{INDEX_VERSION}: prepare the data again with this version (vampnet-pl prep)")
     return index
+
+
+def shard_sample_counts(dataset_dir: str | Path, index: dict) -> dict[str, int]:
+    """Sample count of every shard ``index`` lists, by its path under ``dataset_dir`` (as readers open it)."""
+    return {str(Path(dataset_dir) / shard["path"]): shard["samples"]
+            for split in index["splits"].values() for shard in split["shards"]}

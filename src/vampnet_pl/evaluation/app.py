@@ -26,7 +26,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from vampnet_pl.config import EvalConfig, check_composed, conf_dir, usage_errors_exit  # noqa: E402
 from vampnet_pl.data.datamodule import read_fixed_windows  # noqa: E402
-from vampnet_pl.data.index import load_index  # noqa: E402
+from vampnet_pl.data.index import load_index, shard_sample_counts  # noqa: E402
 from vampnet_pl.data.windows import window_frames  # noqa: E402
 from vampnet_pl.evaluation.metrics import fad_embedding  # noqa: E402
 from vampnet_pl.evaluation.protocol import evaluate_generation, preset_jobs, protocol_jobs  # noqa: E402
@@ -57,7 +57,8 @@ def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
     windows, _ = read_fixed_windows(urls, frames, index["codec"]["config"]["n_codebooks"], codec.fingerprint,
                                     cfg.windows_per_sample,
                                     cfg.n_windows or cfg.eval_protocol.gen_windows, codebook_size=codec.codebook_size,
-                                    expected_codebooks=index["codec"]["config"]["n_codebooks"])
+                                    expected_codebooks=index["codec"]["config"]["n_codebooks"],
+                                    shard_samples=shard_sample_counts(cfg.dataset_dir, index))
     if not windows:
         raise ValueError(f"no {cfg.window_seconds} s windows in the {split} split of {cfg.dataset_dir}")
     log.info("scoring %d windows of the %s split of %s", len(windows), split, cfg.dataset_dir)
