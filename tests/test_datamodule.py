@@ -309,8 +309,6 @@ def test_a_shard_cut_at_a_sample_boundary_is_counted_as_unreadable(tmp_path):
 def test_the_datamodule_checks_shards_against_the_index_sample_counts(prepared, tmp_path, caplog):
     import shutil
 
-    from vampnet_pl.data.datamodule import NoReadableShards
-
     out = tmp_path / "set"
     shutil.copytree(prepared, out)
     index = load_index(out)
@@ -326,9 +324,6 @@ def test_the_datamodule_checks_shards_against_the_index_sample_counts(prepared, 
         assert sum(1 for _ in stream) == 40
     assert stream.skips.dead_shards == {train}
     assert f"{train}: unreadable_shard: 1 samples, index.json says" in caplog.text
-    if len(index["splits"]["val"]["shards"]) == 1:  # the synthetic catalog's OGG files differ from run to run
-        with pytest.raises(NoReadableShards, match=val):
-            dm.val_dataloader()
-    else:
-        dm.val_dataloader()
+    assert len(index["splits"]["val"]["shards"]) >= 2  # the others are read
+    dm.val_dataloader()
     assert dm.val_skips.dead_shards == {val}

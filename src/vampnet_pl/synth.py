@@ -7,7 +7,8 @@ with numpy alone (vectorised; 30 s at 44.1 kHz renders in a fraction of a second
 a catalog of them in several formats and nested folders, so the data pipeline (recursive
 scanning, decoding, resampling, stereo downmix) is exercised end to end.
 
-The same spec, length and sample rate always give bit-identical audio.
+The same spec, length and sample rate always give bit-identical audio, and the same catalog arguments
+bit-identical files (so the same content hashes, hence the same train/val/test split in data prep).
 """
 
 from __future__ import annotations
@@ -154,7 +155,46 @@ def write_catalog(
         audio = render_song(random_song_spec(song_seed), seconds, sample_rate, stereo=stereo)
         with atomic_path(path) as tmp:
             sf.write(tmp, audio.T, sample_rate, format=SOUNDFILE_FORMATS[ext])
+            if ext == "ogg":  # libsndfile draws the stream's serial number at random: the same song, other bytes
+                tmp.write_bytes(with_ogg_serial(tmp.read_bytes(), song_seed % 2**32))
     return paths
+
+
+def _ogg_crc_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7 if crc & 0x80000000 else crc << 1) & 0xFFFFFFFF
+        table.append(crc)
+    return table
+
+
+_OGG_CRC_TABLE = _ogg_crc_table()
+
+
+def ogg_crc(page: bytes) -> int:
+    """The CRC of an Ogg page (polynomial 0x04C11DB7, not reflected, initial value 0), its CRC field zeroed."""
+    crc = 0
+    for byte in page:
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC_TABLE[(crc >> 24) ^ byte]
+    return crc
+
+
+def with_ogg_serial(data: bytes, serial: int) -> bytes:
+    """An Ogg file's bytes with every page's stream serial number set to ``serial`` (its CRC recomputed): a single
+    stream file written twice then has the same bytes, hence the same content hash and data split."""
+    out, offset = bytearray(data), 0
+    while offset < len(out):
+        if out[offset : offset + 4] != b"OggS" or offset + 27 > len(out):
+            raise ValueError(f"not an Ogg page at byte {offset}")
+        segments = out[offset + 26]
+        end = offset + 27 + segments + sum(out[offset + 27 : offset + 27 + segments])
+        out[offset + 14 : offset + 18] = serial.to_bytes(4, "little")
+        out[offset + 22 : offset + 26] = bytes(4)
+        out[offset + 22 : offset + 26] = ogg_crc(bytes(out[offset:end])).to_bytes(4, "little")
+        offset = end
+    return bytes(out)
 
 
 # --- instruments -------------------------------------------------------------------------
