@@ -116,3 +116,15 @@ def test_a_repair_override_typo_is_a_usage_error(tmp_path, capsys):
     OmegaConf.save(saved, tmp_path / "prep_config.yaml")
     assert main(["prep", "repair", f"out_dir={tmp_path}", "codec.devcie=cpu"]) == 2
     assert "devcie" in capsys.readouterr().err
+
+
+def test_repair_reads_a_quoted_or_interpolated_out_dir_as_verify_does(prepared, tmp_path, monkeypatch, capsys):
+    """`prep repair "out_dir='/data/codes,v2'"` looked for prep_config.yaml under the quotes (and an
+    `${oc.env:...}` unresolved): 'not a prep output folder', where `prep verify` read the same override."""
+    copy = tmp_path / "codes,v2"
+    shutil.copytree(prepared, copy)
+    monkeypatch.setenv("CODES", str(copy))
+    for override in (f"out_dir='{copy}'", "out_dir=${oc.env:CODES}"):
+        assert main(["prep", "verify", override]) == 0
+        assert main(["prep", "repair", override]) == 0
+        assert "repair: nothing to do" in capsys.readouterr().out

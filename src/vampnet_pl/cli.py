@@ -89,7 +89,7 @@ def _parse_out_dir(override: str) -> str:
         value = OverridesParser.create().parse_override(override).value()
         return str(OmegaConf.create({"out_dir": value}).out_dir)
     except (HydraException, OmegaConfBaseException) as err:
-        raise UsageError(f"bad out_dir for prep verify: {err}") from None
+        raise UsageError(f"bad out_dir: {err}") from None
 
 
 def _saved_prep_config(overrides: list[str]):
@@ -98,7 +98,7 @@ def _saved_prep_config(overrides: list[str]):
 
     from vampnet_pl.config import PrepConfig
 
-    out_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("out_dir=")), None)
+    out_dir = next((_parse_out_dir(o) for o in overrides if o.startswith("out_dir=")), None)  # as verify reads it
     if out_dir is None:
         raise UsageError("usage: vampnet-pl prep repair out_dir=DIR [overrides, e.g. codec.device=cuda]")
     saved = Path(out_dir) / "prep_config.yaml"
