@@ -188,6 +188,10 @@ def test_shards_of_another_codec_are_refused(tmp_path, prepared):
         CodesDataModule(dataset_dir=str(prepared), n_codebooks=20, num_workers=0)
     with pytest.raises(CodecMismatch, match="model reads 6"):
         list(stream([write_shard(tmp_path / "few.tar", [100], n_codebooks=4)], n_codebooks=6))
+    # one damaged character late in a sample's fingerprint: the message showed both as the same 16 characters
+    damaged = write_shard(tmp_path / "damaged.tar", [100], fingerprint="f" * 40 + "e" + "f" * 23)
+    with pytest.raises(CodecMismatch, match=f"encoded by codec {'f' * 40}e, the model expects {'f' * 41}:"):
+        list(stream([damaged]))
 
 
 def test_a_window_longer_than_every_sample_is_a_clear_error(prepared):

@@ -35,6 +35,15 @@ class CodecMismatch(ValueError):
     """Tokens, shards or a model made by another codec (or with other codebooks) than the one in use."""
 
 
+def fingerprints_apart(first: object, second: str) -> tuple[str, str]:
+    """Two codec fingerprints for a message: their first 16 characters, or as many more as it takes to tell them
+    apart (a damaged record can differ from the right one in a single late character)."""
+    first = str(first)
+    same = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+    width = max(16, same + 1)
+    return first[:width], second[:width]
+
+
 # Entries of torchaudio's exact resampling filter beyond which a wave is resampled by FFmpeg instead: the filter
 # is (target rate / gcd) x (source rate / gcd), built in float64 several times over (~32 bytes an entry), so an
 # odd rate (44101 Hz) would take tens of GB. Every standard rate (8 to 384 kHz) to every DAC rate is far below

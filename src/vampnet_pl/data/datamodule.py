@@ -41,7 +41,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vampnet_pl.codec import CodecMismatch
+from vampnet_pl.codec import CodecMismatch, fingerprints_apart
 from vampnet_pl.data.validation import (REASONS, UNDECODABLE, UNREADABLE_SHARD, SampleInvalid, decode_npy,
                                         validate_codes)
 from vampnet_pl.data.windows import (collate_windows, fixed_window_starts, random_window_starts, window_frames,
@@ -186,10 +186,9 @@ def decode_samples(
             skips.skip(shard, key, UNDECODABLE, f"{type(err).__name__}: {err}")
             continue
         if fingerprint is not None and meta.get("codec_fingerprint") != fingerprint:
-            raise CodecMismatch(
-                f"{key} was encoded by codec {str(meta.get('codec_fingerprint'))[:16]}, "
-                f"the model expects {fingerprint[:16]}: re-encode the catalog with the model's codec"
-            )
+            found, expected = fingerprints_apart(meta.get("codec_fingerprint"), fingerprint)
+            raise CodecMismatch(f"{key} was encoded by codec {found}, the model expects {expected}: re-encode the "
+                                "catalog with the model's codec")
         try:
             validate_codes(codes, meta, codebook_size, expected_codebooks)
         except SampleInvalid as err:
@@ -495,10 +494,8 @@ class CodesDataModule(L.LightningDataModule):
         index = self.index = load_index(dataset_dir)
         codec = index["codec"]
         if self.fingerprint is not None and codec["fingerprint"] != self.fingerprint:
-            raise CodecMismatch(
-                f"shards in {dataset_dir} were encoded by codec {codec['fingerprint'][:16]}, "
-                f"the model expects {self.fingerprint[:16]}"
-            )
+            found, expected = fingerprints_apart(codec["fingerprint"], self.fingerprint)
+            raise CodecMismatch(f"shards in {dataset_dir} were encoded by codec {found}, the model expects {expected}")
         shard_codebooks = codec["config"]["n_codebooks"]
         if self.n_codebooks is not None and self.n_codebooks > shard_codebooks:
             raise CodecMismatch(f"shards have {shard_codebooks} codebooks, the model reads {self.n_codebooks}")

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from vampnet_pl.codec import Codec, CodecMismatch
+from vampnet_pl.codec import Codec, CodecMismatch, fingerprints_apart
 from vampnet_pl.model import VampNet
 from vampnet_pl.generation.sampling import SamplingConfig, example_generators, sample
 
@@ -100,8 +100,8 @@ class VampPipeline:
                  device: str | torch.device | None = None):
         for name, model in (("coarse", coarse), ("c2f", c2f)):
             if model is not None and model.cfg.codec_fingerprint != codec.fingerprint:
-                raise CodecMismatch(f"the {name} model was trained on codec {model.cfg.codec_fingerprint[:16]}, "
-                                    f"the codec given is {codec.fingerprint[:16]}")
+                trained, given = fingerprints_apart(model.cfg.codec_fingerprint, codec.fingerprint)
+                raise CodecMismatch(f"the {name} model was trained on codec {trained}, the codec given is {given}")
         if coarse.cfg.n_conditioning_codebooks:
             raise ValueError(f"the coarse model is conditioned on {coarse.cfg.n_conditioning_codebooks} codebooks: "
                              "a c2f model given as the coarse one?")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
+from vampnet_pl.codec import CodecMismatch, fingerprints_apart
 from vampnet_pl.config import override_value
 from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
 from vampnet_pl.masking.protocol import EvalProtocolConfig, protocol_masks
@@ -123,8 +124,8 @@ class MaskedTokenModule(L.LightningModule):
         sha256 = hashlib.sha256(data).hexdigest()
         del data  # a paper-size file: not kept beside the weights
         if source.cfg.codec_fingerprint != self.cfg.codec_fingerprint:
-            raise ValueError(f"{path} was trained on codec {source.cfg.codec_fingerprint[:16]}, this run uses "
-                             f"{self.cfg.codec_fingerprint[:16]}")
+            trained, used = fingerprints_apart(source.cfg.codec_fingerprint, self.cfg.codec_fingerprint)
+            raise CodecMismatch(f"{path} was trained on codec {trained}, this run uses {used}")
         differ = {f.name: (getattr(source.cfg, f.name), getattr(self.cfg, f.name)) for f in fields(VampNetConfig)
                   if f.name not in RUNTIME_FIELDS and getattr(source.cfg, f.name) != getattr(self.cfg, f.name)}
         if differ:
