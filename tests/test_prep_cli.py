@@ -56,6 +56,14 @@ def test_slurm_array_environment_gives_the_task(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
     assert slurm_array_task() == (1, 3)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "6")
+    assert slurm_array_task() == (1, 3)
+    # a hand-made retry of two tasks of an 8-task array (--array=3,5): its ids say nothing of the 8 shares
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    with pytest.raises(UsageError, match="sparse array .*--task-index and --num-tasks"):
+        slurm_array_task()
 
 
 def test_exit_codes(tmp_path, codec_path, capsys):

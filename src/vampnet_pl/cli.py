@@ -30,11 +30,19 @@ log = logging.getLogger("vampnet_pl")
 
 
 def slurm_array_task() -> tuple[int, int] | None:
-    """(task index, task count) of a SLURM array task, counted from 0, or None."""
+    """(task index, task count) of a SLURM array task, counted from 0, or None. The array must be a range
+    (``--array=0-7``, as ``slurm/prep.sh`` submits): in a sparse one (``--array=3,5``, a hand-made retry) the
+    task ids do not say which shares the tasks stand for."""
     if "SLURM_ARRAY_TASK_ID" not in os.environ:
         return None
-    first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-    return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    env = {key: int(os.environ[f"SLURM_ARRAY_TASK_{key}"]) for key in ("ID", "MIN", "MAX", "COUNT")
+           if f"SLURM_ARRAY_TASK_{key}" in os.environ}
+    first, count = env.get("MIN", 0), env["COUNT"]
+    if env.get("MAX", first + count - 1) - first + 1 != count:
+        raise UsageError(f"SLURM array task {env['ID']} belongs to a sparse array ({count} tasks from {first} to "
+                         f"{env.get('MAX')}): give --task-index and --num-tasks, or run slurm/prep.sh again "
+                         "(finished units are skipped)")
+    return env["ID"] - first, count
 
 
 def _cmd_prep(args: argparse.Namespace) -> int:
