@@ -19,8 +19,8 @@ from conftest import CRASH_MARKERS
 from test_train import compose, overrides, training_process
 from vampnet_pl.config import RequeueMode
 from vampnet_pl.training.export import read_checkpoint
-from vampnet_pl.training.slurm import (SharedSignals, SlurmRequeue, cluster_plugins, describe, requeue_enabled,
-                                      share_signals, slurm_layout)
+from vampnet_pl.training.slurm import (NOT_REQUEUED_EXIT, SharedSignals, SlurmRequeue, checkpoint_on_signal,
+                                      cluster_plugins, describe, requeue_enabled, share_signals, slurm_layout)
 from vampnet_pl.training.app import build, last_checkpoint
 from vampnet_pl.training.callbacks import batch_seed
 from vampnet_pl.utils.atomic import previous_folder, replace_folder
@@ -42,13 +42,17 @@ def slurm_env(monkeypatch):
 def test_requeue_mode_follows_slurm_and_submitit(slurm_env):
     assert not requeue_enabled(RequeueMode.auto) and cluster_plugins() == []
     assert describe(RequeueMode.auto) == "not a SLURM job"
+    assert not checkpoint_on_signal(RequeueMode.off) and checkpoint_on_signal(RequeueMode.on)
     slurm_env(SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=2, SLURM_JOB_NAME="vampnet-train", SLURM_JOB_ID=17)
     assert requeue_enabled(RequeueMode.auto) and not requeue_enabled(RequeueMode.off)
     (environment,) = cluster_plugins()
     assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue  # Lightning's own is off
     assert "requeue by this run" in describe(RequeueMode.auto)
+    # train.sbatch sends the signal whatever the setting: without a requeue the job still checkpoints and stops
+    assert checkpoint_on_signal(RequeueMode.off) and "checkpoint and stop" in describe(RequeueMode.off)
     slurm_env(SUBMITIT_EXECUTOR="slurm")
     assert not requeue_enabled(RequeueMode.auto) and "requeue by submitit" in describe(RequeueMode.auto)
+    assert not checkpoint_on_signal(RequeueMode.auto) and not checkpoint_on_signal(RequeueMode.off)  # submitit's signal
     assert requeue_enabled(RequeueMode.on)
 
 
@@ -185,7 +189,6 @@ def test_a_failed_requeue_ends_train_with_a_non_zero_status(prepared, codec_path
     """Exit 0 would make the job COMPLETED to SLURM (afterok dependents start on an unfinished model)."""
     from vampnet_pl.cli import main
     from vampnet_pl.training import app
-    from vampnet_pl.training.slurm import REQUEUE_FAILED_EXIT
 
     slurm_env(SLURM_JOB_ID=4242)
     monkeypatch.setenv("PATH", fake_scontrol(tmp_path, REQUEUE_DISABLED))
@@ -205,7 +208,7 @@ def test_a_failed_requeue_ends_train_with_a_non_zero_status(prepared, codec_path
                                       "slurm.requeue=on")])
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    assert stopped.value.code == REQUEUE_FAILED_EXIT != 0
+    assert stopped.value.code == NOT_REQUEUED_EXIT != 0
     assert read_checkpoint(tmp_path / "demo_coarse-4242" / "checkpoints" / "last.ckpt")["global_step"] == 3
 
 
@@ -391,6 +394,29 @@ def test_a_run_stopped_by_sigterm_exits_143_not_0(prepared, codec_path, tmp_path
                             SIGNAL_OUT=str(tmp_path), SIGNAL_RANK="0", SIGNAL_STEP="3", SIGNAL="SIGTERM")
     assert done.returncode == 143, (done.stdout + done.stderr)[-3000:]
     assert json.loads((tmp_path / "rank0.json").read_text())["global_step"] < 8
+
+
+ONE_TASK_SLURM_JOB = dict(SLURM_JOB_ID="4244", SLURM_JOB_NAME="vampnet-train", SLURM_NTASKS="1", SLURM_PROCID="0",
+                         SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost", SLURM_JOB_NUM_NODES="1")
+
+
+@pytest.mark.slow
+def test_a_slurm_job_without_requeue_checkpoints_and_stops_on_the_signal(prepared, codec_path, tmp_path):
+    """train.sbatch asks for SIGUSR1 whatever slurm.requeue says: with the requeue off, the signal's default action
+    ended the job at once, up to 90 s before its time limit and without a checkpoint. It checkpoints at the step
+    boundary and exits NOT_REQUEUED_EXIT (not 0: the run is unfinished), and nothing calls scontrol."""
+    args = overrides(prepared, codec_path, tmp_path, "trainer.max_steps=8", "data.batches_per_epoch=8",
+                     "data.val_max_windows=8", "checkpoint.every_n_train_steps=100", "slurm.requeue=off")
+    done = training_process([str(Path(__file__).with_name("signal_train.py")), *args], 180,
+                            SIGNAL_OUT=str(tmp_path), SIGNAL_RANK="0", SIGNAL_STEP="3", SIGNAL="SIGUSR1",
+                            PATH=fake_scontrol(tmp_path, f"touch {tmp_path}/scontrol_called; exit 1"),
+                            **ONE_TASK_SLURM_JOB)
+    output = done.stdout + done.stderr
+    assert done.returncode == NOT_REQUEUED_EXIT, output[-3000:]
+    assert json.loads((tmp_path / "rank0.json").read_text()) == {"ended": "finished", "global_step": 4,
+                                                                 "validations_after": 0}
+    assert read_checkpoint(tmp_path / "demo_coarse-4244" / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert "stopping without a requeue" in output and not (tmp_path / "scontrol_called").exists()
 
 
 @pytest.mark.slow

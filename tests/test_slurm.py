@@ -245,6 +245,32 @@ def test_time_limit_checkpoints_requeues_and_resumes(cluster, jobs_env, prepared
     assert checkpoint_step(last) == steps
 
 
+def test_without_requeue_the_signal_checkpoints_stops_and_a_resubmission_resumes(cluster, jobs_env, reference_run,
+                                                                                  prepared, codec_path, tmp_path):
+    """slurm.requeue=off: train.sbatch still asks for SIGUSR1, whose default action would end the job at once, without
+    a checkpoint. The job checkpoints at the step boundary, is not requeued, ends FAILED with status 75 (not COMPLETED:
+    it is unfinished), and a resubmission resumes it exactly."""
+    from vampnet_pl.training.slurm import NOT_REQUEUED_EXIT
+
+    args = train_args(prepared, codec_path, tmp_path, "strategy=ddp", "slurm.requeue=off")
+    job = submit_training(jobs_env, args, "ddp")
+    last = tmp_path / "ddp" / "checkpoints" / "last.ckpt"
+    wait_for(last.exists, 300, "the first periodic checkpoint")
+    cluster.run("scancel", "--signal=USR1", job)
+    (stopped,) = cluster.wait(job, timeout=120)
+    log = job_logs(jobs_env)
+    assert stopped.state == "FAILED" and stopped.restarts == 0, f"{stopped.fields}\n{log[-4000:]}"
+    assert stopped.exit_code == f"{NOT_REQUEUED_EXIT}:0", stopped.fields
+    (stopped_at,) = requeue_steps(log)
+    assert 0 < stopped_at < STEPS and checkpoint_step(last) == stopped_at
+    assert_no_crash(jobs_env, job)
+
+    again = submit_training(jobs_env, args, "ddp")  # resubmit the same run by its name
+    assert_completed(cluster, again, jobs_env, timeout=600)
+    assert checkpoint_step(last) == STEPS
+    assert_same_weights(final_weights(tmp_path / "ddp"), final_weights(reference_run[0]))
+
+
 def test_a_killed_rank_fails_the_job_and_a_resubmission_resumes(cluster, jobs_env, reference_run, prepared,
                                                                 codec_path, tmp_path):
     args = train_args(prepared, codec_path, tmp_path, "strategy=ddp", "strategy.timeout_minutes=2")

@@ -28,8 +28,9 @@ from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth, FinalValidation, LogPointProgressBar
 from vampnet_pl.training.checkpointing import AtomicCheckpointIO, check_resumable, remove_checkpoint_leftovers
 from vampnet_pl.training.csv_logs import keep_earlier_attempt
-from vampnet_pl.training.slurm import (REQUEUE_FAILED_EXIT, SharedSignals, SlurmRequeue, cluster_plugins, describe,
-                                      gpus_left_unused, requeue_enabled, requeue_failed, share_signals, slurm_layout)
+from vampnet_pl.training.slurm import (NOT_REQUEUED_EXIT, SharedSignals, SlurmRequeue, checkpoint_on_signal,
+                                      cluster_plugins, describe, gpus_left_unused, requeue_enabled,
+                                      share_signals, slurm_layout, stopped_not_requeued)
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.utils.atomic import previous_folder
 
@@ -63,8 +64,9 @@ def build(cfg: DictConfig):
     """Everything a run needs, from a composed config: (module, datamodule, trainer, resume checkpoint)."""
     schema: TrainConfig = check_composed("train", cfg)
     signals = SharedSignals()  # SIGTERM and the requeue signal, exchanged by the ranks once per batch
-    requeue = (SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal, signals)
-               if requeue_enabled(schema.slurm.requeue) else None)
+    requeue = (SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal, signals,
+                            requeue=requeue_enabled(schema.slurm.requeue))
+               if checkpoint_on_signal(schema.slurm.requeue) else None)
     if requeue is not None:
         requeue.listen()  # first: a requeue signal during start-up is kept (acted on at the first step), not fatal
     L.seed_everything(schema.seed, workers=True)
@@ -153,9 +155,9 @@ def give_job_its_own_folder(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     """``vampnet-pl train``. A run stopped by SIGTERM exits with 143, not 0, so that a caller (the ablation
     runner, a script) does not take it for finished; it resumes from its checkpoint when run again. A run that
-    checkpointed for a requeue that then failed exits with ``REQUEUE_FAILED_EXIT`` (75; see training/slurm.py). A wrong
-    setting or a missing file found at start-up exits with 2 and a one-line error; an error in training, with its
-    traceback (Hydra's report, status 1)."""
+    checkpointed on the requeue signal and was not requeued (the requeue failed, or ``slurm.requeue=off``) exits with
+    ``NOT_REQUEUED_EXIT`` (75; see training/slurm.py). A wrong setting or a missing file found at start-up exits with
+    2 and a one-line error; an error in training, with its traceback (Hydra's report, status 1)."""
     give_job_its_own_folder(cfg)
     try:
         trainer = run(cfg, start_up=usage_errors_exit)
@@ -163,8 +165,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(SIGTERM_EXIT)
     if trainer.received_sigterm:  # one process: Lightning's loop stopped
         sys.exit(SIGTERM_EXIT)
-    if requeue_failed(trainer):  # rank 0 (srun then reports the job step as failed)
-        sys.exit(REQUEUE_FAILED_EXIT)
+    if stopped_not_requeued(trainer):  # srun then reports the job step as failed
+        sys.exit(NOT_REQUEUED_EXIT)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ same and it resumes from that checkpoint: no step is lost, none is applied twice
 A signal during start-up is recorded from the moment ``app.build`` has the config (:meth:`SlurmRequeue.listen`)
 and acted on at the first step boundary; left to its default action it would end the job unrequeued.
 
+With ``slurm.requeue=off`` a SLURM job still checkpoints and stops on the signal, but is not requeued: the sbatch
+script asks for the signal whatever the setting, and its default action would end the job at once, without a
+checkpoint, up to 90 s before the time limit. The run exits with :data:`NOT_REQUEUED_EXIT`; resubmitting it with
+the same run_name resumes from the checkpoint.
+
 Lightning's own ``auto_requeue`` saves from inside the signal handler, wherever each rank happens
 to be (mid-step, or inside a collective the other rank has not reached), so it is switched off here.
 Under Hydra's submitit launcher, submitit owns the signal and the requeue; this callback stays out.
@@ -53,6 +58,12 @@ def requeue_enabled(mode: RequeueMode) -> bool:
     return mode == RequeueMode.on
 
 
+def checkpoint_on_signal(mode: RequeueMode) -> bool:
+    """Whether this run checkpoints and stops on the requeue signal: when it requeues itself, and in a SLURM job
+    that does not (``slurm.requeue=off``; not under submitit, which owns the signal there)."""
+    return requeue_enabled(mode) or (under_slurm() and not under_submitit())
+
+
 def cluster_plugins() -> list:
     """Lightning's SLURM environment (rank, world size, main address from SLURM) without its own requeue."""
     return [SLURMEnvironment(auto_requeue=False)] if under_slurm() else []
@@ -72,7 +83,7 @@ def describe(mode: RequeueMode) -> str:
     if not under_slurm():
         return "not a SLURM job"
     who = "this run (checkpoint at the step boundary, scontrol requeue)" if requeue_enabled(mode) else (
-        "submitit" if under_submitit() else "nobody (slurm.requeue=off)")
+        "submitit" if under_submitit() else "nobody (slurm.requeue=off: checkpoint and stop at the step boundary)")
     return f"SLURM job {slurm_job_id()}, restart {os.environ.get('SLURM_RESTART_COUNT', 0)}: requeue by {who}"
 
 
@@ -214,11 +225,13 @@ def validation_may_follow(trainer: L.Trainer) -> bool:
 
 class SlurmRequeue(L.Callback):
     """Checkpoint at the first step boundary after the ranks have exchanged ``signal_name`` (:class:`SharedSignals`),
-    then ``scontrol requeue`` the job."""
+    then ``scontrol requeue`` the job (with ``requeue=False``: stop without it)."""
 
-    def __init__(self, checkpoint_path: str | Path, signal_name: str = "SIGUSR1", signals: SharedSignals | None = None):
+    def __init__(self, checkpoint_path: str | Path, signal_name: str = "SIGUSR1", signals: SharedSignals | None = None,
+                 requeue: bool = True):
         self.checkpoint_path = Path(checkpoint_path)
-        self.requeue_failed = False  # rank 0 stopped training for a requeue that did not happen (see requeue())
+        self.requeue_job = requeue
+        self.not_requeued = False  # rank 0 stopped training on the signal and the job is not requeued
         self.signum = signal.Signals[signal_name]
         self.signals = signals or SharedSignals()  # app.build passes the trainer's (see share_signals)
         self._previous_handler = None
@@ -266,16 +279,23 @@ class SlurmRequeue(L.Callback):
             self.signals.flush(trainer.strategy.root_device)  # the lagged exchange would be read after a validation
         if not self.signals.received("requeue", trainer.world_size):  # any rank, as all ranks last exchanged it
             return
+        then = "requeueing" if self.requeue_job else "stopping without a requeue (slurm.requeue=off)"
         if trainer.is_global_zero:
-            log.info("%s received: saving %s at step %d, then requeueing", self.signum.name, self.checkpoint_path,
-                     trainer.global_step)
+            log.info("%s received: saving %s at step %d, then %s", self.signum.name, self.checkpoint_path,
+                     trainer.global_step, then)
         trainer.save_checkpoint(self.checkpoint_path)  # every rank, at the same step
         for logger in trainer.loggers:
             logger.save()
-        if trainer.is_global_zero:
-            self.requeue_failed = not self.requeue()
+        # rank 0 only, as it runs scontrol: another rank exiting non-zero first would have srun --kill-on-bad-exit
+        # end rank 0 while it still writes the logs
+        if trainer.is_global_zero and self.requeue_job:
+            self.not_requeued = not self.requeue()
+        elif trainer.is_global_zero:
+            self.not_requeued = True
+            log.warning("not requeued (slurm.requeue=off): exits with status %d; resubmit with the same run_name to "
+                        "resume from the checkpoint", NOT_REQUEUED_EXIT)
         trainer.should_stop = True
-        # Lightning validates before an early stop; the requeue is killing this job (restored in teardown)
+        # Lightning validates before an early stop; the job is ending in its grace time (restored in teardown)
         if self._limit_val_batches is None:
             self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
 
@@ -285,7 +305,7 @@ class SlurmRequeue(L.Callback):
 
         A failure is ``scontrol`` exiting non-zero (requeue disabled for the job or the cluster, a controller
         down), missing from the node (OSError), or not answering within ``REQUEUE_TIMEOUT_S``. Training has
-        stopped by then, so ``vampnet-pl train`` exits with :data:`REQUEUE_FAILED_EXIT` (see there)."""
+        stopped by then, so ``vampnet-pl train`` exits with :data:`NOT_REQUEUED_EXIT` (see there)."""
         job_id = slurm_job_id()
         if job_id is None:
             log.warning("not a SLURM job: checkpoint saved, nothing to requeue")
@@ -300,18 +320,19 @@ class SlurmRequeue(L.Callback):
             log.info("requeued SLURM job %s; it resumes from the checkpoint", job_id)
             return True
         log.error("scontrol requeue %s failed (%s): the checkpoint is saved, but this job is not requeued and "
-                  "exits with status %d; resubmit with the same run_name to resume", job_id, error, REQUEUE_FAILED_EXIT)
+                  "exits with status %d; resubmit with the same run_name to resume", job_id, error, NOT_REQUEUED_EXIT)
         return False
 
 
 REQUEUE_TIMEOUT_S = 30  # well inside the signal's grace time (--signal=SIGUSR1@90), after the checkpoint
 
-# ``vampnet-pl train``'s exit status when it stopped for a requeue that failed. Not 0: the run is unfinished, and
-# a job that exits 0 is COMPLETED to SLURM, so ``--dependency=afterok`` jobs (an export, an evaluation) would
-# start on an unfinished model, and a caller that reads 0 as "done" would stop. A non-zero status marks the
-# job FAILED, as a killed rank does; resubmitting with the same run_name resumes from the saved checkpoint.
+# ``vampnet-pl train``'s exit status when it stopped on the signal and the job is not requeued (the requeue failed,
+# or ``slurm.requeue=off``). Not 0: the run is unfinished, and a job that exits 0 is COMPLETED to SLURM, so
+# ``--dependency=afterok`` jobs (an export, an evaluation) would start on an unfinished model, and a caller that reads
+# 0 as "done" would stop. A non-zero status marks the job FAILED, as a killed rank does; resubmitting with the same
+# run_name resumes from the saved checkpoint.
 # 75 is EX_TEMPFAIL (sysexits.h): a temporary failure, try again; distinct from a crash (1) or SIGTERM (143).
-REQUEUE_FAILED_EXIT = 75
+NOT_REQUEUED_EXIT = 75
 
 
 def requeue_pending(trainer: L.Trainer) -> bool:
@@ -321,6 +342,6 @@ def requeue_pending(trainer: L.Trainer) -> bool:
                for cb in getattr(trainer, "callbacks", None) or [])
 
 
-def requeue_failed(trainer: L.Trainer) -> bool:
-    """Whether this process stopped training for a requeue that did not happen (rank 0 runs scontrol)."""
-    return any(isinstance(c, SlurmRequeue) and c.requeue_failed for c in trainer.callbacks)
+def stopped_not_requeued(trainer: L.Trainer) -> bool:
+    """Whether this process (rank 0) stopped training on the signal and the job is not requeued."""
+    return any(isinstance(c, SlurmRequeue) and c.not_requeued for c in trainer.callbacks)
