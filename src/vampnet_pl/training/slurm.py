@@ -301,15 +301,17 @@ class SlurmRequeue(L.Callback):
 
     @staticmethod
     def requeue() -> bool:
-        """``scontrol requeue`` this job; False when that failed (the checkpoint is saved either way).
+        """``scontrol requeue`` this job; False when that failed or there is no job (the checkpoint is saved anyway).
 
-        A failure is ``scontrol`` exiting non-zero (requeue disabled for the job or the cluster, a controller
-        down), missing from the node (OSError), or not answering within ``REQUEUE_TIMEOUT_S``. Training has
-        stopped by then, so ``vampnet-pl train`` exits with :data:`NOT_REQUEUED_EXIT` (see there)."""
+        A failure is no SLURM job to requeue (``slurm.requeue=on`` outside SLURM), ``scontrol`` exiting non-zero
+        (requeue disabled for the job or the cluster, a controller down), missing from the node (OSError), or not
+        answering within ``REQUEUE_TIMEOUT_S``. Training has stopped by then, so ``vampnet-pl train`` exits with
+        :data:`NOT_REQUEUED_EXIT` (see there)."""
         job_id = slurm_job_id()
         if job_id is None:
-            log.warning("not a SLURM job: checkpoint saved, nothing to requeue")
-            return True
+            log.warning("not a SLURM job: checkpoint saved, nothing to requeue; exits with status %d, run again to "
+                        "resume", NOT_REQUEUED_EXIT)
+            return False
         try:
             done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
                                   timeout=REQUEUE_TIMEOUT_S)
