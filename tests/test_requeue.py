@@ -117,6 +117,25 @@ def test_signal_checkpoints_at_the_step_boundary_and_stops(accumulate, prepared,
     signal.signal(signal.SIGUSR1, previous)
 
 
+@pytest.mark.parametrize("every", [4, 100])
+def test_a_requeue_writes_last_checkpoint_once(every, prepared, codec_path, tmp_path, monkeypatch):
+    """last.ckpt was written twice at the requeue's step, the second time inside the signal's grace time (after
+    scontrol requeue, racing the kill that follows it): by the periodic save due at the same step (every=4), and,
+    before this job's first periodic save (every=100), by Lightning's save of a last checkpoint at the end."""
+    cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=20", "data.batches_per_epoch=20",
+                            f"checkpoint.every_n_train_steps={every}", "slurm.requeue=on"))
+    previous = signal.getsignal(signal.SIGUSR1)
+    module, datamodule, trainer, _ = build(cfg)
+    trainer.callbacks.append(SignalAtStep(3))  # the requeue at step 4
+    saves, save = [], trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda path, *args, **kwargs: (
+        saves.append((trainer.global_step, Path(path).name)), save(path, *args, **kwargs))[1])
+    trainer.fit(module, datamodule=datamodule)
+    signal.signal(signal.SIGUSR1, previous)
+    assert saves == [(4, "last.ckpt")]
+    assert read_checkpoint(tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
 def test_a_signal_in_the_last_step_lets_the_run_finish_without_a_requeue(prepared, codec_path, tmp_path,
                                                                          monkeypatch):
     cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=4", "data.batches_per_epoch=4",

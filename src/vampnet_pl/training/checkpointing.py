@@ -77,6 +77,20 @@ class LastCheckpoint(ModelCheckpoint):
         if finished and (stale or not self._should_skip_saving_checkpoint(trainer)):  # every rank alike
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def writes(self, path: Path) -> bool:
+        """Whether ``path`` is this callback's ``last.ckpt``."""
+        last = self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+        return (bool(self.save_last) and self.dirpath is not None
+                and Path(self.dirpath, last).resolve() == Path(path).resolve())
+
+    def saved_by_requeue(self, trainer: L.Trainer, path: Path) -> None:
+        """The requeue (:class:`~vampnet_pl.training.slurm.SlurmRequeue`, whose hook runs first) has just written
+        ``path`` (this callback's ``last.ckpt``) at this step. Neither the periodic save due at the same step nor
+        Lightning's save at the end of training (of a callback that has not saved yet) writes it again, inside the
+        signal's grace time."""
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = self.last_model_path = str(path)
+
 
 def remove_checkpoint_leftovers(folder: str | Path) -> list[Path]:
     """Delete what a killed checkpoint write leaves: ``.<name>.*.tmp`` files and ``*.partial`` folders."""

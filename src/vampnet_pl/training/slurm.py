@@ -40,6 +40,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vampnet_pl.config import RequeueMode
+from vampnet_pl.training.checkpointing import LastCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,9 @@ class SlurmRequeue(L.Callback):
             log.info("%s received: saving %s at step %d, then %s", self.signum.name, self.checkpoint_path,
                      trainer.global_step, then)
         trainer.save_checkpoint(self.checkpoint_path)  # every rank, at the same step
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, LastCheckpoint) and callback.writes(self.checkpoint_path):
+                callback.saved_by_requeue(trainer, self.checkpoint_path)  # not written twice in the grace time
         for logger in trainer.loggers:
             logger.save()
         # rank 0 only, as it runs scontrol: another rank exiting non-zero first would have srun --kill-on-bad-exit
