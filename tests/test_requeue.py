@@ -207,13 +207,12 @@ def test_a_failed_missing_or_hanging_scontrol_makes_requeue_return_false(tmp_pat
     assert SlurmRequeue.requeue() is False
 
 
-def test_a_failed_requeue_ends_train_with_a_non_zero_status(prepared, codec_path, tmp_path, monkeypatch, slurm_env):
-    """Exit 0 would make the job COMPLETED to SLURM (afterok dependents start on an unfinished model)."""
+def train_signalled_at_step_2(prepared, codec_path, tmp_path, monkeypatch) -> tuple[int, int]:
+    """``vampnet-pl train`` (slurm.requeue=on, 20 steps) given SIGUSR1 at step 2: its exit status and the step of
+    the ``last.ckpt`` it left."""
     from vampnet_pl.cli import main
     from vampnet_pl.training import app
 
-    slurm_env(SLURM_JOB_ID=4242)
-    monkeypatch.setenv("PATH", fake_scontrol(tmp_path, REQUEUE_DISABLED))
     build_app = app.build
 
     def build_with_signal(cfg):
@@ -230,36 +229,24 @@ def test_a_failed_requeue_ends_train_with_a_non_zero_status(prepared, codec_path
                                       "slurm.requeue=on")])
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    assert stopped.value.code == NOT_REQUEUED_EXIT != 0
-    assert read_checkpoint(tmp_path / "demo_coarse-4242" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    [last] = tmp_path.glob("*/checkpoints/last.ckpt")
+    return stopped.value.code, read_checkpoint(last)["global_step"]
+
+
+def test_a_failed_requeue_ends_train_with_a_non_zero_status(prepared, codec_path, tmp_path, monkeypatch, slurm_env):
+    """Exit 0 would make the job COMPLETED to SLURM (afterok dependents start on an unfinished model)."""
+    slurm_env(SLURM_JOB_ID=4242)
+    monkeypatch.setenv("PATH", fake_scontrol(tmp_path, REQUEUE_DISABLED))
+    assert train_signalled_at_step_2(prepared, codec_path, tmp_path, monkeypatch) == (NOT_REQUEUED_EXIT, 3)
+    assert (tmp_path / "demo_coarse-4242" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_a_run_stopped_on_the_signal_outside_slurm_does_not_exit_0(prepared, codec_path, tmp_path, monkeypatch,
                                                                    slurm_env):
     """slurm.requeue=on outside SLURM: the signal stops training with a checkpoint and there is no job to requeue; a
     caller that reads exit 0 as finished (a script, a pipeline) must not take the unfinished run for done."""
-    from vampnet_pl.cli import main
-    from vampnet_pl.training import app
-
-    build_app = app.build
-
-    def build_with_signal(cfg):
-        module, datamodule, trainer, resume = build_app(cfg)
-        trainer.callbacks.append(SignalAtStep(2))
-        return module, datamodule, trainer, resume
-
-    monkeypatch.setattr(app, "build", build_with_signal)
-    previous = signal.getsignal(signal.SIGUSR1)
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            main(["train", *overrides(prepared, codec_path, tmp_path, "trainer.max_steps=20",
-                                      "data.batches_per_epoch=20", "checkpoint.every_n_train_steps=100",
-                                      "slurm.requeue=on")])
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-    assert stopped.value.code == NOT_REQUEUED_EXIT
-    assert read_checkpoint(tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt")["global_step"] == 3
-
+    assert train_signalled_at_step_2(prepared, codec_path, tmp_path, monkeypatch) == (NOT_REQUEUED_EXIT, 3)
+    assert (tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_a_requeue_signal_during_start_up_is_kept_and_acted_on_at_the_first_step(prepared, codec_path, tmp_path,
