@@ -165,6 +165,32 @@ def test_a_diverged_run_is_kept_unless_retried(tmp_path, capsys, monkeypatch):
     assert diverged.run_id in trained
 
 
+def test_a_run_that_diverged_under_other_overrides_is_trained_under_this_spec(tmp_path, monkeypatch):
+    """A diverged run was kept whatever overrides it diverged under: one that diverged before its first checkpoint
+    (nothing for the override check to refuse) was kept, as the result of a spec changed since (optim.lr lowered to
+    stop the divergence), and never trained with it."""
+    from vampnet_pl.ablation import results
+
+    spec = write_spec(tmp_path)
+    diverged = expand(load_spec(spec)).runs[1]
+    diverged.run_dir.mkdir(parents=True)
+    results.write_run_record(diverged)
+    results.write_failure(diverged, "exit status 1", f"{results.ATTEMPT_MARKER}x\nFloatingPointError: train loss is "
+                                                     "nan at global step 6: lower optim.lr\n")
+    trained = []
+
+    def fake_run_local(runs, configs, parallel, progress=True):
+        trained.extend(run.run_id for run in runs)
+        return [runner.Outcome(run, "finished") for run in runs]
+
+    monkeypatch.setattr(runner, "run_local", fake_run_local)
+    assert main(["ablate", "run", str(spec), "optim.lr=0.0001"]) == 0
+    assert diverged.run_id in trained
+    trained.clear()
+    assert main(["ablate", "run", str(spec)]) == 0  # the overrides it diverged under: kept
+    assert diverged.run_id not in trained
+
+
 def test_a_moved_sweep_folder_keeps_its_finished_runs(tmp_path):
     """Every run's overrides hold its absolute ``run_dir``: a sweep folder copied from the cluster had every
     finished run refused as trained with other overrides."""

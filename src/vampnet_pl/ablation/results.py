@@ -244,11 +244,14 @@ def write_failure(run, reason: str, log_tail: str = "") -> tuple[str, str]:
     return status, reason
 
 
-def diverged_before(run_dir: str | Path) -> str | None:
-    """The reason recorded when this run's last attempt diverged, else None (no failure, or a crash). Training is
-    seeded, so a resumed diverged run usually diverges again: ``ablate run`` leaves it, unless told to retry."""
+def diverged_before(run_dir: str | Path) -> tuple[str, list[str] | None] | None:
+    """(reason, overrides) recorded when this run's last attempt diverged, else None (no failure, or a crash); the
+    overrides it diverged under (None in a record without them). Training is seeded, so a resumed diverged run
+    usually diverges again: ``ablate run`` leaves it, unless told to retry or its overrides changed since."""
     path = Path(run_dir) / FAILURE
     if not path.is_file():
         return None
     failure = read_record(path)
-    return failure.get("reason", "diverged") if failure.get("status") == "diverged" else None
+    if failure.get("status") != "diverged":
+        return None
+    return failure.get("reason", "diverged"), failure.get("overrides")

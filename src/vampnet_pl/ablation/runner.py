@@ -91,12 +91,19 @@ def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict]:
 
 
 def settled(run: Run, retry_diverged: bool = False) -> Outcome | None:
-    """The outcome of a run this sweep does not train again: finished, or diverged (unless retried), else None."""
+    """The outcome of a run this sweep does not train again: finished, or diverged under the overrides the spec
+    gives it now (unless retried), else None. A run that diverged under other overrides (a spec changed since, say
+    a lower optim.lr, before the run's first checkpoint: nothing for :func:`check_runs_match` to refuse) is no
+    result of this spec's setting: it is trained."""
     if finished(run):
         return Outcome(run, "skipped", "finished before")
-    if not retry_diverged and (reason := results.diverged_before(run.run_dir)):
-        return Outcome(run, "diverged", f"before, not retrained (--retry-diverged retrains it): {reason}")
-    return None
+    diverged = None if retry_diverged else results.diverged_before(run.run_dir)
+    if diverged is None:
+        return None
+    reason, overrides = diverged
+    if overrides is not None and override_changes(overrides, run.overrides):
+        return None
+    return Outcome(run, "diverged", f"before, not retrained (--retry-diverged retrains it): {reason}")
 
 
 def run_sweep(spec, sweep_dir=None, launcher: SweepLauncher | None = None, parallel: int | None = None,
