@@ -132,7 +132,8 @@ def test_repair_reads_a_quoted_or_interpolated_out_dir_as_verify_does(prepared, 
     copy = tmp_path / "codes,v2"
     shutil.copytree(prepared, copy)
     monkeypatch.setenv("CODES", str(copy))
-    for override in (f"out_dir='{copy}'", "out_dir=${oc.env:CODES}"):
+    escaped = str(copy).replace(",", "\\,")  # Hydra's escape in an unquoted value
+    for override in (f"out_dir='{copy}'", "out_dir=${oc.env:CODES}", f"out_dir={escaped}"):
         assert main(["prep", "verify", override]) == 0
         assert main(["prep", "repair", override]) == 0
         assert "repair: nothing to do" in capsys.readouterr().out

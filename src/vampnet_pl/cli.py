@@ -115,8 +115,9 @@ def _saved_prep_config(overrides: list[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     try:  # an override typo is a usage error (one line, exit 2), as in the other stages
+        # out_dir as parsed above (Hydra's grammar: an escaped `\,` too), not as the dotlist would read it again
         merged = OmegaConf.merge(OmegaConf.structured(PrepConfig), OmegaConf.load(saved),
-                                 OmegaConf.from_dotlist(list(overrides)))
+                                 OmegaConf.from_dotlist(list(overrides)), {"out_dir": out_dir})
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise UsageError(f"bad configuration for prep repair: {err}") from None
