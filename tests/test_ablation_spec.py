@@ -128,7 +128,7 @@ def test_the_dry_run_refuses_what_the_run_refuses_and_names_the_finished_runs(tm
     assert main(["ablate", "run", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"{sweep.runs[0].run_id} (finished: skipped): vampnet-pl train" in out
-    assert f"{sweep.runs[1].run_id}: vampnet-pl train" in out and "spec OK: 4 runs (1 finished, 0 diverged)" in out
+    assert f"{sweep.runs[1].run_id}: vampnet-pl train" in out and "spec OK: 4 runs (1 finished, 0 diverged, 0 running)" in out
 
 
 def test_a_diverged_run_is_kept_unless_retried(tmp_path, capsys, monkeypatch):
@@ -145,9 +145,15 @@ def test_a_diverged_run_is_kept_unless_retried(tmp_path, capsys, monkeypatch):
     assert main(["ablate", "run", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"{diverged.run_id} (diverged: skipped): vampnet-pl train" in out
-    assert "spec OK: 4 runs (0 finished, 1 diverged)" in out
+    assert "spec OK: 4 runs (0 finished, 1 diverged, 0 running)" in out
     assert main(["ablate", "run", str(spec), "--dry-run", "--retry-diverged"]) == 0
-    assert "(0 finished, 0 diverged)" in capsys.readouterr().out
+    assert "(0 finished, 0 diverged, 0 running)" in capsys.readouterr().out
+    # its earlier SLURM job still trains it: running, as `ablate run` reports it (the dry run said diverged)
+    monkeypatch.setattr(runner, "earlier_jobs", lambda runs: {diverged: "job 77"} if diverged in runs else {})
+    assert main(["ablate", "run", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{diverged.run_id} (running: skipped)" in out and "(0 finished, 0 diverged, 1 running)" in out
+    monkeypatch.undo()
 
     trained = []
 

@@ -239,7 +239,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from vampnet_pl.ablation import report, runner
-    from vampnet_pl.ablation.spec import expand, load_spec, validate
+    from vampnet_pl.ablation.spec import load_spec
 
     if args.action == "report":
         if args.overrides:
@@ -251,17 +251,17 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         raise UsageError(f"--parallel must be at least 1, got {args.parallel}")
     spec = load_spec(args.target, args.overrides)
     if args.dry_run:
-        sweep = expand(spec, args.sweep_dir)
-        validate(sweep)
-        runner.check_runs_match(sweep)  # what `ablate run` refuses in this sweep folder, the dry run refuses too
-        # finished runs ("skipped") and diverged ones are not trained again
-        kept = {run: {"skipped": "finished", "diverged": "diverged"}[outcome.status]
-                for run in sweep.runs if (outcome := runner.settled(run, args.retry_diverged))}
+        sweep, earlier = runner.check(spec, args.sweep_dir)  # what `ablate run` refuses, the dry run refuses too
+        # not trained by this command: finished ("skipped"), diverged, or trained by an earlier run's SLURM job
+        kept = {o.run: {"skipped": "finished"}.get(o.status, o.status)
+                for o in runner.settled_runs(sweep, earlier, args.retry_diverged)}
+        kept.update((run, "running") for run in earlier)
         for run in sweep.runs:
             state = f" ({kept[run]}: skipped)" if run in kept else ""
             print(f"{run.run_id}{state}: vampnet-pl train {' '.join(run.overrides)}")
-        done = list(kept.values()).count("finished")
-        print(f"spec OK: {len(sweep.runs)} runs ({done} finished, {len(kept) - done} diverged) in {sweep.sweep_dir}")
+        states = list(kept.values())
+        counts = ", ".join(f"{states.count(state)} {state}" for state in ("finished", "diverged", "running"))
+        print(f"spec OK: {len(sweep.runs)} runs ({counts}) in {sweep.sweep_dir}")
         return 0
     try:
         outcomes = runner.run_sweep(spec, args.sweep_dir, args.launcher, args.parallel, wait=not args.no_wait,

@@ -77,15 +77,21 @@ def override_changes(recorded: list[str], wanted) -> tuple[list[str], list[str]]
     return [o for o in was if o not in now] or ["(the same, in another order)"], [o for o in now if o not in was]
 
 
-def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict]:
-    """The expanded, validated sweep (recorded in its folder), and its unfinished runs' SLURM jobs of an earlier
-    ``ablate run`` that are not done (one sacct call)."""
+def check(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict]:
+    """The expanded, validated sweep, refused where its folder holds runs trained otherwise, and its unfinished runs'
+    SLURM jobs of an earlier ``ablate run`` that are not done (one sacct call). Writes nothing (``--dry-run``)."""
     from vampnet_pl.ablation.spec import expand
 
     sweep = expand(spec, sweep_dir)
     validate(sweep, progress)
     earlier = earlier_jobs([run for run in sweep.runs if not finished(run)])
     check_runs_match(sweep, earlier)
+    return sweep, earlier
+
+
+def prepare(spec, sweep_dir=None, progress: bool = True) -> tuple[Sweep, dict]:
+    """:func:`check`, then the sweep recorded in its folder."""
+    sweep, earlier = check(spec, sweep_dir, progress)
     write_sweep_record(sweep)
     return sweep, earlier
 
@@ -106,13 +112,18 @@ def settled(run: Run, retry_diverged: bool = False) -> Outcome | None:
     return Outcome(run, "diverged", f"before, not retrained (--retry-diverged retrains it): {reason}")
 
 
+def settled_runs(sweep: Sweep, earlier: dict, retry_diverged: bool = False) -> list[Outcome]:
+    """The runs ``ablate run`` does not train again (:func:`settled`), in sweep order. A run whose SLURM job of an
+    earlier ``ablate run`` still trains (``earlier``) is not settled by its earlier failure."""
+    return [o for r in sweep.runs if (o := settled(r, retry_diverged or r in earlier))]
+
+
 def run_sweep(spec, sweep_dir=None, launcher: SweepLauncher | None = None, parallel: int | None = None,
               wait: bool = True, progress: bool = True, retry_diverged: bool = False) -> list[Outcome]:
     """Validate the whole spec, then run every unfinished run (a diverged one only with ``retry_diverged``);
     returns one outcome per run."""
     sweep, earlier = prepare(spec, sweep_dir, progress)
-    # a run whose SLURM job of an earlier `ablate run` still trains is not settled by its earlier failure
-    outcomes = [o for r in sweep.runs if (o := settled(r, retry_diverged or r in earlier))]
+    outcomes = settled_runs(sweep, earlier, retry_diverged)
     todo = [r for r in sweep.runs if r not in {o.run for o in outcomes}]
     for outcome in outcomes:
         log.info("skip %s: %s %s", outcome.run.run_id, outcome.status, outcome.detail)
