@@ -243,6 +243,15 @@ def test_a_sweep_of_one_seed_says_that_nothing_was_tested(tmp_path):
     assert text.count("**No paired test and no interval:**") == 3  # the ranking, the headline and the series tables
     assert "p=" not in text and "Holm p" not in text and "*" not in text.replace("**", "")
     assert "| 1 | `schedule-square` | 2.9 (n=1) | 1 | -0.1 (n=1) |" in text
+    # the baseline alone finished (every other condition failed): no comparison at all, not 'single values (n=1)'
+    alone = tmp_path / "alone"
+    runs = [write_run(alone, c, 0, "finished" if c == "schedule-cosine" else "failed") for c in CONDITIONS]
+    (alone / "sweep.json").write_text(json.dumps({"name": "one", "baseline": "schedule-cosine",
+                                                  "primary_metric": "val/loss", "runs": runs}))
+    sweep, records = report.read_sweep(alone, progress=False)
+    text = report.render(sweep, records, report.analyse(sweep, records), [])
+    assert "No paired test" not in text and "**No comparison:** the sweep has no finished condition but the " \
+        "baseline (`schedule-cosine`)" in text
 
 
 def test_a_damaged_record_is_listed_and_named_not_a_bare_json_error(sweep_dir, capsys):

@@ -331,6 +331,10 @@ def _adjusted(analysis: Analysis, metric: str, condition: str) -> str:
 
 
 def _family_note(analysis: Analysis, names: tuple[str, ...]) -> str:
+    if not any(seeds for by in analysis.values.values() for condition, seeds in by.items()
+               if condition != analysis.baseline):  # the baseline alone has values
+        return (f"**No comparison:** the sweep has no finished condition but the baseline (`{analysis.baseline}`), "
+                "so there is nothing to test against it.")
     if not any(analysis.family_sizes.get(name, 0) for name in names):  # one seed: nothing to test, say so
         return ("**No paired test and no interval:** a paired t-test and a 95% CI need at least 2 seeds with a "
                 "value in both the condition and the baseline; these differences are single values (n=1), and the "
