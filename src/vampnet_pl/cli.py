@@ -24,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-from vampnet_pl.config import UsageError, compose  # noqa: F401 (re-exported for callers)
+from vampnet_pl.config import UsageError, check_prompt_presets, compose  # noqa: F401 (re-exported for callers)
 
 log = logging.getLogger("vampnet_pl")
 
@@ -115,9 +115,10 @@ def _saved_prep_config(overrides: list[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     try:  # an override typo is a usage error (one line, exit 2), as in the other stages
-        # out_dir as parsed above (Hydra's grammar: an escaped `\,` too), not as the dotlist would read it again
+        # out_dir as parsed above (Hydra's grammar: an escaped `\,` too), not as the dotlist would read it
+        others = [o for o in overrides if not o.startswith("out_dir=")]
         merged = OmegaConf.merge(OmegaConf.structured(PrepConfig), OmegaConf.load(saved),
-                                 OmegaConf.from_dotlist(list(overrides)), {"out_dir": out_dir})
+                                 OmegaConf.from_dotlist(others), {"out_dir": out_dir})
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise UsageError(f"bad configuration for prep repair: {err}") from None
@@ -170,7 +171,6 @@ def generation_config(args: argparse.Namespace):
 def _cmd_vamp(args: argparse.Namespace) -> int:
     from vampnet_pl.audio_io import AudioReadError
     from vampnet_pl.generation.vamp import load_pipeline, vamp_file
-    from vampnet_pl.masking.presets import prompt_arguments
 
     for flag, value, lowest in (("--variations", args.variations, 1), ("--loop", args.loop, 0),
                                 ("--coarse-passes", args.coarse_passes, 1), ("--c2f-passes", args.c2f_passes, 1)):
@@ -183,8 +183,7 @@ def _cmd_vamp(args: argparse.Namespace) -> int:
         for name in vars(args):
             message = re.sub(rf"\b{name}\b", "--" + name.replace("_", "-"), message)
         raise UsageError(f"vamp: {message}") from None
-    for spec in args.prompt:  # needs no audio: before the models load and the input is encoded
-        prompt_arguments(spec)
+    check_prompt_presets(args.prompt, "--prompt")  # needs no audio: before the models load and the input is encoded
     pipeline = load_pipeline(args.coarse, args.c2f, args.codec, args.device, cfg)
     try:
         written = vamp_file(pipeline, args.input, args.out_dir, args.prompt, args.variations, args.loop, args.seed,

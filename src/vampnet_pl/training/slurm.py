@@ -292,12 +292,11 @@ class SlurmRequeue(L.Callback):
             logger.save()
         # rank 0 only, as it runs scontrol: another rank exiting non-zero first would have srun --kill-on-bad-exit
         # end rank 0 while it still writes the logs
-        if trainer.is_global_zero and self.requeue_job:
-            self.not_requeued = not self.requeue()
-        elif trainer.is_global_zero:
-            self.not_requeued = True
-            log.warning("not requeued (slurm.requeue=off): exits with status %d; resubmit with the same run_name to "
-                        "resume from the checkpoint", NOT_REQUEUED_EXIT)
+        if trainer.is_global_zero:
+            self.not_requeued = not self.requeue() if self.requeue_job else True
+            if not self.requeue_job:
+                log.warning("not requeued (slurm.requeue=off): exits with status %d; resubmit with the same run_name "
+                            "to resume from the checkpoint", NOT_REQUEUED_EXIT)
         trainer.should_stop = True
         # Lightning validates before an early stop; the job is ending in its grace time (restored in teardown)
         if self._limit_val_batches is None:
