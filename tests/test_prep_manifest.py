@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -92,6 +93,52 @@ def test_rescan_reuses_hashes_of_unchanged_files(tmp_path, codec_path, monkeypat
     write_tone(catalog / "b.wav", 2.5, freq=330)  # changed
     entries, _ = scan_catalog(cfg)
     assert hashed == ["b.wav"] and len(entries) == 2
+
+
+def replace_keeping_size_and_mtime(path, freq):
+    """What ``cp -p``, ``rsync -t`` or ``touch -r`` leave: other bytes of the same size under the old mtime."""
+    old = path.stat()
+    time.sleep(0.05)  # past the kernel's coarse ctime tick
+    data = write_tone(path.parent.parent / "replacement" / path.name, 1.5, freq=freq).read_bytes()
+    assert len(data) == old.st_size and data != path.read_bytes()
+    path.write_bytes(data)  # in place, as cp -p: the same inode
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+
+
+def test_a_file_replaced_under_its_old_size_and_mtime_is_hashed_again(tmp_path, codec_path):
+    """The hash was reused on size and mtime alone: ``cp -p`` of other music of the same size kept the old hash,
+    so prep kept the old file's codes (and split) for it."""
+    from vampnet_pl.utils.hashing import file_sha256
+
+    catalog = tmp_path / "catalog"
+    write_tone(catalog / "a.wav", 1.5)
+    cfg = prep_config(catalog, tmp_path / "out", codec_path)
+    (before,), _ = scan_catalog(cfg)
+    replace_keeping_size_and_mtime(catalog / "a.wav", freq=440)
+    (after,), _ = scan_catalog(cfg)
+    assert after.sha256 == file_sha256(catalog / "a.wav") != before.sha256
+
+
+def test_a_manifest_without_ctime_and_inode_is_read_and_its_files_hashed_again(tmp_path, codec_path, monkeypatch):
+    """Manifests written before ctime and inode were recorded still load; their hashes are not trusted once."""
+    import vampnet_pl.prep.manifest as manifest
+
+    catalog = tmp_path / "catalog"
+    write_tone(catalog / "a.wav", 1.5)
+    cfg = prep_config(catalog, tmp_path / "out", codec_path)
+    scan_catalog(cfg)
+    path = tmp_path / "out" / "manifest.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in row.items() if k not in ("ctime_ns", "inode")}) + "\n"
+                            for row in rows))
+    assert [e.path for e in load_manifest(tmp_path / "out")] == ["a.wav"]
+    hashed = []
+    real = manifest.file_sha256
+    monkeypatch.setattr(manifest, "file_sha256", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    scan_catalog(cfg)
+    scan_catalog(cfg)
+    assert hashed == ["a.wav"]  # once: the new manifest records them
 
 
 def test_a_catalog_without_audio_is_an_error(tmp_path, codec_path):

@@ -155,6 +155,27 @@ def test_a_file_changed_between_scan_and_encode_is_a_failure_until_rescanned(tmp
                                                      (tmp_path / "out" / "failures.jsonl").read_text().splitlines())
 
 
+def test_a_file_replaced_under_its_old_size_and_mtime_is_not_encoded_under_its_old_hash(tmp_path, fast_codec_path):
+    """``cp -p`` (or ``rsync -t``, ``touch -r``) of other bytes of the same size between scan and encode kept size
+    and mtime: the file was encoded under the scanned hash. A rerun of prep re-encodes it under its new one."""
+    import json
+
+    from conftest import write_tone
+    from test_prep_manifest import replace_keeping_size_and_mtime
+
+    catalog = tmp_path / "catalog"
+    for i in range(2):
+        write_tone(catalog / f"t{i}.wav", 1.5, 44100, freq=200 + 50 * i)
+    cfg = prep_config(catalog, tmp_path / "out", fast_codec_path)
+    scan_catalog(cfg)
+    replace_keeping_size_and_mtime(catalog / "t1.wav", freq=600)
+    encode_local(cfg)
+    finalize(cfg, load_codec(cfg))
+    failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert [(f["path"], f["stage"]) for f in failures] == [("t1.wav", "encode")]
+    assert run_all(cfg)["totals"]["files"] == 2
+
+
 def test_a_rerun_with_other_split_settings_is_refused(tmp_path, fast_codec_path):
     """Units counted as done by their files kept the old splits' shards under new split settings."""
     import json

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,8 @@ from vampnet_pl.audio_io import AudioReadError, iter_blocks, probe
 from vampnet_pl.codec import Codec
 from vampnet_pl.config import ChannelMode, PrepConfig
 from vampnet_pl.data.validation import CHECKSUM_FIELD, codes_checksum, validate_codes
-from vampnet_pl.prep.manifest import Failure, ManifestEntry, assign_split, load_manifest, manifest_path
+from vampnet_pl.prep.manifest import (Failure, ManifestEntry, assign_split, load_manifest, manifest_path,
+                                      unchanged_since)
 from vampnet_pl.utils.atomic import write_json_atomic
 from vampnet_pl.utils.hashing import file_sha256
 
@@ -214,10 +215,10 @@ class FileResult:
 
 
 def changed_since_scan(path: Path, entry: ManifestEntry) -> bool:
-    """Whether the file's bytes differ from those scanned. Hashed only when its size or mtime moved (a file
-    merely touched is unchanged); encoding it under the old hash would put it in the old hash's split."""
-    stat = path.stat()
-    if (stat.st_size, stat.st_mtime_ns) == (entry.size_bytes, entry.mtime_ns):
+    """Whether the file's bytes differ from those scanned. Hashed only when its stat moved (see
+    :func:`~vampnet_pl.prep.manifest.stat_record`; a file merely touched is unchanged); encoding it under the old
+    hash would put it in the old hash's split."""
+    if unchanged_since(path.stat(), asdict(entry)):
         return False
     return file_sha256(path) != entry.sha256
 

@@ -38,6 +38,21 @@ class ManifestEntry:
     mtime_ns: int
     sha256: str
     split: str
+    ctime_ns: int | None = None  # None in manifests written before they were recorded: such files are hashed again
+    inode: int | None = None
+
+
+def stat_record(stat: os.stat_result) -> dict:
+    """What a file's recorded hash is trusted on. Size and mtime alone are not enough: ``cp -p``, ``rsync -t`` and
+    ``touch -r`` put other bytes of the same size under the old mtime; none can set ctime (the kernel's, moved by
+    every write) or keep the inode of a file renamed into place."""
+    return {"size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+            "inode": stat.st_ino}
+
+
+def unchanged_since(stat: os.stat_result, recorded: dict) -> bool:
+    """Whether a file's stat is the one ``recorded`` (a manifest row); a row missing a field is never unchanged."""
+    return all(recorded.get(key) == value for key, value in stat_record(stat).items())
 
 
 @dataclass(frozen=True)
@@ -100,7 +115,7 @@ def _scan_one(args: tuple[Path, Path, SplitConfig, dict | None]) -> ManifestEntr
         if info.frames <= 0 or info.sample_rate <= 0:
             raise AudioReadError("no samples in file")
         stat = path.stat()
-        if previous and previous["size_bytes"] == stat.st_size and previous["mtime_ns"] == stat.st_mtime_ns:
+        if previous and unchanged_since(stat, previous):
             content_hash = previous["sha256"]
         else:
             content_hash = file_sha256(path)
@@ -113,10 +128,9 @@ def _scan_one(args: tuple[Path, Path, SplitConfig, dict | None]) -> ManifestEntr
         duration=info.duration,
         sample_rate=info.sample_rate,
         channels=info.channels,
-        size_bytes=stat.st_size,
-        mtime_ns=stat.st_mtime_ns,
         sha256=content_hash,
         split=assign_split(content_hash, split),
+        **stat_record(stat),
     )
 
 
@@ -148,7 +162,7 @@ def load_manifest(out_dir: Path) -> list[ManifestEntry]:
 def scan_catalog(cfg: PrepConfig) -> tuple[list[ManifestEntry], list[Failure]]:
     """Probe and hash every audio file of the catalog; write ``manifest.jsonl`` atomically.
 
-    Hashes of files whose size and mtime are unchanged since the last manifest are reused.
+    Hashes of files whose size, mtime, ctime and inode are unchanged since the last manifest are reused.
     """
     catalog, out_dir = Path(cfg.catalog), Path(cfg.out_dir)
     if not catalog.is_dir():
