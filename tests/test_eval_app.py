@@ -306,6 +306,57 @@ def test_eval_refuses_windows_too_short_for_fad_before_generating(prepared, code
         evaluate(cfg)
 
 
+def test_compression_deeper_than_the_models_is_refused_before_generating(prepared, codec, codec_path, tmp_path,
+                                                                         monkeypatch):
+    """``eval_protocol.compression_codebooks`` or a ``compression:N:P`` preset above the models' depth kept every
+    codebook of its frames without a word (the protocol's compression scored as ``periodic_8``)."""
+    from vampnet_pl.config import UsageError
+    from vampnet_pl.evaluation.app import evaluate
+    import vampnet_pl.evaluation.app as app
+
+    save_exported(tmp_path / "coarse.pt", small_model(codec, 4, 0))
+    monkeypatch.setattr(app, "eval_windows", lambda *args: pytest.fail("read the windows before the check"))
+    base = [f"coarse={tmp_path / 'coarse.pt'}", f"codec.source={codec_path}", "codec.device=cpu",
+            f"dataset_dir={prepared}", "split=val", "window_seconds=1.0", "n_windows=2"]
+    for override, message in (("eval_protocol.compression_codebooks=5", "compression_codebooks=5 is more than the "
+                                                                         "model's 4 codebooks"),
+                              ("prompts=[compression:5:4]", "prompts: bad prompt 'compression:5:4': keeps 5 codebooks, "
+                                                            "but the model has 4")):
+        with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = OmegaConf.to_object(hydra.compose("eval", overrides=[*base, override]))
+        with pytest.raises(UsageError, match=message):
+            evaluate(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval_protocol.compression_codebooks=-1", "compression_codebooks must be at least 0"),
+    ("eval_protocol.compression_period=0", "compression_period must be at least 1"),
+    ("eval_protocol.periods=[-4,16]", r"periods must be >= 0, got \[-4, 16\]"),
+])
+def test_protocol_prompt_settings_out_of_range_are_refused_at_compose_time(override, message):
+    """A negative compression_codebooks kept every level but the last; compression_period 0 kept nothing (the
+    compression:N:P preset refuses both); a negative period failed at the first validation."""
+    from vampnet_pl.config import UsageError, compose
+
+    for name, base in (("eval", ["coarse=c.pt", "dataset_dir=/data"]), ("train", ["data.dataset_dir=/data"])):
+        with pytest.raises(UsageError, match=message):
+            compose(name, [*base, override])
+
+
+def test_train_refuses_compression_deeper_than_its_model_at_compose_time():
+    """The model's depth is in the train config: a deeper compression prompt was accepted, and validated as a
+    periodic one (the protocol's) or kept every level (the callback's preset)."""
+    from vampnet_pl.config import UsageError, compose
+
+    base = ["data.dataset_dir=/data", "model=coarse_tiny"]
+    with pytest.raises(UsageError, match="compression_codebooks=5 is more than the model's 4 codebooks"):
+        compose("train", [*base, "eval_protocol.compression_codebooks=5"])
+    with pytest.raises(UsageError, match="callbacks.prompt_eval.prompts: bad prompt 'compression:5:4': keeps 5"):
+        compose("train", [*base, "callbacks=with_eval", "callbacks.prompt_eval.prompts=[compression:5:4]"])
+    compose("train", ["data.dataset_dir=/data", "model=c2f_tiny", "eval_protocol.compression_codebooks=14",
+                      "callbacks=with_eval", "callbacks.prompt_eval.prompts=[compression:14:4]"])
+
+
 def test_a_noisy_ratio_outside_0_1_is_refused_before_anything_runs(codec_path):
     """1.5 silently replaced every token (the noisy-token baseline then was pure noise)."""
     from vampnet_pl.config import UsageError, compose

@@ -210,6 +210,21 @@ def test_presets_refuse_arguments_out_of_range(codec, spec, message):
         build_prompt(spec, (1, 2, 64), np.zeros(100), codec)
 
 
+def test_compression_keeping_more_codebooks_than_the_mask_has_is_refused(codec):
+    """``compression:3:4`` on a 2-codebook mask kept every codebook of its frames: ``periodic:4``."""
+    from vampnet_pl.masking.presets import build_prompt, prompt_arguments
+    from vampnet_pl.masking.protocol import EvalProtocolConfig, prompt_mask
+
+    assert prompt_arguments("compression:3:4") == ("compression", [3, 4])  # the depth unknown: a config's check
+    with pytest.raises(ValueError, match="bad prompt 'compression:3:4': keeps 3 codebooks, but the model has 2"):
+        prompt_arguments("compression:3:4", 2)
+    with pytest.raises(ValueError, match="keeps 3 codebooks, but the model has 2"):
+        build_prompt("compression:3:4", (1, 2, 64), np.zeros(100), codec)
+    assert not build_prompt("compression:2:4", (1, 2, 64), np.zeros(100), codec)[0, :, 0].any()
+    with pytest.raises(ValueError, match="compression_codebooks=3 is more than the model's 2 codebooks"):
+        prompt_mask(EvalProtocolConfig(compression_codebooks=3), "compression", (1, 2, 64))
+
+
 def test_onset_prompt_is_computed_from_each_examples_own_audio():
     audio, period = _clicks()
     hop = 256

@@ -409,6 +409,24 @@ def test_a_wrong_prompt_is_refused_before_anything_loads(tmp_path, codec_path, m
     assert message in capsys.readouterr().err
 
 
+def test_compression_deeper_than_the_models_is_refused_before_the_input_is_read(tmp_path, codec_path, models, capsys,
+                                                                               monkeypatch):
+    """``compression:N:P`` with N above the models' codebooks kept them all (``periodic:P``) without a word."""
+    import vampnet_pl.generation.vamp as vamp_module
+
+    song = write_tone(tmp_path / "song.wav", 0.5)
+    real_read = vamp_module.read_audio
+    monkeypatch.setattr(vamp_module, "read_audio", lambda *a: pytest.fail("read the input before the check"))
+    common = ["--coarse", str(models[0]), "--codec", str(codec_path), "--device", "cpu", "--coarse-passes", "1",
+              "--out-dir", str(tmp_path / "out")]
+    assert main(["vamp", str(song), "--prompt", "compression:5:4", *common]) == 2
+    assert capsys.readouterr().err.strip() == "error: bad prompt 'compression:5:4': keeps 5 codebooks, but the model has 4"
+    assert main(["vamp", str(song), "--prompt", "compression:15:4", "--c2f", str(models[1]), *common]) == 2
+    assert "keeps 15 codebooks, but the model has 14" in capsys.readouterr().err
+    monkeypatch.setattr(vamp_module, "read_audio", real_read)
+    assert main(["vamp", str(song), "--prompt", "compression:4:4", *common]) == 0
+
+
 def test_vamp_shows_its_progress_pass_by_pass(tmp_path, codec, codec_path, models, capsys):
     """A long vamp printed nothing until it ended: a bar now counts every model pass, coarse windows and c2f batches."""
     from vampnet_pl.model import load_exported

@@ -44,14 +44,15 @@ def check_fad_backend(name: str, key: str) -> None:
         raise ValueError(f"unknown FAD backend {name!r} ({key}); known: {sorted(EMBEDDINGS)}")
 
 
-def check_prompt_presets(specs, key: str) -> None:
+def check_prompt_presets(specs, key: str, n_codebooks: int | None = None) -> None:
     """Prompt presets (``beat``, ``random:0.5`` ...), parsed as masking/presets.py parses them, so that a wrong one
-    stops the config, not the evaluation after hours (or the training run at its first generation evaluation)."""
+    stops the config, not the evaluation after hours (or the training run at its first generation evaluation).
+    ``n_codebooks``: the model's depth, where known (``compression:N:P`` keeps at most that many)."""
     from vampnet_pl.masking.presets import prompt_arguments
 
     for spec in specs or []:
         try:
-            prompt_arguments(str(spec))
+            prompt_arguments(str(spec), n_codebooks)
         except ValueError as err:
             raise ValueError(f"{key}: {err}") from None
 
@@ -288,6 +289,7 @@ class TrainConfig:
 
     def __post_init__(self):  # required keys whose schema default is None (``???`` over None is a no-op in OmegaConf)
         check_fraction(self.label_smoothing, "label_smoothing")  # else torch refuses it at the first training step
+        self.eval_protocol.check_codebooks(self.model.n_codebooks)  # validation masks as deep as the model
         if self.data.dataset_dir is None and self.data.train_urls is None:
             raise ValueError("data.dataset_dir is not set: give data.dataset_dir=<a prep out_dir> "
                              "(or data.train_urls=... and data.val_urls=...)")
@@ -295,7 +297,7 @@ class TrainConfig:
             if isinstance(node, dict) and "fad_backend" in node:
                 check_fad_backend(node["fad_backend"], f"callbacks.{name}.fad_backend")
             if isinstance(node, dict) and "prompts" in node:
-                check_prompt_presets(node["prompts"], f"callbacks.{name}.prompts")
+                check_prompt_presets(node["prompts"], f"callbacks.{name}.prompts", self.model.n_codebooks)
             if isinstance(node, dict) and node.get("n_windows") is not None and node["n_windows"] < 1:  # else its first evaluation fails
                 raise ValueError(f"callbacks.{name}.n_windows must be at least 1, got {node['n_windows']}")
             if isinstance(node, dict) and "noisy_ratio" in node:  # else the callback refuses it after the data loaded

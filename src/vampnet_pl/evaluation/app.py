@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from vampnet_pl.config import EvalConfig, check_composed, conf_dir, usage_errors_exit  # noqa: E402
+from vampnet_pl.config import (EvalConfig, UsageError, check_composed, check_prompt_presets, conf_dir,  # noqa: E402
+                               usage_errors_exit)
 from vampnet_pl.data.datamodule import read_fixed_windows  # noqa: E402
 from vampnet_pl.data.index import load_index, shard_sample_counts  # noqa: E402
 from vampnet_pl.data.windows import window_frames  # noqa: E402
@@ -65,6 +66,16 @@ def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
     return torch.stack([torch.from_numpy(w.astype("int64")) for w in windows])
 
 
+def check_depth(cfg: EvalConfig, n_codebooks: int) -> None:
+    """The compression prompts (the protocol's, ``compression:N:P`` presets) against the models' depth, known only
+    once they load: before the windows are read and anything generates."""
+    try:
+        cfg.eval_protocol.check_codebooks(n_codebooks)
+        check_prompt_presets(cfg.prompts, "prompts", n_codebooks)
+    except ValueError as err:
+        raise UsageError(f"{err} (models {cfg.coarse}{', ' + cfg.c2f if cfg.c2f else ''})") from None
+
+
 def evaluate(cfg: EvalConfig, *, start_up=nullcontext) -> list[dict]:
     """``start_up`` wraps the loading alone (models, windows, FAD embedding), not the scoring (see ``run``)."""
     protocol = cfg.eval_protocol
@@ -75,6 +86,7 @@ def evaluate(cfg: EvalConfig, *, start_up=nullcontext) -> list[dict]:
         pipeline = load_pipeline(Path(cfg.coarse), Path(cfg.c2f) if cfg.c2f else None, cfg.codec.source,
                                  cfg.codec.device, generation)
         codec = pipeline.codec
+        check_depth(cfg, pipeline.n_codebooks)
         full = eval_windows(cfg, codec)
         embed = fad_embedding(cfg.fad_backend, codec.sample_rate, cfg.fad_weights).to(codec.device)
         check_embedding_count(embed, len(full), full.shape[-1] * codec.hop_length, codec.sample_rate,

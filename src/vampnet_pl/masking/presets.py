@@ -25,10 +25,11 @@ MOST_ARGUMENTS = {"periodic": 2, "prefix": 1, "suffix": 1, "inpaint": 2, "compre
                   "onset": 2}
 
 
-def prompt_arguments(spec: str) -> tuple[str, list[float | int]]:
+def prompt_arguments(spec: str, n_codebooks: int | None = None) -> tuple[str, list[float | int]]:
     """A preset's name and its checked arguments (seconds stay seconds): what :func:`build_prompt` builds from.
 
-    Needs no audio or codec, so configs can refuse a wrong preset before anything runs."""
+    Needs no audio or codec, so configs can refuse a wrong preset before anything runs. ``n_codebooks``, where the
+    model's depth is known: ``compression:N:P`` keeping more codebooks than it has is refused (it kept them all)."""
     name, *args = spec.split(":")
     try:
         values = [float(a) for a in args]
@@ -57,12 +58,17 @@ def prompt_arguments(spec: str) -> tuple[str, list[float | int]]:
             raise ValueError(f"bad prompt {spec!r}: argument {position + 1} must be a whole number >= {lowest}, got {value:g}")
         return int(value)
 
+    def codebooks(kept: int) -> int:
+        if n_codebooks is not None and kept > n_codebooks:
+            raise ValueError(f"bad prompt {spec!r}: keeps {kept} codebooks, but the model has {n_codebooks}")
+        return kept
+
     readers = {
         "periodic": lambda: [count(0, 0), count(1, 1, 1)],
         "prefix": lambda: [number(0, 0.0)],
         "suffix": lambda: [number(0, 0.0)],
         "inpaint": lambda: [number(0, 0.0), number(1, 0.0)],
-        "compression": lambda: [count(0, 0), count(1, 1)],
+        "compression": lambda: [codebooks(count(0, 0)), count(1, 1)],
         "random": lambda: [number(0, 0.0, 1.0)],
         "beat": lambda: [count(0, 1, 1), count(1, 0, 0)],
         "onset": lambda: [count(0, 1, 1), count(1, 0, 0)],
@@ -84,7 +90,7 @@ def build_prompt(spec: str, shape: tuple[int, int, int], audio: np.ndarray, code
     ``audio``: the examples' audio at the codec rate, ``[samples]`` (the same for all) or
     ``[B, samples]``; only beat and onset prompts read it.
     """
-    name, args = prompt_arguments(spec)
+    name, args = prompt_arguments(spec, shape[1])
     frames = lambda seconds: prompts.seconds_to_frames(seconds, codec.frame_rate)  # noqa: E731
     builders = {
         "periodic": lambda period, width: prompts.periodic(shape, period, width, random_roll, generator),

@@ -54,8 +54,17 @@ class EvalProtocolConfig:
         if self.passes < 1 or not all(n >= 1 for n in self.passes_sweep):  # 0 passes generate nothing
             raise ValueError(f"eval_protocol.passes and passes_sweep must be >= 1, got passes={self.passes}, "
                              f"passes_sweep={list(self.passes_sweep)}")
+        if not all(p >= 0 for p in self.periods):  # 0: unconditional, as the periodic:0 preset
+            raise ValueError(f"eval_protocol.periods must be >= 0, got {list(self.periods)}")
+        check_at_least(self, "eval_protocol", compression_codebooks=0, compression_period=1)  # as compression:N:P
         if self.sweep_prompt not in self.prompt_names:
             raise ValueError(f"eval_protocol.sweep_prompt {self.sweep_prompt!r} is not one of {self.prompt_names}")
+
+    def check_codebooks(self, n_codebooks: int) -> None:
+        """The ``compression`` prompt keeps at most the model's codebooks (more kept them all: ``periodic_<P>``)."""
+        if self.compression_codebooks > n_codebooks:
+            raise ValueError(f"eval_protocol.compression_codebooks={self.compression_codebooks} is more than the "
+                             f"model's {n_codebooks} codebooks")
 
     @property
     def prompt_names(self) -> list[str]:
@@ -78,6 +87,8 @@ def prompt_mask(protocol: EvalProtocolConfig, name: str, shape) -> torch.Tensor:
     """One of the protocol's prompt masks ``[B, K, T]`` (True = generate), the same for every window."""
     frames = shape[-1]
     context = int(round(protocol.context_fraction * frames))
+    if name == "compression":
+        protocol.check_codebooks(shape[1])
     if name.startswith("periodic_") and int(name.split("_")[1]) in protocol.periods:
         return prompts.periodic(shape, int(name.split("_")[1]))
     builders = {
