@@ -99,6 +99,9 @@ def test_vamp_refuses_counts_and_lengths_out_of_range(flag, value, message, tmp_
 @pytest.mark.parametrize("stage, args, message", [
     ("train", [], "error: bad configuration for train: data.dataset_dir is not set"),
     ("train", ["data.dataset_dir=codes", "masking.schedule=cosin"], "error: bad configuration for train: unknown masking schedule 'cosin'"),
+    ("train", ["data.dataset_dir=codes", "seed=-1"], "error: bad configuration for train: seed must be in [0, 4294967295]"),
+    ("train", ["data.dataset_dir=codes", f"seed={2**64}"],
+     "error: bad configuration for train: seed must be in [0, 4294967295] (Lightning seeds NumPy with it), got 18446744073709551616"),
     ("train", ["data.dataset_dir=codes", "codec.source=/nonexistent/codec.pth"], "error: codec checkpoint not found"),
     ("eval", ["coarse=c.pt", "dataset_dir=codes", "fad_backend=clapp"], "error: bad configuration for eval: unknown FAD backend"),
     ("eval", ["coarse=/nonexistent/c.pt", "dataset_dir=codes"], "error: model not found"),

@@ -186,6 +186,17 @@ def test_the_runs_seed_seeds_the_data_stream_unless_set_apart():
     assert compose("train", ["seed=7", "data.seed=3", "data.dataset_dir=/data"]).data.seed == 3
 
 
+def test_a_seed_lightning_cannot_take_is_refused_at_compose_time():
+    """A negative seed, or one of 2**32 or more, passed the config check and ended the run in a traceback from
+    Lightning's seed_everything (the demo's training only after its prep)."""
+    from vampnet_pl.config import UsageError, compose
+
+    for bad in (-1, 2**32, 2**64):
+        with pytest.raises(UsageError, match=rf"seed must be in \[0, 4294967295\] .*got {bad}"):
+            compose("train", [f"seed={bad}", "data.dataset_dir=/data"])
+    assert compose("train", [f"seed={2**32 - 1}", "data.dataset_dir=/data"]).seed == 2**32 - 1
+
+
 @pytest.mark.parametrize("bad, message", [
     ("data.batch_size=0", "data.batch_size must be at least 1, got 0"),  # was numpy's "need at least one array to stack"
     ("data.val_batch_size=0", "data.val_batch_size must be at least 1"),  # was a ZeroDivisionError at validation

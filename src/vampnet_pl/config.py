@@ -255,6 +255,9 @@ class LossWeighting(str, Enum):
     diffusion = "diffusion"  # masked-diffusion ELBO style: per example |d gamma/d r| x mean CE of its masked tokens
 
 
+LARGEST_SEED = 2**32 - 1  # Lightning's seed_everything seeds NumPy's legacy generator, which takes no other
+
+
 @dataclass
 class TrainConfig:
     experiment: str = "vampnet"
@@ -289,6 +292,8 @@ class TrainConfig:
 
     def __post_init__(self):  # required keys whose schema default is None (``???`` over None is a no-op in OmegaConf)
         check_fraction(self.label_smoothing, "label_smoothing")  # else torch refuses it at the first training step
+        if not 0 <= self.seed <= LARGEST_SEED:  # else Lightning's seed_everything fails after the check (a traceback)
+            raise ValueError(f"seed must be in [0, {LARGEST_SEED}] (Lightning seeds NumPy with it), got {self.seed}")
         self.eval_protocol.check_codebooks(self.model.n_codebooks)  # validation masks as deep as the model
         if self.data.dataset_dir is None and self.data.train_urls is None:
             raise ValueError("data.dataset_dir is not set: give data.dataset_dir=<a prep out_dir> "
