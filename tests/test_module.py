@@ -416,3 +416,21 @@ def test_init_from_reads_its_file_once_and_hashes_it_as_file_sha256(tmp_path):
     assert loaded.init_from_sha256 == file_sha256(path)  # as earlier runs recorded it: they still resume
     source = load_exported(path)
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+
+
+def test_the_epoch_perplexity_is_exp_of_the_mean_cross_entropy_not_a_mean_of_perplexities():
+    """The epoch value averaged each step's exp(cross-entropy): two steps at CE log 64 and about 0 gave about 32.5,
+    where the perplexity of those tokens, exp of their mean CE, is about 8. A step's value stays exp of its own CE."""
+    m = module()
+    target = torch.randint(0, 64, (6,))
+    uniform = torch.zeros(6, 64)  # CE = log 64
+    certain = torch.full((6, 64), -30.0).scatter(1, target[:, None], 30.0)  # CE about 0
+    metric = m.metrics["train_metrics"]["perplexity"]
+    steps = []
+    for logits in (uniform, certain):
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        m._update_metrics("train", loss, logits, target, None, target[None, None], torch.ones(1, 1, 6, dtype=torch.bool),
+                          torch.ones(1), accuracy=False)
+        steps.append(float(metric._forward_cache))
+    assert steps == pytest.approx([64.0, 1.0], rel=1e-4)
+    assert float(metric.compute()) == pytest.approx(8.0, rel=1e-4)  # exp((log 64 + 0) / 2)

@@ -60,6 +60,14 @@ def samples_metrics(step: int, every: int, log_every: int) -> bool:
     return step % max(1, every) == 0 or (log_every > 0 and step % log_every == 0)
 
 
+class PerplexityMetric(MeanMetric):
+    """Perplexity of the cross-entropies it is given: exp of their mean (a mean of per-step perplexities is not one:
+    it is pulled up by the worst steps). A step's value is exp of that step's cross-entropy."""
+
+    def compute(self) -> torch.Tensor:
+        return super().compute().exp()
+
+
 def _as(cls, value):
     return value if isinstance(value, cls) or value is None else cls(**value)
 
@@ -155,7 +163,8 @@ class MaskedTokenModule(L.LightningModule):
         cfg = self.cfg
         names += [f"top1_masked/codebook_{k}" for k in range(cfg.n_conditioning_codebooks, cfg.n_codebooks)]
         names += [f"top1_masked/ratio_le_{b:.2f}" for b in RATIO_BUCKETS]
-        self.metrics = torch.nn.ModuleDict({"train_metrics": torch.nn.ModuleDict({_key(n): MeanMetric(nan_strategy="disable") for n in names})})
+        train = {_key(n): (PerplexityMetric if n == "perplexity" else MeanMetric)(nan_strategy="disable") for n in names}
+        self.metrics = torch.nn.ModuleDict({"train_metrics": torch.nn.ModuleDict(train)})
         self.val_metrics = torch.nn.ModuleDict({_key(n): MeanMetric(nan_strategy="disable") for n in self.val_metric_names()})
 
     def val_metric_names(self) -> list[str]:
@@ -240,7 +249,7 @@ class MaskedTokenModule(L.LightningModule):
         metrics = self.metrics[f"{stage}_metrics"]
         cfg = self.cfg
         plain = F.cross_entropy(selected_logits, selected_target)
-        values = {"loss": loss, "perplexity": plain.exp()}
+        values = {"loss": loss, "perplexity": plain}  # PerplexityMetric: exp of the mean cross-entropy
         if accuracy:
             top25 = logits.topk(min(25, logits.shape[-1]), dim=-1).indices
             hit1 = top25[..., 0] == target
