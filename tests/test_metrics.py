@@ -269,3 +269,20 @@ def test_a_mel_distance_of_no_examples_is_nan_not_a_perfect_score():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchmetrics warns of compute before update
         assert math.isnan(MelDistance(sample_rate=16000).compute().item())
+
+
+@pytest.mark.parametrize("name", ["MelDistance", "DACMelDistance", "VampNetMelDistance"])
+def test_mel_distances_add_nothing_for_an_empty_batch_and_refuse_audio_too_short_clearly(name):
+    """An empty batch (a rank with no example left) crashed inside torch's padding; so did audio no longer than half
+    the longest window (2048 samples), with a message about padding sizes."""
+    from vampnet_pl.evaluation import metrics
+
+    audio = tones(2)
+    alone, with_empty = getattr(metrics, name)(16000), getattr(metrics, name)(16000)
+    alone.update(audio, audio.flip(0))
+    with_empty.update(torch.zeros(0, 16000), torch.zeros(0, 16000))
+    with_empty.update(audio, audio.flip(0))
+    assert with_empty.count == 2 and float(with_empty.compute()) == float(alone.compute())
+    with pytest.raises(ValueError, match=f"{name} needs audio longer than 1024 samples .* got 1024"):
+        getattr(metrics, name)(16000).update(audio[:, :1024], audio[:, :1024])
+    getattr(metrics, name)(16000).update(audio[:, :1025], audio[:, :1025])  # the shortest it takes

@@ -44,10 +44,12 @@ def _finite(score: str, *tensors: torch.Tensor) -> bool:
 
 
 class _PerExampleDistance(Metric):
-    """Mean over examples of a per-example waveform distance; subclasses give :meth:`distance`."""
+    """Mean over examples of a per-example waveform distance; subclasses give :meth:`distance`. An empty batch adds
+    nothing; audio no longer than half the longest window is refused (a ValueError that says so)."""
 
     higher_is_better = False
     full_state_update = False
+    longest_window = 0  # samples: the STFT's reflect padding needs audio longer than half of it
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -62,6 +64,11 @@ class _PerExampleDistance(Metric):
         if preds.shape != target.shape:
             raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ")
         preds, target = preds.reshape(-1, preds.shape[-1]), target.reshape(-1, target.shape[-1])
+        if preds.shape[0] == 0:
+            return  # no examples (a rank's empty batch): nothing to add to the mean
+        if preds.shape[-1] <= self.longest_window // 2:
+            raise ValueError(f"{type(self).__name__} needs audio longer than {self.longest_window // 2} samples (half its "
+                             f"longest window, {self.longest_window}), got {preds.shape[-1]}")
         if _finite(type(self).__name__, preds, target):
             distances = self.distance(preds, target)
         else:  # NaN for the whole set, as a mean with a NaN example is
@@ -96,6 +103,7 @@ class MelDistance(_PerExampleDistance):
             for w, m in zip(window_lengths, n_mels)
         )
         self.clamp_eps = clamp_eps
+        self.longest_window = max(window_lengths)
 
     def distance(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if preds.shape != target.shape:
@@ -130,6 +138,7 @@ class AudiotoolsMelDistance(_PerExampleDistance):
         from audiotools.metrics.spectral import MelSpectrogramLoss
 
         self.sample_rate = sample_rate
+        self.longest_window = max(self.config["window_lengths"])
         self.loss = MelSpectrogramLoss(loss_fn=_per_example_l1, **self.config)
 
     def distance(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
