@@ -269,7 +269,7 @@ def test_wrong_prompt_presets_are_refused_before_anything_runs(spec, message):
 
 
 @pytest.mark.parametrize("seconds, n_windows, message", [
-    (0.5, 2, r"0.50 s evaluation windows are too short for the FAD embedding \(audio is shorter than one embedding patch\)"),
+    (0.5, 2, r"0.50 s evaluation windows are too short for the FAD embedding \(audio is shorter than one embedding patch \(\d+ samples, \d+ needed\)\)"),
     (1.0, 1, r"1 evaluation window\(s\) of 1.00 s give 1 embedding\(s\) per side; FAD and KAD need at least 2"),
 ])
 def test_windows_too_short_or_few_for_fad_are_refused_before_training(codec_path, seconds, n_windows, message):

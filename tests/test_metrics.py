@@ -286,3 +286,26 @@ def test_mel_distances_add_nothing_for_an_empty_batch_and_refuse_audio_too_short
     with pytest.raises(ValueError, match=f"{name} needs audio longer than 1024 samples .* got 1024"):
         getattr(metrics, name)(16000).update(audio[:, :1024], audio[:, :1024])
     getattr(metrics, name)(16000).update(audio[:, :1025], audio[:, :1025])  # the shortest it takes
+
+
+@pytest.mark.parametrize("samples", [512, 41894])
+def test_windows_too_short_for_the_logmel_embedding_get_the_fix_not_a_padding_error(samples):
+    """A window of one codec frame (512 samples at 44.1 kHz) crashed in the STFT's padding before the embedding's
+    own check, so the start-up check raised a RuntimeError instead of its message that says what to raise."""
+    from vampnet_pl.evaluation.scoring import check_embedding_count
+
+    embed = LogMelPatchEmbedding(44100)
+    with pytest.raises(ValueError, match=rf"too short for the FAD embedding \(audio is shorter than one embedding "
+                                         rf"patch \({samples} samples, 41895 needed\)\): raise window_seconds"):
+        check_embedding_count(embed, 8, samples, 44100, "raise window_seconds")
+    assert check_embedding_count(embed, 2, 41895, 44100, "raise window_seconds") == 2
+
+
+def test_an_empty_batch_adds_no_embedding():
+    audio = tones(3)
+    fad_alone, fad = FrechetAudioDistance(LogMelPatchEmbedding(16000), 128), FrechetAudioDistance(LogMelPatchEmbedding(16000), 128)
+    for metric in (fad_alone, fad):
+        metric.update(audio, real=True)
+        metric.update(audio.flip(0) + 0.01, real=False)
+    fad.update(torch.zeros(0, 16000), real=False)
+    assert fad.fake_n == 3 and float(fad.compute()) == float(fad_alone.compute())

@@ -197,11 +197,15 @@ class LogMelPatchEmbedding(nn.Module):
         self.patch = max(1, int(patch_seconds * 100))
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` -> ``[N, 128]`` (one row per patch)."""
+        """``[B, T]`` -> ``[N, 128]`` (one row per patch; none for no audio)."""
+        # 1 + T // hop frames (centred), and the centring's reflect padding needs T > n_fft / 2
+        needed = max((self.patch - 1) * self.mel.hop_length, self.mel.n_fft // 2 + 1)
+        if audio.shape[-1] < needed:
+            raise ValueError(f"audio is shorter than one embedding patch ({audio.shape[-1]} samples, {needed} needed)")
+        if audio.shape[0] == 0:
+            return audio.new_zeros(0, self.dim, dtype=torch.float32)
         logmel = self.mel(audio.float()).clamp_min(1e-5).log10()  # [B, 64, frames]
         frames = logmel.shape[-1] // self.patch * self.patch
-        if frames == 0:
-            raise ValueError("audio is shorter than one embedding patch")
         patches = logmel[..., :frames].unfold(-1, self.patch, self.patch)  # [B, 64, n, patch]
         stats = torch.cat([patches.mean(-1), patches.std(-1)], dim=1)  # [B, 128, n]
         return stats.permute(0, 2, 1).reshape(-1, self.dim)
