@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchmetrics
 
 from vampnet_pl.model import load_exported
 from vampnet_pl.training.module import MaskedTokenModule
@@ -434,3 +435,30 @@ def test_the_epoch_perplexity_is_exp_of_the_mean_cross_entropy_not_a_mean_of_per
         steps.append(float(metric._forward_cache))
     assert steps == pytest.approx([64.0, 1.0], rel=1e-4)
     assert float(metric.compute()) == pytest.approx(8.0, rel=1e-4)  # exp((log 64 + 0) / 2)
+
+
+def test_a_bf16_true_run_trains_validates_and_keeps_float32_metric_states():
+    """Under ``trainer.precision=bf16-true`` Lightning makes bf16 the default dtype in the steps and converts the whole
+    module, metrics included: the per-example and per-window sums (``index_add`` of float32 into a bf16 zeros) raised,
+    and a bf16 metric state stops counting at 256."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(1)
+    train = [{"codes": torch.randint(0, 64, (2, 4, 20), generator=g)} for _ in range(2)]
+    val = [{"codes": torch.randint(0, 64, (2, 4, 20), generator=g), "index": torch.arange(2)}]
+    torch.manual_seed(0)
+    m = MaskedTokenModule(MODEL, codebook_tables=torch.randn(4, 64, 8), loss_weighting="diffusion")
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(m, DataLoader(train, batch_size=None), DataLoader(val, batch_size=None))
+    assert next(m.model.parameters()).dtype == torch.bfloat16  # the run is bf16-true
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+    states = [getattr(metric, name) for metric in m.modules() if isinstance(metric, torchmetrics.Metric)
+              for name in metric._defaults]
+    assert states and all(state.dtype == torch.float32 for state in states)
+    accuracy = m.val_metrics["acc1"]
+    accuracy.reset()
+    for i in range(600):
+        accuracy.update(torch.tensor([float(i % 2)]))
+    assert float(accuracy.compute()) == 0.5

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
 from vampnet_pl.codec import CodecMismatch, fingerprints_apart
 from vampnet_pl.config import override_value
@@ -238,7 +238,7 @@ class MaskedTokenModule(L.LightningModule):
             per_token = F.cross_entropy(selected_logits, selected_target, label_smoothing=self.hparams.label_smoothing,
                                         reduction="none")
             example = packed(torch.arange(codes.shape[0], device=codes.device)[:, None, None].expand_as(masked), masked)
-            per_example = torch.zeros(codes.shape[0], device=codes.device).index_add(0, example, per_token)
+            per_example = per_token.new_zeros(codes.shape[0]).index_add(0, example, per_token)
             per_example = per_example / masked.flatten(1).sum(1).clamp_min(1)
             loss = (weights.to(per_example) * per_example).mean()
         return MaskedLoss(loss, selected_logits, selected_target, logits, target, masked, ratios)
@@ -277,13 +277,14 @@ class MaskedTokenModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch)
         # made on the device by a fill: Lightning copies a Python number to the GPU, a wait for the step (pytorch#120996)
-        lr = torch.full((), self.optimizers().param_groups[0]["lr"], device=self.device)
+        lr = torch.full((), self.optimizers().param_groups[0]["lr"], device=self.device, dtype=torch.float32)
         self.log("lr", lr, on_step=True, on_epoch=False, prog_bar=False)
         return loss
 
     # -- validation: the evaluation protocol ------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._digest = hashlib.sha256(self.protocol.id.encode())
+        self._float32_metrics()
 
     def on_validation_epoch_end(self) -> None:
         self.protocol_digest = self._digest.hexdigest()
@@ -317,7 +318,7 @@ class MaskedTokenModule(L.LightningModule):
             counts = masked.flatten(1).sum(1)
             group = name if name.startswith("ratio_") else f"prompt_{name}"
             for metric, value in values.items():
-                per_window = torch.zeros(codes.shape[0], device=codes.device).index_add(0, example, value)
+                per_window = value.new_zeros(codes.shape[0]).index_add(0, example, value)
                 per_window = per_window[counts > 0] / counts[counts > 0]  # [windows] mean over masked tokens
                 self._log_val(metric, per_window)
                 self._log_val(f"{metric}/{group}", per_window)
@@ -364,6 +365,14 @@ class MaskedTokenModule(L.LightningModule):
     def on_train_start(self) -> None:
         """The configured learning rate, also after a resume (the restored states carry the checkpoint's)."""
         apply_base_lr(self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler, self.optim_cfg.lr)
+        self._float32_metrics()
+
+    def _float32_metrics(self) -> None:
+        """Metric states back in float32: ``trainer.precision=bf16-true`` (or ``16-true``) converts the whole module,
+        metrics included, and a bf16 running sum stops growing at 256 (a mean over 600 values read 1.0, not 0.5)."""
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.set_dtype(torch.float32)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0  # 0: optim.total_steps
