@@ -376,3 +376,28 @@ def test_protocol_masks_are_fixed_by_the_protocol_seed_and_window_index():
     assert not torch.equal(other["ratio_0.50"], masks["ratio_0.50"])
     with pytest.raises(ValueError, match="sweep_prompt"):
         EvalProtocolConfig(sweep_prompt="periodic_5")
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "sobol"])
+@pytest.mark.parametrize("kind", ["random", "bernoulli", "span", "magnet_span", "codebook_level", "per_level"])
+def test_masks_do_not_depend_on_the_default_dtype(kind, sampler):
+    """Lightning's bf16-true sets bf16 as the default dtype inside the steps: the draws stay float32 (a bf16 draw
+    has only 256 values below 1, and another seed's sequence)."""
+    masker = TrainingMasker(MaskingConfig(kind=kind, schedule="cosine", sampler=sampler), n_conditioning=2)
+    codes = torch.zeros(SHAPE, dtype=torch.long)
+
+    def drawn():
+        draw = masker.draw(codes, torch.Generator().manual_seed(3))
+        return draw, prompts.random_prompt(SHAPE, 0.3, torch.Generator().manual_seed(4)), \
+            prompts.dropout(torch.ones(SHAPE, dtype=torch.bool), 0.3, torch.Generator().manual_seed(5))
+
+    reference = drawn()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        bf16 = drawn()
+    finally:
+        torch.set_default_dtype(default)
+    assert bf16[0].r.dtype == torch.float32 and torch.equal(bf16[0].r, reference[0].r)
+    assert torch.equal(bf16[0].mask, reference[0].mask) and torch.equal(bf16[0].ratios, reference[0].ratios)
+    assert torch.equal(bf16[1], reference[1]) and torch.equal(bf16[2], reference[2])

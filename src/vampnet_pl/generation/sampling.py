@@ -238,7 +238,7 @@ def example_generators(seed: int | None, example_ids: Sequence[int], device: tor
 def per_example_uniform(generators: Sequence[torch.Generator | None], shape: tuple[int, ...],
                         device: torch.device | str) -> torch.Tensor:
     """``[len(generators), *shape]`` uniform numbers in [0, 1), row i from generator i."""
-    return torch.stack([torch.rand(shape, generator=g, device=device) for g in generators])
+    return torch.stack([torch.rand(shape, generator=g, device=device, dtype=torch.float32) for g in generators])
 
 
 @torch.no_grad()
@@ -293,13 +293,13 @@ def sample(
                 token, confidence = sample_rows(forward(codes, mask)[rows], cfg, uniform)  # [B, P, T, V] -> masked rows
             codes[:, n_conditioning:][rows] = token.to(codes.dtype)
             current = predicted.flatten(1).sum(1)
-            keep_masked = tokens_to_keep_masked(schedule(torch.full((batch,), progress, device=device)), initial,
+            keep_masked = tokens_to_keep_masked(schedule(torch.full((batch,), progress, device=device, dtype=torch.float32)), initial,
                                                 current, step == cfg.passes - 1)
             confidence = confidence.nan_to_num(nan=-math.inf, neginf=-math.inf)  # NaN (broken logits): least confident
             anneal = cfg.mask_temperature * (1 - progress)
             if anneal > 0:
                 confidence = confidence + anneal * gumbel(per_example_uniform(generators, grid, device)[b, t, p])
-            score = torch.full(predicted.shape, float("inf"), device=device)  # prompt tokens never re-masked
+            score = torch.full(predicted.shape, float("inf"), device=device, dtype=confidence.dtype)  # prompt tokens never re-masked
             score[rows] = confidence
             order = score.flatten(1).argsort(dim=1, stable=True)
             lowest = torch.arange(order.shape[1], device=device)[None] < keep_masked[:, None]

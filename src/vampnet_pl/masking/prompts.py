@@ -16,7 +16,8 @@ def full_mask(shape, device=None) -> torch.Tensor:
 
 def random_prompt(shape, ratio: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Mask each token independently with probability ``ratio``."""
-    noise = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device)
+    noise = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device,
+                       dtype=torch.float32)
     return (noise < ratio).to(device)
 
 
@@ -91,7 +92,8 @@ def compression(shape, n_keep_codebooks: int, period: int, random_roll: bool = F
 
 def dropout(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Additionally mask each kept token with probability ``p``."""
-    noise = torch.rand(mask.shape, generator=generator, device=generator.device if generator else mask.device)
+    noise = torch.rand(mask.shape, generator=generator, device=generator.device if generator else mask.device,
+                       dtype=torch.float32)
     return mask | (noise.to(mask.device) < p)
 
 

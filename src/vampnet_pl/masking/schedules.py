@@ -7,6 +7,7 @@ from a sampler; decoding walks r from 0 to 1 over its passes.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -69,6 +70,17 @@ def truncate(r: torch.Tensor, r_min: float = 0.0, r_max: float = 1.0) -> torch.T
     return r_min + (r_max - r_min) * r
 
 
+@contextmanager
+def float32_default():
+    """float32 as torch's default dtype inside (Lightning's ``bf16-true`` makes it bf16 in the steps)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
+
+
 class RatioSampler:
     """Draws r in [0, 1) per example: ``uniform``, or ``sobol``: a scrambled Sobol sequence per batch,
     spread evenly over [0, 1). Stateless: the draws come from ``generator`` (else torch's global RNG)."""
@@ -84,6 +96,7 @@ class RatioSampler:
         source = generator.device if generator is not None else None
         if self.kind == "sobol":
             seed = int(torch.randint(2**62, (1,), generator=generator, device=source))
-            engine = torch.quasirandom.SobolEngine(1, scramble=True, seed=seed)
-            return engine.draw(batch_size).squeeze(1).float().to(device)
-        return torch.rand(batch_size, generator=generator, device=source).to(device)
+            with float32_default():  # the engine computes its first point in the default dtype
+                engine = torch.quasirandom.SobolEngine(1, scramble=True, seed=seed)
+            return engine.draw(batch_size, dtype=torch.float32).squeeze(1).to(device)
+        return torch.rand(batch_size, generator=generator, device=source, dtype=torch.float32).to(device)

@@ -12,8 +12,9 @@ import torch
 
 
 def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """float32 whatever the default dtype (bf16 inside Lightning's ``bf16-true`` steps would make the draws coarse)."""
     source = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=source).to(device)
+    return torch.rand(shape, generator=generator, device=source, dtype=torch.float32).to(device)
 
 
 def _keep_conditioning(mask: torch.Tensor, n_conditioning: int) -> torch.Tensor:
