@@ -144,6 +144,91 @@ def test_a_run_ending_mid_epoch_validates_its_final_weights(prepared, codec_path
     assert sorted(read_curves(tmp_path / "end" / "demo_coarse-local")["val/loss"]) == [4]  # validated once
 
 
+class Killed(Exception):
+    """Stands for a SIGKILL (a node failure): raised right after a last.ckpt write, before anything else runs."""
+
+
+def kill_after_the_last_checkpoint_write_at(step: int, monkeypatch) -> None:
+    from vampnet_pl.training.checkpointing import LastCheckpoint
+
+    save = LastCheckpoint._save_last_checkpoint
+
+    def save_then_die(self, trainer, candidates):
+        save(self, trainer, candidates)
+        if trainer.global_step == step:
+            raise Killed
+
+    monkeypatch.setattr(LastCheckpoint, "_save_last_checkpoint", save_then_die)
+
+
+def all_validations(run_dir: Path) -> list[int]:
+    """The step of every val/loss row of every attempt (Lightning's 0-based index, as logged)."""
+    from vampnet_pl.training.csv_logs import attempt_logs
+
+    files = [*attempt_logs(run_dir), run_dir / "csv" / "metrics.csv"]
+    return [int(r["step"]) for f in files if f.is_file() for r in csv.DictReader(open(f)) if r.get("val/loss")]
+
+
+def test_a_run_killed_before_its_final_validation_validates_when_resumed(prepared, codec_path, tmp_path, monkeypatch):
+    """last.ckpt is written at the last step before that step's validation: a run killed in between resumed from
+    it and ended at once, unscored (its final val/ metrics, best checkpoints and the ablation's scores of step 4)."""
+    from vampnet_pl.ablation.results import final_metrics, read_curves
+
+    common = ["data.batches_per_epoch=4", "checkpoint.every_n_train_steps=3", "trainer.max_steps=6"]
+    train(overrides(prepared, codec_path, tmp_path / "straight", *common))
+    kill_after_the_last_checkpoint_write_at(6, monkeypatch)
+    with pytest.raises(Killed):
+        train(overrides(prepared, codec_path, tmp_path / "killed", *common))
+    monkeypatch.undo()
+    run_dir = tmp_path / "killed" / "demo_coarse-local"
+    assert all_validations(run_dir) == [3] and not (run_dir / "checkpoints" / "step0000006.ckpt").exists()
+    trainer = train(overrides(prepared, codec_path, tmp_path / "killed", *common))  # resumes at step 6
+    assert trainer.global_step == 6 and all_validations(run_dir) == [3, 5]
+    curves = read_curves(run_dir)
+    assert curves["val/loss"] == read_curves(tmp_path / "straight" / "demo_coarse-local")["val/loss"]  # bit for bit
+    assert final_metrics(curves).metrics_step == 6
+    assert (run_dir / "checkpoints" / "step0000006.ckpt").exists()
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    (best,) = [state for key, state in last["callbacks"].items() if "'monitor': 'val/loss'" in key]
+    assert last["global_step"] == 6 and float(best["current_score"]) == pytest.approx(curves["val/loss"][6])
+    assert last["callbacks"]["FinalValidation"] == {"validated_step": 6}
+    train(overrides(prepared, codec_path, tmp_path / "killed", *common))  # finished: not validated again
+    assert all_validations(run_dir) == [3, 5]
+    train(overrides(prepared, codec_path, tmp_path / "killed", *common[:2], "trainer.max_steps=8"))  # goes on
+    assert all_validations(run_dir) == [3, 5, 7]
+    assert [int(r["step"]) for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("train/loss_step")] == [6, 7]
+
+
+def test_an_older_checkpoint_without_the_validation_record_is_validated_when_written_before_it(
+        prepared, codec_path, tmp_path, monkeypatch):
+    """A checkpoint of a version that did not record its validation: Lightning's progress in it tells one written at
+    a training batch's end (before that step's validation) from one written at the end of training (after it)."""
+    from vampnet_pl.training.callbacks import validated_step_unrecorded
+
+    common = ["data.batches_per_epoch=4", "checkpoint.every_n_train_steps=3", "trainer.max_steps=6"]
+
+    def older(run_dir: Path) -> dict:
+        path = run_dir / "checkpoints" / "last.ckpt"
+        checkpoint = torch.load(path, weights_only=False)
+        del checkpoint["callbacks"]["FinalValidation"]
+        torch.save(checkpoint, path)
+        return checkpoint
+
+    train(overrides(prepared, codec_path, tmp_path / "finished", *common))
+    finished = tmp_path / "finished" / "demo_coarse-local"
+    assert validated_step_unrecorded(older(finished)) == 6
+    train(overrides(prepared, codec_path, tmp_path / "finished", *common))
+    assert all_validations(finished) == [3, 5]  # not validated again
+    kill_after_the_last_checkpoint_write_at(6, monkeypatch)
+    with pytest.raises(Killed):
+        train(overrides(prepared, codec_path, tmp_path / "killed", *common))
+    monkeypatch.undo()
+    killed = tmp_path / "killed" / "demo_coarse-local"
+    assert validated_step_unrecorded(older(killed)) is None
+    train(overrides(prepared, codec_path, tmp_path / "killed", *common))
+    assert all_validations(killed) == [3, 5]
+
+
 @pytest.mark.slow
 def test_resume_is_exact_when_the_accumulation_does_not_divide_the_configured_epoch(prepared, codec_path, tmp_path):
     """3 batches an epoch, 2 a step: the epoch is served as 4 (whole steps), so a resumed run's

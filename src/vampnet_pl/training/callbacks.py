@@ -76,10 +76,42 @@ class FinalValidation(L.Callback):
     ablation's final scores were of older weights). At the batch that completes the last step, the validation
     interval becomes that batch's count, so Lightning validates after it; at an epoch's end it validates once, as
     always. (``trainer.should_stop`` would validate too, but also makes that step a log point, one that logs
-    metrics of earlier steps as its own.)"""
+    metrics of earlier steps as its own.)
+
+    The checkpoint records the step of the last validation (this callback's state, ``validated_step``). A run
+    resumed from a checkpoint at its last step that was written before that step's validation (``last.ckpt`` is
+    written first, see ``checkpointing.LastCheckpoint``; a kill, a node failure in between) would otherwise end at
+    once, unscored: it validates first, then ends as a finished run does (``last.ckpt`` written again, with the
+    scores). A checkpoint written before this record existed is taken as validated at its step unless Lightning's
+    progress in it shows it was written at a training batch's end (:func:`validated_step_unrecorded`)."""
 
     def __init__(self) -> None:
         self._val_check_batch: int | float | None = None  # Lightning's own, restored when training ends
+        self.validated_step: int | None = None  # the global step of the last validation (not a sanity check)
+
+    def state_dict(self) -> dict:
+        return {"validated_step": self.validated_step}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.validated_step = validated_step_unrecorded(checkpoint)  # load_state_dict follows, where it was recorded
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.validated_step = state_dict.get("validated_step")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            validate_before_a_skipped_fit(trainer, self)
+
+    def owed(self, trainer: L.Trainer) -> bool:
+        """Whether the weights at the last step were never validated, where Lightning would have validated them;
+        the same answer on every rank (the checkpoint's record)."""
+        return (0 < trainer.max_steps <= trainer.global_step and self.validated_step != trainer.global_step
+                and trainer.val_check_batch not in (None, float("inf"))
+                and trainer.fit_loop.epoch_loop._should_check_val_epoch())
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validated_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if not 0 < trainer.max_steps <= trainer.global_step or trainer.val_check_batch in (None, float("inf")):
@@ -93,6 +125,47 @@ class FinalValidation(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._val_check_batch is not None:
             trainer.val_check_batch, self._val_check_batch = self._val_check_batch, None
+
+
+def validated_step_unrecorded(checkpoint: dict) -> int | None:
+    """The validated step of a checkpoint with no :class:`FinalValidation` record (an older one): its own step, or
+    None where Lightning's progress shows a training batch processed but not completed, that is a checkpoint written
+    at that batch's end (``last.ckpt`` every ``every_n_train_steps``, a requeue), before its step's validation."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("total", {})
+    return None if progress.get("completed", 0) < progress.get("processed", 0) else checkpoint.get("global_step")
+
+
+def validate_before_a_skipped_fit(trainer: L.Trainer, final: FinalValidation) -> None:
+    """Make Lightning's fit loop validate a resumed checkpoint that ``final`` finds :meth:`~FinalValidation.owed` a
+    validation. Lightning skips the whole loop when the restored step has reached ``trainer.max_steps`` (no
+    ``on_train_start``, no validation, no ``on_train_end``); here that loop starts, validates and ends (as at the
+    last step of an uninterrupted run: best checkpoints, metrics at that step, ``last.ckpt`` written again)."""
+    loop = trainer.fit_loop
+    names = ("run", "setup_data", "on_run_start", "on_run_end")
+    if not (all(callable(getattr(loop, n, None)) for n in names) and hasattr(loop, "skip")
+            and callable(getattr(loop.epoch_loop, "_should_check_val_epoch", None))):
+        log.warning("this Lightning runs its fit loop in another way than FinalValidation expects: a run resumed "
+                    "at its last step before that step's validation ends without it")
+        return
+    if getattr(loop.run, "validates_first", False):
+        return  # a second fit of this trainer
+    run = loop.run
+
+    def run_validating_first() -> None:
+        loop.setup_data()  # Lightning's run starts so too (once): the validation interval is known after it
+        if not (final.owed(trainer) and loop.skip):
+            return run()
+        if trainer.is_global_zero:
+            log.info("the checkpoint at step %d (trainer.max_steps) was written before that step's validation: "
+                     "validating it now", trainer.global_step)
+        loop.on_run_start()  # on_train_start
+        trainer.validating = True
+        loop.epoch_loop.val_loop.run()
+        trainer.training = True
+        loop.on_run_end()  # on_train_end: last.ckpt is written again, with this validation's scores
+
+    run_validating_first.validates_first = True
+    loop.run = run_validating_first
 
 
 class DataHealth(L.Callback):

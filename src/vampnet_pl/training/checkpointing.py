@@ -59,7 +59,7 @@ class LastCheckpoint(ModelCheckpoint):
     falls between two: Lightning writes it at the end only when it never wrote it, so a run of 1200 steps saving
     every 500 left step 1000's weights for export and resume. Written at the last step before that step's
     validation (the final one, see ``callbacks.FinalValidation``), it is written again after it, so that it holds
-    the final scores (the best checkpoints' state included)."""
+    the final scores (the best checkpoints' state included); a run killed in between validates when resumed."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
