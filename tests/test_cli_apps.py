@@ -119,6 +119,31 @@ def test_a_wrong_setting_or_missing_file_is_one_line_and_exit_2(stage, args, mes
     assert "HYDRA_FULL_ERROR" not in stderr  # Hydra's report of an exception, with its traceback
 
 
+
+@pytest.mark.parametrize("stage, args, message", [
+    ("train", ["trainer=gpu"], "error: trainer.accelerator 'gpu': this machine has no CUDA GPU (use auto or cpu)"),
+    ("train", ["trainer.accelerator=cuda"], "error: trainer.accelerator 'cuda': this machine has no CUDA GPU"),
+    ("eval", ["codec.device=cuda"], "error: codec.device 'cuda': this machine has no CUDA GPU (use auto or cpu)"),
+    ("eval", ["codec.device=cuda:1"], "error: codec.device 'cuda:1': this machine has no CUDA GPU"),
+    ("eval", ["codec.device=gpu"], "error: unknown codec.device 'gpu': use auto, cpu, cuda or cuda:N")])
+def test_a_device_this_machine_lacks_is_one_line_and_exit_2(stage, args, message, tmp_path, capsys, monkeypatch):
+    """A CUDA device on a machine without one ended in Lightning's (train) or torch's (eval) traceback, status 1;
+    ``vamp --device`` refused it in one line."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    common = (["data.dataset_dir=codes", f"runs_dir={tmp_path}"] if stage == "train" else
+              ["coarse=c.pt", "dataset_dir=codes", f"out_dir={tmp_path}"])  # refused before these are read
+    with pytest.raises(SystemExit) as err:
+        main([stage, *common, *args])
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), stderr
+    assert "Traceback" not in stderr and "HYDRA_FULL_ERROR" not in stderr, stderr
+
 def test_a_process_lightning_starts_for_a_multi_device_train_runs_train(capsys, monkeypatch):
     """Lightning re-runs the program (sys.argv[0], kept by `vampnet-pl train`) with the overrides and its own Hydra
     ones, without the stage: that was an argparse error, and the first rank waited for the others until killed."""

@@ -150,23 +150,36 @@ def _dac_state(payload, path: Path) -> dict | None:
     return state
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` (CUDA when present) or a torch device name. ``ValueError`` for a name torch does not know, or a CUDA
-    device this machine lacks (torch would fail with a traceback only when a model moves there)."""
+class DeviceUnavailable(ValueError):
+    """A device setting names a device torch does not know, or one this machine lacks: the user's mistake, found
+    before anything moves there (``config.usage_errors_exit`` reports it in one line)."""
+
+
+def resolve_device(device: str, setting: str = "device") -> torch.device:
+    """``auto`` (CUDA when present) or a torch device name. :class:`DeviceUnavailable` for a name torch does not
+    know, or a CUDA device this machine lacks (torch would fail with a traceback only when a model moves there);
+    ``setting`` names the option in the message (``codec.device``)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise ValueError(f"device {device!r}: this machine has no CUDA GPU (use auto or cpu)")
-        if resolved.index is not None and resolved.index >= count:
-            raise ValueError(f"device {device!r}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
-                             f"(cuda:0 to cuda:{count - 1})")
+        raise DeviceUnavailable(f"unknown {setting} {device!r}: use auto, cpu, cuda or cuda:N") from None
+    check_cuda_device(resolved, f"{setting} {device!r}")
     return resolved
+
+
+def check_cuda_device(device: torch.device, named: str) -> None:
+    """:class:`DeviceUnavailable`, with ``named`` (the setting and its value), where ``device`` is a CUDA device this
+    machine lacks."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise DeviceUnavailable(f"{named}: this machine has no CUDA GPU (use auto or cpu)")
+    if device.index is not None and device.index >= count:
+        raise DeviceUnavailable(f"{named}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+                                f"(cuda:0 to cuda:{count - 1})")
 
 
 def _apply_in_chunks(

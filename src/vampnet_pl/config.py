@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vampnet_pl.codec import CodecMismatch
+from vampnet_pl.codec import CodecMismatch, DeviceUnavailable
 from vampnet_pl.masking.config import MaskingConfig
 from vampnet_pl.masking.protocol import EvalProtocolConfig
 from vampnet_pl.model import VampNetConfig
@@ -479,7 +479,8 @@ def usage_errors_exit():
     mid-run), and keep their traceback."""
     try:
         yield
-    except (UsageError, FileNotFoundError, CodecMismatch) as err:  # CodecMismatch: model, codec and shards disagree
+    # CodecMismatch: model, codec and shards disagree; DeviceUnavailable: a device setting this machine lacks
+    except (UsageError, FileNotFoundError, CodecMismatch, DeviceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

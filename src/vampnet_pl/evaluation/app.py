@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from vampnet_pl.codec import resolve_device  # noqa: E402
 from vampnet_pl.config import (EvalConfig, UsageError, check_composed, check_prompt_presets, conf_dir,  # noqa: E402
                                usage_errors_exit)
 from vampnet_pl.data.datamodule import read_fixed_windows  # noqa: E402
@@ -83,8 +84,9 @@ def evaluate(cfg: EvalConfig, *, start_up=nullcontext) -> list[dict]:
                                   c2f=SamplingConfig(passes=cfg.c2f_passes, mask_temperature=1.0, seed=cfg.seed),
                                   window_seconds=cfg.window_seconds, c2f_chunk_seconds=cfg.c2f_chunk_seconds)
     with start_up():
+        device = resolve_device(cfg.codec.device, "codec.device")  # before the models load; the message names it
         pipeline = load_pipeline(Path(cfg.coarse), Path(cfg.c2f) if cfg.c2f else None, cfg.codec.source,
-                                 cfg.codec.device, generation)
+                                 str(device), generation)
         codec = pipeline.codec
         check_depth(cfg, pipeline.n_codebooks)
         full = eval_windows(cfg, codec)

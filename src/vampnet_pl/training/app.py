@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -22,7 +23,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from vampnet_pl.codec import Codec, CodecMismatch
+from vampnet_pl.codec import Codec, CodecMismatch, check_cuda_device
 from vampnet_pl.config import TrainConfig, check_composed, conf_dir, usage_errors_exit
 from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth, FinalValidation, LogPointProgressBar
@@ -60,6 +61,15 @@ def build_loggers(node) -> list:
     return [hydra.utils.instantiate(child) for child in node.values() if child]
 
 
+def check_accelerator(accelerator: str) -> None:
+    """``trainer.accelerator=gpu`` (``trainer=gpu``) or ``cuda`` on a machine without a CUDA GPU: Lightning refuses
+    it deep in building the Trainer, with a traceback. Refused here (:class:`~vampnet_pl.codec.DeviceUnavailable`, one
+    line at start-up), by the check ``codec.device`` and ``vamp --device`` get. ``gpu`` is also Apple's MPS to
+    Lightning."""
+    if accelerator in ("gpu", "cuda") and not (accelerator == "gpu" and torch.backends.mps.is_available()):
+        check_cuda_device(torch.device("cuda"), f"trainer.accelerator {accelerator!r}")
+
+
 def build(cfg: DictConfig):
     """Everything a run needs, from a composed config: (module, datamodule, trainer, resume checkpoint)."""
     schema: TrainConfig = check_composed("train", cfg)
@@ -69,6 +79,7 @@ def build(cfg: DictConfig):
                if checkpoint_on_signal(schema.slurm.requeue) else None)
     if requeue is not None:
         requeue.listen()  # first: a requeue signal during start-up is kept (acted on at the first step), not fatal
+    check_accelerator(schema.trainer.accelerator)
     L.seed_everything(schema.seed, workers=True)
     codec = Codec.load(schema.codec.source, device="cpu")
     if schema.model.n_codebooks > codec.n_codebooks:
