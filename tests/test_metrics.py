@@ -309,3 +309,21 @@ def test_an_empty_batch_adds_no_embedding():
         metric.update(audio.flip(0) + 0.01, real=False)
     fad.update(torch.zeros(0, 16000), real=False)
     assert fad.fake_n == 3 and float(fad.compute()) == float(fad_alone.compute())
+
+
+def test_score_leaves_the_embedding_where_it_is():
+    """The eval app and callback put the embedding on the GPU while decoded audio is on the CPU: scoring must
+    run the embedding there, not move it to the audio's device for every later score."""
+    from vampnet_pl.evaluation.metrics import fad_embedding
+    from vampnet_pl.evaluation.scoring import score
+
+    class Pinned(LogMelPatchEmbedding):
+        def _apply(self, fn, recurse=True):  # every .to()/.cpu()/.cuda() goes through here
+            raise AssertionError("the embedding was moved")
+
+    generator = torch.Generator().manual_seed(0)
+    reference = 0.1 * torch.randn(3, 32000, generator=generator)
+    noisy = reference + 0.1 * torch.randn(3, 32000, generator=generator)
+    assert score(noisy, reference, 16000, Pinned(16000)) == score(noisy, reference, 16000, fad_embedding("logmel", 16000))
+    with pytest.raises(ValueError, match="without an embedding"):
+        FrechetAudioDistance(None, 3).update(torch.zeros(2, 3))

@@ -277,12 +277,13 @@ def fad_embedding(name: str, sample_rate: int, weights: str | None = None) -> nn
 
 
 class FrechetAudioDistance(Metric):
-    """FAD between ``update(audio, real=True)`` and ``update(audio, real=False)`` sets."""
+    """FAD between ``update(audio, real=True)`` and ``update(audio, real=False)`` sets. ``embed``: None where
+    ``update`` is given embeddings (the metric's ``.to()`` moves an ``embed`` module with it)."""
 
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], dim: int, **kwargs):
+    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor] | None, dim: int, **kwargs):
         super().__init__(**kwargs)
         self.embed = embed
         for side in ("real", "fake"):
@@ -300,6 +301,8 @@ class FrechetAudioDistance(Metric):
     def update(self, audio: torch.Tensor | None = None, real: bool = True, embeddings: torch.Tensor | None = None) -> None:
         """Add ``audio`` ``[..., samples]`` (embedded here) or its ``embeddings`` ``[n, dim]`` to one side."""
         if embeddings is None:
+            if self.embed is None:
+                raise ValueError(f"{type(self).__name__} was made without an embedding: give update() embeddings=")
             with torch.no_grad():
                 embeddings = self.embed(audio.reshape(-1, audio.shape[-1]))
         self.update_embeddings(embeddings, real)
@@ -350,7 +353,7 @@ class KernelAudioDistance(Metric):
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], bandwidth: float | None = None,
+    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor] | None, bandwidth: float | None = None,
                  scale: float = 100.0, **kwargs):
         super().__init__(**kwargs)
         self.embed, self.bandwidth, self.scale = embed, bandwidth, scale
@@ -363,6 +366,8 @@ class KernelAudioDistance(Metric):
     def update(self, audio: torch.Tensor | None = None, real: bool = True, embeddings: torch.Tensor | None = None) -> None:
         """Add ``audio`` ``[..., samples]`` (embedded here) or its ``embeddings`` ``[n, dim]`` to one side."""
         if embeddings is None:
+            if self.embed is None:
+                raise ValueError(f"{type(self).__name__} was made without an embedding: give update() embeddings=")
             with torch.no_grad():
                 embeddings = self.embed(audio.reshape(-1, audio.shape[-1]))
         self.update_embeddings(embeddings, real)

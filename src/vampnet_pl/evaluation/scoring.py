@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torchmetrics import SumMetric
 
@@ -40,13 +42,23 @@ def check_embedding_count(embed: torch.nn.Module, n_windows: int, samples: int, 
     return n_windows * per_window
 
 
+def module_device(module: torch.nn.Module, default: torch.device) -> torch.device:
+    """Where ``module``'s parameters (or buffers) live; ``default`` for a module without either."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device(default)
+
+
 def score(audio: torch.Tensor, reference: torch.Tensor, sample_rate: int, embed: torch.nn.Module) -> dict[str, float]:
     """Every score of ``audio`` against ``reference`` (``[N, samples]``): mel distance (this project's, DAC's and
-    VampNet's configuration), FAD and KAD with the ``embed`` backend, and the number of embeddings behind them."""
-    device = reference.device
+    VampNet's configuration), FAD and KAD with the ``embed`` backend, and the number of embeddings behind them.
+
+    Computed where ``embed`` lives (a GPU, while decoded audio comes back on the CPU); the embedding stays there."""
+    device = module_device(embed, reference.device)
+    audio, reference = audio.to(device), reference.to(device)
     mels = {"mel": MelDistance(sample_rate), "mel_dac": DACMelDistance(sample_rate),
             "mel_vampnet": VampNetMelDistance(sample_rate)}
-    fad, kad = FrechetAudioDistance(embed, embed.dim).to(device), KernelAudioDistance(embed).to(device)
+    # given the embeddings, not the embedding: a metric's .to() would move its embed (the caller's) with it
+    fad, kad = FrechetAudioDistance(None, embed.dim).to(device), KernelAudioDistance(None).to(device)
     with torch.no_grad():
         real, fake = embed(reference), embed(audio)
     for metric in (fad, kad):
