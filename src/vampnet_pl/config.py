@@ -61,6 +61,8 @@ def check_prompt_presets(specs, key: str, n_codebooks: int | None = None) -> Non
 class CodecConfig:
     # A pretrained DAC name (44khz, 24khz, 16khz; needs internet once) or a DAC checkpoint path.
     source: str = MISSING
+    # Where prep and eval run the codec. train ignores it: it reads the codec's metadata on the CPU, and its
+    # generation callbacks decode on the training device.
     device: str = "auto"
     chunk_seconds: float = 30.0
     context_frames: int = 32
