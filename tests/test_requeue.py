@@ -16,11 +16,12 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from conftest import CRASH_MARKERS
-from test_train import compose, overrides, training_process
+from test_train import assert_same_final_weights, compose, overrides, training_process
 from vampnet_pl.config import RequeueMode
 from vampnet_pl.training.export import read_checkpoint
 from vampnet_pl.training.slurm import (NOT_REQUEUED_EXIT, SharedSignals, SlurmRequeue, checkpoint_on_signal,
-                                      cluster_plugins, describe, requeue_enabled, share_signals, slurm_layout)
+                                      cluster_plugins, describe, requeue_enabled, share_signals, slurm_layout,
+                                      stopped_on_sigterm)
 from vampnet_pl.training.app import build, last_checkpoint
 from vampnet_pl.training.callbacks import batch_seed
 from vampnet_pl.utils.atomic import previous_folder, replace_folder
@@ -82,15 +83,16 @@ def test_batch_seeds_differ_by_rank_and_batch_and_repeat_exactly():
 
 
 class SignalAtStep(L.Callback):
-    """Sends the requeue signal to this process while step ``step`` is under way; counts validation runs after."""
+    """Sends the requeue signal (or ``signum``) to this process while step ``step`` is under way; counts validation
+    runs after."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, signum: int = signal.SIGUSR1):
+        self.step, self.signum = step, signum
         self.validations_after = 0
 
     def on_before_backward(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), self.signum)
 
     def on_validation_start(self, trainer, *args) -> None:
         self.validations_after += trainer.global_step > self.step
@@ -278,6 +280,124 @@ def test_a_requeue_signal_during_start_up_is_kept_and_acted_on_at_the_first_step
     assert read_checkpoint(tmp_path / "demo_coarse-4243" / "checkpoints" / "last.ckpt")["global_step"] == 1
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "4243"]
 
+
+SIGTERM_RUN = ("data.batches_per_epoch=4", "checkpoint.every_n_train_steps=100", "data.val_max_windows=8")
+
+
+def sigterm_at_step(cfg, step: int, monkeypatch, signum: int = signal.SIGTERM) -> tuple[L.Trainer, list]:
+    """``cfg`` trained in this process, SIGTERM (or ``signum``) sent to it in step ``step``: the trainer and the
+    (step, file name) of every checkpoint it saved."""
+    module, datamodule, trainer, resume = build(cfg)
+    trainer.callbacks.append(SignalAtStep(step, signum))
+    saves, save = [], trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda path, *args, **kwargs: (
+        saves.append((trainer.global_step, Path(path).name)), save(path, *args, **kwargs))[1])
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    except SIGTERMException:  # Lightning's own stop (checkpoint.on_sigterm=false)
+        pass
+    return trainer, saves
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sigterm_checkpoints_at_the_step_boundary_and_resuming_gives_the_uninterrupted_weights(
+        accumulate, prepared, codec_path, tmp_path, monkeypatch, caplog):
+    """SIGTERM (scancel, a preemption, ``timeout``) stopped training without a checkpoint: the steps since the last
+    periodic last.ckpt were lost. Every rank now saves last.ckpt at the step boundary, then stops."""
+    common = (*SIGTERM_RUN, f"trainer.accumulate_grad_batches={accumulate}")
+    with caplog.at_level(logging.INFO, logger="vampnet_pl.training.slurm"):
+        trainer, saves = sigterm_at_step(compose(overrides(prepared, codec_path, tmp_path / "stopped",
+                                                           "trainer.max_steps=8", *common)), 2, monkeypatch)
+    assert trainer.global_step == 3  # the step under way was finished, not cut
+    assert [save for save in saves if save[1] == "last.ckpt"] == [(3, "last.ckpt")] and saves[-1] == (3, "last.ckpt")
+    assert stopped_on_sigterm(trainer) and "SIGTERM received: saving" in caplog.text
+    assert trainer.limit_val_batches == 1.0  # no validation in the grace time; the trainer as it was, after fit
+    assert read_checkpoint(tmp_path / "stopped" / "demo_coarse-local" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    module, datamodule, trainer, resume = build(compose(overrides(prepared, codec_path, tmp_path / "stopped",
+                                                                  "trainer.max_steps=8", *common)))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume))
+    module, datamodule, trainer, _ = build(compose(overrides(prepared, codec_path, tmp_path / "straight",
+                                                             "trainer.max_steps=8", *common)))
+    trainer.fit(module, datamodule=datamodule)
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "stopped")
+
+
+class SigtermAt(L.Callback):
+    """Sends SIGTERM to this process as training starts, or in the first validation after training started."""
+
+    def __init__(self, where: str):
+        self.where, self.sent, self.validation_batches = where, False, 0
+
+    def _send(self) -> None:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_start(self, trainer, *args) -> None:
+        if self.where == "start":
+            self._send()
+
+    def on_validation_batch_start(self, trainer, *args) -> None:
+        if not trainer.sanity_checking:
+            self.validation_batches += 1
+            if self.where == "validation":
+                self._send()
+
+
+@pytest.mark.parametrize("where, stopped_at", [("start", 1), ("validation", 5)])
+def test_sigterm_before_the_first_step_or_during_validation_checkpoints_at_the_next_step_boundary(
+        where, stopped_at, prepared, codec_path, tmp_path, monkeypatch):
+    """A validation under way finishes (its scores are whole), then the next step is the boundary."""
+    cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=8", *SIGTERM_RUN,
+                            "data.val_batch_size=2"))
+    module, datamodule, trainer, _ = build(cfg)
+    trainer.callbacks.append(sender := SigtermAt(where))
+    saves, save = [], trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda path, *args, **kwargs: (
+        saves.append((trainer.global_step, Path(path).name)), save(path, *args, **kwargs))[1])
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == stopped_at and stopped_on_sigterm(trainer)
+    assert [s for s in saves if s[1] == "last.ckpt"] == [(stopped_at, "last.ckpt")]
+    assert sender.validation_batches == (0 if where == "start" else 4)  # the validation (8 windows, 4 batches) ran whole
+    assert read_checkpoint(tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt")["global_step"] == stopped_at
+
+
+def test_with_checkpoint_on_sigterm_off_sigterm_stops_without_a_checkpoint(prepared, codec_path, tmp_path,
+                                                                          monkeypatch):
+    cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=8", "checkpoint.on_sigterm=false",
+                            *SIGTERM_RUN))
+    trainer, saves = sigterm_at_step(cfg, 2, monkeypatch)
+    assert trainer.received_sigterm and trainer.global_step == 3 and saves == []
+    assert not any(isinstance(c, SlurmRequeue) for c in trainer.callbacks)  # nothing listens outside SLURM
+
+
+def test_sigterm_in_the_last_step_lets_the_run_finish(prepared, codec_path, tmp_path, monkeypatch):
+    """As the requeue signal: the last step's own last.ckpt is written before the final validation, nothing else."""
+    cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=4", *SIGTERM_RUN))
+    trainer, saves = sigterm_at_step(cfg, 3, monkeypatch)
+    assert trainer.global_step == 4 and not stopped_on_sigterm(trainer) and not trainer.received_sigterm
+    assert {step for step, _ in saves} == {4}  # the periodic saves of the last step, and the best checkpoint's
+    assert next(c for c in trainer.callbacks if isinstance(c, SignalAtStep)).validations_after == 1  # the final one
+
+
+def test_sigterm_after_a_requeue_checkpoint_writes_nothing_more(prepared, codec_path, tmp_path, monkeypatch):
+    """The kill that follows ``scontrol requeue`` (SIGTERM) comes once the requeue has saved and stopped training."""
+    cfg = compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=8", "slurm.requeue=on", *SIGTERM_RUN))
+    monkeypatch.setattr(SlurmRequeue, "requeue", staticmethod(lambda: os.kill(os.getpid(), signal.SIGTERM) or True))
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        trainer, saves = sigterm_at_step(cfg, 1, monkeypatch, signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert trainer.global_step == 2 and saves == [(2, "last.ckpt")] and not stopped_on_sigterm(trainer)
+
+
+def test_submitit_keeps_its_signals_and_sigterm_stops_without_a_checkpoint(prepared, codec_path, tmp_path, slurm_env):
+    slurm_env(SUBMITIT_EXECUTOR="slurm")
+    _, _, trainer, _ = build(compose(overrides(prepared, codec_path, tmp_path, "trainer.max_steps=8", *SIGTERM_RUN)))
+    assert not any(isinstance(c, SlurmRequeue) for c in trainer.callbacks)
+
+
 def bare_trainer() -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False)
@@ -407,9 +527,10 @@ def test_one_process_stops_on_sigterm_as_lightning_stops_it():
     assert trainer.received_sigterm
 
 
-def signal_one_rank(prepared, codec_path, tmp_path, signal_name: str, batches_per_epoch: int, *extra) -> list[dict]:
+def signal_one_rank(prepared, codec_path, tmp_path, signal_name: str, batches_per_epoch: int, *extra,
+                    exit_status: list | None = None) -> list[dict]:
     """Two DDP processes on CPU; rank 1 sends itself ``signal_name`` between forward and backward of step 4.
-    Returns how each rank ended (tests/signal_train.py)."""
+    Returns how each rank ended (tests/signal_train.py); appends the exit status to ``exit_status``."""
     args = overrides(prepared, codec_path, tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.max_steps=8",
                      f"data.batches_per_epoch={batches_per_epoch}", "data.val_max_windows=8",
                      "checkpoint.every_n_train_steps=100", *extra)
@@ -418,6 +539,8 @@ def signal_one_rank(prepared, codec_path, tmp_path, signal_name: str, batches_pe
     output = done.stdout + done.stderr
     assert done.returncode >= 0, output[-4000:]  # not killed by a signal (an abort is -6)
     assert not any(marker in output for marker in CRASH_MARKERS), output[-4000:]
+    if exit_status is not None:
+        exit_status.append(done.returncode)
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
@@ -429,7 +552,9 @@ def test_a_run_stopped_by_sigterm_exits_143_not_0(prepared, codec_path, tmp_path
     done = training_process([str(Path(__file__).with_name("signal_train.py")), *args], 180,
                             SIGNAL_OUT=str(tmp_path), SIGNAL_RANK="0", SIGNAL_STEP="3", SIGNAL="SIGTERM")
     assert done.returncode == 143, (done.stdout + done.stderr)[-3000:]
-    assert json.loads((tmp_path / "rank0.json").read_text())["global_step"] < 8
+    assert json.loads((tmp_path / "rank0.json").read_text())["global_step"] == 4
+    # checkpoint.on_sigterm (the default): saved at the step where it stopped
+    assert read_checkpoint(tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 ONE_TASK_SLURM_JOB = dict(SLURM_JOB_ID="4244", SLURM_JOB_NAME="vampnet-train", SLURM_NTASKS="1", SLURM_PROCID="0",
@@ -458,10 +583,32 @@ def test_a_slurm_job_without_requeue_checkpoints_and_stops_on_the_signal(prepare
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_rank_signalled_mid_step_stops_with_the_others_at_one_batch(prepared, codec_path, tmp_path):
-    """SIGTERM: the ranks exchange it at the next batch start and read it one batch later: both stop after step 5,
-    together, no process crashes, no checkpoint is involved."""
-    ends = signal_one_rank(prepared, codec_path, tmp_path, "SIGTERM", 8)
+    """SIGTERM with checkpoint.on_sigterm=false: the ranks exchange it at the next batch start and read it one batch
+    later: both stop after step 5, together, no process crashes, no checkpoint is written."""
+    ends = signal_one_rank(prepared, codec_path, tmp_path, "SIGTERM", 8, "checkpoint.on_sigterm=false")
     assert ends[0] == ends[1] == {"ended": "SIGTERMException", "global_step": 5, "validations_after": 0}, ends
+    assert not (tmp_path / "demo_coarse-local" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_rank_sigterm_checkpoints_every_rank_at_one_step_and_the_resumed_run_matches(prepared, codec_path, tmp_path):
+    """checkpoint.on_sigterm (the default): the ranks agree as above, finish the step under way (step 6: one more
+    than without the checkpoint), save last.ckpt together, stop and exit 143; resumed, the run ends with the weights
+    of an uninterrupted one, bit for bit."""
+    from test_train import _cli_train
+
+    status = []
+    (tmp_path / "stopped").mkdir()
+    ends = signal_one_rank(prepared, codec_path, tmp_path / "stopped", "SIGTERM", 8, exit_status=status)
+    assert ends[0] == ends[1] == {"ended": "finished", "global_step": 6, "validations_after": 0}, ends
+    assert status == [143]
+    assert read_checkpoint(tmp_path / "stopped" / "demo_coarse-local" / "checkpoints" / "last.ckpt")["global_step"] == 6
+    common = ("trainer.devices=2", "strategy=ddp", "trainer.max_steps=8", "data.batches_per_epoch=8",
+              "data.val_max_windows=8", "checkpoint.every_n_train_steps=100")
+    _cli_train(overrides(prepared, codec_path, tmp_path / "stopped", *common))  # resumes at step 6
+    _cli_train(overrides(prepared, codec_path, tmp_path / "straight", *common))
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "stopped")
 
 
 @pytest.mark.slow

@@ -199,6 +199,9 @@ class CheckpointConfig:
     save_top_k: int = 2
     monitor: str = "val/loss"
     mode: str = "min"  # min | max: keep the lowest or the highest monitor values (max for val/acc1, val/acc5 ...)
+    # On SIGTERM (scancel, a preemption, a local ``timeout``): every rank saves last.ckpt at the step boundary, then the
+    # run stops (exit 143). Off: it stops without a checkpoint. Not under submitit, which owns the job's signals.
+    on_sigterm: bool = True
 
     def __post_init__(self):
         from vampnet_pl.ablation.stats import higher_is_better  # the one rule for which metrics are better higher

@@ -125,8 +125,8 @@ class PromptEvalCallback(L.Callback):
             reason = trainer.strategy.broadcast(torch.tensor(reason), src=0).item()
             if reason == 1:
                 log.warning("evaluation time budget of %.0f s spent: skipping %s and later conditions", self.time_budget, name)
-            elif reason == 2:  # SLURM's signal comes a short grace before the time limit: checkpoint first
-                log.warning("a requeue signal came: skipping %s and later conditions", name)
+            elif reason == 2:  # the signal comes a short grace before the kill (SIGTERM: KillWait): checkpoint first
+                log.warning("a requeue signal or SIGTERM came: skipping %s and later conditions", name)
             return reason > 0
 
         def media(name: str, audio: torch.Tensor) -> None:

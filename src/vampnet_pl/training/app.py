@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import sys
 import warnings
 from contextlib import nullcontext
@@ -29,9 +28,10 @@ from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth, FinalValidation, LogPointProgressBar
 from vampnet_pl.training.checkpointing import AtomicCheckpointIO, check_resumable, remove_checkpoint_leftovers
 from vampnet_pl.training.csv_logs import keep_earlier_attempt
-from vampnet_pl.training.slurm import (NOT_REQUEUED_EXIT, SharedSignals, SlurmRequeue, checkpoint_on_signal,
-                                      cluster_plugins, describe, gpus_left_unused, requeue_enabled,
-                                      share_signals, slurm_layout, stopped_not_requeued)
+from vampnet_pl.training.slurm import (NOT_REQUEUED_EXIT, SIGTERM_EXIT, SharedSignals, SlurmRequeue,
+                                      checkpoint_on_signal, cluster_plugins, describe, gpus_left_unused,
+                                      requeue_enabled, share_signals, slurm_layout, stopped_not_requeued,
+                                      stopped_on_sigterm, under_submitit)
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.utils.atomic import previous_folder
 
@@ -74,9 +74,11 @@ def build(cfg: DictConfig):
     """Everything a run needs, from a composed config: (module, datamodule, trainer, resume checkpoint)."""
     schema: TrainConfig = check_composed("train", cfg)
     signals = SharedSignals()  # SIGTERM and the requeue signal, exchanged by the ranks once per batch
-    requeue = (SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal, signals,
-                            requeue=requeue_enabled(schema.slurm.requeue))
-               if checkpoint_on_signal(schema.slurm.requeue) else None)
+    on_signal = checkpoint_on_signal(schema.slurm.requeue)
+    on_sigterm = schema.checkpoint.on_sigterm and not under_submitit()  # submitit owns the job's signals
+    requeue = (SlurmRequeue(last_checkpoint_path(schema.run_dir), schema.slurm.signal if on_signal else None, signals,
+                            requeue=requeue_enabled(schema.slurm.requeue), sigterm=on_sigterm)
+               if on_signal or on_sigterm else None)
     if requeue is not None:
         requeue.listen()  # first: a requeue signal during start-up is kept (acted on at the first step), not fatal
     check_accelerator(schema.trainer.accelerator)
@@ -148,9 +150,6 @@ def run(cfg: DictConfig, *, start_up=nullcontext) -> L.Trainer:
     return trainer
 
 
-SIGTERM_EXIT = 128 + signal.SIGTERM  # as a shell reports a process that SIGTERM ended: the run is not finished
-
-
 def give_job_its_own_folder(cfg: DictConfig) -> None:
     """In a Hydra multirun (``-m``), ``run_dir`` becomes ``<run_dir>-<job number>``: the jobs of a sweep never share
     a folder (each would resume the one before it and overwrite its logs). The number is the job's place in the
@@ -165,7 +164,8 @@ def give_job_its_own_folder(cfg: DictConfig) -> None:
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """``vampnet-pl train``. A run stopped by SIGTERM exits with 143, not 0, so that a caller (the ablation
-    runner, a script) does not take it for finished; it resumes from its checkpoint when run again. A run that
+    runner, a script) does not take it for finished; it resumes from its checkpoint when run again (with
+    ``checkpoint.on_sigterm``, one saved at the step where it stopped). A run that
     checkpointed on the requeue signal and was not requeued (the requeue failed, or ``slurm.requeue=off``) exits with
     ``NOT_REQUEUED_EXIT`` (75; see training/slurm.py). A wrong setting or a missing file found at start-up exits with
     2 and a one-line error; an error in training, with its traceback (Hydra's report, status 1)."""
@@ -174,7 +174,7 @@ def main(cfg: DictConfig) -> None:
         trainer = run(cfg, start_up=usage_errors_exit)
     except SIGTERMException:  # several ranks: raised on each once they agreed to stop
         sys.exit(SIGTERM_EXIT)
-    if trainer.received_sigterm:  # one process: Lightning's loop stopped
+    if trainer.received_sigterm or stopped_on_sigterm(trainer):  # one process: Lightning's loop stopped; or checkpointed
         sys.exit(SIGTERM_EXIT)
     if stopped_not_requeued(trainer):  # srun then reports the job step as failed
         sys.exit(NOT_REQUEUED_EXIT)

@@ -21,7 +21,11 @@ Under Hydra's submitit launcher, submitit owns the signal and the requeue; this 
 
 Both handlers only set a flag (:class:`SharedSignals`); the ranks exchange the flags at every training batch
 start without waiting for the GPU, and act on them together. SIGTERM (``scancel``, the kill that follows
-``scontrol requeue``, a preemption) stops every rank at the same batch (:func:`share_signals`).
+``scontrol requeue``, a preemption, a local ``timeout``) stops every rank at the same batch (:func:`share_signals`).
+With ``checkpoint.on_sigterm`` (the default; not under submitit) :class:`SlurmRequeue` acts on it as on the requeue
+signal, without the requeue: every rank saves ``checkpoints/last.ckpt`` at the first step boundary after the ranks
+have exchanged it, and training stops (``vampnet-pl train`` exits 143). A SIGTERM after a requeue checkpoint has
+stopped training (the kill that follows ``scontrol requeue``) writes nothing more.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ class SharedSignals:
         self.local = dict.fromkeys(self.names, False)  # this rank's handlers
         self.shared = dict.fromkeys(self.names, False)  # any rank's, as of the last exchange read
         self.installed = False
+        self.checkpoint_on_sigterm = False  # SlurmRequeue acts on SIGTERM at a step boundary; Lightning's loops do not
         self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
         self._host: list[torch.Tensor] = []  # two pinned buffers, used in turn: one being written, one read
 
@@ -185,7 +190,8 @@ def share_signals(trainer: L.Trainer, signals: SharedSignals) -> None:
 
     Here the handler only records the signal. One process stops as Lightning stops it. Several processes
     exchange their flags at the start of every training batch, where Lightning broadcast rank 0's
-    (:meth:`SharedSignals.exchange`), and all stop at the batch where the exchange shows a SIGTERM."""
+    (:meth:`SharedSignals.exchange`), and all stop at the batch where the exchange shows a SIGTERM. With
+    ``signals.checkpoint_on_sigterm`` neither stops here: :class:`SlurmRequeue` saves and stops at the step boundary."""
     connector, epoch_loop = trainer._signal_connector, trainer.fit_loop.epoch_loop
     if not (callable(getattr(connector, "_sigterm_notifier_fn", None))
             and callable(getattr(epoch_loop, "_broadcast_sigterm_tensor", None))):
@@ -196,12 +202,12 @@ def share_signals(trainer: L.Trainer, signals: SharedSignals) -> None:
         if not signals.local["sigterm"] and (launcher := trainer.strategy.launcher) is not None:
             launcher.kill(signum)  # processes Lightning started itself, as its own handler does
         signals.record("sigterm")
-        if trainer.world_size == 1:
+        if trainer.world_size == 1 and not signals.checkpoint_on_sigterm:
             connector.received_sigterm = True  # Lightning's loops stop at their next check
 
     def at_batch_start() -> None:  # called by Lightning at each training batch start, on several ranks
         signals.exchange(trainer.strategy.root_device)
-        if signals.shared["sigterm"]:
+        if signals.shared["sigterm"] and not signals.checkpoint_on_sigterm:
             connector.received_sigterm = True
             if trainer.is_global_zero:
                 log.info("SIGTERM received: training stops at this batch on every rank")
@@ -226,15 +232,20 @@ def validation_may_follow(trainer: L.Trainer) -> bool:
 
 class SlurmRequeue(L.Callback):
     """Checkpoint at the first step boundary after the ranks have exchanged ``signal_name`` (:class:`SharedSignals`),
-    then ``scontrol requeue`` the job (with ``requeue=False``: stop without it)."""
+    then ``scontrol requeue`` the job (with ``requeue=False``: stop without it). With ``sigterm=True``, SIGTERM is
+    acted on the same way, without a requeue; with ``signal_name=None``, only SIGTERM (no handler for another)."""
 
-    def __init__(self, checkpoint_path: str | Path, signal_name: str = "SIGUSR1", signals: SharedSignals | None = None,
-                 requeue: bool = True):
+    def __init__(self, checkpoint_path: str | Path, signal_name: str | None = "SIGUSR1",
+                 signals: SharedSignals | None = None, requeue: bool = True, sigterm: bool = False):
         self.checkpoint_path = Path(checkpoint_path)
         self.requeue_job = requeue
         self.not_requeued = False  # rank 0 stopped training on the signal and the job is not requeued
-        self.signum = signal.Signals[signal_name]
+        self.stopped_on_sigterm = False  # every rank: training stopped on SIGTERM, after its checkpoint
+        self.signum = signal.Signals[signal_name] if signal_name else None
         self.signals = signals or SharedSignals()  # app.build passes the trainer's (see share_signals)
+        # what stops training here, the requeue signal first (its stop also requeues)
+        self.acts_on = ("requeue",) * (self.signum is not None) + ("sigterm",) * sigterm
+        self.signals.checkpoint_on_sigterm |= sigterm
         self._previous_handler = None
         self._listening = False  # our handler is installed (see listen)
         self._step_at_batch_start = -1
@@ -247,7 +258,7 @@ class SlurmRequeue(L.Callback):
         """Record the signal from now on; it is acted on at the first step boundary of training. ``app.build`` calls
         this first, so that a signal during start-up (loading the codec, the model, the data, the process group;
         its default action ends the process) is kept, not fatal. ``setup`` calls it for other callers."""
-        if not self._listening and threading.current_thread() is threading.main_thread():
+        if self.signum is not None and not self._listening and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(self.signum, self._on_signal)
             self._listening = True
 
@@ -276,23 +287,30 @@ class SlurmRequeue(L.Callback):
             return  # inside a gradient accumulation: not a step boundary
         if 0 < trainer.max_steps <= trainer.global_step:
             return  # the last step: training ends (final validation included), nothing to requeue; same on every rank
-        if trainer.world_size > 1 and not self.signals.shared["requeue"] and validation_may_follow(trainer):
+        if (trainer.world_size > 1 and not any(self.signals.shared[name] for name in self.acts_on)
+                and validation_may_follow(trainer)):
             self.signals.flush(trainer.strategy.root_device)  # the lagged exchange would be read after a validation
-        if not self.signals.received("requeue", trainer.world_size):  # any rank, as all ranks last exchanged it
+        # any rank's, as all ranks last exchanged them
+        received = next((name for name in self.acts_on if self.signals.received(name, trainer.world_size)), None)
+        if received is None:
             return
-        then = "requeueing" if self.requeue_job else "stopping without a requeue (slurm.requeue=off)"
+        if received == "sigterm":
+            name, then = "SIGTERM", f"stopping (exit status {SIGTERM_EXIT})"
+        else:
+            name = self.signum.name
+            then = "requeueing" if self.requeue_job else "stopping without a requeue (slurm.requeue=off)"
         if trainer.is_global_zero:
-            log.info("%s received: saving %s at step %d, then %s", self.signum.name, self.checkpoint_path,
-                     trainer.global_step, then)
+            log.info("%s received: saving %s at step %d, then %s", name, self.checkpoint_path, trainer.global_step, then)
         trainer.save_checkpoint(self.checkpoint_path)  # every rank, at the same step
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, LastCheckpoint) and callback.writes(self.checkpoint_path):
                 callback.saved_by_requeue(trainer, self.checkpoint_path)  # not written twice in the grace time
         for logger in trainer.loggers:
             logger.save()
+        self.stopped_on_sigterm = received == "sigterm"  # every rank exits with SIGTERM_EXIT, as without a checkpoint
         # rank 0 only, as it runs scontrol: another rank exiting non-zero first would have srun --kill-on-bad-exit
         # end rank 0 while it still writes the logs
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and received == "requeue":
             self.not_requeued = not self.requeue() if self.requeue_job else True
             if not self.requeue_job:
                 log.warning("not requeued (slurm.requeue=off): exits with status %d; resubmit with the same run_name "
@@ -338,15 +356,23 @@ REQUEUE_TIMEOUT_S = 30  # well inside the signal's grace time (--signal=SIGUSR1@
 # run_name resumes from the saved checkpoint.
 # 75 is EX_TEMPFAIL (sysexits.h): a temporary failure, try again; distinct from a crash (1) or SIGTERM (143).
 NOT_REQUEUED_EXIT = 75
+SIGTERM_EXIT = 128 + signal.SIGTERM  # as a shell reports a process that SIGTERM ended: the run is not finished
 
 
 def requeue_pending(trainer: L.Trainer) -> bool:
-    """This rank's requeue handler has recorded the signal (the requeue itself waits for a step boundary): work that
-    can be cut short (the generation evaluation) should end, so the checkpoint is written before the time limit."""
-    return any(isinstance(cb, SlurmRequeue) and (cb.signals.local["requeue"] or cb.signals.shared["requeue"])
+    """This rank has recorded a signal that :class:`SlurmRequeue` checkpoints on (the requeue signal, or SIGTERM with
+    ``checkpoint.on_sigterm``; the checkpoint waits for a step boundary): work that can be cut short (the generation
+    evaluation) should end, so the checkpoint is written within the signal's grace time."""
+    return any(isinstance(cb, SlurmRequeue) and any(cb.signals.local[name] or cb.signals.shared[name]
+                                                    for name in cb.acts_on)
                for cb in getattr(trainer, "callbacks", None) or [])
 
 
 def stopped_not_requeued(trainer: L.Trainer) -> bool:
     """Whether this process (rank 0) stopped training on the signal and the job is not requeued."""
     return any(isinstance(c, SlurmRequeue) and c.not_requeued for c in trainer.callbacks)
+
+
+def stopped_on_sigterm(trainer: L.Trainer) -> bool:
+    """Whether training stopped on SIGTERM after its checkpoint (``checkpoint.on_sigterm``), on this rank."""
+    return any(isinstance(c, SlurmRequeue) and c.stopped_on_sigterm for c in trainer.callbacks)
