@@ -462,3 +462,52 @@ def test_a_bf16_true_run_trains_validates_and_keeps_float32_metric_states():
     for i in range(600):
         accuracy.update(torch.tensor([float(i % 2)]))
     assert float(accuracy.compute()) == 0.5
+
+
+def _fixed_masks(codes: torch.Tensor, ratios: tuple[float, ...]) -> tuple[torch.Tensor, object]:
+    """Examples numbered by their first (conditioning) token, and a masker that gives each example its own mask at
+    its ratio in ``ratios``, whichever micro-batch or rank it lands in."""
+    codes[:, 0, 0] = torch.arange(codes.shape[0])
+    mask = torch.rand(codes.shape, generator=torch.Generator().manual_seed(0)) < torch.tensor(ratios)[:, None, None]
+    mask[:, 0], mask[:, 1:, 0] = False, True  # conditioning never masked; at least one masked token each
+    ratio = torch.tensor(ratios)
+    return mask, lambda c, *a, **k: (mask[c[:, 0, 0]], ratio[c[:, 0, 0]])
+
+
+def _one_sgd_step(codes: torch.Tensor, ratios: tuple[float, ...], batch_size: int, accumulation: int) -> torch.Tensor:
+    """The change of the weights after one optimiser step (SGD at lr 1, no clipping): minus the step's gradient."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    m = module(label_smoothing=0.0)
+    _, m.masker = _fixed_masks(codes, ratios)
+    m.configure_optimizers = lambda: torch.optim.SGD(m.model.parameters(), lr=1.0)
+    m.on_train_start = lambda: None
+    before = torch.cat([p.detach().flatten() for p in m.model.parameters()])
+    L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulation, gradient_clip_val=None, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+              ).fit(m, DataLoader([{"codes": c} for c in codes], batch_size=batch_size))
+    return before - torch.cat([p.detach().flatten() for p in m.model.parameters()])
+
+
+def test_gradient_accumulation_weighs_every_masked_token_of_the_global_batch_alike():
+    """The global batch is the recipe and its split is the hardware's: 2 micro-batches of 2 accumulated give the
+    gradient of one batch of 4, the mean over all its masked tokens. A mean per micro-batch, averaged, gave the tokens
+    of the lightly masked micro-batch (14 tokens against 89) 6 times the weight: a gradient 106 % apart."""
+    codes = torch.randint(0, 64, (4, 4, 16), generator=torch.Generator().manual_seed(1))
+    ratios = (0.1, 0.1, 0.9, 0.9)
+    whole = _one_sgd_step(codes, ratios, batch_size=4, accumulation=1)
+    m = module(label_smoothing=0.0)
+    mask, m.masker = _fixed_masks(codes.clone(), ratios)
+    loss = m.masked_loss(codes, sampled=False).loss  # the mean over the batch's masked tokens
+    gradient = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(m.model.parameters()))])
+    torch.testing.assert_close(whole, gradient, rtol=1e-4, atol=1e-6)
+    accumulated = _one_sgd_step(codes, ratios, batch_size=2, accumulation=2)
+    torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-6)
+
+
+def test_token_mean_scale_undoes_the_accumulation_and_rank_averages():
+    from vampnet_pl.training.module import token_mean_scale
+
+    # 2 micro-batches x 2 ranks of 60 positions, 100 masked tokens in all: (2 x 2 x 60) / 100
+    assert float(token_mean_scale(2, 2, 60, torch.tensor(100.0))) == pytest.approx(2.4)

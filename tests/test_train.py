@@ -306,7 +306,7 @@ def test_training_loop_reads_tensors_on_the_host_only_at_log_points(prepared, co
     def note(name: str) -> None:  # called from a wrapper: its caller is the code that reads
         caller = sys._getframe(2)
         if (trainer.training and any(part in caller.f_code.co_filename for part in loop_code)
-                and caller.f_code is not MaskedTokenModule._step.__code__):
+                and caller.f_code is not MaskedTokenModule._masked_step.__code__):
             reads.append((trainer.global_step, name, f"{caller.f_code.co_filename}:{caller.f_lineno}"))
 
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
@@ -395,7 +395,7 @@ def test_a_training_step_waits_for_the_device_only_to_select_the_masked_tokens(p
     module, datamodule, trainer, _ = build(compose(args))
     trainer.callbacks.append(RecordSteps())
     trainer.fit(module, datamodule=datamodule)
-    cpu_only = {("_local_scalar_dense.default", "random_lanes"), ("_local_scalar_dense.default", "_step")}
+    cpu_only = {("_local_scalar_dense.default", "random_lanes"), ("_local_scalar_dense.default", "_masked_step")}
     selection = {("nonzero.default", "classify_selected"), ("bincount.default", "classify_selected"),
                  ("index.Tensor", "packed")}
     assert len(steps) == 6 and set(steps[4]) - cpu_only - selection  # step 5 is sampled: top-k metrics' indexing

@@ -256,7 +256,7 @@ class BatchSizingConfig:
 
 
 class LossWeighting(str, Enum):
-    none = "none"  # mean cross-entropy over the batch's masked tokens (VampNet)
+    none = "none"  # mean cross-entropy over the global batch's masked tokens, all micro-batches and ranks (VampNet)
     diffusion = "diffusion"  # masked-diffusion ELBO style: per example |d gamma/d r| x mean CE of its masked tokens
 
 

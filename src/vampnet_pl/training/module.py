@@ -1,7 +1,8 @@
 """The LightningModule for both stages (coarse and c2f): masking, loss, metrics, optimiser.
 
 Training: cross-entropy on masked tokens only (label smoothing), masks from the run's
-``masking.*``; ``loss_weighting=diffusion`` weights each example by the slope of its schedule,
+``masking.*``, averaged over every masked token of the global batch whatever its split into micro-batches
+and ranks (:func:`token_mean_scale`); ``loss_weighting=diffusion`` weights each example by the slope of its schedule,
 |d gamma / d r| (masked diffusion's ELBO weight gamma'/gamma per masked token, with the mean
 over masked tokens taking the 1/gamma). Validation: the evaluation protocol
 (``masking.protocol``), never the run's own masks: every window under every protocol mask,
@@ -22,7 +23,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torchmetrics import MeanMetric, Metric
 
 from vampnet_pl.codec import CodecMismatch, fingerprints_apart
@@ -49,6 +50,18 @@ class MaskedLoss(NamedTuple):
     target: torch.Tensor  # [B, P, T]
     masked: torch.Tensor  # [B, P, T] bool
     ratios: torch.Tensor  # [B] mask ratio of each example
+
+
+def token_mean_scale(accumulation: int, ranks: int, positions: int, tokens: torch.Tensor) -> torch.Tensor:
+    """The factor that makes an optimiser step's gradient that of the mean loss over all its masked tokens.
+
+    Each micro-batch's loss is the sum over its masked tokens divided by its token ``positions`` (masked or not,
+    the same in every micro-batch); Lightning divides each by the ``accumulation`` and the ranks average their
+    gradients, so the accumulated gradient is the sum over the step's masked tokens divided by
+    ``accumulation x ranks x positions``. Times this factor it is that sum divided by ``tokens``, the step's
+    masked tokens over all its micro-batches and ranks: a global batch weighs every masked token alike, however
+    it is split (a mean per micro-batch, averaged, would weigh the tokens of a lightly masked micro-batch more)."""
+    return (accumulation * ranks * positions) / tokens.clamp_min(1)
 
 
 def samples_metrics(step: int, every: int, log_every: int) -> bool:
@@ -116,6 +129,8 @@ class MaskedTokenModule(L.LightningModule):
         if lora:
             self._apply_lora(lora)
         self.masker = TrainingMasker(self.masking_cfg, model_cfg.n_conditioning_codebooks)
+        self._step_tokens = 0  # masked tokens of this rank's micro-batches since the last optimiser step
+        self._positions = 0  # token positions of one micro-batch (see token_mean_scale)
         self._metrics_built = False
         self._build_metrics()
 
@@ -199,6 +214,9 @@ class MaskedTokenModule(L.LightningModule):
     def _step(self, batch: dict, stage: str = "train", batch_idx: int = 0, sampled: bool | None = None) -> torch.Tensor:
         """Masks, loss and metrics of one batch. ``sampled``: also the top-k metrics (they need every token's
         logits); by default on every ``train_metrics_every_n_steps``-th training step and in other stages."""
+        return self._masked_step(batch, stage, sampled).loss
+
+    def _masked_step(self, batch: dict, stage: str = "train", sampled: bool | None = None) -> MaskedLoss:
         if sampled is None:  # top-k metrics are costly: only on sampled train steps (see samples_metrics)
             log_every = self._trainer.log_every_n_steps if self._trainer is not None else 0
             sampled = stage != "train" or samples_metrics(self.global_step + 1, self.hparams.train_metrics_every_n_steps,
@@ -211,7 +229,7 @@ class MaskedTokenModule(L.LightningModule):
                 "or try trainer.precision=32"
             )
         self._update_metrics(stage, *out, sampled)
-        return out.loss
+        return out
 
     def masked_loss(self, codes: torch.Tensor, sampled: bool) -> MaskedLoss:
         """Draw the training masks for ``codes`` and compute the loss (no metrics, no logging).
@@ -275,7 +293,12 @@ class MaskedTokenModule(L.LightningModule):
                      prog_bar=stage != "train" and name in ("loss", "top1_masked"), batch_size=target.shape[0])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch)
+        out = self._masked_step(batch)
+        loss = out.loss
+        if self._pools_tokens():  # the sum over masked tokens / positions; on_before_optimizer_step divides by all tokens
+            tokens, self._positions = out.selected_target.shape[0], out.masked.numel()  # host numbers: no sync
+            self._step_tokens += tokens
+            loss = loss * (tokens / self._positions)
         # made on the device by a fill: Lightning copies a Python number to the GPU, a wait for the step (pytorch#120996)
         lr = torch.full((), self.optimizers().param_groups[0]["lr"], device=self.device, dtype=torch.float32)
         self.log("lr", lr, on_step=True, on_epoch=False, prog_bar=False)
@@ -336,7 +359,27 @@ class MaskedTokenModule(L.LightningModule):
         self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("loss", "acc1"),
                  batch_size=max(1, values.numel()))
 
+    def _pools_tokens(self) -> bool:
+        """Whether a step's loss is pooled over the masked tokens of all its micro-batches and ranks: under
+        ``loss_weighting=none`` (``diffusion`` is a mean over examples, which micro-batches of one size average
+        exactly), except under DeepSpeed, whose engine keeps the gradients (each micro-batch's mean, averaged)."""
+        return (self.hparams.loss_weighting == "none" and self._trainer is not None
+                and not isinstance(self.trainer.strategy, DeepSpeedStrategy))
+
+    def _scale_to_token_mean(self) -> None:
+        """The accumulated gradients times :func:`token_mean_scale` (one all-reduce of a number; no host sync)."""
+        if not self._step_tokens:
+            return
+        tokens = torch.full((), float(self._step_tokens), device=self.device)  # a fill: no copy to wait for
+        tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        scale = token_mean_scale(self.trainer.accumulate_grad_batches, self.trainer.world_size, self._positions, tokens)
+        self._step_tokens = 0
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))  # FSDP's CPU offload: gradients on the CPU
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        self._scale_to_token_mean()  # before the norm is logged and the gradients clipped
         sliced = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
         if sliced or any(p.grad is not None for p in self.model.parameters()):
             self.log("train/grad_norm", gradient_norm(self.model.parameters(), sliced), on_step=True, on_epoch=False)
