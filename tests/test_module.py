@@ -474,12 +474,13 @@ def _fixed_masks(codes: torch.Tensor, ratios: tuple[float, ...]) -> tuple[torch.
     return mask, lambda c, *a, **k: (mask[c[:, 0, 0]], ratio[c[:, 0, 0]])
 
 
-def _one_sgd_step(codes: torch.Tensor, ratios: tuple[float, ...], batch_size: int, accumulation: int) -> torch.Tensor:
+def _one_sgd_step(codes: torch.Tensor, ratios: tuple[float, ...], batch_size: int, accumulation: int,
+                  loss_weighting: str = "none") -> torch.Tensor:
     """The change of the weights after one optimiser step (SGD at lr 1, no clipping): minus the step's gradient."""
     import lightning as L
     from torch.utils.data import DataLoader
 
-    m = module(label_smoothing=0.0)
+    m = module(label_smoothing=0.0, loss_weighting=loss_weighting)
     _, m.masker = _fixed_masks(codes, ratios)
     m.configure_optimizers = lambda: torch.optim.SGD(m.model.parameters(), lr=1.0)
     m.on_train_start = lambda: None
@@ -504,6 +505,13 @@ def test_gradient_accumulation_weighs_every_masked_token_of_the_global_batch_ali
     torch.testing.assert_close(whole, gradient, rtol=1e-4, atol=1e-6)
     accumulated = _one_sgd_step(codes, ratios, batch_size=2, accumulation=2)
     torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-6)
+    # micro_batch (the original's pooling): the mean of the micro-batches' own means, split-dependent
+    halves = [torch.cat([g.flatten() for g in torch.autograd.grad(m.masked_loss(codes[i:i + 2], sampled=False).loss,
+                                                                  list(m.model.parameters()))]) for i in (0, 2)]
+    mean_of_means = (halves[0] + halves[1]) / 2
+    torch.testing.assert_close(_one_sgd_step(codes, ratios, 2, 2, "micro_batch"), mean_of_means, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_one_sgd_step(codes, ratios, 4, 1, "micro_batch"), whole, rtol=1e-4, atol=1e-6)
+    assert (mean_of_means - whole).norm() > 0.5 * whole.norm()
 
 
 def test_token_mean_scale_undoes_the_accumulation_and_rank_averages():

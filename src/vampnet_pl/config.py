@@ -257,6 +257,9 @@ class BatchSizingConfig:
 
 class LossWeighting(str, Enum):
     none = "none"  # mean cross-entropy over the global batch's masked tokens, all micro-batches and ranks (VampNet)
+    # each micro-batch's own mean, averaged over micro-batches and ranks: VampNet's code under DDP (the gradient then
+    # depends on the split: tokens of a lightly masked micro-batch weigh more)
+    micro_batch = "micro_batch"
     diffusion = "diffusion"  # masked-diffusion ELBO style: per example |d gamma/d r| x mean CE of its masked tokens
 
 

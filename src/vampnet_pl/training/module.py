@@ -36,7 +36,7 @@ from vampnet_pl.training.optim import OptimConfig, apply_base_lr, build_optimize
 from vampnet_pl.training.parallel import gradient_norm, parallelize, unwrapped_key
 
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0)
-LOSS_WEIGHTINGS = ("none", "diffusion")
+LOSS_WEIGHTINGS = ("none", "micro_batch", "diffusion")
 VAL_METRICS = ("loss", "acc1", "acc25")
 
 
