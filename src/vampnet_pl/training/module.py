@@ -364,6 +364,7 @@ class MaskedTokenModule(L.LightningModule):
         ``loss_weighting=none`` (``diffusion`` is a mean over examples, which micro-batches of one size average
         exactly), except under DeepSpeed, whose engine keeps the gradients (each micro-batch's mean, averaged)."""
         return (self.hparams.loss_weighting == "none" and self._trainer is not None
+                and (self.trainer.accumulate_grad_batches > 1 or self.trainer.world_size > 1)  # else the same mean
                 and not isinstance(self.trainer.strategy, DeepSpeedStrategy))
 
     def _scale_to_token_mean(self) -> None:
