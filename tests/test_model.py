@@ -72,6 +72,24 @@ def test_export_round_trip_loads_with_weights_only(tmp_path):
     assert torch.equal(model(codes, mask), loaded(codes, mask))
 
 
+def test_export_of_a_compiled_model_with_compiled_blocks_loads(tmp_path):
+    """torch.compile adds a level to the state dict's keys (``_orig_mod.``; ``parallelize`` compiles each block): the
+    file holds the plain model's keys, and a file written with wrapped keys loads too."""
+    model = tiny().eval()
+    codes, mask = torch.randint(0, 32, (2, 6, 16)), torch.rand(2, 6, 16) < 0.5
+    expected = model(codes, mask)
+    model.blocks[0] = torch.compile(model.blocks[0])  # lazy: nothing compiles before a call
+    compiled = torch.compile(model)
+    assert "_orig_mod.blocks.0._orig_mod.attn.out.weight" in compiled.state_dict()
+    save_exported(tmp_path / "m.pt", compiled)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert set(payload["state_dict"]) == set(tiny().state_dict())
+    assert torch.equal(load_exported(tmp_path / "m.pt")(codes, mask), expected)
+    payload["state_dict"] = {f"_orig_mod.{k}": v for k, v in payload["state_dict"].items()}  # as written before
+    torch.save(payload, tmp_path / "wrapped.pt")
+    assert torch.equal(load_exported(tmp_path / "wrapped.pt")(codes, mask), expected)
+
+
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="divisible"):
         VampNetConfig(d_model=30, n_heads=4)

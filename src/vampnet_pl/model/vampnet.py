@@ -369,11 +369,24 @@ def packed(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     return values.transpose(0, 1)[select.transpose(0, 1)]
 
 
+WRAPPER_KEYS = ("_orig_mod.", "_checkpoint_wrapped_module.")  # what compile and activation checkpointing add
+
+
+def unwrapped_key(key: str) -> str:
+    """A state-dict key as the plain model names it, whatever wraps the model or its blocks (``torch.compile``,
+    activation checkpointing: ``training.parallel.parallelize``)."""
+    for part in WRAPPER_KEYS:
+        key = key.replace(part, "")
+    return key
+
+
 def save_exported(path, model: VampNet) -> None:
-    """One portable file: weights + model config + codec fingerprint (loadable with weights_only=True)."""
+    """One portable file: weights + model config + codec fingerprint (loadable with weights_only=True). The model may
+    be compiled or have wrapped blocks: the file holds the plain model's keys."""
     from vampnet_pl.utils.atomic import atomic_path
 
-    payload = {"config": model.cfg.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    state = {unwrapped_key(k): v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"config": model.cfg.to_dict(), "state_dict": state,
                "codec_fingerprint": model.cfg.codec_fingerprint, "format": "vampnet-pl/1"}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -401,5 +414,5 @@ def load_exported(path, data: bytes | None = None) -> VampNet:
         raise ValueError(f"{path} has model settings this vampnet-pl does not know ({', '.join(unknown)}): exported by "
                          "a newer version? Update vampnet-pl to load it")
     model = VampNet(VampNetConfig(**payload["config"]))
-    model.load_state_dict(payload["state_dict"])
+    model.load_state_dict({unwrapped_key(k): v for k, v in payload["state_dict"].items()})  # older files: wrapped keys
     return model.eval()

@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import nn
 
 from vampnet_pl.model import TransformerBlock
+from vampnet_pl.model.vampnet import WRAPPER_KEYS, unwrapped_key  # noqa: F401 (imported from here too)
 from vampnet_pl.training.checkpointing import checkpoint_write_error
 from vampnet_pl.utils.atomic import replace_folder
 
@@ -125,14 +126,6 @@ def tell_deepspeed_micro_batch(strategy, micro_batch: int) -> None:
         strategy.config["train_micro_batch_size_per_gpu"] = micro_batch
 
 
-WRAPPER_KEYS = ("_orig_mod.", "_checkpoint_wrapped_module.")  # what compile and activation checkpointing add
-
-
-def unwrapped_key(key: str) -> str:
-    """A state-dict key as the plain model names it, whatever :func:`parallelize` wrapped its blocks in."""
-    for part in WRAPPER_KEYS:
-        key = key.replace(part, "")
-    return key
 
 
 def gradient_norm(parameters, slices_per_rank: bool = False) -> torch.Tensor:
