@@ -166,6 +166,19 @@ def test_codes_out_of_range_are_refused():
         model(codes, torch.zeros(1, 6, 8, dtype=torch.bool))
 
 
+def test_masks_and_selections_of_another_shape_are_refused():
+    """A mask of the predicted codebooks only broadcast over every codebook (conditioning ones masked too), and a
+    selection of every codebook was split as if its first rows were the predicted codebooks': silent wrong logits."""
+    model = tiny()  # 6 codebooks, 2 conditioning
+    codes = torch.randint(0, 32, (2, 6, 16))
+    for mask in (torch.ones(2, 1, 16, dtype=torch.bool), torch.ones(2, 6, 1, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"must have the codes' shape \(2, 6, 16\)"):
+            model(codes, mask)
+    mask = torch.zeros(2, 6, 16, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"select \(2, 6, 16\) must be .* = \(2, 4, 16\)"):
+        model(codes, mask, select=torch.ones(2, 6, 16, dtype=torch.bool))
+
+
 def test_position_bias_is_built_once_per_length_inside_position_bias_reused():
     model = VampNet(VampNetConfig(n_codebooks=2, codebook_size=16, latent_dim=4, d_model=16, n_layers=2, n_heads=2)).eval()
     bias = model.position_bias

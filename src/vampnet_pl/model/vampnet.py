@@ -298,6 +298,9 @@ class VampNet(nn.Module):
         _, codebooks, frames = codes.shape
         if codebooks != self.cfg.n_codebooks:
             raise ValueError(f"model reads {self.cfg.n_codebooks} codebooks, got {codebooks}")
+        if mask.shape != codes.shape:  # a mask of fewer codebooks or frames would broadcast over the others
+            raise ValueError(f"mask {tuple(mask.shape)} must have the codes' shape {tuple(codes.shape)} "
+                             "(every codebook's, conditioning included)")
         if check_range:
             check_token_range(codes, self.cfg.codebook_size)
         x = self.embedding(codes, mask)
@@ -322,6 +325,9 @@ class VampNet(nn.Module):
         ``[B, n_predicted, T]`` -> logits ``[N, codebook_size]`` in :func:`packed` order. Each codebook's rows
         of the head weight multiply the features of the frames where that codebook is selected."""
         n_predicted, vocab = self.cfg.n_predicted_codebooks, self.cfg.codebook_size
+        expected = (features.shape[0], n_predicted, features.shape[1])
+        if select.shape != expected:  # a selection of all codebooks would be split by the wrong codebook
+            raise ValueError(f"select {tuple(select.shape)} must be [batch, predicted codebooks, frames] = {expected}")
         if type(self.head) is not Linear or self.head.weight.shape != (n_predicted * vocab, self.cfg.d_model):
             # an adapted head (LoRA on "head"), or a weight that exists whole only inside the head's own forward
             # (DeepSpeed ZeRO-3 gathers it there): the head's forward on every token, then the selection
