@@ -223,6 +223,8 @@ def check_token_range(codes: torch.Tensor, codebook_size: int) -> None:
     """
     if codes.numel() == 0:
         return
+    if codes.dtype in (torch.uint16, torch.uint32, torch.uint64):  # the shards' uint16 included: aminmax has no kernel
+        codes = codes.long()  # (a uint64 beyond int64 wraps negative: refused all the same)
     low, high = (int(v) for v in torch.aminmax(codes))
     if low < 0 or high >= codebook_size:
         raise ValueError(f"token {low if low < 0 else high} is outside [0, {codebook_size}): damaged or foreign codes "
@@ -280,7 +282,8 @@ class VampNet(nn.Module):
 
     def forward(self, codes: torch.Tensor, mask: torch.Tensor, check_range: bool = True,
                 select: torch.Tensor | None = None) -> torch.Tensor:
-        """``codes`` long ``[B, n_codebooks, T]``, ``mask`` bool (True = masked) -> logits ``[B, n_predicted, T, codebook_size]``.
+        """``codes`` integer (any dtype) ``[B, n_codebooks, T]``, ``mask`` bool of the same shape (True = masked)
+        -> logits ``[B, n_predicted, T, codebook_size]``.
 
         ``select`` (bool ``[B, n_predicted, T]``): return only the logits of these tokens, ``[N, codebook_size]``
         in :func:`packed` order; the head then runs on them alone (training: the masked tokens, the only ones
