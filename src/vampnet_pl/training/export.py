@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from vampnet_pl.model import VampNet, VampNetConfig, save_exported
+from vampnet_pl.model.vampnet import unwrapped_key
 from vampnet_pl.training.module import merge_lora_state
-from vampnet_pl.training.parallel import unwrapped_key
 
 
 def read_checkpoint(path: str | Path) -> dict:

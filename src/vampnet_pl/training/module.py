@@ -31,9 +31,9 @@ from vampnet_pl.config import override_value
 from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
 from vampnet_pl.masking.protocol import EvalProtocolConfig, protocol_masks
 from vampnet_pl.model import VampNet, VampNetConfig, load_exported
-from vampnet_pl.model.vampnet import RUNTIME_FIELDS, check_token_range, packed
+from vampnet_pl.model.vampnet import RUNTIME_FIELDS, check_token_range, packed, unwrapped_key
 from vampnet_pl.training.optim import OptimConfig, apply_base_lr, build_optimizer
-from vampnet_pl.training.parallel import gradient_norm, parallelize, unwrapped_key
+from vampnet_pl.training.parallel import gradient_norm, parallelize
 
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0)
 LOSS_WEIGHTINGS = ("none", "micro_batch", "diffusion")

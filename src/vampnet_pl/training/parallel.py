@@ -20,7 +20,6 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import nn
 
 from vampnet_pl.model import TransformerBlock
-from vampnet_pl.model.vampnet import WRAPPER_KEYS, unwrapped_key  # noqa: F401 (imported from here too)
 from vampnet_pl.training.checkpointing import checkpoint_write_error
 from vampnet_pl.utils.atomic import replace_folder
 
