@@ -205,3 +205,20 @@ def test_a_missing_file_while_scoring_keeps_its_traceback(prepared, codec, codec
         main([*args[:-4], f"dataset_dir={tmp_path / 'nowhere'}", *args[-3:]])
     assert err.value.code == 2
     assert "error: no index.json in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("app_module", ["vampnet_pl.training.app", "vampnet_pl.evaluation.app"])
+def test_the_apps_pickle_by_value_as_submitit_pickles_them(app_module):
+    """Hydra's submitit launcher pickles the task function with cloudpickle; run as ``python -m``, an app is
+    ``__main__`` and its functions are pickled by value with every global they reach. ``torch.backends`` (a module
+    subclass) cannot be: a check using it in app.py failed every submitit sweep at submission."""
+    import importlib
+
+    import cloudpickle
+
+    module = importlib.import_module(app_module)
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        cloudpickle.loads(cloudpickle.dumps(module.main))
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -22,7 +21,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from vampnet_pl.codec import Codec, CodecMismatch, check_cuda_device
+from vampnet_pl.codec import Codec, CodecMismatch
 from vampnet_pl.config import TrainConfig, check_composed, conf_dir, usage_errors_exit
 from vampnet_pl.training.batch_size import AutoBatchSize
 from vampnet_pl.training.callbacks import DataHealth, FinalValidation, LogPointProgressBar
@@ -33,6 +32,7 @@ from vampnet_pl.training.slurm import (NOT_REQUEUED_EXIT, SIGTERM_EXIT, SharedSi
                                       requeue_enabled, share_signals, slurm_layout, stopped_not_requeued,
                                       stopped_on_sigterm, under_submitit)
 from vampnet_pl.training.module import MaskedTokenModule
+from vampnet_pl.training.parallel import check_accelerator
 from vampnet_pl.utils.atomic import previous_folder
 
 log = logging.getLogger(__name__)
@@ -59,15 +59,6 @@ def build_loggers(node) -> list:
     if "_target_" in node:
         return [hydra.utils.instantiate(node)]
     return [hydra.utils.instantiate(child) for child in node.values() if child]
-
-
-def check_accelerator(accelerator: str) -> None:
-    """``trainer.accelerator=gpu`` (``trainer=gpu``) or ``cuda`` on a machine without a CUDA GPU: Lightning refuses
-    it deep in building the Trainer, with a traceback. Refused here (:class:`~vampnet_pl.codec.DeviceUnavailable`, one
-    line at start-up), by the check ``codec.device`` and ``vamp --device`` get. ``gpu`` is also Apple's MPS to
-    Lightning."""
-    if accelerator in ("gpu", "cuda") and not (accelerator == "gpu" and torch.backends.mps.is_available()):
-        check_cuda_device(torch.device("cuda"), f"trainer.accelerator {accelerator!r}")
 
 
 def build(cfg: DictConfig):

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from vampnet_pl.codec import check_cuda_device
 from vampnet_pl.model import TransformerBlock
 from vampnet_pl.training.checkpointing import checkpoint_write_error
 from vampnet_pl.utils.atomic import replace_folder
@@ -26,6 +27,16 @@ from vampnet_pl.utils.atomic import replace_folder
 log = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a dead rank fails the job instead of hanging it forever
+
+
+def check_accelerator(accelerator: str) -> None:
+    """``trainer.accelerator=gpu`` (``trainer=gpu``) or ``cuda`` on a machine without a CUDA GPU: Lightning refuses
+    it deep in building the Trainer, with a traceback. Refused here (:class:`~vampnet_pl.codec.DeviceUnavailable`, one
+    line at start-up), by the check ``codec.device`` and ``vamp --device`` get. ``gpu`` is also Apple's MPS to
+    Lightning. (Not in training/app.py: that module runs as ``__main__``, whose functions submitit pickles by
+    value, and ``torch.backends`` is a module cloudpickle cannot pickle.)"""
+    if accelerator in ("gpu", "cuda") and not (accelerator == "gpu" and torch.backends.mps.is_available()):
+        check_cuda_device(torch.device("cuda"), f"trainer.accelerator {accelerator!r}")
 
 
 def ddp_strategy(find_unused_parameters: bool = False, timeout_minutes: float = 30.0):
