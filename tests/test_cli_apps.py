@@ -106,7 +106,14 @@ def test_vamp_refuses_counts_and_lengths_out_of_range(flag, value, message, tmp_
     ("eval", ["coarse=c.pt", "dataset_dir=codes", "fad_backend=clapp"], "error: bad configuration for eval: unknown FAD backend"),
     ("eval", ["coarse=/nonexistent/c.pt", "dataset_dir=codes"], "error: model not found"),
     ("train", ["data.dataset_dir=codes", "codec.source={codec}", "model.n_codebooks=20"],
-     "error: model reads 20 codebooks, the codec has 14")])
+     "error: model reads 20 codebooks, the codec has 14"),
+    # Hydra's own advice for a typo (`To append to your config use +data.batchsize=3`): the key was added, and trained on
+    ("train", ["data.dataset_dir=codes", "+data.batchsize=3"],
+     "error: bad configuration for train: unknown setting data.batchsize (did you mean data.batch_size?)"),
+    ("train", ["data.dataset_dir=codes", "+trainer.max_step=3"],
+     "error: bad configuration for train: unknown setting trainer.max_step (did you mean trainer.max_steps?)"),
+    ("eval", ["coarse=c.pt", "dataset_dir=codes", "+n_windowz=4"],
+     "error: bad configuration for eval: unknown setting n_windowz (did you mean n_windows?)")])
 def test_a_wrong_setting_or_missing_file_is_one_line_and_exit_2(stage, args, message, tmp_path, capsys, codec_path):
     """The schemas' own checks and missing files ended in Hydra's traceback and exit status 1 (the other commands: 2)."""
     with pytest.raises(SystemExit) as err:

@@ -162,6 +162,28 @@ def test_scheduler_and_fad_backend_names_fail_at_compose_time(tmp_path, capsys):
     assert "cosin" in capsys.readouterr().err
 
 
+def test_a_key_added_with_a_plus_that_no_schema_has_is_refused(tmp_path, capsys):
+    """Hydra answers `workers=2` misspelt with `To append to your config use +worker=2`; so added, the key passed
+    every check and OmegaConf.to_object set it on the dataclass, where nothing read it: the run went on without it."""
+    from vampnet_pl.cli import main
+    from vampnet_pl.config import UsageError, compose
+
+    for name, overrides, match in (
+            ("prep", ["catalog=c", "out_dir=o", "+worker=2"], r"unknown setting worker \(did you mean workers\?\)"),
+            ("demo", ["+prep.split.val_fractoin=0.2"], r"prep.split.val_fractoin \(did you mean prep.split.val_fraction"),
+            ("train", ["data.dataset_dir=codes", "+seeed=3", "+model.d_modle=32"],
+             r"unknown settings model.d_modle \(did you mean model.d_model\?\), seeed \(did you mean seed\?\)"),
+            ("train", ["data.dataset_dir=codes", "lora=default", "init_from=m.pt", "+lora.rank=4"], r"lora.rank"),
+            ("eval", ["coarse=c.pt", "dataset_dir=codes", "+eval_protocol.pases=3"], r"eval_protocol.pases")):
+        with pytest.raises(UsageError, match=match):
+            compose(name, overrides)
+    # the nodes without a schema (_target_ nodes) and the keys forced with ++ that the schema has are not refused
+    cfg = compose("train", ["data.dataset_dir=codes", "++seed=3", "+callbacks.performance.peak_tflops=1.0"], typed=False)
+    assert cfg.seed == 3
+    assert main(["prep", "all", "catalog=c", f"out_dir={tmp_path}", "+worker=2"]) == 2
+    assert "unknown setting worker" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 def test_best_checkpoints_follow_checkpoint_mode():
     """`checkpoint.monitor=val/acc1` kept the lowest accuracies: the mode was fixed to min."""
     from vampnet_pl.config import UsageError, compose

@@ -452,6 +452,38 @@ class UsageError(Exception):
     """A wrong configuration or invocation: reported in one line, exit status 2."""
 
 
+def unknown_settings(cfg, where: str = "") -> list[str]:
+    """The keys of ``cfg`` that no schema declares, with a close match where there is one. Hydra refuses such a key
+    as an override (``data.batchsize=3``), but its message suggests ``+data.batchsize=3``, which it adds, and
+    ``OmegaConf.to_object`` then sets it on the dataclass as an attribute no code reads: a typo that trained on.
+    Nodes without a schema (the ``_target_`` nodes of ``strategy``, ``logger``, ``callbacks``) are not checked."""
+    import dataclasses
+    import difflib
+
+    from omegaconf import DictConfig
+
+    found = []
+    schema = OmegaConf.get_type(cfg)
+    known = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for key in cfg.keys():
+        name = f"{where}{key}"
+        if known is not None and key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            found.append(f"{name}" + (f" (did you mean {where}{close[0]}?)" if close else ""))
+            continue
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            found += unknown_settings(child, f"{name}.")
+    return found
+
+
+def check_known_settings(cfg) -> None:
+    """:func:`unknown_settings` as a ``ValueError`` (a :class:`UsageError` where :func:`compose` reports it)."""
+    if unknown := unknown_settings(cfg):
+        raise ValueError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not in the schemas "
+                         "of config.py (`+key=value` adds a key, but nothing reads it)")
+
+
 def compose(config_name: str, overrides: list[str], typed: bool = True):
     """Compose ``conf/<config_name>.yaml`` with overrides, validated against its schema.
 
@@ -465,6 +497,7 @@ def compose(config_name: str, overrides: list[str], typed: bool = True):
     try:
         with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = hydra.compose(config_name, overrides=overrides)
+        check_known_settings(cfg)
         return OmegaConf.to_object(cfg) if typed else cfg
     except (HydraException, OmegaConfBaseException, ValueError) as err:  # ValueError: a schema's own check
         raise UsageError(f"bad configuration for {config_name}: {err}") from None
@@ -474,6 +507,7 @@ def check_composed(config_name: str, cfg):
     """The schema's own checks (``__post_init__``) on a config Hydra composed for a ``@hydra.main`` app, which
     runs them only when the app builds its dataclass: a :class:`UsageError`, as :func:`compose` raises."""
     try:
+        check_known_settings(cfg)
         return OmegaConf.to_object(cfg)
     except (OmegaConfBaseException, ValueError) as err:
         raise UsageError(f"bad configuration for {config_name}: {err}") from None
