@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import hydra
 import pytest
@@ -203,7 +204,7 @@ def test_eval_scores_the_requested_split_or_refuses(prepared, codec, tmp_path):
     base = ["coarse=c.pt", f"dataset_dir={prepared}", "window_seconds=1.0", "n_windows=2"]
     with pytest.raises(UsageError, match="tset"):
         compose("eval", [*base, "split=tset"])
-    with pytest.raises(ValueError, match=r"the test split of .* has no shards \(prep's split.test_fraction was 0\?\); "
+    with pytest.raises(UsageError, match=r"the test split of .* has no shards \(prep's split.test_fraction was 0\?\); "
                                          "score another with split=train or split=val"):  # the fixture's test_fraction is 0
         eval_windows(compose("eval", [*base, "split=test"]), codec)
     assert eval_windows(compose("eval", [*base, "split=val"]), codec).shape[0] == 2
@@ -293,6 +294,7 @@ def test_windows_too_short_or_few_for_fad_are_refused_before_training(codec_path
 
 
 def test_eval_refuses_windows_too_short_for_fad_before_generating(prepared, codec, codec_path, tmp_path, monkeypatch):
+    from vampnet_pl.config import UsageError
     from vampnet_pl.evaluation.app import evaluate
     from vampnet_pl.generation.pipeline import VampPipeline
 
@@ -302,8 +304,37 @@ def test_eval_refuses_windows_too_short_for_fad_before_generating(prepared, code
                  f"dataset_dir={prepared}", "split=val", "window_seconds=0.5", "n_windows=2"]
     with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = OmegaConf.to_object(hydra.compose("eval", overrides=overrides))
-    with pytest.raises(ValueError, match="0.50 s evaluation windows are too short .*: raise n_windows or window_seconds"):
+    with pytest.raises(UsageError, match="0.50 s evaluation windows are too short .*: raise n_windows or window_seconds"):
         evaluate(cfg)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], r"error: the test split of .* has no shards \(prep's split.test_fraction was 0\?\); score another with "
+         "split=train or split=val"),
+    (["split=val", "window_seconds=60"], "error: no 60.0 s windows in the val split of "),
+    (["split=val", "window_seconds=0.5"], "error: 0.50 s evaluation windows are too short for the FAD embedding"),
+    (["split=val", "window_seconds=0"], "error: bad configuration for eval: window_seconds must be > 0, got 0.0"),
+    (["split=val", "c2f_chunk_seconds=0"], "error: bad configuration for eval: c2f_chunk_seconds must be > 0"),
+    (["split=val", "swap"], r"error: the coarse model is conditioned on 4 codebooks: a c2f model given as the coarse "
+                            r"one\? \(coarse=.*c2f.pt, c2f=.*coarse.pt\)")])
+def test_eval_s_start_up_mistakes_are_one_line_and_exit_2(args, message, prepared, codec, codec_path, tmp_path, capsys):
+    """Found before scoring, these ended in Hydra's traceback and exit status 1: the README's `vampnet-pl eval
+    coarse=... c2f=... dataset_dir=...` (split=test) on a small catalog's shards, whose test split is empty, among them."""
+    from vampnet_pl.cli import main
+
+    save_exported(tmp_path / "coarse.pt", small_model(codec, 4, 0))
+    save_exported(tmp_path / "c2f.pt", small_model(codec, 14, 4))
+    models = [f"coarse={tmp_path / 'coarse.pt'}", f"c2f={tmp_path / 'c2f.pt'}"]
+    if "swap" in args:
+        args, models = [a for a in args if a != "swap"], [f"coarse={tmp_path / 'c2f.pt'}", f"c2f={tmp_path / 'coarse.pt'}"]
+    with pytest.raises(SystemExit) as err:  # the fixture's shard set has an empty test split
+        main(["eval", *models, f"codec.source={codec_path}", "codec.device=cpu", f"dataset_dir={prepared}",
+              "n_windows=2", "window_seconds=1.0", f"out_dir={tmp_path / 'out'}", *args])
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(message, errors[0]), stderr
+    assert "HYDRA_FULL_ERROR" not in stderr and "Traceback" not in stderr
 
 
 def test_compression_deeper_than_the_models_is_refused_before_generating(prepared, codec, codec_path, tmp_path,

@@ -352,6 +352,9 @@ class EvalConfig:
         check_prompt_presets(self.prompts, "prompts")
         check_fraction(self.noisy_ratio, "noisy_ratio")
         check_at_least(self, "", windows_per_sample=1, batch_size=1, c2f_passes=1, n_windows=1)  # 0: gen_windows
+        for name in ("window_seconds", "c2f_chunk_seconds"):  # else the generation settings refuse it, in a traceback
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 class SweepLauncher(str, Enum):

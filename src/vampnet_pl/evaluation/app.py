@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from vampnet_pl.codec import resolve_device  # noqa: E402
+from vampnet_pl.codec import CodecMismatch, DeviceUnavailable, resolve_device  # noqa: E402
 from vampnet_pl.config import (EvalConfig, UsageError, check_composed, check_prompt_presets, conf_dir,  # noqa: E402
                                usage_errors_exit)
 from vampnet_pl.data.datamodule import read_fixed_windows  # noqa: E402
@@ -43,7 +43,9 @@ COLUMNS = ["prompt", "protocol", "coarse_passes", *SCORES]
 
 
 def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
-    """The ``cfg.split`` windows scored; an empty split is an error, never replaced by another."""
+    """The ``cfg.split`` windows scored; an empty split is an error, never replaced by another (a
+    :class:`UsageError`: the default split, test, is empty in a small catalog's shard set, and the error names the
+    splits to score instead)."""
     from vampnet_pl.config import DataSplit
 
     index = load_index(cfg.dataset_dir)
@@ -52,7 +54,7 @@ def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
     if not shards:
         why = f" (prep's split.{split}_fraction was 0?)" if split != "train" else ""
         others = " or ".join(f"split={name}" for name, entry in index["splits"].items() if entry["shards"])
-        raise ValueError(f"the {split} split of {cfg.dataset_dir} has no shards{why}"
+        raise UsageError(f"the {split} split of {cfg.dataset_dir} has no shards{why}"
                          + (f"; score another with {others}" if others else ""))
     urls = [str(Path(cfg.dataset_dir) / s["path"]) for s in shards]
     frames = window_frames(cfg.window_seconds, codec.sample_rate, codec.hop_length)
@@ -62,7 +64,7 @@ def eval_windows(cfg: EvalConfig, codec) -> torch.Tensor:
                                     expected_codebooks=index["codec"]["config"]["n_codebooks"],
                                     shard_samples=shard_sample_counts(cfg.dataset_dir, index))
     if not windows:
-        raise ValueError(f"no {cfg.window_seconds} s windows in the {split} split of {cfg.dataset_dir}")
+        raise UsageError(f"no {cfg.window_seconds} s windows in the {split} split of {cfg.dataset_dir}")
     log.info("scoring %d windows of the %s split of %s", len(windows), split, cfg.dataset_dir)
     return torch.stack([torch.from_numpy(w.astype("int64")) for w in windows])
 
@@ -85,14 +87,22 @@ def evaluate(cfg: EvalConfig, *, start_up=nullcontext) -> list[dict]:
                                   window_seconds=cfg.window_seconds, c2f_chunk_seconds=cfg.c2f_chunk_seconds)
     with start_up():
         device = resolve_device(cfg.codec.device, "codec.device")  # before the models load; the message names it
-        pipeline = load_pipeline(Path(cfg.coarse), Path(cfg.c2f) if cfg.c2f else None, cfg.codec.source,
-                                 str(device), generation)
+        try:  # the models do not fit together (a c2f model given as coarse=, ...): the pipeline's own check
+            pipeline = load_pipeline(Path(cfg.coarse), Path(cfg.c2f) if cfg.c2f else None, cfg.codec.source,
+                                     str(device), generation)
+        except ValueError as err:
+            if isinstance(err, (CodecMismatch, DeviceUnavailable)):
+                raise
+            raise UsageError(f"{err} (coarse={cfg.coarse}{', c2f=' + cfg.c2f if cfg.c2f else ''})") from None
         codec = pipeline.codec
         check_depth(cfg, pipeline.n_codebooks)
         full = eval_windows(cfg, codec)
         embed = fad_embedding(cfg.fad_backend, codec.sample_rate, cfg.fad_weights).to(codec.device)
-        check_embedding_count(embed, len(full), full.shape[-1] * codec.hop_length, codec.sample_rate,
-                              "raise n_windows or window_seconds", codec.device)
+        try:
+            check_embedding_count(embed, len(full), full.shape[-1] * codec.hop_length, codec.sample_rate,
+                                  "raise n_windows or window_seconds", codec.device)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     depth = pipeline.n_codebooks
 
     def generate(batch: torch.Tensor, mask: torch.Tensor, passes: int, ids: list[int]) -> torch.Tensor:
