@@ -126,6 +126,37 @@ def test_a_wrong_setting_or_missing_file_is_one_line_and_exit_2(stage, args, mes
     assert "HYDRA_FULL_ERROR" not in stderr  # Hydra's report of an exception, with its traceback
 
 
+@pytest.mark.parametrize("args, message", [
+    (["init_from={tmp}/nothere.pt"], "error: init_from={tmp}/nothere.pt: no such file (give a model exported with "),
+    (["init_from={tmp}/base.pt", "model=c2f_tiny"],
+     "error: init_from={tmp}/base.pt was exported from another model than this run's (n_codebooks: 4 in the file, 14 in "
+     "this run; n_conditioning_codebooks: 0 in the file, 4 in this run): choose the model preset it was trained with"),
+    (["init_from={tmp}/base.pt", "lora=default", "lora.target_modules=[q,v]"],
+     "error: lora.target_modules ['q', 'v'] match no layer of this model (qkv=fused"),
+    (["init_from={tmp}/base.pt", "lora=default", "lora.target_modules=[qkv,ffn]"],
+     "error: lora.target_modules name layers that are not linear: ffn (GEGLU blocks.0.ffn)")])
+def test_a_wrong_init_from_or_lora_target_is_one_line_and_exit_2(args, message, prepared, codec, codec_path, tmp_path,
+                                                                 capsys):
+    """The README's fine-tuning (`init_from=coarse.pt`, `lora=default`) given another model's file, a file that is not
+    there, or LoRA targets the model lacks: Hydra's traceback and exit status 1, or a bare `[Errno 2]`."""
+    import dataclasses
+
+    from vampnet_pl.config import compose
+    from vampnet_pl.model import VampNet, save_exported
+
+    model = compose("train", [f"data.dataset_dir={prepared}"]).model  # coarse_tiny, as the codec completes it
+    model = dataclasses.replace(model, codebook_size=codec.codebook_size, latent_dim=codec.table_width(model.embedding),
+                                codec_fingerprint=codec.fingerprint)
+    save_exported(tmp_path / "base.pt", VampNet(model, codec.codebook_tables(model.embedding)[:model.n_codebooks]))
+    with pytest.raises(SystemExit) as err:
+        main(["train", f"runs_dir={tmp_path}", f"data.dataset_dir={prepared}", f"codec.source={codec_path}",
+              "data.num_workers=0", *[a.format(tmp=tmp_path) for a in args]])
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message.format(tmp=tmp_path)), stderr
+    assert "HYDRA_FULL_ERROR" not in stderr and "Traceback" not in stderr
+
 
 @pytest.mark.parametrize("stage, args, message", [
     ("train", ["trainer=gpu"], "error: trainer.accelerator 'gpu': this machine has no CUDA GPU (use auto or cpu)"),

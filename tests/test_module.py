@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchmetrics
 
+from vampnet_pl.config import UsageError
 from vampnet_pl.model import load_exported
 from vampnet_pl.training.module import MaskedTokenModule
 from vampnet_pl.training.optim import OptimConfig, lr_multiplier, parameter_groups
@@ -284,7 +285,7 @@ def test_init_from_refuses_a_model_exported_with_another_function(tmp_path):
     save_exported(tmp_path / "source.pt", VampNet(source, torch.randn(4, 64, 8)))
     # equal shapes, another function: exact GELU, the dtype's eps, another bucket distance
     run = dataclasses.replace(source, gelu_approximate="none", norm_eps=None, relative_max_distance=16)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UsageError) as err:
         MaskedTokenModule(run.to_dict(), init_from=str(tmp_path / "source.pt"))
     message = str(err.value)
     assert "gelu_approximate: 'tanh' in the file, 'none' in this run" in message
@@ -298,7 +299,7 @@ def test_init_from_refuses_a_model_exported_with_another_function(tmp_path):
 
 def test_lora_targets_that_match_no_layer_are_refused():
     """q/v targets (the vampnet_lora recipe's) on a fused-qkv model adapted only out/ffn, silently."""
-    with pytest.raises(ValueError, match=r"\['q', 'v'\] match no layer of this model \(qkv=fused"):
+    with pytest.raises(UsageError, match=r"\['q', 'v'\] match no layer of this model \(qkv=fused"):
         module(lora={"r": 2, "target_modules": ["q", "v", "out", "ffn_in", "ffn_out"]})
     adapted = module(lora={"r": 2, "target_modules": ["qkv", "out"]})
     assert {n.split(".")[-4] for n, p in adapted.model.named_parameters() if p.requires_grad} == {"qkv", "out"}
@@ -384,9 +385,9 @@ def test_every_validation_metric_is_logged_on_every_batch_even_when_empty(monkey
 def test_lora_targets_must_be_linear_layers_and_may_be_full_names():
     """peft adapts an embedding too (``table``, the relative position bias): it trained, then the export's merge
     raised a KeyError; a full dotted name, which peft matches, was refused as matching no layer."""
-    with pytest.raises(ValueError, match=r"not linear: table \(Embedding position_bias.table\)"):
+    with pytest.raises(UsageError, match=r"not linear: table \(Embedding position_bias.table\)"):
         module(lora={"r": 2, "target_modules": ["qkv", "table"]})
-    with pytest.raises(ValueError, match=r"not linear: ffn \(GEGLU blocks.0.ffn\)"):
+    with pytest.raises(UsageError, match=r"not linear: ffn \(GEGLU blocks.0.ffn\)"):
         module(lora={"r": 2, "target_modules": ["ffn"]})
     adapted = module(lora={"r": 2, "target_modules": ["blocks.1.attn.qkv"]})
     assert {n.rsplit(".lora_", 1)[0] for n, p in adapted.model.named_parameters() if p.requires_grad} == {"blocks.1.attn.qkv"}

@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torchmetrics import MeanMetric, Metric
 
 from vampnet_pl.codec import CodecMismatch, fingerprints_apart
-from vampnet_pl.config import override_value
+from vampnet_pl.config import UsageError, override_value
 from vampnet_pl.masking.config import MaskingConfig, TrainingMasker
 from vampnet_pl.masking.protocol import EvalProtocolConfig, protocol_masks
 from vampnet_pl.model import VampNet, VampNetConfig, load_exported
@@ -141,7 +141,11 @@ class MaskedTokenModule(L.LightningModule):
 
     def _init_from(self, path: str) -> None:
         """Start from an exported model's weights. Its codec and every config field that changes the function
-        the weights compute must equal this run's; only ``RUNTIME_FIELDS`` (dropout, kernels) may differ."""
+        the weights compute must equal this run's; only ``RUNTIME_FIELDS`` (dropout, kernels) may differ. A missing
+        file or another model is the user's mistake (:class:`UsageError`: one line at ``vampnet-pl train``'s start)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_from={path}: no such file (give a model exported with `vampnet-pl export` "
+                                    "or `vampnet-pl import-vampnet`)")
         data = Path(path).read_bytes()  # read once: loaded, and hashed as file_sha256 would (a resume checks it)
         source = load_exported(path, data)
         sha256 = hashlib.sha256(data).hexdigest()
@@ -154,7 +158,7 @@ class MaskedTokenModule(L.LightningModule):
         if differ:
             found = "; ".join(f"{name}: {theirs!r} in the file, {ours!r} in this run" for name, (theirs, ours) in differ.items())
             fix = " ".join(f"model.{name}={override_value(theirs)}" for name, (theirs, _) in differ.items())
-            raise ValueError(f"init_from={path} was exported from another model than this run's ({found}): choose the "
+            raise UsageError(f"init_from={path} was exported from another model than this run's ({found}): choose the "
                              "model preset it was trained with (an imported VampNet model: model=coarse_paper or "
                              f"model=c2f_paper) or set {fix}")
         self.model.load_state_dict(source.state_dict())
@@ -442,16 +446,16 @@ def lora_matches(name: str, target: str) -> bool:
 def check_lora_targets(model: torch.nn.Module, targets: list[str], qkv: str) -> None:
     """Each LoRA target must name at least one layer, and only linear layers: peft adapts the matching layers
     silently (a typo trains nothing there), and the export merges linear adapters only (peft adapts an embedding
-    too, whose merge would fail after training)."""
+    too, whose merge would fail after training). A :class:`UsageError`: the config's mistake, found at start-up."""
     modules = dict(model.named_modules())
     if unmatched := [t for t in targets if not any(lora_matches(n, t) for n in modules)]:
         attention = "qkv" if qkv == "fused" else "q, k, v"
-        raise ValueError(f"lora.target_modules {unmatched} match no layer of this model (qkv={qkv}: its "
+        raise UsageError(f"lora.target_modules {unmatched} match no layer of this model (qkv={qkv}: its "
                          f"attention projections are {attention}, then out, ffn_in, ffn_out)")
     other = sorted({f"{t} ({type(m).__name__} {n})" for t in targets for n, m in modules.items()
                     if lora_matches(n, t) and not isinstance(m, torch.nn.Linear)})
     if other:
-        raise ValueError(f"lora.target_modules name layers that are not linear: {', '.join(other)}; LoRA adapts "
+        raise UsageError(f"lora.target_modules name layers that are not linear: {', '.join(other)}; LoRA adapts "
                          "linear layers only (attention projections, out, ffn_in, ffn_out, proj, head)")
 
 
