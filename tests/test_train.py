@@ -645,3 +645,16 @@ def test_prompt_evaluation_writes_table_audio_and_spectrograms_to_tensorboard(tm
     tags = events.Tags()
     assert "media/periodic:8/audio" in tags["audio"] and "media/periodic:8/spectrogram" in tags["images"]
     assert any(tag.startswith("media/gen_table") for tag in tags["tensors"])
+
+
+def test_the_progress_bar_names_the_epoch_without_a_negative_last_one():
+    """Runs end at max_steps (max_epochs=-1): Lightning's bar read "Epoch 0/-2"."""
+    from types import SimpleNamespace
+
+    from vampnet_pl.training.callbacks import LogPointProgressBar
+
+    bar = LogPointProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    bar._trainer = SimpleNamespace(max_epochs=3)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"

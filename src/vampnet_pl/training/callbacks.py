@@ -281,3 +281,11 @@ class LogPointProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         return {**super().get_metrics(trainer, pl_module), **self.latest}
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        """``Epoch N``, and ``/last`` only where epochs bound the run: ours end at ``max_steps`` (``max_epochs=-1``,
+        which Lightning's bar showed as ``Epoch 0/-2``)."""
+        description = f"Epoch {current_epoch}"
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+            description += f"/{self.trainer.max_epochs - 1}"
+        return f"{description:{len(self.validation_description)}}"  # as wide as the validation bar's: no flicker
