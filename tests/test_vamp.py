@@ -310,6 +310,9 @@ def test_vamp_refuses_non_finite_audio_and_audio_prompts_that_find_nothing(tmp_p
     sf.write(str(steady), tone, 44100, subtype="FLOAT")
     assert main(["vamp", str(steady), "--prompt", "beat", *common]) == 2  # a steady tone has no beats
     assert "--prompt beat keeps nothing: no beats found" in capsys.readouterr().err
+    assert main(["vamp", str(steady), "--prompt", "inpaint:100:100", *common]) == 2  # wrote copies of the input
+    assert "--prompt inpaint:100:100 keeps every token" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     tone[100] = np.nan  # it passed the silence check (NaN < -60 dB is False) and turned loudness matching off
     sf.write(str(tmp_path / "nan.wav"), tone, 44100, subtype="FLOAT")
     assert main(["vamp", str(tmp_path / "nan.wav"), *common]) == 2

@@ -126,6 +126,9 @@ def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_sp
             raise ValueError(f"--prompt {spec} keeps nothing: no {spec.split(':')[0]}s found in {input_path}; "
                              "choose another prompt")
     mask = prompts.keep_union(*masks)
+    if not bool(mask.any()):  # e.g. inpaint:S1:S2 or prefix:S covering the input
+        raise ValueError(f"--prompt {' '.join(specs)} keeps every token of {input_path}: nothing would be generated "
+                         "(each output would be the input through the codec); choose a prompt that keeps less")
     pipeline.cfg.coarse.seed = seed
     pipeline.cfg.c2f.seed = seed
     total = pipeline.passes_for(codes.shape[-1], count)
