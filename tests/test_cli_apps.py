@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import lightning  # noqa: F401  its loggers' handlers bind sys.stderr at import: here, not inside a test's capture
 import pytest
 
 from vampnet_pl.cli import main
