@@ -423,7 +423,8 @@ def test_compression_deeper_than_the_models_is_refused_before_the_input_is_read(
     common = ["--coarse", str(models[0]), "--codec", str(codec_path), "--device", "cpu", "--coarse-passes", "1",
               "--out-dir", str(tmp_path / "out")]
     assert main(["vamp", str(song), "--prompt", "compression:5:4", *common]) == 2
-    assert capsys.readouterr().err.strip() == "error: bad prompt 'compression:5:4': keeps 5 codebooks, but the model has 4"
+    assert capsys.readouterr().err.strip() == ("error: --prompt: bad prompt 'compression:5:4': keeps 5 codebooks, "
+                                                    "but the model has 4")
     assert main(["vamp", str(song), "--prompt", "compression:15:4", "--c2f", str(models[1]), *common]) == 2
     assert "keeps 15 codebooks, but the model has 14" in capsys.readouterr().err
     monkeypatch.setattr(vamp_module, "read_audio", real_read)

@@ -185,6 +185,7 @@ def _cmd_vamp(args: argparse.Namespace) -> int:
         raise UsageError(f"vamp: {message}") from None
     check_prompt_presets(args.prompt, "--prompt")  # needs no audio: before the models load and the input is encoded
     pipeline = load_pipeline(args.coarse, args.c2f, args.codec, args.device, cfg)
+    check_prompt_presets(args.prompt, "--prompt", pipeline.n_codebooks)  # compression:N:P: before the input is read
     try:
         written = vamp_file(pipeline, args.input, args.out_dir, args.prompt, args.variations, args.loop, args.seed,
                             random_roll=args.random_roll, loudness_match=args.match_loudness, overwrite=args.overwrite)

@@ -293,13 +293,14 @@ def sample(
                 token, confidence = sample_rows(forward(codes, mask)[rows], cfg, uniform)  # [B, P, T, V] -> masked rows
             codes[:, n_conditioning:][rows] = token.to(codes.dtype)
             current = predicted.flatten(1).sum(1)
-            keep_masked = tokens_to_keep_masked(schedule(torch.full((batch,), progress, device=device, dtype=torch.float32)), initial,
-                                                current, step == cfg.passes - 1)
+            ratio = schedule(torch.full((batch,), progress, device=device, dtype=torch.float32))
+            keep_masked = tokens_to_keep_masked(ratio, initial, current, step == cfg.passes - 1)
             confidence = confidence.nan_to_num(nan=-math.inf, neginf=-math.inf)  # NaN (broken logits): least confident
             anneal = cfg.mask_temperature * (1 - progress)
             if anneal > 0:
                 confidence = confidence + anneal * gumbel(per_example_uniform(generators, grid, device)[b, t, p])
-            score = torch.full(predicted.shape, float("inf"), device=device, dtype=confidence.dtype)  # prompt tokens never re-masked
+            # prompt tokens never re-masked
+            score = torch.full(predicted.shape, float("inf"), device=device, dtype=confidence.dtype)
             score[rows] = confidence
             order = score.flatten(1).argsort(dim=1, stable=True)
             lowest = torch.arange(order.shape[1], device=device)[None] < keep_masked[:, None]

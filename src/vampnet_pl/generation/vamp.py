@@ -21,7 +21,7 @@ from vampnet_pl.codec import Codec
 from vampnet_pl.generation.pipeline import GenerationConfig, VampPipeline
 from vampnet_pl.generation.sampling import example_generators
 from vampnet_pl.masking import prompts
-from vampnet_pl.masking.presets import build_prompt, prompt_arguments
+from vampnet_pl.masking.presets import build_prompt
 from vampnet_pl.model import load_exported
 from vampnet_pl.utils.atomic import atomic_path
 
@@ -99,8 +99,6 @@ def vamp_file(pipeline: VampPipeline, input_path: Path, out_dir: Path, prompt_sp
     """
     codec = pipeline.codec
     specs = prompt_specs or ["periodic:16"]
-    for spec in specs:  # compression:N:P against the models' depth, before the input is read and encoded
-        prompt_arguments(spec, pipeline.n_codebooks)
     paths = output_paths(input_path, out_dir, variations, loops)
     if existing := [p for p in paths if p.exists()] if not overwrite else []:
         raise FileExistsError(f"{len(existing)} output(s) exist already ({existing[0]} ...): choose another output "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vampnet_pl.model.vampnet import VampNet, VampNetConfig
+from vampnet_pl.model.vampnet import VampNet, VampNetConfig, unwrapped_key
 
 LORA_SCALE = 1.0 / 8  # loralib: lora_alpha / r with the original's r=8 and default lora_alpha=1
 MODEL_ARGUMENTS = {"n_heads", "n_layers", "r_cond_dim", "n_codebooks", "n_conditioning_codebooks", "latent_dim",
@@ -72,7 +72,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[dict,
         keys = sorted(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
         raise ImportError_(f"{path} is not an audiotools BaseModel checkpoint (expected 'state_dict' and "
                            f"'metadata.kwargs', found {keys})")
-    state = {k.removeprefix("_orig_mod."): v for k, v in payload["state_dict"].items()}  # saved from torch.compile
+    state = {unwrapped_key(k): v for k, v in payload["state_dict"].items()}  # saved from torch.compile
     return dict(payload["metadata"]["kwargs"]), state
 
 
@@ -87,7 +87,7 @@ def read_lora(path: str | Path) -> dict:
         raise ImportError_(f"{path} is not a LoRA state dict: {str(err).splitlines()[0]}") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ImportError_(f"{path} is not a LoRA state dict (a flat dict of tensors)")
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = {unwrapped_key(k): v for k, v in state.items()}  # the original fine-tunes a compiled model
     other = [k for k in state if "lora_" not in k]
     if other:
         raise ImportError_(f"{path} is not a LoRA state dict: keys without lora_A/lora_B such as {other[:3]}")
